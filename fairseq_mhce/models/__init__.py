@@ -1,0 +1,1 @@
+from . import transformer_mhce  # noqa: F401

@@ -1,0 +1,403 @@
+#!/usr/bin/env python
+"""Turn a plain-text parallel corpus into a fairseq data-bin.
+
+Input files follow fairseq-preprocess's naming: ``PREFIX.SRC`` / ``PREFIX.TGT``
+for each of ``--trainpref`` (required), ``--validpref`` and ``--testpref``,
+one untokenized sentence per line, line *i* of the source aligned with line
+*i* of the target.
+
+Two tokenizers:
+
+``--tokenizer spm`` (default)
+    Train a sentencepiece model on the training data (one shared model with
+    ``--joint``, else one per language), encode every split to pieces under
+    ``--workdir`` and binarize with fairseq-preprocess.  The fairseq
+    dictionary is written from the sentencepiece vocabulary and passed as
+    ``--srcdict``/``--tgtdict``, so its size is exactly ``--vocab-size`` (+1
+    for fairseq's ``<pad>``) and does not depend on what the training data
+    happens to contain.
+
+``--tokenizer moses-word``
+    Word-level vocabulary (for very large output vocabularies): sacremoses
+    tokenization (no escaping, case kept), then fairseq-preprocess keeps the
+    ``--vocab-size`` most frequent types per side (0 keeps all of them).
+
+The destination directory gets the binarized data, the dictionaries, the
+sentencepiece model(s) (``spm.model`` or ``spm.SRC.model``/``spm.TGT.model``),
+the untokenized valid/test text under ``raw/`` (references for sacreBLEU) and
+``prepare_data.json`` describing the run.
+
+A non-empty ``--destdir`` (or ``--workdir``) is never overwritten without
+``--force``; everything is built in hidden sibling directories and renamed
+into place only once all steps succeeded, so a failed run leaves the previous
+data untouched and nothing half-written.
+
+Example::
+
+    python scripts/prepare_data.py --source-lang de --target-lang en \\
+        --trainpref text/train --validpref text/valid --testpref text/test \\
+        --destdir work/bin --vocab-size 8000 --joint --workers 4
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SPLITS = ("train", "valid", "test")
+# Symbols fairseq's Dictionary adds by itself (bos, pad, eos, unk); they must
+# not appear in a dictionary file or fairseq would index them twice.
+FAIRSEQ_SPECIALS = {"<s>", "<pad>", "</s>", "<unk>"}
+MIN_VOCAB = 10
+
+
+class DataError(Exception):
+    """Bad input or a failed step; the message is meant for the user."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("-s", "--source-lang", required=True)
+    p.add_argument("-t", "--target-lang", required=True)
+    p.add_argument("--trainpref", required=True, help="files PREFIX.SRC and PREFIX.TGT")
+    p.add_argument("--validpref", help="optional validation split prefix")
+    p.add_argument("--testpref", help="optional test split prefix")
+    p.add_argument("--destdir", required=True, help="the fairseq data-bin to create")
+    p.add_argument(
+        "--workdir",
+        help="where tokenized text (and the spm model) go; "
+        "default: DESTDIR's sibling DESTDIR-spm (or DESTDIR-tok for moses-word)",
+    )
+    p.add_argument("--tokenizer", choices=("spm", "moses-word"), default="spm")
+    p.add_argument(
+        "--vocab-size", type=int, default=8000,
+        help="spm: pieces per model; moses-word: types kept per side (0 = all)",
+    )
+    p.add_argument("--joint", action="store_true",
+                   help="one vocabulary (and spm model) shared by source and target")
+    p.add_argument("--model-type", default="unigram",
+                   choices=("unigram", "bpe", "char", "word"), help="spm model type")
+    p.add_argument("--character-coverage", type=float, default=1.0,
+                   help="spm; 1.0 suits alphabetic scripts, 0.9995 CJK")
+    p.add_argument("--spm-max-sentences", type=int, default=2_000_000,
+                   help="spm input_sentence_size: sentences sampled for training (0 = all)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed of spm's sentence sampling, for reproducible models")
+    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    p.add_argument("--force", action="store_true",
+                   help="replace a non-empty DESTDIR / WORKDIR")
+    p.add_argument("--quiet", action="store_true", help="hide fairseq-preprocess's log")
+    return p
+
+
+# --------------------------------------------------------------------------
+# input checks
+
+
+def count_lines(path: Path) -> int:
+    # Read as text like fairseq's binarizer does, so the counts agree with it.
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for _ in f)
+
+
+def check_inputs(args) -> dict:
+    """Validate arguments and files; return {split: (prefix, n_lines)}."""
+    if args.source_lang == args.target_lang:
+        raise DataError(f"source and target language are both {args.source_lang!r}")
+    if args.tokenizer == "spm" and args.vocab_size < MIN_VOCAB:
+        raise DataError(f"--vocab-size {args.vocab_size} is too small (minimum {MIN_VOCAB})")
+    if args.tokenizer == "moses-word" and (0 < args.vocab_size < MIN_VOCAB or args.vocab_size < 0):
+        raise DataError(
+            f"--vocab-size {args.vocab_size} is too small (minimum {MIN_VOCAB}, or 0 = all types)"
+        )
+    splits = {}
+    for split, prefix in zip(SPLITS, (args.trainpref, args.validpref, args.testpref)):
+        if prefix is None:
+            continue
+        paths = [Path(f"{prefix}.{lang}") for lang in (args.source_lang, args.target_lang)]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise DataError(f"{split} input file(s) not found: {', '.join(missing)}")
+        n_src, n_tgt = (count_lines(p) for p in paths)
+        if n_src != n_tgt:
+            raise DataError(
+                f"{split} files are not parallel: {paths[0]} has {n_src} lines "
+                f"but {paths[1]} has {n_tgt}"
+            )
+        if split == "train" and n_src == 0:
+            raise DataError(f"training set is empty: {paths[0]} and {paths[1]} have no lines")
+        splits[split] = (prefix, n_src)
+    return splits
+
+
+def check_output_dir(path: Path, what: str, force: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{what} {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise DataError(
+            f"{what} {path} exists and is not empty; pass --force to replace it "
+            "(it is left untouched)"
+        )
+
+
+# --------------------------------------------------------------------------
+# tokenization
+
+
+def read_lines(path: Path) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def write_lines(path: Path, lines) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line + "\n")
+
+
+def train_spm(inputs: list[Path], model_prefix: Path, args) -> Path:
+    import sentencepiece as spm
+
+    # Without a fixed seed spm samples its training sentences differently
+    # each run, and the vocabulary (hence every id) changes.
+    spm.set_random_generator_seed(args.seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            input=[str(p) for p in inputs],
+            model_prefix=str(model_prefix),
+            vocab_size=args.vocab_size,
+            model_type=args.model_type,
+            character_coverage=args.character_coverage,
+            input_sentence_size=args.spm_max_sentences,
+            shuffle_input_sentence=True,
+            num_threads=args.workers,
+            minloglevel=2,  # spm is very chatty on stderr
+        )
+    except (RuntimeError, OSError) as e:
+        raise DataError(f"sentencepiece training on {', '.join(map(str, inputs))} failed: {e}") from e
+    return model_prefix.with_suffix(".model")
+
+
+def spm_encode(model: Path, src: Path, dst: Path, workers: int) -> collections.Counter:
+    """Encode one file to space-separated pieces; return piece counts."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    pieces = sp.encode(read_lines(src), out_type=str, num_threads=workers)
+    write_lines(dst, (" ".join(p) for p in pieces))
+    return collections.Counter(p for sent in pieces for p in sent)
+
+
+def write_fairseq_dict(vocab_file: Path, counts: collections.Counter, dst: Path) -> int:
+    """fairseq dict from an spm .vocab file (piece<TAB>score), in spm order.
+
+    Counts are the pieces' frequencies in the encoded training data; fairseq
+    only uses them for display, but 0 for a piece spm never emits is honest.
+    """
+    n = 0
+    with open(vocab_file, encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as out:
+        for line in f:
+            piece = line.rstrip("\n").split("\t")[0]
+            if piece in FAIRSEQ_SPECIALS:
+                continue
+            out.write(f"{piece} {counts.get(piece, 0)}\n")
+            n += 1
+    return n
+
+
+def _moses_tokenize_chunk(job):
+    from sacremoses import MosesTokenizer
+
+    lang, lines = job
+    tok = MosesTokenizer(lang=lang)
+    # escape=False: keep & < > ' " as they are, fairseq has no use for XML entities.
+    return [tok.tokenize(line, escape=False, return_str=True) for line in lines]
+
+
+def moses_tokenize(src: Path, dst: Path, lang: str, workers: int) -> None:
+    lines = read_lines(src)
+    chunk = 2000
+    jobs = [(lang, lines[i:i + chunk]) for i in range(0, len(lines), chunk)]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+
+        with multiprocessing.Pool(min(workers, len(jobs))) as pool:
+            out = pool.map(_moses_tokenize_chunk, jobs)
+    else:
+        out = [_moses_tokenize_chunk(j) for j in jobs]
+    write_lines(dst, (line for part in out for line in part))
+
+
+# --------------------------------------------------------------------------
+# the steps
+
+
+def run_preprocess(cmd_args: list[str], quiet: bool) -> None:
+    cmd = [sys.executable, "-m", "fairseq_cli.preprocess", *cmd_args]
+    out = subprocess.DEVNULL if quiet else None
+    res = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE if quiet else None, text=True)
+    if res.returncode != 0:
+        detail = f":\n{res.stderr[-3000:]}" if quiet and res.stderr else ""
+        raise DataError(f"fairseq-preprocess failed (exit {res.returncode}){detail}")
+
+
+def dict_size(path: Path) -> int:
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for _ in f)
+
+
+def build(args, splits: dict, dest: Path, work: Path) -> dict:
+    """Do all the work into the (temporary) directories dest and work."""
+    src, tgt = args.source_lang, args.target_lang
+    langs = (src, tgt)
+    info: dict = {"tokenizer": args.tokenizer, "lines": {s: n for s, (_, n) in splits.items()}}
+
+    # Untokenized references, so BLEU can be computed on detokenized output.
+    raw = dest / "raw"
+    raw.mkdir()
+    for split in ("valid", "test"):
+        if split in splits:
+            for lang in langs:
+                shutil.copyfile(f"{splits[split][0]}.{lang}", raw / f"{split}.{lang}")
+
+    pre = ["--source-lang", src, "--target-lang", tgt, "--destdir", str(dest),
+           "--workers", str(args.workers), "--thresholdsrc", "0", "--thresholdtgt", "0"]
+    for split in splits:
+        pre += [f"--{split}pref", str(work / split)]
+    if args.joint:
+        pre.append("--joined-dictionary")
+
+    if args.tokenizer == "spm":
+        train_files = {lang: Path(f"{splits['train'][0]}.{lang}") for lang in langs}
+        # model name -> languages it serves
+        groups = {"spm": langs} if args.joint else {f"spm.{lang}": (lang,) for lang in langs}
+        models = {}
+        for name, group in groups.items():
+            t0 = time.time()
+            model = train_spm([train_files[lang] for lang in group], work / name, args)
+            print(f"| trained {name}.model on {'+'.join(group)} ({time.time() - t0:.1f} s)",
+                  file=sys.stderr)
+            shutil.copyfile(model, dest / model.name)
+            models[name] = model
+            counts = collections.Counter()
+            for lang in group:
+                for split, (prefix, _) in splits.items():
+                    c = spm_encode(model, Path(f"{prefix}.{lang}"), work / f"{split}.{lang}",
+                                   args.workers)
+                    if split == "train":
+                        counts.update(c)
+            write_fairseq_dict(model.with_suffix(".vocab"), counts, work / f"{name}.dict.txt")
+        if args.joint:
+            pre += ["--srcdict", str(work / "spm.dict.txt")]
+        else:
+            pre += ["--srcdict", str(work / f"spm.{src}.dict.txt"),
+                    "--tgtdict", str(work / f"spm.{tgt}.dict.txt")]
+        info["spm_models"] = sorted(m.name for m in models.values())
+    else:
+        for split, (prefix, _) in splits.items():
+            for lang in langs:
+                moses_tokenize(Path(f"{prefix}.{lang}"), work / f"{split}.{lang}", lang,
+                               args.workers)
+        n = str(args.vocab_size if args.vocab_size > 0 else -1)
+        pre += ["--nwordssrc", n, "--nwordstgt", n]
+
+    t0 = time.time()
+    run_preprocess(pre, args.quiet)
+    info["preprocess_seconds"] = round(time.time() - t0, 1)
+    info["dict_sizes"] = {lang: dict_size(dest / f"dict.{lang}.txt") for lang in langs}
+    return info
+
+
+def swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename tmp to final; an old final is removed only after that worked."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+    try:
+        tmp.rename(final)
+    except OSError:
+        if old is not None:
+            old.rename(final)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def run(args) -> dict:
+    """Prepare the data-bin described by parsed ``args``; return a summary."""
+    t_start = time.time()
+    dest = Path(args.destdir).absolute()
+    suffix = "-spm" if args.tokenizer == "spm" else "-tok"
+    work = Path(args.workdir).absolute() if args.workdir else dest.with_name(dest.name + suffix)
+    if work == dest or dest in work.parents or work in dest.parents:
+        raise DataError(f"--workdir {work} and --destdir {dest} must not contain each other")
+    splits = check_inputs(args)
+    check_output_dir(dest, "--destdir", args.force)
+    check_output_dir(work, "--workdir", args.force)
+
+    tmps = []
+    try:
+        for final in (dest, work):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmps.append(Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent)))
+        tmp_dest, tmp_work = tmps
+        info = build(args, splits, tmp_dest, tmp_work)
+        info.update(
+            source_lang=args.source_lang, target_lang=args.target_lang, joint=args.joint,
+            vocab_size=args.vocab_size, workdir=str(work),
+            inputs={s: p for s, (p, _) in splits.items()},
+        )
+        with open(tmp_dest / "prepare_data.json", "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2, sort_keys=True)
+            f.write("\n")
+        swap_into_place(tmp_work, work)
+        swap_into_place(tmp_dest, dest)
+        tmps = []
+    finally:
+        for tmp in tmps:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    info["seconds"] = round(time.time() - t_start, 1)
+    report(info, dest, work)
+    return info
+
+
+def report(info: dict, dest: Path, work: Path) -> None:
+    src, tgt = info["source_lang"], info["target_lang"]
+    print(f"data-bin:       {dest}")
+    print(f"tokenized text: {work}")
+    print("lines:          " + ", ".join(f"{s} {n}" for s, n in info["lines"].items()))
+    print("dictionaries:   " + ", ".join(f"dict.{l}.txt {n}" for l, n in info["dict_sizes"].items()))
+    if (dest / "raw").is_dir() and any((dest / "raw").iterdir()):
+        print(f"references:     {dest / 'raw'} (untokenized, for sacreBLEU)")
+    if info["tokenizer"] == "spm":
+        model = dest / ("spm.model" if info["joint"] else f"spm.{tgt}.model")
+        print(f"spm models:     {', '.join(str(dest / m) for m in info['spm_models'])}")
+        print(f"decode with:    fairseq-generate {dest} -s {src} -t {tgt} "
+              f"--bpe sentencepiece --sentencepiece-model {model} ...")
+    else:
+        print(f"decode with:    fairseq-generate {dest} -s {src} -t {tgt} --tokenizer moses ...")
+    print(f"took {info['seconds']} s")
+
+
+def main(argv=None) -> dict:
+    """Parse ``argv`` (default: sys.argv) and run; raises DataError on bad input."""
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"prepare_data.py: error: {e}")
