@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("-s", "--source-lang", required=True)
-    p.add_argument("-t", "--target-lang", required=True)
+    p.add_argument("-s", "--source-lang", required=True, help="file suffix of the source, e.g. de")
+    p.add_argument("-t", "--target-lang", required=True, help="file suffix of the target, e.g. en")
     p.add_argument("--trainpref", required=True, help="files PREFIX.SRC and PREFIX.TGT")
     p.add_argument("--validpref", help="optional validation split prefix")
     p.add_argument("--testpref", help="optional test split prefix")
@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spm input_sentence_size: sentences sampled for training (0 = all)")
     p.add_argument("--seed", type=int, default=1,
                    help="seed of spm's sentence sampling, for reproducible models")
-    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                   help="processes for tokenization and fairseq-preprocess")
     p.add_argument("--force", action="store_true",
                    help="replace a non-empty DESTDIR / WORKDIR")
     p.add_argument("--quiet", action="store_true", help="hide fairseq-preprocess's log")
@@ -184,8 +185,10 @@ def train_spm(inputs: list[Path], model_prefix: Path, args) -> Path:
             minloglevel=2,  # spm is very chatty on stderr
         )
     except (RuntimeError, OSError) as e:
-        raise DataError(f"sentencepiece training on {', '.join(map(str, inputs))} failed: {e}") from e
-    return model_prefix.with_suffix(".model")
+        files = ", ".join(map(str, inputs))
+        raise DataError(f"sentencepiece training on {files} failed: {e}") from e
+    # Not with_suffix(): "spm.de" + ".model" must not become "spm.model".
+    return Path(f"{model_prefix}.model")
 
 
 def spm_encode(model: Path, src: Path, dst: Path, workers: int) -> collections.Counter:
@@ -252,8 +255,9 @@ def run_preprocess(cmd_args: list[str], quiet: bool) -> None:
 
 
 def dict_size(path: Path) -> int:
+    """Size of the fairseq Dictionary in ``path``: its lines + the 4 specials."""
     with open(path, encoding="utf-8") as f:
-        return sum(1 for _ in f)
+        return sum(1 for _ in f) + len(FAIRSEQ_SPECIALS)
 
 
 def build(args, splits: dict, dest: Path, work: Path) -> dict:
@@ -286,7 +290,7 @@ def build(args, splits: dict, dest: Path, work: Path) -> dict:
             t0 = time.time()
             model = train_spm([train_files[lang] for lang in group], work / name, args)
             print(f"| trained {name}.model on {'+'.join(group)} ({time.time() - t0:.1f} s)",
-                  file=sys.stderr)
+                  file=sys.stderr, flush=True)
             shutil.copyfile(model, dest / model.name)
             models[name] = model
             counts = collections.Counter()
@@ -296,7 +300,7 @@ def build(args, splits: dict, dest: Path, work: Path) -> dict:
                                    args.workers)
                     if split == "train":
                         counts.update(c)
-            write_fairseq_dict(model.with_suffix(".vocab"), counts, work / f"{name}.dict.txt")
+            write_fairseq_dict(work / f"{name}.vocab", counts, work / f"{name}.dict.txt")
         if args.joint:
             pre += ["--srcdict", str(work / "spm.dict.txt")]
         else:
@@ -316,6 +320,23 @@ def build(args, splits: dict, dest: Path, work: Path) -> dict:
     info["preprocess_seconds"] = round(time.time() - t0, 1)
     info["dict_sizes"] = {lang: dict_size(dest / f"dict.{lang}.txt") for lang in langs}
     return info
+
+
+def default_workdir(dest: Path, tokenizer: str) -> Path:
+    """DESTDIR-spm (or DESTDIR-tok) next to DESTDIR."""
+    dest = Path(dest).absolute()
+    return dest.with_name(dest.name + ("-spm" if tokenizer == "spm" else "-tok"))
+
+
+def make_tmp_sibling(final: Path) -> Path:
+    """An empty hidden directory next to ``final`` (same filesystem: rename works)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    # mkdtemp makes it 0700; the final directory should get the usual umask mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
 
 
 def swap_into_place(tmp: Path, final: Path) -> None:
@@ -338,8 +359,7 @@ def run(args) -> dict:
     """Prepare the data-bin described by parsed ``args``; return a summary."""
     t_start = time.time()
     dest = Path(args.destdir).absolute()
-    suffix = "-spm" if args.tokenizer == "spm" else "-tok"
-    work = Path(args.workdir).absolute() if args.workdir else dest.with_name(dest.name + suffix)
+    work = Path(args.workdir).absolute() if args.workdir else default_workdir(dest, args.tokenizer)
     if work == dest or dest in work.parents or work in dest.parents:
         raise DataError(f"--workdir {work} and --destdir {dest} must not contain each other")
     splits = check_inputs(args)
@@ -349,8 +369,7 @@ def run(args) -> dict:
     tmps = []
     try:
         for final in (dest, work):
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmps.append(Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent)))
+            tmps.append(make_tmp_sibling(final))
         tmp_dest, tmp_work = tmps
         info = build(args, splits, tmp_dest, tmp_work)
         info.update(
@@ -378,7 +397,8 @@ def report(info: dict, dest: Path, work: Path) -> None:
     print(f"data-bin:       {dest}")
     print(f"tokenized text: {work}")
     print("lines:          " + ", ".join(f"{s} {n}" for s, n in info["lines"].items()))
-    print("dictionaries:   " + ", ".join(f"dict.{l}.txt {n}" for l, n in info["dict_sizes"].items()))
+    print("dictionaries:   " + ", ".join(f"dict.{l}.txt {n}" for l, n in info["dict_sizes"].items())
+          + " symbols (with fairseq's <s> <pad> </s> <unk>)")
     if (dest / "raw").is_dir() and any((dest / "raw").iterdir()):
         print(f"references:     {dest / 'raw'} (untokenized, for sacreBLEU)")
     if info["tokenizer"] == "spm":

@@ -1,0 +1,174 @@
+"""The real fairseq CLIs on a tiny copy task: preprocess -> train (MHP, MHE)
+-> generate / interactive / score-reference / hub API, resume, bad configs."""
+import re
+
+import pytest
+
+from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, bleu_of, cli, hypotheses, make_copy_data
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_copy_data(tmp_path_factory.mktemp("copy"))
+
+
+def train(data, save_dir, method, *extra, updates=300):
+    return cli(
+        "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer_mhce",
+        "--mhce-method", method, *TINY_ARCH,
+        "--criterion", "mhce_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--report-accuracy", *TRAIN_COMMON, "--max-update", updates, "--save-dir", save_dir, *extra,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """One MHP (H = 2) and one MHE (H = 3, --eval-bleu on) model, 300 updates each."""
+    root = tmp_path_factory.mktemp("ckpt")
+    runs = {}
+    runs["mhp"] = (root / "mhp", train(data, root / "mhp", "mhp").stdout)
+    runs["mhe"] = (
+        root / "mhe",
+        train(
+            data, root / "mhe", "mhe", "--mhce-heads", "3", "--eval-bleu",
+            "--eval-bleu-args", '{"beam": 2}', "--eval-bleu-detok", "space",
+            "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",
+        ).stdout,
+    )  # fmt: skip
+    return runs
+
+
+def generate(data, ckpt, *extra):
+    return cli(
+        "fairseq-generate", data, "--user-dir", USER_DIR, "--path", ckpt,
+        "--batch-size", "64", "--beam", "5", *extra,
+    ).stdout  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["mhp", "mhe"])
+def test_copy_task_learned_and_logged_like_fairseq(trained, data, method):
+    save_dir, log = trained[method]
+    # fairseq's own progress lines carry the criterion's metrics
+    valid = [l for l in log.splitlines() if "| valid |" in l]
+    assert valid and re.search(r"nll_loss [0-9.]+ .*ppl [0-9.]+", valid[-1]), valid[-1:]
+    assert "acc_h1" in valid[-1] and "accuracy" in valid[-1]
+    first_loss = float(re.search(r"loss=([0-9.]+)", [l for l in log.splitlines() if "train_inner" in l][0]).group(1))
+    last_loss = float(re.search(r"\| loss ([0-9.]+)", valid[-1]).group(1))
+    assert last_loss < first_loss / 2
+    if method == "mhe":
+        assert re.search(r"\| bleu [0-9.]+", valid[-1]), valid[-1]  # --eval-bleu ran
+    out = generate(data, save_dir / "checkpoint_best.pt", "--scoring", "sacrebleu")
+    assert bleu_of(out) > 90, out[-500:]
+
+
+@pytest.mark.parametrize("method", ["mhp", "mhe"])
+def test_reload_reproduces_hypotheses_and_interactive_agrees(trained, data, method):
+    ckpt = trained[method][0] / "checkpoint_best.pt"
+    a = hypotheses(generate(data, ckpt, "--nbest", "2"))
+    b = hypotheses(generate(data, ckpt, "--nbest", "2"))
+    assert a == b and len(a) > 50 and all(len(v) == 2 for v in a.values())
+    src = "w1 w2 w3 w4 w5"
+    out = cli(
+        "fairseq-interactive", data, "--user-dir", USER_DIR, "--path", ckpt, "--beam", "5",
+        "--source-lang", "src", "--target-lang", "tgt", stdin=src + "\n",
+    ).stdout  # fmt: skip
+    h = [l for l in out.splitlines() if l.startswith("H-0")]
+    assert h and h[0].split("\t")[2] == src
+
+
+@pytest.mark.parametrize("method", ["mhp", "mhe"])
+def test_generation_features(trained, data, method):
+    ckpt = trained[method][0] / "checkpoint_best.pt"
+    # prefix tokens: every hypothesis starts with the reference's first token
+    out = generate(data, ckpt, "--prefix-size", "1")
+    refs = {int(l.split("\t")[0][2:]): l.split("\t")[1] for l in out.splitlines() if l.startswith("T-")}
+    for sid, hyps in hypotheses(out).items():
+        assert hyps[0][0].split()[0] == refs[sid].split()[0]
+    # sampling, n-gram blocking, length and unk penalties all run through the heads
+    for flags in (
+        ["--sampling", "--sampling-topk", "5", "--beam", "1", "--seed", "3"],
+        ["--no-repeat-ngram-size", "2", "--lenpen", "0.5", "--unkpen", "1.0"],
+        ["--max-len-b", "3", "--max-len-a", "0", "--min-len", "2"],
+    ):
+        out = generate(data, ckpt, *flags)
+        assert len(hypotheses(out)) > 50, flags
+    out = generate(data, ckpt, "--max-len-b", "3", "--max-len-a", "0")
+    assert all(len(h[0][0].split()) <= 3 for h in hypotheses(out).values())
+    # --score-reference: scores the references through get_normalized_probs
+    out = generate(data, ckpt, "--score-reference")
+    scores = [s for hyps in hypotheses(out).values() for _, s in hyps]
+    assert scores and all(-1.0 < s <= 0 for s in scores)
+
+
+def test_hub_api_translates(trained, data):
+    from fairseq.models.transformer import TransformerModel
+
+    save_dir = trained["mhp"][0]
+    model = TransformerModel.from_pretrained(
+        str(save_dir), checkpoint_file="checkpoint_best.pt", data_name_or_path=str(data), user_dir=USER_DIR
+    )
+    assert model.translate("w3 w1 w4 w1 w5", beam=5) == "w3 w1 w4 w1 w5"
+
+
+def test_resume_from_checkpoint_last(trained, data, tmp_path):
+    save_dir = tmp_path / "resume"
+    first = train(data, save_dir, "mhp", updates=60)
+    assert (save_dir / "checkpoint_last.pt").exists()
+    second = train(data, save_dir, "mhp", updates=120).stdout
+    assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 60 updates\)", second), second[-3000:]
+    assert "num_updates=120" in second or "num_updates 120" in second
+    del first
+
+
+def test_bad_configurations_fail_clearly(trained, data, tmp_path):
+    # head sizes whose product is below the vocabulary
+    r = cli(
+        "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer_mhce", "--mhce-method", "mhp",
+        "--mhce-head-sizes", "3,3", *TINY_ARCH, "--criterion", "mhce_label_smoothed_cross_entropy",
+        *TRAIN_COMMON, "--max-update", "1", "--save-dir", tmp_path / "a", check=False,
+    )  # fmt: skip
+    assert r.returncode != 0 and "below the vocabulary size" in r.stdout
+    # unknown method: argparse names the choices
+    r = cli(
+        "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer_mhce", "--mhce-method", "mhx",
+        check=False,
+    )  # fmt: skip
+    assert r.returncode != 0 and "invalid choice" in r.stdout and "mhe" in r.stdout
+    # the criterion with a softmax model
+    r = cli(
+        "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer", *TINY_ARCH,
+        "--criterion", "mhce_label_smoothed_cross_entropy", *TRAIN_COMMON, "--max-update", "1",
+        "--save-dir", tmp_path / "b", check=False,
+    )  # fmt: skip
+    assert r.returncode != 0 and "needs a model with a multi-head output layer" in r.stdout
+    # shared input/output embeddings have nothing to tie to
+    r = cli(
+        "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer_mhce", "--mhce-method", "mhe",
+        "--share-decoder-input-output-embed", *TINY_ARCH, "--criterion", "mhce_label_smoothed_cross_entropy",
+        *TRAIN_COMMON, "--max-update", "1", "--save-dir", tmp_path / "c", check=False,
+    )  # fmt: skip
+    assert r.returncode != 0 and "no V x d output projection to tie" in r.stdout
+    # a checkpoint loaded into a model with other head sizes / another method
+    ckpt = trained["mhp"][0] / "checkpoint_best.pt"
+    before = ckpt.read_bytes()
+    for override, msg in (
+        ("{'mhce_head_sizes': '8,8'}", "trained with --mhce-head-sizes"),
+        ("{'mhce_method': 'mhe'}", "trained with --mhce-method mhp"),
+    ):
+        r = cli(
+            "fairseq-generate", data, "--user-dir", USER_DIR, "--path", ckpt, "--model-overrides", override,
+            check=False,
+        )  # fmt: skip
+        assert r.returncode != 0 and msg in r.stdout, r.stdout[-2000:]
+    assert ckpt.read_bytes() == before  # a failed load never touches the checkpoint
+
+
+def test_dictionary_mismatch_is_explained(trained, tmp_path):
+    other = make_copy_data(tmp_path, n_train=200, n_valid=20, n_test=20, n_words=80, seed=5)
+    r = cli(
+        "fairseq-generate", other, "--user-dir", USER_DIR, "--path", trained["mhe"][0] / "checkpoint_best.pt",
+        check=False,
+    )  # fmt: skip
+    assert r.returncode != 0 and "dictionary mismatch" in r.stdout, r.stdout[-2000:]
