@@ -9,8 +9,6 @@ one interface (see :class:`MultiHeadOutput`):
   tokens, without the dense row;
 * ``loss(x, target, eps)``  -> label-smoothed loss and NLL per token, computed
   in ``O(sum C_h d)`` (never materializes ``V``);
-* ``topk(x, k)``            -> exact top-k tokens per row without the dense
-  row (the factorized beam search uses it).
 
 All log-probabilities are computed in float32 whatever the input dtype: the
 head outputs are small, and fp16/bf16 log-sum-exp over a product of heads
@@ -102,9 +100,6 @@ class MultiHeadOutput(nn.Module):
         raise NotImplementedError
 
     def loss(self, x, target, epsilon, smoothing="auto"):
-        raise NotImplementedError
-
-    def topk(self, x, k, exclude=None):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
