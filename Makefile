@@ -1,0 +1,22 @@
+# `make run`: the main job (real data -> train MHE -> decode -> sacreBLEU).
+# `make test`: the test suite.  Both install what they need first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install run test test-fast clean-work
+
+install:
+	VENV=$(VENV) bash scripts/install.sh
+
+run: install
+	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/main_job.sh
+
+test: install
+	$(PY) -m pytest -q
+
+# unit tests only (no fairseq CLI runs): seconds
+test-fast: install
+	$(PY) -m pytest -q -m "not e2e"
+
+clean-work:
+	rm -rf work
