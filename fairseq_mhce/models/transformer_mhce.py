@@ -22,6 +22,7 @@ from ..modules.multihead_output import MultiHeadEmbedding, MultiHeadProduct
 logger = logging.getLogger(__name__)
 
 MHCE_METHODS = ["mhp", "mhe", "mhs"]
+MHS_GROUP_SIZE = 16  # default tokens per head-1 group for MHS
 
 
 @dataclass
@@ -42,7 +43,7 @@ class MHCEConfig(FairseqDataclass):
         metadata={
             "help": "comma-separated head sizes C_1,..,C_H (head 1 most significant); "
             "their product must be >= the target dictionary size. Default: balanced "
-            "sizes with the smallest product >= V"
+            "sizes with the smallest product >= V (mhp, mhe); ceil(V/16),16 for mhs"
         },
     )
     mhce_code_order: ChoiceEnum(["identity", "random"]) = field(
@@ -81,7 +82,14 @@ def build_head(cfg, input_dim: int, vocab_size: int):
     method = str(cfg.mhce_method)
     if method not in MHCE_METHODS:
         raise ValueError(f"unknown --mhce-method {method!r}; choose one of {', '.join(MHCE_METHODS)}")
-    sizes = parse_head_sizes(cfg.mhce_head_sizes) or auto_head_sizes(vocab_size, int(cfg.mhce_heads))
+    sizes = parse_head_sizes(cfg.mhce_head_sizes)
+    if sizes is None and method == "mhs":
+        # MHS samples head-1 groups: balanced sqrt(V)-sized groups are so few
+        # that a batch's targets hit nearly all of them and nothing is saved;
+        # small groups let the sample skip most of the vocabulary.
+        sizes = [-(-vocab_size // MHS_GROUP_SIZE), MHS_GROUP_SIZE]
+    elif sizes is None:
+        sizes = auto_head_sizes(vocab_size, int(cfg.mhce_heads))
     code = None
     if str(cfg.mhce_code_order) == "random":
         g = torch.Generator().manual_seed(int(cfg.mhce_code_seed))
@@ -118,14 +126,20 @@ class TransformerMHCEDecoder(TransformerDecoderBase):
             self.output_projection = None
 
     def output_layer(self, features):
-        if self.mhce_head is None:
-            return super().output_layer(features)
+        # every method, mhs included: the criterion needs the states (mhs
+        # scores only sampled rows of the projection in training)
         return features
+
+    def set_num_updates(self, num_updates):
+        """MHS: the update number seeds the sampled negative groups (called
+        by fairseq's model.set_num_updates before every training step)."""
+        self.mhs_num_updates = num_updates
 
     def get_normalized_probs_scriptable(self, net_output, log_probs, sample=None):
         """(B, T, d) states -> (B, T, V) exact (log-)probabilities."""
-        if self.mhce_head is None:
-            return super().get_normalized_probs_scriptable(net_output, log_probs, sample)
+        if self.mhce_head is None:  # mhs: the ordinary full softmax
+            logits = self.output_projection(net_output[0])
+            return super().get_normalized_probs_scriptable((logits, *net_output[1:]), log_probs, sample)
         x = net_output[0]
         lp = self.mhce_head.log_probs(x.reshape(-1, x.size(-1))).view(*x.shape[:-1], -1)
         return lp if log_probs else lp.exp()

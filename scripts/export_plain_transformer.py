@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Rewrite an MHS checkpoint as a plain fairseq ``transformer`` checkpoint.
+
+An ``--mhce-method mhs`` model is an ordinary Transformer (its decoder keeps
+fairseq's ``V x d`` ``output_projection`` and decodes with the full softmax)
+plus the codec that defined the sampled groups in training.  This script
+drops everything plugin-specific so that stock fairseq loads the result
+without ``--user-dir``:
+
+* state dict: the codec buffers (``decoder.mhs_codec.*``);
+* saved config (``cfg`` and legacy ``args``): ``arch`` / ``_name``
+  ``<arch>_mhce`` -> ``<arch>`` (``transformer_mhce`` -> ``transformer``),
+  every ``mhce_*`` setting, ``common.user_dir``; the criterion becomes
+  ``label_smoothed_cross_entropy`` (same ``--label-smoothing``);
+* ``optimizer_history``: the criterion name, so that stock fairseq-train can
+  also resume from it (the parameters, hence the optimizer state, are those
+  of a plain Transformer, in the same order).
+
+Usage::
+
+    python scripts/export_plain_transformer.py checkpoints/checkpoint_best.pt plain.pt
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 fairseq-generate data-bin --path plain.pt ...
+
+(stock fairseq on torch >= 2.6 needs ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``
+to load any checkpoint; the plugin sets it itself when imported).  The
+output must be a new file: the script refuses to overwrite anything.
+MHP / MHE checkpoints cannot be exported: they have no ``V x d`` projection.
+"""
+
+import argparse
+import os
+import pickle
+import sys
+from argparse import Namespace
+
+import torch
+
+PLAIN_CRITERION = "label_smoothed_cross_entropy"
+PLAIN_CRITERION_CLASS = "LabelSmoothedCrossEntropyCriterion"
+PLUGIN_CRITERIA = {"mhce_label_smoothed_cross_entropy": PLAIN_CRITERION}
+CODEC_PREFIX = "decoder.mhs_codec."
+
+
+def _get(obj, key, default=None):
+    if obj is None:
+        return default
+    if isinstance(obj, dict):
+        return obj.get(key, default)
+    return getattr(obj, key, default)
+
+
+def _set(obj, key, value):
+    if isinstance(obj, dict):
+        obj[key] = value
+    else:
+        setattr(obj, key, value)
+
+
+def _keys(obj):
+    if obj is None:
+        return []
+    return list(obj.keys()) if isinstance(obj, dict) else list(vars(obj).keys())
+
+
+def _delete(obj, key):
+    if isinstance(obj, dict):
+        obj.pop(key, None)
+    elif hasattr(obj, key):
+        delattr(obj, key)
+
+
+def plain_arch(arch: str) -> str:
+    if not arch:
+        raise ValueError("the checkpoint's config names no architecture")
+    if arch.endswith("_mhce"):
+        arch = arch[: -len("_mhce")]
+    return arch
+
+
+def _clean_model_cfg(model_cfg):
+    """arch/_name -> the plain twin; drop mhce_* (in place)."""
+    if model_cfg is None:
+        return
+    for key in ("arch", "_name"):
+        if _get(model_cfg, key) is not None:
+            _set(model_cfg, key, plain_arch(str(_get(model_cfg, key))))
+    for key in _keys(model_cfg):
+        if key.startswith("mhce_"):
+            _delete(model_cfg, key)
+    # a legacy (flat) namespace also carries the common/criterion settings
+    if _get(model_cfg, "user_dir") is not None:
+        _set(model_cfg, "user_dir", None)
+    crit = _get(model_cfg, "criterion")
+    if isinstance(crit, str) and crit in PLUGIN_CRITERIA:
+        _set(model_cfg, "criterion", PLUGIN_CRITERIA[crit])
+
+
+def _method_of(state) -> str:
+    cfg = state.get("cfg")
+    for model_cfg in (_get(cfg, "model"), state.get("args")):
+        m = _get(model_cfg, "mhce_method")
+        if m is not None:
+            return str(m)
+    return ""
+
+
+def export(state: dict) -> dict:
+    """Turn a loaded MHS checkpoint dict into a plain Transformer one (in place)."""
+    model = state["model"]
+    method = _method_of(state)
+    if any(k.startswith("decoder.mhce_head.") for k in model) or method in ("mhp", "mhe"):
+        raise ValueError(
+            f"this is an --mhce-method {method or 'mhp/mhe'} checkpoint: its output layer is "
+            "multi-head, with no V x d projection, so it has no plain-Transformer form. "
+            "Only --mhce-method mhs checkpoints can be exported."
+        )
+    if "decoder.output_projection.weight" not in model:
+        raise ValueError("no decoder.output_projection.weight in the checkpoint: not an MHS/Transformer model")
+    if method != "mhs" and not any(k.startswith(CODEC_PREFIX) for k in model):
+        raise ValueError("not an MHS checkpoint (no --mhce-method mhs in its config, no decoder.mhs_codec)")
+
+    for k in [k for k in model if k.startswith(CODEC_PREFIX)]:
+        del model[k]
+
+    cfg = state.get("cfg")
+    if cfg is not None:
+        _clean_model_cfg(_get(cfg, "model"))
+        common = _get(cfg, "common")
+        if common is not None and _get(common, "user_dir") is not None:
+            _set(common, "user_dir", None)
+        crit = _get(cfg, "criterion")
+        if crit is not None and str(_get(crit, "_name")) in PLUGIN_CRITERIA:
+            _set(crit, "_name", PLUGIN_CRITERIA[str(_get(crit, "_name"))])
+            for key in _keys(crit):
+                if key.startswith("mhce_"):
+                    _delete(crit, key)
+    if state.get("args") is not None:
+        _clean_model_cfg(state["args"])
+
+    for entry in state.get("optimizer_history") or []:
+        if str(entry.get("criterion_name", "")).startswith("MHCE"):
+            entry["criterion_name"] = PLAIN_CRITERION_CLASS
+
+    # nothing outside the tensors may still need the plugin to unpickle
+    meta = {k: v for k, v in state.items() if k not in ("model", "last_optimizer_state")}
+    if b"fairseq_mhce" in pickle.dumps(meta):
+        raise RuntimeError("the exported config still references fairseq_mhce; please report this")
+    return state
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("input", help="an --mhce-method mhs checkpoint (.pt)")
+    p.add_argument("output", help="the plain transformer checkpoint to write (must not exist)")
+    p.add_argument(
+        "--no-optimizer-state",
+        action="store_true",
+        help="drop the optimizer state (smaller file; enough for decoding and for fine-tuning with --reset-optimizer)",
+    )
+    a = p.parse_args(argv)
+
+    if os.path.exists(a.output) or os.path.abspath(a.output) == os.path.abspath(a.input):
+        p.error(f"{a.output} exists; refusing to overwrite it (choose a new file name)")
+    state = torch.load(a.input, map_location="cpu", weights_only=False)
+    try:
+        export(state)
+    except ValueError as e:
+        p.error(str(e))
+    if a.no_optimizer_state:
+        state["last_optimizer_state"] = None
+    os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
+    # exclusive create: never clobbers a file that appeared in the meantime
+    try:
+        f = open(a.output, "xb")
+    except FileExistsError:
+        p.error(f"{a.output} exists; refusing to overwrite it")
+    with f:
+        torch.save(state, f)
+    arch = _get(_get(state.get("cfg"), "model"), "arch") or _get(state.get("args"), "arch")
+    print(f"wrote {a.output}: plain fairseq '{arch}' (load with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 on torch >= 2.6)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

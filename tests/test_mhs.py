@@ -1,0 +1,363 @@
+"""MHS (full softmax trained on sampled head-1 groups): the loss against
+fairseq's label-smoothed full softmax, the sampling rules, and the real CLIs
+(copy task, export to a plain Transformer, two-process DDP on CPU)."""
+import os
+import re
+import socket
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+from fairseq_mhce.criterions.mhs import (
+    MHSOutput,
+    draw_groups,
+    group_budget,
+    mhs_generator,
+    mhs_loss,
+    num_groups,
+    sampled_softmax_loss,
+)
+from fairseq_mhce.modules.codec import MixedRadixCodec
+
+from .utils import BIN, REPO, TINY_ARCH, TRAIN_COMMON, USER_DIR, bleu_of, cli, hypotheses, make_copy_data
+
+D = 8
+# (V, head sizes, random code order, bias): exact products, invalid codes (a
+# short last group), H = 3, a permuted code table
+CASES = [(16, [4, 4], False, False), (29, [6, 5], True, False), (29, [10, 3], False, True), (29, [2, 3, 5], True, False)]
+
+
+def make_decoder(V, sizes, random_order=False, bias=False, sample_groups=1.0, seed=0):
+    torch.manual_seed(seed)
+    codec = MixedRadixCodec(V, sizes, torch.randperm(V) if random_order else None)
+    proj = torch.nn.Linear(D, V, bias=bias).double()
+    with torch.no_grad():
+        proj.weight.normal_(0, 1.0)
+        if bias:
+            proj.bias.normal_(0, 1.0)
+    cfg = types.SimpleNamespace(mhce_sample_groups=sample_groups, seed=1)
+    return types.SimpleNamespace(output_projection=proj, mhs_codec=codec, cfg=cfg, mhs_num_updates=0)
+
+
+def reference(dec, x, target, eps, tokens=None):
+    """fairseq's label_smoothed_nll_loss on the softmax over ``tokens`` (all
+    of V by default), per token."""
+    logits = dec.output_projection(x)
+    t = target
+    if tokens is not None:
+        logits = logits[:, tokens]
+        t = (tokens.unsqueeze(0) == target.unsqueeze(1)).float().argmax(-1)
+        assert bool((tokens[t] == target).all())
+    return label_smoothed_nll_loss(F.log_softmax(logits, -1), t, eps, reduce=False)
+
+
+def grads(loss, dec, x):
+    params = [x, dec.output_projection.weight] + ([dec.output_projection.bias] if dec.output_projection.bias is not None else [])
+    return torch.autograd.grad(loss.sum(), params)
+
+
+def batch(V, n=40, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, D, dtype=torch.double, generator=g).requires_grad_(), torch.randint(V, (n,), generator=g)
+
+
+@pytest.mark.parametrize("V,sizes,random_order,bias", CASES)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("budget", ["fraction", "count"])
+def test_full_budget_equals_full_softmax_loss_and_gradients(V, sizes, random_order, bias, eps, budget):
+    dec = make_decoder(V, sizes, random_order, bias)
+    dec.cfg.mhce_sample_groups = 1.0 if budget == "fraction" else float(sizes[0] + 3)
+    assert group_budget(dec.cfg.mhce_sample_groups, dec.mhs_codec) == num_groups(dec.mhs_codec)
+    x, t = batch(V)
+    ref_loss, ref_nll = reference(dec, x, t, eps)
+    ref_grads = grads(ref_loss, dec, x)
+    # mhs_loss (which short-cuts a full budget to the plain softmax) and the
+    # gather path itself, scoring every group in code order
+    G = num_groups(dec.mhs_codec)
+    for loss, nll, correct in (
+        mhs_loss(dec, x, t, eps, training=True),
+        sampled_softmax_loss(dec, x, t, eps, G, mhs_generator(dec)),
+    ):
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(nll, ref_nll, rtol=1e-12, atol=1e-12)
+        for g, r in zip(grads(loss, dec, x), ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    # digit accuracy of the argmax token (all digits right = token accuracy)
+    pred = dec.output_projection(x).argmax(-1)
+    assert torch.equal(correct.all(-1), pred == t) and correct.shape == (len(t), len(sizes))
+
+
+@pytest.mark.parametrize("V,sizes,random_order,bias", CASES + [(1000, [250, 4], True, False)])
+@pytest.mark.parametrize("sample_groups", [0.01, 0.3, 2.0])
+def test_small_budget_always_holds_every_target_group(V, sizes, random_order, bias, sample_groups):
+    dec = make_decoder(V, sizes, random_order, bias, sample_groups=sample_groups)
+    codec, p1 = dec.mhs_codec, int(dec.mhs_codec.strides[0])
+    budget = group_budget(sample_groups, codec)
+    for step in range(12):
+        dec.mhs_num_updates = step
+        x, t = batch(V, n=int(torch.randint(1, 12, (1,))), seed=step)
+        groups = draw_groups(codec, t, budget, mhs_generator(dec))
+        tgt_groups = set((codec.code[t] // p1).tolist())
+        assert tgt_groups <= set(groups.tolist())  # every target's group is in
+        assert len(set(groups.tolist())) == groups.numel() == max(budget, len(tgt_groups))
+        assert bool((groups < num_groups(codec)).all())  # never an empty (all-invalid) group
+        loss, nll, _, tokens = sampled_softmax_loss(dec, x, t, 0.1, budget, mhs_generator(dec), return_tokens=True)
+        assert set(tokens.tolist()) == {v for v in range(V) if int(codec.code[v]) // p1 in set(groups.tolist())}
+        assert bool(torch.isfinite(loss).all())
+        # = fairseq's label-smoothed softmax restricted to the sampled tokens
+        ref_loss, ref_nll = reference(dec, x, t, 0.1, tokens)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(nll, ref_nll, rtol=1e-12, atol=1e-12)
+        # the same through mhs_loss (seeded from cfg.seed and the update number)
+        torch.testing.assert_close(mhs_loss(dec, x, t, 0.1)[0], loss, rtol=1e-12, atol=1e-12)
+        # the weight gets a dense gradient, exactly zero on unsampled rows
+        gw = grads(loss, dec, x)[1]
+        sampled = torch.zeros(V, dtype=torch.bool)
+        sampled[tokens] = True
+        assert gw.shape == (V, D) and bool((gw[~sampled] == 0).all())
+
+
+def test_negatives_reproducible_and_shared_by_ranks():
+    dec = make_decoder(1000, [250, 4], sample_groups=0.2)
+    codec = dec.mhs_codec
+    a = torch.tensor([0, 1, 2, 3])  # group 0
+    b = torch.tensor([996, 997])  # group 249
+
+    def draw(t, update, seed=1):
+        dec.mhs_num_updates, dec.cfg.seed = update, seed
+        torch.manual_seed(update * 7 + 123)  # the global RNG (dropout) plays no part
+        return set(draw_groups(codec, t, 50, mhs_generator(dec)).tolist())
+
+    assert draw(a, 5) == draw(a, 5)
+    assert draw(a, 5) != draw(a, 6) and draw(a, 5) != draw(a, 5, seed=2)
+    # two ranks (or two micro-batches of one update) share the negatives'
+    # order: outside their own target groups they pick the same groups
+    ga, gb = draw(a, 5), draw(b, 5)
+    assert len(ga - {0, 249}) >= 48 and len(ga ^ gb) <= 4
+
+
+def test_eval_mode_is_the_exact_full_softmax():
+    dec = make_decoder(29, [10, 3], random_order=True, sample_groups=0.01)
+    x, t = batch(29)
+    loss, nll, _ = mhs_loss(dec, x, t, 0.1, training=False)
+    ref_loss, ref_nll = reference(dec, x, t, 0.1)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(nll, ref_nll, rtol=1e-12, atol=1e-12)
+    # training does sample (2 targets: at most 2 of the 10 groups)
+    assert not torch.allclose(mhs_loss(dec, x[:2], t[:2], 0.1, training=True)[0], loss[:2])
+
+
+def test_budget_parsing_and_errors():
+    codec = MixedRadixCodec(29, [10, 3])  # 10 groups of 3 codes (code 29 is invalid)
+    assert num_groups(codec) == 10
+    assert [group_budget(s, codec) for s in (0.01, 0.25, 0.5, 1.0, 2, 2.5, 500)] == [1, 3, 5, 10, 2, 3, 10]
+    assert num_groups(MixedRadixCodec(25, [10, 3])) == 9  # codes 27..29 hold no token
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="--mhce-sample-groups"):
+            group_budget(bad, codec)
+    dec = make_decoder(16, [4, 4])
+    with pytest.raises(ValueError, match="per-head"):
+        mhs_loss(dec, *batch(16), 0.1, smoothing="per-head")
+    # the stand-alone layer (benchmarks) is the same loss
+    head = MHSOutput(D, 1000, [250, 4], sample_groups=0.1).double()
+    x, t = batch(1000)
+    torch.testing.assert_close(head.loss(x, t, 0.1)[0], mhs_loss(head, x, t, 0.1)[0])
+    head.eval()
+    torch.testing.assert_close(head.loss(x, t, 0.1)[1], -head.log_probs(x).gather(-1, t[:, None])[:, 0])
+
+
+# ---------------------------------------------------------------- real CLIs
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # steadier on a shared 2-core machine
+PLAIN = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}  # stock fairseq on torch >= 2.6
+
+
+@pytest.fixture(scope="module")
+def copy_data(tmp_path_factory):
+    return make_copy_data(tmp_path_factory.mktemp("copy_mhs"))  # V = 48
+
+
+@pytest.fixture(scope="module")
+def mhs_run(copy_data, tmp_path_factory):
+    """300 updates of MHS with tied input/output embeddings; 12 groups of 4
+    tokens, 6 scored per step (targets' groups plus negatives)."""
+    save = tmp_path_factory.mktemp("ckpt_mhs")
+    log = cli(
+        "fairseq-train", copy_data, "--user-dir", USER_DIR, "--arch", "transformer_mhce",
+        "--mhce-method", "mhs", "--mhce-head-sizes", "12,4", "--mhce-sample-groups", "0.5",
+        "--share-decoder-input-output-embed", *TINY_ARCH,
+        "--criterion", "mhce_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--report-accuracy", *TRAIN_COMMON, "--max-update", "300", "--save-dir", save,
+        env=ONE_THREAD,
+    ).stdout  # fmt: skip
+    return save / "checkpoint_best.pt", log
+
+
+def generate(data, ckpt, *extra, plugin=True):
+    """fairseq-generate on the test set; returns its results file (whole: a
+    progress bar on the merged stdout/stderr can swallow line starts)."""
+    args = ["--user-dir", USER_DIR] if plugin else []
+    results = ckpt.parent / f"gen-{ckpt.stem}-{len(list(ckpt.parent.glob('gen-*')))}"
+    cli(
+        "fairseq-generate", data, *args, "--path", ckpt, "--batch-size", "64", "--beam", "5",
+        "--required-batch-size-multiple", "1",  # else fairseq drops the last N mod 8 sentences
+        "--results-path", results, *extra, env={**ONE_THREAD, **({} if plugin else PLAIN)},
+    )  # fmt: skip
+    return (results / "generate-test.txt").read_text()
+
+
+def validate(data, ckpt, plugin=True):
+    args = ["--user-dir", USER_DIR] if plugin else []
+    out = cli(
+        "fairseq-validate", data, *args, "--task", "translation", "--path", ckpt, "--max-tokens", "4000", "--valid-subset", "valid",
+        env={**ONE_THREAD, **({} if plugin else PLAIN)},
+    ).stdout  # fmt: skip
+    m = re.search(r"\| loss ([0-9.]+) \| nll_loss ([0-9.]+)", out)
+    assert m, out[-2000:]
+    return float(m.group(1)), float(m.group(2))
+
+
+@pytest.mark.e2e
+def test_cli_copy_task_bleu_and_plain_transformer_export(mhs_run, copy_data, tmp_path):
+    ckpt, log = mhs_run
+    valid = [l for l in log.splitlines() if "| valid |" in l]
+    assert valid and "acc_h1" in valid[-1] and "ppl" in valid[-1]
+    out = generate(copy_data, ckpt, "--scoring", "sacrebleu")
+    assert bleu_of(out) > 90, out[-500:]
+
+    # export to a plain fairseq transformer; never overwrites
+    plain = tmp_path / "plain.pt"
+    export = [sys.executable, str(REPO / "scripts" / "export_plain_transformer.py")]
+    subprocess.run([*export, str(ckpt), str(plain)], check=True, capture_output=True)
+    again = subprocess.run([*export, str(ckpt), str(plain)], capture_output=True, text=True)
+    assert again.returncode != 0 and "refusing to overwrite" in again.stderr
+    state = torch.load(plain, map_location="cpu", weights_only=False)
+    assert state["cfg"]["model"].arch == state["cfg"]["model"]._name == "transformer"
+    assert not any("mhs_codec" in k for k in state["model"]) and "decoder.output_projection.weight" in state["model"]
+    assert state["cfg"]["common"]["user_dir"] is None and state["cfg"]["criterion"]["_name"] == "label_smoothed_cross_entropy"
+    same = subprocess.run([*export, str(ckpt), str(ckpt)], capture_output=True, text=True)
+    assert same.returncode != 0 and ckpt.stat().st_size > 0
+
+    # stock fairseq-generate (no --user-dir) decodes it to the same hypotheses
+    # and scores; --score-reference agrees too
+    plain_out = generate(copy_data, plain, "--nbest", "2", plugin=False)
+    a, b = hypotheses(generate(copy_data, ckpt, "--nbest", "2")), hypotheses(plain_out)
+    assert a == b and len(a) == 100
+    sa = hypotheses(generate(copy_data, ckpt, "--score-reference"))
+    sb = hypotheses(generate(copy_data, plain, "--score-reference", plugin=False))
+    assert sa == sb and len(sa) == 100
+    # validation loss through the plugin's criterion (eval mode: exact full
+    # softmax) = stock label_smoothed_cross_entropy on the exported model
+    loss, nll = validate(copy_data, ckpt)
+    assert (loss, nll) == validate(copy_data, plain, plugin=False)
+    assert loss > nll > 0
+
+
+@pytest.mark.e2e
+def test_export_refuses_multi_head_checkpoints(tmp_path):
+    state = {
+        "model": {"decoder.mhce_head.proj.weight": torch.zeros(2, 2)},
+        "cfg": {"model": types.SimpleNamespace(arch="transformer_mhce", mhce_method="mhp")},
+    }
+    src = tmp_path / "mhp.pt"
+    torch.save(state, src)
+    p = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "export_plain_transformer.py"), str(src), str(tmp_path / "out.pt")],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode != 0 and "Only --mhce-method mhs" in p.stderr and not (tmp_path / "out.pt").exists()
+
+
+# fairseq's c10d wrapper passes device_ids=[device_id] to torch's
+# DistributedDataParallel even with --cpu, which torch rejects for a CPU
+# module ("DistributedDataParallel device_ids and output_device arguments only
+# work with single-device/multiple-device GPU modules or CPU modules, but got
+# device_ids [0] ..."). This launcher drops those two arguments for CPU
+# modules -- nothing else: the reducer, buckets and gloo all-reduce are
+# torch's c10d DDP as fairseq uses it on GPUs -- and runs fairseq-train.
+CPU_DDP_LAUNCHER = """
+import sys
+import fairseq.models.distributed_fairseq_model as dfm
+class CpuDDP(dfm.DistributedDataParallel):
+    def __init__(self, module, device_ids=None, output_device=None, **kw):
+        if next(module.parameters()).device.type == "cpu":
+            device_ids = output_device = None
+        super().__init__(module, device_ids=device_ids, output_device=output_device, **kw)
+dfm.DistributedDataParallel = CpuDDP
+from fairseq_cli.train import cli_main
+sys.argv = ["fairseq-train"] + sys.argv[1:]
+cli_main()
+"""
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _inner_losses(log):
+    """[(num_updates, loss, nll_loss)] of fairseq's train_inner lines."""
+    out = []
+    for line in log.splitlines():
+        if "train_inner" in line:
+            f = dict(re.findall(r"(\w+)=([0-9.]+)", line))
+            out.append((int(f["num_updates"]), float(f["loss"]), float(f["nll_loss"])))
+    return out
+
+
+@pytest.mark.e2e
+def test_ddp_two_processes_match_single_process(tmp_path_factory):
+    """2 ranks (gloo, CPU, c10d DDP) vs 1 process with --update-freq 2: the
+    same global batches, the same sampled groups, the same losses."""
+    data = make_copy_data(tmp_path_factory.mktemp("ddp_data"), n_train=600, n_valid=20, n_test=20, n_words=1000)
+    common = [
+        str(data), "--user-dir", USER_DIR, "--arch", "transformer_mhce", "--mhce-method", "mhs",
+        "--mhce-head-sizes", "240,4", "--mhce-sample-groups", "0.6",
+        "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "32",
+        "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
+        "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+        "--criterion", "mhce_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--optimizer", "adam", "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "10",
+        "--max-tokens", "200", "--dropout", "0.0", "--seed", "1", "--no-progress-bar", "--log-interval", "1",
+        "--num-workers", "0", "--max-update", "8", "--cpu", "--no-save", "--disable-validation",
+    ]  # fmt: skip
+    env = {**os.environ, **ONE_THREAD}
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CPU_DDP_LAUNCHER, *common, "--distributed-world-size", "2",
+             "--distributed-backend", "gloo", "--distributed-init-method", f"tcp://localhost:{port}",
+             "--distributed-no-spawn", "--distributed-rank", str(rank)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    assert "distributed init (rank 0)" in logs[0]
+    single = subprocess.run(
+        [sys.executable, "-c", CPU_DDP_LAUNCHER, *common, "--update-freq", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stdout[-3000:]
+    ddp, one = _inner_losses(logs[0]), _inner_losses(single.stdout)
+    print("2-process:", ddp, "\n1-process:", one)
+    assert [u for u, _, _ in ddp] == [u for u, _, _ in one] == list(range(1, 9))
+    for (_, l2, n2), (_, l1, n1) in zip(ddp, one):
+        assert abs(l2 - l1) <= 2e-3 and abs(n2 - n1) <= 2e-3
+    assert ddp[-1][1] < ddp[0][1]  # and it trains
