@@ -47,6 +47,16 @@ import torch
 import torch.nn.functional as F
 
 
+MHS_GROUP_SIZE = 16
+
+
+def mhs_default_head_sizes(vocab_size: int):
+    """``[ceil(V / 16), 16]``: groups of 16 tokens.  Balanced ``sqrt(V)``-sized
+    groups are so few that a batch's targets hit nearly all of them and the
+    sample saves nothing; small groups let it skip most of the vocabulary."""
+    return [-(-vocab_size // MHS_GROUP_SIZE), MHS_GROUP_SIZE]
+
+
 def _codec_and_projection(decoder):
     codec = getattr(decoder, "mhs_codec", None)
     proj = getattr(decoder, "output_projection", None)
@@ -242,11 +252,11 @@ class MHSOutput(torch.nn.Module):
         super().__init__()
         from types import SimpleNamespace
 
-        from ..modules.codec import MixedRadixCodec, auto_head_sizes
+        from ..modules.codec import MixedRadixCodec
 
         self.output_projection = torch.nn.Linear(input_dim, vocab_size, bias=False)
         torch.nn.init.normal_(self.output_projection.weight, mean=0.0, std=input_dim**-0.5)  # as fairseq
-        self.mhs_codec = MixedRadixCodec(vocab_size, head_sizes or auto_head_sizes(vocab_size, 2))
+        self.mhs_codec = MixedRadixCodec(vocab_size, head_sizes or mhs_default_head_sizes(vocab_size))
         self.cfg = SimpleNamespace(mhce_sample_groups=sample_groups, seed=seed)
         self.mhs_num_updates = 0
 

@@ -16,13 +16,13 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import ARCH_MODEL_REGISTRY, ARCH_CONFIG_REGISTRY, register_model, register_model_architecture
 from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase, TransformerModel
 
+from ..criterions.mhs import mhs_default_head_sizes
 from ..modules.codec import MixedRadixCodec, auto_head_sizes, parse_head_sizes
 from ..modules.multihead_output import MultiHeadEmbedding, MultiHeadProduct
 
 logger = logging.getLogger(__name__)
 
 MHCE_METHODS = ["mhp", "mhe", "mhs"]
-MHS_GROUP_SIZE = 16  # default tokens per head-1 group for MHS
 
 
 @dataclass
@@ -84,10 +84,7 @@ def build_head(cfg, input_dim: int, vocab_size: int):
         raise ValueError(f"unknown --mhce-method {method!r}; choose one of {', '.join(MHCE_METHODS)}")
     sizes = parse_head_sizes(cfg.mhce_head_sizes)
     if sizes is None and method == "mhs":
-        # MHS samples head-1 groups: balanced sqrt(V)-sized groups are so few
-        # that a batch's targets hit nearly all of them and nothing is saved;
-        # small groups let the sample skip most of the vocabulary.
-        sizes = [-(-vocab_size // MHS_GROUP_SIZE), MHS_GROUP_SIZE]
+        sizes = mhs_default_head_sizes(vocab_size)
     elif sizes is None:
         sizes = auto_head_sizes(vocab_size, int(cfg.mhce_heads))
     code = None
