@@ -159,6 +159,12 @@ class MultiHeadProduct(MultiHeadOutput):
         lz = self.log_z(lps)
         return out if lz is None else out - lz.unsqueeze(-1)
 
+    def topk(self, x, k, min_token=0, extra=None):
+        """Exact per-row top-k without the dense row; see :mod:`.factorized_topk`."""
+        from .factorized_topk import mhp_topk
+
+        return mhp_topk(self, x, k, min_token, extra)
+
     def token_log_probs(self, x, tokens):
         """(N, d), (N, K) token ids -> (N, K)."""
         lps = self.head_log_probs(x)
@@ -289,6 +295,12 @@ class MultiHeadEmbedding(MultiHeadOutput):
             scores = (scores.unsqueeze(-1) + lp).flatten(1)  # (n, M*C_h), code order
             prefix = torch.arange(scores.size(1), device=x.device).unsqueeze(0).expand(n, -1)
         return scores.index_select(-1, self.codec.code)
+
+    def topk(self, x, k, min_token=0, extra=None):
+        """Exact per-row top-k without the dense row; see :mod:`.factorized_topk`."""
+        from .factorized_topk import mhe_topk
+
+        return mhe_topk(self, x, k, min_token, extra)
 
     def token_log_probs(self, x, tokens):
         """(N, d), (N, K) token ids -> (N, K), one head evaluation per digit."""

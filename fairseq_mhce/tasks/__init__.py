@@ -1,0 +1,1 @@
+from . import translation_mhce  # noqa: F401

@@ -1,0 +1,318 @@
+"""Exact per-row top-k of a multi-head output distribution, without the
+``V``-wide row.
+
+Both routines return, for every row of ``x``, the ``k`` best tokens with id
+``>= min_token`` (fairseq's special symbols are scored separately through
+``extra``) and their log-probabilities, computed with the same floating-point
+operations, in the same order, as the dense row of the head's ``log_probs``
+(MHP: ``((lp_1 + lp_2) + lp_3) - log Z``; MHE: ``((0 + lp_1) + lp_2) + lp_3``),
+so that a candidate's score equals its dense value (bit for bit for MHP; for
+MHE up to the BLAS blocking of the prefix batch).
+
+* :func:`mhp_topk` (product-key search): the best sums of independent head
+  scores lie in the product of each head's top-``m`` digits.  Invalid codes and
+  excluded tokens are dropped from the product; the result is certified exact
+  when the ``k``-th found score is ``>=`` the best score any code outside the
+  product can reach, ``max_h (s_h[m+1] + sum_{i != h} s_i[1])`` (summed in the
+  dense order, so the bound holds in floating point too: rounding is
+  monotone).  Rows that fail are redone with ``2m``.
+* :func:`mhe_topk` (prefix expansion): no completion of a prefix scores above
+  the prefix itself (each head adds a log-probability ``<= 0``).  Level by
+  level, the top-``m_j`` prefixes are expanded; with ``tau`` the ``k``-th best
+  full candidate, the result is exact when the best prefix left unexpanded at
+  every level scores ``<= tau`` (prefixes below an unexpanded parent are
+  bounded by it).  Levels that fail are widened and the failing rows redone.
+
+Memory per row is ``O(m^H)`` (MHP) or ``O(m C_h)`` (MHE), independent of ``V``.
+"""
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def _extra_mhp(head, lps, lz, extra: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if extra is None or extra.numel() == 0:
+        return None
+    digits = head.codec.encode(extra)  # (S, H)
+    out = lps[0].index_select(1, digits[:, 0])
+    for h in range(1, len(lps)):
+        out = out + lps[h].index_select(1, digits[:, h])
+    return out if lz is None else out - lz.unsqueeze(-1)
+
+
+def _chunk(pending: torch.Tensor, per_row: int, budget: int) -> int:
+    """How many pending rows to process now so that a pass holds at most
+    ``budget`` elements (at least one row)."""
+    return max(1, min(pending.numel(), budget // max(per_row, 1)))
+
+
+@torch.no_grad()
+def mhp_topk(
+    head,
+    x: torch.Tensor,
+    k: int,
+    min_token: int = 0,
+    extra: Optional[torch.Tensor] = None,
+    budget: int = 1 << 24,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Exact top-``k`` of a :class:`MultiHeadProduct` head, per row.
+
+    Args:
+        head: the MHP head
+        x: (N, d) decoder states
+        k: candidates per row (``<= V - min_token``)
+        min_token: only tokens with id ``>= min_token`` are candidates
+        extra: (S,) token ids whose log-probabilities are also returned
+        budget: most elements of the candidate product in one pass (rows are
+            processed in chunks when it would be larger)
+    Returns:
+        values (N, k) float32 log-probabilities, descending; tokens (N, k);
+        extra_values (N, S) or None
+    """
+    codec = head.codec
+    sizes: List[int] = codec.sizes
+    H = len(sizes)
+    strides: List[int] = codec.strides.tolist()
+    lps = head.head_log_probs(x)
+    lz = head.log_z(lps)
+    extra_values = _extra_mhp(head, lps, lz, extra)
+    n = x.size(0)
+    values = lps[0].new_empty(n, k)
+    tokens = torch.empty(n, k, dtype=torch.long, device=x.device)
+    # digits kept per head: the top-k sums always lie in the product of every
+    # head's top-k (less invalid / excluded codes); the bound may ask for more
+    m = [min(k, c) for c in sizes]
+    pending = torch.arange(n, device=x.device)
+    while pending.numel() > 0:
+        rows = pending[: _chunk(pending, math.prod(m), budget)]
+        pending = pending[rows.numel() :]
+        sub = [lp.index_select(0, rows) if rows.numel() < n else lp for lp in lps]
+        tops, nexts = [], []
+        for lp, c, mh in zip(sub, sizes, m):
+            tv, ti = lp.topk(min(mh + 1, c), dim=-1)
+            tops.append((tv[:, :mh], ti[:, :mh]))
+            nexts.append(tv[:, mh] if mh < c else None)
+        # the product, summed in the dense row's order
+        s, codes = tops[0][0], tops[0][1] * strides[0]
+        for h in range(1, H):
+            v, i = tops[h]
+            s = (s.unsqueeze(-1) + v.unsqueeze(-2)).flatten(1)
+            codes = (codes.unsqueeze(-1) + (i * strides[h]).unsqueeze(-2)).flatten(1)
+        tok = codec.token[codes]  # -1 for invalid codes
+        s = s.masked_fill(tok < max(min_token, 0), NEG_INF)
+        kv, ki = s.topk(k, dim=-1)
+        kt = tok.gather(1, ki)
+        tau = kv[:, -1]
+        # best score of any code outside the product: one head beyond its
+        # top-m, every other head at its best (summed in the dense order)
+        ok = torch.ones_like(tau, dtype=torch.bool)
+        fails = []
+        for h in range(H):
+            if nexts[h] is None:
+                fails.append(None)
+                continue
+            b = nexts[0] if h == 0 else tops[0][0][:, 0]
+            for i in range(1, H):
+                b = b + (nexts[i] if i == h else tops[i][0][:, 0])
+            fails.append(b > tau)
+            ok &= ~fails[-1]
+        done = rows[ok]
+        values[done] = kv[ok]
+        tokens[done] = kt[ok]
+        bad = ~ok
+        if bad.any():
+            # widen each failing head to the digits that could still reach tau
+            best = torch.stack([t[0][bad, 0] for t in tops], -1)  # (b, H)
+            rest = best.sum(-1, keepdim=True) - best  # the other heads' best
+            for h in range(H):
+                if fails[h] is None or not bool(fails[h][bad].any()):
+                    continue
+                need = int((sub[h][bad] + rest[:, h : h + 1] >= tau[bad].unsqueeze(-1)).sum(-1).max())
+                m[h] = min(sizes[h], max(need, m[h] + 1))
+            pending = torch.cat([pending, rows[bad]])
+    if lz is not None:
+        values = values - lz.unsqueeze(-1)
+    return values, tokens, extra_values
+
+
+def _extra_mhe(head, x, lp0, extra: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if extra is None or extra.numel() == 0:
+        return None
+    codec = head.codec
+    digits = codec.encode(extra)  # (S, H)
+    prefixes = codec.prefixes(extra)  # (S, H)
+    n = x.size(0)
+    out = lp0.new_zeros(n, extra.numel()) + lp0.index_select(1, digits[:, 0])
+    for h in range(1, len(codec.sizes)):
+        uniq, inv = torch.unique(prefixes[:, h], return_inverse=True)
+        lp = head.head_log_probs(h, x, uniq.unsqueeze(0).expand(n, -1))  # (n, U, C_h)
+        flat = lp.flatten(1).index_select(1, inv * codec.sizes[h] + digits[:, h])
+        out = out + flat
+    return out
+
+
+@torch.no_grad()
+def mhe_topk(
+    head,
+    x: torch.Tensor,
+    k: int,
+    min_token: int = 0,
+    extra: Optional[torch.Tensor] = None,
+    budget: int = 1 << 24,
+    first_width: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Exact top-``k`` of a :class:`MultiHeadEmbedding` head, per row.
+
+    Arguments and return value as :func:`mhp_topk`; ``first_width`` is the
+    number of prefixes expanded per level in the first pass (default: about
+    ``k / 3`` for two heads, which then need at most two passes, ``k`` for more).
+    The cost is set by how many prefixes score above the ``k``-th best token:
+    a handful for a confident (trained) model, every prefix for a uniform one
+    (then it is the dense row's ``O(V d)``, in row chunks of ``budget``).
+    """
+    codec = head.codec
+    sizes: List[int] = codec.sizes
+    H = len(sizes)
+    d = x.size(-1)
+    n = x.size(0)
+    lp0 = head.head_log_probs(0, x, torch.zeros(n, 1, dtype=torch.long, device=x.device)).squeeze(1)
+    if H == 2:
+        return _mhe2_topk(head, x, lp0, k, min_token, budget, first_width, extra)
+    extra_values = _extra_mhe(head, x, lp0, extra)
+    values = lp0.new_empty(n, k)
+    tokens = torch.empty(n, k, dtype=torch.long, device=x.device)
+    # prefixes expanded at level j (the first j+1 digits), j = 0 .. H-2
+    caps = [math.prod(sizes[: j + 1]) for j in range(H - 1)]
+    m = [min(first_width or k, c) for c in caps]
+    pending = torch.arange(n, device=x.device)
+    while pending.numel() > 0:
+        per_row = max(m) * (d + max(sizes))
+        rows = pending[: _chunk(pending, per_row, budget)]
+        pending = pending[rows.numel() :]
+        r = rows.numel()
+        xr = x.index_select(0, rows) if r < n else x
+        # level 0 as the dense row computes it: 0 + lp_1
+        cur = lp0.new_zeros(r, 1) + (lp0.index_select(0, rows) if r < n else lp0)
+        ids = torch.arange(sizes[0], device=x.device).unsqueeze(0).expand(r, -1)
+        level_scores = []  # the prefixes scored at each level
+        best_left = []  # best prefix left unexpanded at each level
+        for h in range(1, H):
+            width = cur.size(1)
+            mm = min(m[h - 1], width)
+            tv, ti = cur.topk(min(mm + 1, width), dim=-1)
+            level_scores.append(cur)
+            best_left.append(tv[:, mm] if mm < width else None)
+            prefix = ids.gather(1, ti[:, :mm])  # (r, mm)
+            lp = head.head_log_probs(h, xr, prefix)  # (r, mm, C_h)
+            cur = (tv[:, :mm].unsqueeze(-1) + lp).flatten(1)
+            ids = (prefix.unsqueeze(-1) * sizes[h] + torch.arange(sizes[h], device=x.device)).flatten(1)
+        tok = codec.token[ids]  # ids are full codes now; -1 = invalid
+        cur = cur.masked_fill(tok < max(min_token, 0), NEG_INF)
+        if cur.size(1) < k:  # too few candidates (narrow first pass): pad, fail, widen
+            cur = torch.cat([cur, cur.new_full((r, k - cur.size(1)), NEG_INF)], 1)
+            tok = torch.cat([tok, tok.new_full((r, k - tok.size(1)), -1)], 1)
+        kv, ki = cur.topk(k, dim=-1)
+        kt = tok.gather(1, ki)
+        tau = kv[:, -1]
+        # exact iff no unexpanded prefix (hence none of its completions) beats tau
+        ok = torch.ones_like(tau, dtype=torch.bool)
+        for b in best_left:
+            if b is not None:
+                ok &= b <= tau
+        done = rows[ok]
+        values[done] = kv[ok]
+        tokens[done] = kt[ok]
+        bad = ~ok
+        if bad.any():
+            # widen every level that left a prefix above tau to all such prefixes
+            for j, b in enumerate(best_left):
+                if b is None or not bool((b[bad] > tau[bad]).any()):
+                    continue
+                need = int((level_scores[j][bad] > tau[bad].unsqueeze(-1)).sum(-1).max())
+                m[j] = min(caps[j], max(need, m[j] + 1))
+            pending = torch.cat([pending, rows[bad]])
+    return values, tokens, extra_values
+
+
+def _mhe2_topk(head, x, lp0, k: int, min_token: int, budget: int, first_width: Optional[int], extra=None):
+    """Two heads: expand first digits in rank order, in growing batches, no
+    prefix twice.
+
+    The first pass expands each row's top ``m0`` first digits (and those of
+    the ``extra`` tokens, whose scores are read off them).  Then, while a row
+    has unexpanded first digits scoring above its current ``k``-th best token
+    ``tau`` (only those can hold a better token), the next ones in rank order
+    are expanded, as many again as are already expanded (at most those above
+    ``tau``), and ``tau`` is updated.  Every first digit left then scores
+    ``<= tau``: exact.  The work is at most twice the necessary (the first
+    digits above the final ``tau``), in O(log) passes."""
+    codec = head.codec
+    c1, c2 = codec.sizes
+    n, d = x.shape
+    dev = x.device
+    arange2 = torch.arange(c2, device=dev)
+    lo = max(min_token, 0)
+    # first digits of the extra tokens: expanded up front, out of the ranking
+    if extra is not None and extra.numel() > 0:
+        e_digits = codec.encode(extra)  # (S, 2)
+        fixed, e_inv = torch.unique(e_digits[:, 0], return_inverse=True)
+    else:
+        fixed = torch.zeros(0, dtype=torch.long, device=dev)
+    u = fixed.numel()
+    m0 = min(c1 - u, first_width or max(2, k // 4))
+    # at least k candidates in pass 1 (every valid first digit has >= 1 child)
+    while m0 < c1 - u and (m0 + u) * c2 < k + lo + 1:
+        m0 += 1
+    ranked = lp0.index_fill(1, fixed, NEG_INF) if u else lp0
+    sv, si = ranked.sort(dim=-1, descending=True)  # one order for every pass
+    first_i = torch.cat([fixed.unsqueeze(0).expand(n, -1), si[:, :m0]], 1)  # (n, u + m0)
+    first_v = lp0.gather(1, first_i)
+    lp1 = head.head_log_probs(1, x, first_i)  # (n, u + m0, C2)
+    cand = (first_v.unsqueeze(-1) + lp1).flatten(1)  # the dense row's (0 + lp_1) + lp_2
+    extra_values = None
+    if u:
+        extra_values = cand.gather(1, (e_inv * c2 + e_digits[:, 1]).unsqueeze(0).expand(n, -1))
+    tok = codec.token[(first_i.unsqueeze(-1) * c2 + arange2).flatten(1)]
+    cand = cand.masked_fill(tok < lo, NEG_INF)
+    if cand.size(1) < k:
+        cand = torch.cat([cand, cand.new_full((n, k - cand.size(1)), NEG_INF)], 1)
+        tok = torch.cat([tok, tok.new_full((n, k - tok.size(1)), -1)], 1)
+    kv, ki = cand.topk(k, dim=-1)
+    kt = tok.gather(1, ki)
+    done = torch.full((n,), m0, dtype=torch.long, device=dev)  # ranked first digits expanded, per row
+    ranks = torch.arange(c1, device=dev)
+    while True:
+        # unexpanded first digits above tau (sv is sorted: a count from the top)
+        above = (sv > kv[:, -1:]).sum(-1)
+        need = (above - done).clamp(min=0)
+        rows = need.nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            return kv, kt, extra_values
+        add = torch.minimum(need[rows], done[rows].clamp(min=1))
+        width = int(add.max())
+        step = max(1, budget // (width * (c2 + d)))
+        for a in range(0, rows.numel(), step):
+            rows_a, add_a = rows[a : a + step], add[a : a + step]
+            start = done[rows_a]
+            r_idx, slot = (ranks[:width].unsqueeze(0) < add_a.unsqueeze(-1)).nonzero(as_tuple=True)
+            rank = start[r_idx] + slot
+            src = rows_a[r_idx]
+            pre = si[src, rank]
+            lp = head.head_log_probs(1, x.index_select(0, src), pre.unsqueeze(-1)).squeeze(1)  # (p, C2)
+            more = lp.new_full((rows_a.numel(), width * c2), NEG_INF)
+            more_tok = tok.new_full((rows_a.numel(), width * c2), -1)
+            cols = (slot.unsqueeze(-1) * c2 + arange2).flatten()
+            rr = r_idx.unsqueeze(-1).expand(-1, c2).flatten()
+            more[rr, cols] = (sv[src, rank].unsqueeze(-1) + lp).flatten()
+            more_tok[rr, cols] = codec.token[(pre.unsqueeze(-1) * c2 + arange2).flatten()]
+            more = more.masked_fill(more_tok < lo, NEG_INF)
+            both = torch.cat([kv.index_select(0, rows_a), more], 1)
+            both_tok = torch.cat([kt.index_select(0, rows_a), more_tok], 1)
+            v2, i2 = both.topk(k, dim=-1)
+            kv = kv.index_copy(0, rows_a, v2)
+            kt = kt.index_copy(0, rows_a, both_tok.gather(1, i2))
+        done = done.index_add(0, rows, add)

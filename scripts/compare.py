@@ -1,0 +1,550 @@
+#!/usr/bin/env python
+"""Train, decode and score every output layer at one budget; write a table.
+
+For each METHOD (softmax, adaptive, mhp, mhe, and mhs when the plugin has it)
+this runs the recipe ``scripts/train.sh METHOD DATABIN WORKDIR/METHOD
+--max-update N`` (identical model, optimizer and data for all; only the output
+layer and its criterion differ) and then ``scripts/translate.sh`` (beam 5 on
+the test split, sacreBLEU against ``DATABIN/raw/test.TGT``), and collects:
+
+* test BLEU and chrF (sacreBLEU, signatures in the notes);
+* best valid perplexity: min over fairseq's valid lines of ``ppl`` =
+  2^nll_loss (base-2 NLL per target token; for adaptive_loss, whose loss has
+  no label smoothing, fairseq logs ppl from the same base-2 NLL);
+* training wall time: fairseq's "done training in X seconds" (includes its
+  validation and checkpoint saving);
+* training tokens/s: mean of fairseq's ``wps`` (target tokens per second) over
+  the train_inner lines after the first (warm-up) one;
+* step tok/s (interleaved): after all training, one full training step
+  (forward, the method's criterion, backward, Adam step) of every method's
+  last checkpoint is timed on the same real training batches, batch by batch
+  in rotating order, in one process on the same threads: relative speeds that
+  other load on a shared machine hits alike (fairseq's wps, taken during
+  each method's own run, cannot promise that);
+* the ceiling: the softmax model's tokens/s if its output layer and loss cost
+  nothing: its body-only step (``features_only=True`` decoder states, a
+  negligible N x d proxy loss, backward, Adam step; the V x d projection gets
+  no gradient and no update), timed in the same interleaved measurement; and
+  fairseq's softmax wps with that cost per token (1/step_softmax -
+  1/step_body) removed;
+* decoding sentences/s at beam 5: fairseq-generate's "Translated ..." line;
+* output-layer parameters: float tensors of the checkpoint under
+  ``decoder.output_projection`` / ``decoder.adaptive_softmax`` /
+  ``decoder.mhce_head``.
+
+The budget is the same number of updates for every method (``--max-update``;
+the fairer default: every model sees the same batches, and wall time is then
+a result).  ``--stop-time-hours`` can be passed through ``--train-args``
+instead, for a same-wall-clock comparison.
+
+Writes ``OUT/compare_NAME.md`` and ``.csv`` (and ``.json``), with the exact
+command and the machine.  Example::
+
+    python scripts/compare.py --databin work/bible-de-en/bin --name bible_spm8k \\
+        --max-update 600 --warmup 200
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_METHODS = ["softmax", "adaptive", "mhp", "mhe", "mhs"]
+OUTPUT_PREFIXES = ("decoder.output_projection.", "decoder.adaptive_softmax.", "decoder.mhce_head.")
+LABELS = {
+    "softmax": "softmax (label_smoothed_cross_entropy)",
+    "adaptive": "adaptive softmax (adaptive_loss)",
+    "mhp": "MHP (mhce, H=2)",
+    "mhe": "MHE (mhce, H=2)",
+    "mhs": "MHS (mhce, H=2)",
+    "ceiling": "softmax body only (ceiling)",
+}
+COLUMNS = [
+    ("method", "method"),
+    ("bleu", "test BLEU"),
+    ("chrf", "test chrF"),
+    ("best_valid_ppl", "best valid ppl"),
+    ("train_seconds", "train wall (s)"),
+    ("train_wps", "train tok/s"),
+    ("wps_vs_softmax", "tok/s vs softmax"),
+    ("step_tok_s", "step tok/s (interleaved)"),
+    ("step_vs_softmax", "step vs softmax"),
+    ("decode_sent_per_s", "decode sent/s (beam 5)"),
+    ("output_params", "output-layer params"),
+    ("updates", "updates"),
+]
+
+
+def mhs_available() -> bool:
+    try:
+        return importlib.util.find_spec("fairseq_mhce.criterions.mhs") is not None
+    except ImportError:
+        return False
+
+
+# ---------------------------------------------------------------- parsing
+def parse_train_log(text: str) -> dict:
+    """Numbers from a fairseq-train log in ``--log-format simple``."""
+    inner = [float(m.group(1)) for m in re.finditer(r"\| train_inner \|.*?\bwps=([\d.]+)", text)]
+    epoch_wps = [float(m.group(1)) for m in re.finditer(r"\| train \| epoch .*?\| wps ([\d.]+)", text)]
+    ppl = [float(m.group(1)) for m in re.finditer(r"\| valid \| .*?\| ppl ([\d.]+)", text)]
+    updates = [int(m.group(1)) for m in re.finditer(r"num_updates[ =](\d+)", text)]
+    done = re.search(r"done training in ([\d.]+) seconds", text)
+    if len(inner) > 1:
+        wps = statistics.mean(inner[1:])  # the first interval includes warm-up
+    elif inner:
+        wps = inner[0]
+    elif epoch_wps:
+        wps = statistics.mean(epoch_wps)
+    else:
+        wps = None
+    return {
+        "train_wps": wps,
+        "wps_samples": len(inner),
+        "best_valid_ppl": min(ppl) if ppl else None,
+        "updates": max(updates) if updates else None,
+        "train_seconds": float(done.group(1)) if done else None,
+    }
+
+
+def output_layer_params(ckpt: Path) -> int:
+    import torch
+
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    state = torch.load(str(ckpt), map_location="cpu", weights_only=False)["model"]
+    return sum(
+        t.numel() for k, t in state.items() if k.startswith(OUTPUT_PREFIXES) and torch.is_floating_point(t)
+    )
+
+
+def collect(method: str, savedir: Path) -> dict:
+    """One table row from a finished method directory (train.log, score.test.json)."""
+    row = {"method": method}
+    log = savedir / "train.log"
+    if log.exists():
+        row.update(parse_train_log(log.read_text(errors="replace")))
+    score = savedir / "score.test.json"
+    if score.exists():
+        s = json.loads(score.read_text())
+        row.update(bleu=s["bleu"], chrf=s["chrf"], bleu_signature=s["bleu_signature"],
+                   chrf_signature=s["chrf_signature"])
+        if s.get("decoding"):
+            row["decode_sent_per_s"] = s["decoding"]["sentences_per_s"]
+    ckpt = savedir / "checkpoint_best.pt"
+    if ckpt.exists():
+        row["output_params"] = output_layer_params(ckpt)
+    ceiling = savedir / "ceiling.json"
+    if ceiling.exists():
+        row["ceiling"] = json.loads(ceiling.read_text())
+    return row
+
+
+# ------------------------------------------------------------ the ceiling
+def measure_ceiling(ckpt: str, databin: str, n_batches: int, max_tokens: int) -> dict:
+    """Time full vs body-only training steps of a softmax checkpoint on real
+    training batches (see the module docstring).  Runs in a subprocess."""
+    sys.path.insert(0, str(REPO))
+    import fairseq_mhce  # noqa: F401  (sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD)
+    import torch
+    from fairseq import checkpoint_utils, utils
+
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([ckpt], arg_overrides={"data": databin})
+    model = models[0]
+    model.train()
+    criterion = task.build_criterion(cfg.criterion)
+    task.load_dataset("train")
+    itr = task.get_batch_iterator(
+        dataset=task.dataset("train"), max_tokens=max_tokens,
+        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+        ignore_invalid_inputs=True, seed=1,
+    ).next_epoch_itr(shuffle=True)  # fmt: skip
+    batches = [next(itr) for _ in range(n_batches + 2)]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-9)
+
+    def full(sample):
+        loss, _, _ = criterion(model, sample)
+        loss.backward()
+
+    def body(sample):
+        x, _ = model(**sample["net_input"], features_only=True)
+        x.float().pow(2).mean().backward()  # N x d: negligible next to the body
+
+    def step(fn, sample):
+        t = time.perf_counter()
+        fn(sample)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    for s in batches[:2]:  # warm-up (allocator, kernels)
+        step(full, s)
+        step(body, s)
+    t_full = t_body = 0.0
+    tokens = 0
+    for i, s in enumerate(batches[2:]):
+        tokens += s["ntokens"]
+        order = (full, body) if i % 2 == 0 else (body, full)  # interleave against drift
+        for fn in order:
+            dt = step(fn, s)
+            if fn is full:
+                t_full += dt
+            else:
+                t_body += dt
+    return {
+        "batches": n_batches, "tokens": tokens, "threads": torch.get_num_threads(),
+        "full_step_s": t_full, "body_step_s": t_body,
+        "inprocess_full_wps": tokens / t_full, "inprocess_body_wps": tokens / t_body,
+        "output_seconds_per_token": (t_full - t_body) / tokens,
+        "output_share": (t_full - t_body) / t_full,
+    }
+
+
+def measure_speed(ckpts: dict, databin: str, n_batches: int, max_tokens: int) -> dict:
+    """Training-step throughput of every method's checkpoint on the *same*
+    real batches, interleaved (batch by batch, rotating the order of the
+    methods), plus the softmax model's body-only step: relative speeds that
+    load drift on a shared machine cannot skew.  Runs in a subprocess."""
+    sys.path.insert(0, str(REPO))
+    import fairseq_mhce  # noqa: F401
+    import torch
+    from fairseq import checkpoint_utils, utils
+
+    runs = {}
+    for m, ckpt in ckpts.items():
+        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([ckpt], arg_overrides={"data": databin})
+        model = models[0]
+        model.train()
+        runs[m] = (model, task.build_criterion(cfg.criterion), torch.optim.Adam(model.parameters(), lr=1e-9), task)
+    first = next(iter(runs.values()))
+    task = first[3]
+    task.load_dataset("train")
+    itr = task.get_batch_iterator(
+        dataset=task.dataset("train"), max_tokens=max_tokens,
+        max_positions=utils.resolve_max_positions(task.max_positions(), first[0].max_positions()),
+        ignore_invalid_inputs=True, seed=1,
+    ).next_epoch_itr(shuffle=True)  # fmt: skip
+    batches = [next(itr) for _ in range(n_batches + 1)]
+
+    def step(name, sample):
+        key = "softmax" if name == "softmax_body" else name
+        model, criterion, opt, _ = runs[key]
+        t = time.perf_counter()
+        if name == "softmax_body":
+            x, _ = model(**sample["net_input"], features_only=True)
+            x.float().pow(2).mean().backward()  # N x d proxy loss: negligible
+        else:
+            loss, _, _ = criterion(model, sample)
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    names = list(runs) + (["softmax_body"] if "softmax" in runs else [])
+    for name in names:  # warm-up
+        step(name, batches[0])
+    secs = {n: 0.0 for n in names}
+    tokens = 0
+    for i, sample in enumerate(batches[1:]):
+        tokens += sample["ntokens"]
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            secs[name] += step(name, sample)
+    return {"batches": n_batches, "tokens": tokens, "threads": torch.get_num_threads(),
+            "seconds": secs, "tok_per_s": {n: tokens / t for n, t in secs.items()}}
+
+
+# ----------------------------------------------------------------- tables
+def fmt(key, value):
+    if value is None:
+        return "–"
+    if key == "output_params":
+        return f"{value:,}"
+    if key in ("bleu", "chrf"):
+        return f"{value:.2f}"
+    if key == "best_valid_ppl":
+        return f"{value:.2f}"
+    if key in ("wps_vs_softmax", "step_vs_softmax"):
+        return f"{value:.2f}x"
+    if key in ("train_wps", "train_seconds", "step_tok_s"):
+        return f"{value:,.0f}"
+    if key == "decode_sent_per_s":
+        return f"{value:.1f}"
+    return str(value)
+
+
+def table_rows(rows: list, speed: dict = None) -> list:
+    """Rows in display order, with relative speeds and the ceiling row added.
+
+    ``speed``: the interleaved in-process measurement (``measure_speed``);
+    without it the ceiling comes from the softmax run's ``ceiling.json``."""
+    base = next((r for r in rows if r["method"] == "softmax"), None)
+    tps = (speed or {}).get("tok_per_s", {})
+    out = []
+    for r in rows:
+        r = dict(r)
+        if base and base.get("train_wps") and r.get("train_wps"):
+            r["wps_vs_softmax"] = r["train_wps"] / base["train_wps"]
+        if r["method"] in tps:
+            r["step_tok_s"] = tps[r["method"]]
+            if "softmax" in tps:
+                r["step_vs_softmax"] = tps[r["method"]] / tps["softmax"]
+        out.append(r)
+    if not base:
+        return out
+    dt = None  # output layer + loss seconds per target token of the softmax model
+    if "softmax" in tps and "softmax_body" in tps:
+        dt = 1.0 / tps["softmax"] - 1.0 / tps["softmax_body"]
+    elif base.get("ceiling"):
+        dt = base["ceiling"]["output_seconds_per_token"]
+    if dt is not None:
+        row = {"method": "ceiling"}
+        if base.get("train_wps") and 1.0 / base["train_wps"] - dt > 0:
+            row["train_wps"] = 1.0 / (1.0 / base["train_wps"] - dt)
+            row["wps_vs_softmax"] = row["train_wps"] / base["train_wps"]
+        if "softmax_body" in tps:
+            row["step_tok_s"] = tps["softmax_body"]
+            row["step_vs_softmax"] = tps["softmax_body"] / tps["softmax"]
+        out.append(row)
+    return out
+
+
+def write_tables(rows: list, out_base: Path, header: list, notes: list, speed: dict = None) -> tuple:
+    rows = table_rows(rows, speed)
+    out_base.parent.mkdir(parents=True, exist_ok=True)
+    md = list(header) + [""]
+    md.append("| " + " | ".join(title for _, title in COLUMNS) + " |")
+    md.append("|" + "---|" * len(COLUMNS))
+    for r in rows:
+        cells = [LABELS.get(r["method"], r["method"]) if k == "method" else fmt(k, r.get(k)) for k, _ in COLUMNS]
+        md.append("| " + " | ".join(cells) + " |")
+    md += [""] + [f"- {n}" for n in notes]
+    md_path = out_base.with_suffix(".md")
+    md_path.write_text("\n".join(md) + "\n")
+    csv_path = out_base.with_suffix(".csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([k for k, _ in COLUMNS])
+        for r in rows:
+            w.writerow(["" if r.get(k) is None else r.get(k) for k, _ in COLUMNS])
+    out_base.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    return md_path, csv_path
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    desc = f"{cpu}, {os.cpu_count()} CPU cores visible"
+    try:
+        import torch
+
+        desc += f", torch {torch.__version__}"
+        if torch.cuda.is_available():
+            desc += f", GPU: {torch.cuda.get_device_name(0)}"
+        else:
+            desc += ", no GPU"
+    except ImportError:
+        pass
+    return desc + f", OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+
+
+# -------------------------------------------------------------------- main
+def measure_ceiling_into(savedir: Path, databin: Path, args, max_tokens: str, env: dict) -> None:
+    """Measure the ceiling on the softmax run's last checkpoint (subprocess)."""
+    if args.ceiling_batches <= 0:
+        return
+    print("=== softmax: ceiling (output layer + loss excluded) ===", flush=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--databin", str(databin), "--name", args.name,
+         "--ceiling-batches", str(args.ceiling_batches),
+         "--measure-ceiling", str(savedir / "checkpoint_last.pt"), str(databin), max_tokens],
+        env=env, check=True, stdout=subprocess.PIPE, text=True).stdout  # fmt: skip
+    (savedir / "ceiling.json").write_text(out.strip().splitlines()[-1] + "\n")
+
+
+def run(cmd, env, log_path=None):
+    print("+ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
+    t = time.time()
+    if log_path is None:
+        subprocess.run([str(c) for c in cmd], env=env, check=True)
+    else:
+        with open(log_path, "w") as f:
+            subprocess.run([str(c) for c in cmd], env=env, check=True, stdout=f, stderr=subprocess.STDOUT)
+    return time.time() - t
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--databin", required=True, help="fairseq data-bin with raw/test.TGT")
+    p.add_argument("--name", required=True, help="table name: OUT/compare_NAME.{md,csv}")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated, default softmax,adaptive,mhp,mhe (+mhs when the plugin has it)")
+    p.add_argument("--max-update", type=int, default=600, help="the budget: updates per method")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up updates (default: max-update / 3)")
+    p.add_argument("--train-args", default="", help="extra fairseq-train args for every method (quoted)")
+    p.add_argument("--generate-args", default="", help="extra fairseq-generate args (quoted)")
+    p.add_argument("--workdir", default=None, help="checkpoints and logs; default work/compare/NAME")
+    p.add_argument("--out", default=str(REPO / "results"), help="where the tables go")
+    p.add_argument("--speed-batches", type=int, default=12,
+                   help="real batches for the interleaved in-process step timing of all methods and of the "
+                        "softmax body alone (the ceiling); 0: skip")
+    p.add_argument("--ceiling-batches", type=int, default=0,
+                   help="older, softmax-only ceiling measurement right after its training (0: skip)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep methods already finished in WORKDIR (train.log done + score.test.json)")
+    p.add_argument("--tables-only", action="store_true", help="only re-render the tables from WORKDIR")
+    p.add_argument("--note", action="append", default=[], help="extra note line for the table")
+    p.add_argument("--measure-ceiling", nargs=3, metavar=("CKPT", "DATABIN", "MAX_TOKENS"),
+                   help=argparse.SUPPRESS)
+    p.add_argument("--measure-speed", nargs=3, metavar=("CKPTS_JSON", "DATABIN", "MAX_TOKENS"),
+                   help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.measure_speed:
+        ckpts, databin, max_tokens = args.measure_speed
+        print(json.dumps(measure_speed(json.loads(ckpts), databin, args.speed_batches, int(max_tokens))))
+        return 0
+    if args.measure_ceiling:
+        ckpt, databin, max_tokens = args.measure_ceiling
+        print(json.dumps(measure_ceiling(ckpt, databin, args.ceiling_batches, int(max_tokens))))
+        return 0
+
+    methods = args.methods.split(",") if args.methods else [m for m in DEFAULT_METHODS if m != "mhs" or mhs_available()]
+    workdir = Path(args.workdir or REPO / "work" / "compare" / args.name).absolute()
+    databin = Path(args.databin).absolute()
+    warmup = args.warmup if args.warmup is not None else max(1, args.max_update // 3)
+    train_extra = shlex.split(args.train_args)
+    max_tokens = "4096"
+    for i, a in enumerate(train_extra[:-1]):
+        if a == "--max-tokens":
+            max_tokens = train_extra[i + 1]
+    env = dict(os.environ, WARMUP=str(warmup))
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    os.environ["OMP_NUM_THREADS"] = env["OMP_NUM_THREADS"]
+    command = "python scripts/compare.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    load_start = os.getloadavg()
+    t_start = time.time()
+
+    if not args.tables_only:
+        workdir.mkdir(parents=True, exist_ok=True)
+        for method in methods:
+            savedir = workdir / method
+            done = (savedir / "score.test.json").exists() and "done training" in (
+                (savedir / "train.log").read_text(errors="replace") if (savedir / "train.log").exists() else "")
+            if args.reuse and done:
+                print(f"compare: reusing {savedir}", flush=True)
+                continue
+            if savedir.exists():
+                shutil.rmtree(savedir)
+            print(f"\n=== {method}: train ({args.max_update} updates) ===", flush=True)
+            run([REPO / "scripts" / "train.sh", method, databin, savedir, "--max-update", args.max_update,
+                 *train_extra], env, log_path=workdir / f"{method}.train.out")
+            if method == "softmax":
+                measure_ceiling_into(savedir, databin, args, max_tokens, env)
+            print(f"=== {method}: translate + score ===", flush=True)
+            run([REPO / "scripts" / "translate.sh", method, databin, savedir, *shlex.split(args.generate_args)],
+                env, log_path=workdir / f"{method}.translate.out")
+            print((workdir / f"{method}.translate.out").read_text().strip().splitlines()[-5], flush=True)
+
+        soft = workdir / "softmax"
+        if "softmax" in methods and not (soft / "ceiling.json").exists() and (soft / "checkpoint_last.pt").exists():
+            measure_ceiling_into(soft, databin, args, max_tokens, env)
+        ckpts = {m: str(workdir / m / "checkpoint_last.pt") for m in methods
+                 if (workdir / m / "checkpoint_last.pt").exists()}
+        if args.speed_batches > 0 and ckpts and not (workdir / "speed.json").exists():
+            print(f"=== step timing: {', '.join(ckpts)}{' + softmax body' if 'softmax' in ckpts else ''}, "
+                  f"{args.speed_batches} batches interleaved ===", flush=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--databin", str(databin), "--name", args.name,
+                 "--speed-batches", str(args.speed_batches),
+                 "--measure-speed", json.dumps(ckpts), str(databin), max_tokens],
+                env=env, check=True, stdout=subprocess.PIPE, text=True).stdout  # fmt: skip
+            (workdir / "speed.json").write_text(out.strip().splitlines()[-1] + "\n")
+
+    rows = [collect(m, workdir / m) for m in methods if (workdir / m).exists()]
+    speed = json.loads((workdir / "speed.json").read_text()) if (workdir / "speed.json").exists() else None
+    load_end = os.getloadavg()
+    info = {}
+    pj = databin / "prepare_data.json"
+    if pj.exists():
+        info = json.loads(pj.read_text())
+    tgt_v = (info.get("dict_sizes") or {}).get(info.get("target_lang", ""), None)
+    header = [
+        f"## Comparison `{args.name}`",
+        "",
+        f"- data: `{databin}` ({info.get('tokenizer', '?')}, vocab {info.get('vocab_size', '?')}"
+        f"{' joint' if info.get('joint') else ''}; target dictionary {tgt_v} entries; "
+        f"lines {info.get('lines', '?')})",
+        f"- budget: {args.max_update} updates per method, warm-up {warmup}, everything else from "
+        f"`scripts/train.sh` (transformer_iwslt_de_en family, 3+3 layers, d 256, ffn 1024, 4 heads, "
+        f"no embedding sharing, adam lr 1e-3 inverse_sqrt, max-tokens {max_tokens}, dropout 0.1)"
+        + (f"; extra train args `{args.train_args}`" if args.train_args else ""),
+        f"- command: `{command}`",
+        f"- machine: {machine_description()}",
+        f"- load average (1 min) at start {load_start[0]:.2f}, at end {load_end[0]:.2f}"
+        + (f"; wall time of this run {time.time() - t_start:,.0f} s" if not args.tables_only else ""),
+    ]
+    notes = [
+        "test BLEU / chrF: sacreBLEU on detokenized beam-5 output of checkpoint_best.pt (best valid loss) "
+        "against the untokenized references",
+        "best valid ppl = 2^(base-2 NLL per target token), fairseq's `ppl`; exact for every method "
+        "(MHE: chain rule; MHP: product distribution renormalized over valid codes)",
+        "train tok/s = mean of fairseq's `wps` (target tokens/s) over train_inner lines after the first; "
+        "train wall = fairseq's 'done training in' (includes validation and checkpoint saving)",
+        "step tok/s (interleaved): after all training, in the same run and on the same threads, one full "
+        "training step (forward, the method's criterion, backward, Adam step) of every method's last "
+        "checkpoint on the same real batches, batch by batch in rotating order, so that other load on the "
+        "machine hits every method alike; the softmax body only (decoder states, a negligible N x d proxy loss, "
+        "no output projection, its weights get no update) is timed the same way",
+        "ceiling = the softmax model's tok/s with the output layer + loss cost removed: 'step' column = "
+        "the body-only step; 'train' column = fairseq's softmax wps with that cost per token "
+        "(1/step_softmax - 1/step_body) subtracted from its time per token",
+        "label smoothing 0.1 everywhere except adaptive_loss, which has none; MHP smooths uniformly over V "
+        "(closed form), MHE per head (auto)",
+        "output-layer params: V x d projection (softmax, MHS), adaptive softmax head + tail clusters, "
+        "or the multi-head module (MHP, MHE: head projections + prefix embeddings)",
+    ]
+    base = next((r for r in rows if r["method"] == "softmax"), None)
+    if base and base.get("ceiling"):
+        c = base["ceiling"]
+        notes.append(
+            f"ceiling measurement: {c['batches']} batches, {c['tokens']} target tokens, {c['threads']} threads; "
+            f"output layer + loss = {100 * c['output_share']:.0f}% of an in-process softmax training step")
+    sigs = {r.get("bleu_signature") for r in rows if r.get("bleu_signature")}
+    sigs |= {r.get("chrf_signature") for r in rows if r.get("chrf_signature")}
+    if sigs:
+        notes.append("sacreBLEU signatures: " + "; ".join(f"`{s}`" for s in sorted(sigs)))
+    notes += args.note
+    if speed:
+        tps = speed["tok_per_s"]
+        share = f"; output layer + loss = {100 * (1 - tps['softmax'] / tps['softmax_body']):.0f}% of the " \
+            "softmax model's training step" if "softmax_body" in tps else ""
+        notes.append(f"step timing: {speed['batches']} batches, {speed['tokens']} target tokens, "
+                     f"{speed['threads']} threads{share}")
+    md, csv_path = write_tables(rows, Path(args.out) / f"compare_{args.name}", header, notes, speed)
+    print("\n" + md.read_text())
+    print(f"tables: {md} {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One training recipe for every output layer, identical everything else.
+#
+#   scripts/train.sh METHOD DATABIN SAVEDIR [extra fairseq-train args]
+#
+# METHOD   softmax   stock V x d projection + label_smoothed_cross_entropy
+#          adaptive  fairseq's adaptive softmax (--adaptive-softmax-cutoff) +
+#                    adaptive_loss (note: adaptive_loss has no label smoothing)
+#          mhp|mhe|mhs  the plugin's multi-head output + mhce_label_smoothed_cross_entropy
+# DATABIN  a fairseq data-bin (e.g. from scripts/prepare_bible.py)
+# SAVEDIR  where checkpoints and train.log go
+#
+# The model is fairseq's transformer_iwslt_de_en (or its _mhce twin) sized for
+# a CPU: 3+3 layers, d 256, ffn 1024, 4 heads, no embedding sharing (a
+# multi-head output has no V x d matrix to tie, so no method ties).  Optimizer:
+# adam (0.9, 0.98), lr 1e-3, inverse_sqrt with $WARMUP warm-up updates,
+# label smoothing 0.1, dropout $DROPOUT, max-tokens 4096.
+#
+# Extra arguments are appended last, so they override any default here
+# (argparse keeps the last value): give the budget as --max-update N,
+# --max-epoch N or --stop-time-hours H.  Environment knobs: WARMUP (1000),
+# DROPOUT (0.1), MAX_TOKENS (4096), LR (1e-3), SEED (1), MHCE_HEADS (2),
+# ADAPTIVE_CUTOFF (default: V/4,3V/4 of the target dictionary), PYTHON / VENV.
+set -euo pipefail
+if [ $# -lt 3 ]; then
+  sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+  exit 2
+fi
+METHOD=$1 DATABIN=$2 SAVEDIR=$3
+shift 3
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${VENV:-$REPO/.venv}
+BIN=${FAIRSEQ_BIN:-$VENV/bin}
+[ -x "$BIN/fairseq-train" ] || BIN=$(dirname "$(command -v fairseq-train)")
+
+[ -d "$DATABIN" ] || { echo "train.sh: no data-bin at $DATABIN" >&2; exit 2; }
+# target language: the second language of the data-bin's train.SRC-TGT.*.idx
+pair=$(ls "$DATABIN" | sed -n 's/^train\.\([^.]*\)-\([^.]*\)\..*\.idx$/\1-\2/p' | head -1)
+[ -n "$pair" ] || { echo "train.sh: $DATABIN has no train.SRC-TGT.*.idx" >&2; exit 2; }
+SRC=${pair%-*} TGT=${pair#*-}
+V=$(( $(wc -l < "$DATABIN/dict.$TGT.txt") + 4 ))  # + fairseq's <s> <pad> </s> <unk>
+
+ARCH_SIZES=(
+  --encoder-layers 3 --decoder-layers 3
+  --encoder-embed-dim 256 --decoder-embed-dim 256
+  --encoder-ffn-embed-dim 1024 --decoder-ffn-embed-dim 1024
+  --encoder-attention-heads 4 --decoder-attention-heads 4
+)
+COMMON=(
+  "$DATABIN" --source-lang "$SRC" --target-lang "$TGT"
+  --user-dir "$REPO/fairseq_mhce"
+  "${ARCH_SIZES[@]}"
+  --dropout "${DROPOUT:-0.1}" --weight-decay 0.0001
+  --optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 0.0
+  --lr "${LR:-1e-3}" --lr-scheduler inverse_sqrt --warmup-updates "${WARMUP:-1000}" --warmup-init-lr 1e-07
+  --max-tokens "${MAX_TOKENS:-4096}" --seed "${SEED:-1}"
+  --save-dir "$SAVEDIR" --no-epoch-checkpoints
+  --log-format simple --log-interval 50 --num-workers 1
+  --skip-invalid-size-inputs-valid-test
+  --required-batch-size-multiple 1  # the default 8 drops a last batch of any other size (valid too)
+)
+case "$METHOD" in
+  softmax)
+    M=(--arch transformer_iwslt_de_en --criterion label_smoothed_cross_entropy --label-smoothing 0.1) ;;
+  adaptive)
+    CUT=${ADAPTIVE_CUTOFF:-$(( V / 4 )),$(( 3 * V / 4 ))}
+    # adaptive_loss refuses --ddp-backend pytorch_ddp (the default); on one process there is no DDP
+    M=(--arch transformer_iwslt_de_en --criterion adaptive_loss --adaptive-softmax-cutoff "$CUT"
+       --ddp-backend legacy_ddp) ;;
+  mhp|mhe|mhs)
+    M=(--arch transformer_iwslt_de_en_mhce --mhce-method "$METHOD" --mhce-heads "${MHCE_HEADS:-2}"
+       --criterion mhce_label_smoothed_cross_entropy --label-smoothing 0.1) ;;
+  *)
+    echo "train.sh: METHOD must be softmax, adaptive, mhp, mhe or mhs (got '$METHOD')" >&2; exit 2 ;;
+esac
+
+mkdir -p "$SAVEDIR"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
+echo "train.sh: $METHOD on $DATABIN ($SRC->$TGT, target V=$V) -> $SAVEDIR" >&2
+set -x
+"$BIN/fairseq-train" "${COMMON[@]}" "${M[@]}" "$@" 2>&1 | tee "$SAVEDIR/train.log"

@@ -1,0 +1,297 @@
+"""Factorized beam search (``--task translation_mhce --mhce-search
+factorized``) against fairseq's dense search on the full row.
+
+* the exact top-k routines against ``torch.topk`` of the dense row;
+* ``SequenceGenerator`` outputs on tiny random MHP / MHE models (H = 2, 3):
+  identical hypotheses, positional scores and scores;
+* fallbacks (options that need the full row) and runtime prefix tokens;
+* no tensor of a factorized step grows with V (V = 2^20, every op's output
+  recorded with a dispatch mode, the dense row disabled);
+* the real CLIs: train with ``--task translation_mhce`` (``--eval-bleu``
+  decoding factorized), then ``fairseq-generate`` dense vs factorized, and the
+  hub API.
+"""
+import argparse
+import logging
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import fairseq_mhce  # noqa: F401  (registers the task and models)
+from fairseq import options, tasks
+from fairseq.sequence_generator import SequenceGenerator
+from fairseq_mhce.modules.codec import MixedRadixCodec
+from fairseq_mhce.modules.factorized_topk import mhe_topk, mhp_topk
+from fairseq_mhce.modules.multihead_output import MultiHeadEmbedding, MultiHeadProduct
+from fairseq_mhce.search import FactorizedSequenceGenerator
+
+from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, hypotheses, make_copy_data
+
+SPECIAL = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """In-process decoding on one thread: on a shared 2-core machine, two
+    OpenMP threads next to another busy process run several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------
+# top-k routines
+# --------------------------------------------------------------------------
+def _head(method, V, sizes, scale, seed, random_code):
+    torch.manual_seed(seed)
+    codec = MixedRadixCodec(V, sizes, torch.randperm(V) if random_code else None)
+    head = MultiHeadProduct(16, codec) if method == "mhp" else MultiHeadEmbedding(16, codec)
+    with torch.no_grad():  # scale < 1: nearly uniform; scale > 1: peaky
+        for p in head.parameters():
+            p.mul_(scale)
+    return head
+
+
+@pytest.mark.parametrize("method", ["mhp", "mhe"])
+@pytest.mark.parametrize("V,sizes", [(100, [10, 10]), (93, [10, 10]), (230, [7, 6, 6]), (500, [8, 8, 8]), (281, [3, 4, 5, 5])])
+def test_topk_matches_dense_topk(method, V, sizes):
+    routine = mhp_topk if method == "mhp" else mhe_topk
+    for seed, (scale, random_code) in enumerate([(0.1, False), (1.0, True), (6.0, True)]):
+        head = _head(method, V, sizes, scale, seed, random_code)
+        x = torch.randn(29, 16)
+        dense = head.log_probs(x)
+        ref = dense.clone()
+        ref[:, :SPECIAL] = -math.inf
+        for k in (1, 3, 10):
+            for kw in ({}, {"budget": 64}, {"budget": 64, "first_width": 1} if method == "mhe" else {}):
+                v, t, extra = routine(head, x, k, min_token=SPECIAL, extra=torch.arange(SPECIAL), **kw)
+                rv, _ = ref.topk(k)
+                assert (t >= SPECIAL).all() and (t < V).all()
+                # the k best values (MHP: bit for bit; MHE: up to BLAS blocking)
+                same = torch.equal if method == "mhp" else lambda a, b: torch.allclose(a, b, atol=1e-5, rtol=0)
+                assert same(v, rv), (seed, k, kw, (v - rv).abs().max())
+                assert same(dense.gather(1, t), v)  # ... and they are these tokens' scores
+                assert same(extra, dense[:, :SPECIAL])
+                assert all(len(set(row)) == k for row in t.tolist())
+
+
+def test_head_topk_methods_delegate():
+    for method in ("mhp", "mhe"):
+        head = _head(method, 50, [8, 8], 1.0, 0, False)
+        x = torch.randn(3, 16)
+        v, t, _ = head.topk(x, 5)
+        assert torch.equal(v, head.log_probs(x).topk(5).values)
+
+
+# --------------------------------------------------------------------------
+# generator equivalence on tiny random models built in-process
+# --------------------------------------------------------------------------
+def build_model(root, V, method, heads, seed, scale=1.0, code="identity", d=32, arch="transformer_mhce"):
+    root.mkdir(parents=True, exist_ok=True)
+    for lang, n in (("src", 40), ("tgt", V - SPECIAL)):
+        (root / f"dict.{lang}.txt").write_text("".join(f"w{i} {10**7 - i}\n" for i in range(n)))
+    mhce = ["--mhce-method", method, "--mhce-heads", str(heads), "--mhce-code-order", code] if method else []
+    args = options.parse_args_and_arch(options.get_training_parser(), [
+        str(root), "--task", "translation_mhce", "--arch", arch, "--source-lang", "src", "--target-lang", "tgt",
+        *mhce, "--encoder-layers", "1", "--decoder-layers", "2", "--encoder-embed-dim", str(d),
+        "--decoder-embed-dim", str(d), "--encoder-ffn-embed-dim", str(2 * d), "--decoder-ffn-embed-dim", str(2 * d),
+        "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--dropout", "0",
+    ])  # fmt: skip
+    torch.manual_seed(seed)
+    task = tasks.setup_task(args)
+    model = task.build_model(args)
+    head = getattr(model.decoder, "mhce_head", None)
+    if head is not None:
+        with torch.no_grad():
+            for p in head.parameters():
+                p.mul_(scale)
+    return task, model.eval()
+
+
+def make_sample(bsz, src_len, seed):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(SPECIAL, 40, (bsz, src_len), generator=g)
+    src[:, -1] = 2
+    lengths = torch.full((bsz,), src_len)
+    return {"id": torch.arange(bsz), "net_input": {"src_tokens": src, "src_lengths": lengths}}
+
+
+def run(task, model, sample, mode, **gen):
+    generator = task.build_generator([model], argparse.Namespace(mhce_search=mode, **gen))
+    return generator, generator.generate([model], sample)
+
+
+def assert_same(dense, fact, exact):
+    assert len(dense) == len(fact)
+    for hd, hf in zip(dense, fact):
+        assert len(hd) == len(hf)
+        for a, b in zip(hd, hf):
+            assert torch.equal(a["tokens"], b["tokens"]), (a["tokens"], b["tokens"])
+            if exact:
+                assert torch.equal(a["positional_scores"], b["positional_scores"])
+                assert torch.equal(a["score"], b["score"])
+            else:
+                assert torch.allclose(a["positional_scores"], b["positional_scores"], atol=1e-5, rtol=0)
+                assert torch.allclose(a["score"], b["score"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["mhp", "mhe"])
+@pytest.mark.parametrize("heads", [2, 3])
+def test_generator_matches_dense(tmp_path, method, heads):
+    V = 300 if heads == 2 else 350  # prod of head sizes > V: invalid codes exist
+    # seed 1: random init (flat), identity codes; seed 2: peaky heads, random codes
+    for seed, scale, code in ((1, 1.0, "identity"), (2, 4.0, "random")):
+        task, model = build_model(tmp_path / f"{seed}", V, method, heads, seed, scale, code)
+        sample = make_sample(5, 6, seed)
+        for beam, extra in ((1, {}), (4, {"lenpen": 0.6, "unkpen": 0.7}), (8, {"lenpen": 1.5, "unkpen": -0.5})):
+            gen = dict(beam=beam, max_len_a=0, max_len_b=10, min_len=3, **extra)
+            _, dense = run(task, model, sample, "dense", **gen)
+            g, fact = run(task, model, sample, "factorized", **gen)
+            assert isinstance(g, FactorizedSequenceGenerator) and g.vocab_size == SPECIAL + 2 * beam
+            assert all(len(h) == beam for h in fact)  # all beam hypotheses compared (n-best lists)
+            assert_same(dense, fact, exact=(method == "mhp"))
+            for h in fact:  # min / max length held
+                assert all(3 <= len(x["tokens"]) - 1 <= 10 for x in h)
+
+
+def test_generator_temperature_and_unnormalized(tmp_path):
+    task, model = build_model(tmp_path, 200, "mhp", 2, 3, 2.0)
+    sample = make_sample(4, 5, 3)
+    for gen in (dict(beam=4, temperature=0.7), dict(beam=3, unnormalized=True, max_len_b=6, max_len_a=0)):
+        assert_same(run(task, model, sample, "dense", **gen)[1], run(task, model, sample, "factorized", **gen)[1], True)
+
+
+def test_fallbacks_are_logged(tmp_path, caplog):
+    task, model = build_model(tmp_path / "mhp", 100, "mhp", 2, 1)
+    caplog.set_level(logging.INFO, logger="fairseq_mhce")
+    for gen, why in (
+        (dict(sampling=True, sampling_topk=5, beam=1), "--sampling"),
+        (dict(prefix_size=1), "--prefix-size"),
+        (dict(no_repeat_ngram_size=2), "--no-repeat-ngram-size"),
+        (dict(diverse_beam_groups=2, beam=4), "--diverse-beam-groups"),
+        (dict(match_source_len=True), "--match-source-len"),
+        (dict(beam=60), "too small"),
+    ):
+        caplog.clear()
+        g = task.build_generator([model], argparse.Namespace(mhce_search="factorized", **gen))
+        assert type(g) is SequenceGenerator, gen
+        assert "falling back to the dense search" in caplog.text and why in caplog.text, caplog.text
+    caplog.clear()
+    g = task.build_generator([model, model], argparse.Namespace(mhce_search="factorized"))
+    assert type(g) is SequenceGenerator and "ensemble" in caplog.text
+    # a softmax model: the flag has no effect, and says so
+    stask, smodel = build_model(tmp_path / "softmax", 100, None, 0, 1, arch="transformer")
+    caplog.clear()
+    g = stask.build_generator([smodel], argparse.Namespace(mhce_search="factorized"))
+    assert type(g) is SequenceGenerator and "no multi-head output" in caplog.text
+    # dense stays the default
+    assert type(task.build_generator([model], argparse.Namespace())) is SequenceGenerator
+
+
+def test_runtime_prefix_tokens_decode_dense(tmp_path, caplog):
+    task, model = build_model(tmp_path, 120, "mhe", 2, 4, 3.0)
+    sample = make_sample(3, 5, 4)
+    prefix = torch.tensor([[5], [6], [7]])
+    g = task.build_generator([model], argparse.Namespace(mhce_search="factorized", beam=4))
+    d = task.build_generator([model], argparse.Namespace(beam=4))
+    with caplog.at_level(logging.WARNING, logger="fairseq_mhce"):
+        out = g.generate([model], sample, prefix_tokens=prefix)
+    assert "decoded with the dense row" in caplog.text
+    assert_same(d.generate([model], sample, prefix_tokens=prefix), out, True)
+    assert [h[0]["tokens"][0].item() for h in out] == [5, 6, 7]
+    # and the generator is factorized again afterwards
+    assert_same(d.generate([model], sample), g.generate([model], sample), True)
+
+
+class _Shapes(TorchDispatchMode):
+    """Largest dimension and element count of every op output."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_dim = 0
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.max_dim = max([self.max_dim, *t.shape])
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("method", ["mhp", "mhe"])
+def test_step_memory_does_not_grow_with_vocabulary(tmp_path, method):
+    V = 1 << 20  # a dense (hypotheses x V) row of this batch: 40 x 2^20 floats
+    # MHE's work is set by how peaked the heads are (a uniform head needs every
+    # prefix); scale 8 gives a trained-like model, the MHP search does not care
+    task, model = build_model(tmp_path, V, method, 2, 1, scale=8.0 if method == "mhe" else 1.0, d=16)
+    head = model.decoder.mhce_head
+
+    def no_dense_row(*a, **k):
+        raise AssertionError("the factorized search built the dense row")
+
+    head.log_probs = no_dense_row
+    g = task.build_generator([model], argparse.Namespace(mhce_search="factorized", beam=8, nbest=2, max_len_b=5, max_len_a=0))
+    rec = _Shapes()
+    with rec:
+        out = g.generate([model], make_sample(5, 6, 1))
+    assert len(out) == 5 and all(len(h) == 8 for h in out)  # nbest is applied by the CLI
+    assert g.vocab_size == SPECIAL + 16
+    # the dense path holds V floats per hypothesis (a dimension of size V); here
+    # the largest tensors are MHP's fused projection (sum of head sizes, 2048 per
+    # hypothesis) and MHE's children of the expanded prefixes (a few x 1024 per
+    # hypothesis, sometimes flattened over the batch)
+    hyps = 5 * 8
+    assert rec.max_dim < V // 4, rec.max_dim
+    assert rec.max_numel <= hyps * V // 32, rec.max_numel / hyps
+
+
+# --------------------------------------------------------------------------
+# the real CLIs and the hub API
+# --------------------------------------------------------------------------
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.mark.e2e
+def test_cli_generate_and_hub_match_dense(tmp_path):
+    data = make_copy_data(tmp_path / "copy", n_train=500, n_valid=20, n_test=40, n_words=60)
+    save = tmp_path / "mhp"
+    log = cli(
+        "fairseq-train", data, "--user-dir", USER_DIR, "--task", "translation_mhce", "--arch", "transformer_mhce",
+        "--mhce-method", "mhp", *TINY_ARCH, "--criterion", "mhce_label_smoothed_cross_entropy", *TRAIN_COMMON,
+        "--max-update", "30", "--save-dir", save, "--no-save-optimizer-state", "--eval-bleu",
+        "--eval-bleu-args", '{"beam": 2, "mhce_search": "factorized"}', "--eval-bleu-detok", "space",
+        env=ONE_THREAD,
+    ).stdout  # fmt: skip
+    assert "fairseq_mhce.search | --mhce-search factorized: MHP head" in log  # --eval-bleu decoded factorized
+    assert "| bleu " in log
+    ckpt = save / "checkpoint_last.pt"
+    lines = {}
+    for mode in ("dense", "factorized"):
+        out = cli(
+            "fairseq-generate", data, "--user-dir", USER_DIR, "--task", "translation_mhce", "--mhce-search", mode,
+            "--path", ckpt, "--beam", "5", "--nbest", "3", "--lenpen", "0.6", "--unkpen", "1", "--batch-size", "16",
+            env=ONE_THREAD,
+        ).stdout  # fmt: skip
+        lines[mode] = [l for l in out.splitlines() if l[:2] in ("H-", "P-")]
+        assert ("per-step row of 14 columns" in out) == (mode == "factorized")
+    assert len(lines["dense"]) == 2 * 3 * 40 and lines["dense"] == lines["factorized"]
+    dense_hyps = hypotheses("\n".join(lines["dense"]))
+
+    from fairseq.models.transformer import TransformerModel
+
+    hub = TransformerModel.from_pretrained(
+        str(save), checkpoint_file=ckpt.name, data_name_or_path=str(data), user_dir=USER_DIR,
+        mhce_search="factorized",
+    )  # fmt: skip
+    assert hub.task.cfg.mhce_search == "factorized"
+    src = "w3 w1 w4 w1 w5"
+    best = hub.translate(src, beam=5)
+    assert best == hub.translate(src, beam=5, mhce_search="dense")
+    assert isinstance(hub.task.build_generator(hub.models, hub.cfg.generation), FactorizedSequenceGenerator)
+    assert dense_hyps  # H- lines parsed
