@@ -62,9 +62,10 @@ def unsupported_reason(models, args, tgt_dict, seq_gen_cls=None, extra_gen_cls_k
         )
     if g("sampling", False):
         return "--sampling draws from the full distribution"
-    if (g("diverse_beam_groups", -1) or -1) > 0:
+    # the same tests as FairseqTask.build_generator
+    if g("diverse_beam_groups", -1) is not None and g("diverse_beam_groups", -1) > 0:
         return "--diverse-beam-groups uses its own search"
-    if (g("diversity_rate", -1) or -1) > -1:
+    if g("diversity_rate", -1) is not None and g("diversity_rate", -1) > -1:
         return "--diversity-rate uses its own search"
     if g("match_source_len", False):
         return "--match-source-len uses its own search"
@@ -127,7 +128,9 @@ class FactorizedEnsembleModel(EnsembleModel):
         model = self.single_model
         encoder_out = encoder_outs[0] if self.has_encoder() else None
         if self.has_incremental_states():
-            decoder_out = model.decoder.forward(tokens, encoder_out=encoder_out, incremental_state=incremental_states[0])
+            decoder_out = model.decoder.forward(
+                tokens, encoder_out=encoder_out, incremental_state=incremental_states[0]
+            )
         else:
             decoder_out = model.decoder.forward(tokens, encoder_out=encoder_out)
         # attention of the last position, exactly as EnsembleModel does

@@ -104,20 +104,30 @@ def make_databin(root: Path, tgt_vocab: int, n_sent: int, src_len: int, tgt_len:
 OMP_WAIT_POLICY = "PASSIVE"
 
 
+# Runs the command and reports its peak RSS.  A separate small process: a
+# child's peak RSS (wait4's ru_maxrss) starts from the RSS of the process it
+# was forked from, and this script holds big models while it builds them.
+_RUSAGE_HELPER = """
+import json, os, subprocess, sys
+p = subprocess.Popen(sys.argv[1:])
+_, status, ru = os.wait4(p.pid, 0)
+print("@@RUSAGE " + json.dumps({"maxrss_kib": ru.ru_maxrss, "rc": os.waitstatus_to_exitcode(status)}), flush=True)
+"""
+
+
 def run_cli(argv, threads, check=True):
+    """Run a fairseq console script; returns (merged output, peak RSS MiB)."""
     # PASSIVE: idle OpenMP threads sleep instead of spinning.  On a machine
     # shared with other jobs, spinning threads that lose their core make a
     # 2-thread decode 10-30x slower (measured here); it costs little alone.
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY=OMP_WAIT_POLICY)
-    with tempfile.TemporaryFile("w+") as out:
-        p = subprocess.Popen([str(BIN / argv[0]), *map(str, argv[1:])], stdout=out, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        text = out.read()
-    if check and p.returncode != 0:
-        raise RuntimeError(f"{argv[0]} failed ({p.returncode}):\n{text[-3000:]}")
-    return text, usage.ru_maxrss / 1024.0  # MiB (Linux reports KiB)
+    cmd = [sys.executable, "-c", _RUSAGE_HELPER, str(BIN / argv[0]), *map(str, argv[1:])]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    m = re.search(r"^@@RUSAGE (.*)$", p.stdout, re.M)
+    usage = json.loads(m.group(1)) if m else {"maxrss_kib": 0, "rc": p.returncode}
+    if check and (usage["rc"] != 0 or p.returncode != 0):
+        raise RuntimeError(f"{argv[0]} failed ({usage['rc']}):\n{p.stdout[-3000:]}")
+    return p.stdout, usage["maxrss_kib"] / 1024.0  # Linux reports KiB
 
 
 def build_checkpoint(databin: Path, path: Path, arch: str, method, heads: int, head_scale: float, seed: int = 1):
@@ -193,7 +203,8 @@ def generate(databin, ckpt, search, args):
     m = re.search(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s \(([\d.]+) sentences/s", text)
     if not m:
         raise RuntimeError(f"no 'Translated' line in fairseq-generate's output:\n{text[-3000:]}")
-    n, tokens, secs, sps = int(m.group(1).replace(",", "")), int(m.group(2).replace(",", "")), float(m.group(3)), float(m.group(4))
+    n, tokens = int(m.group(1).replace(",", "")), int(m.group(2).replace(",", ""))
+    secs, sps = float(m.group(3)), float(m.group(4))
     if n != args.sentences or tokens != n * (args.tgt_len + 1):
         raise RuntimeError(f"expected {args.sentences} sentences of {args.tgt_len + 1} tokens, got {n} / {tokens}")
     if search == "factorized" and "per-step row of" not in text:
@@ -206,20 +217,24 @@ def fmt_v(v):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="V in {8k, 32k}, 20 sentences: a smoke test (< 3 min)")
     ap.add_argument("--vocab-sizes", default=None, help="comma-separated V (default 8192,32768,131072,262144)")
     ap.add_argument("--arch", default="transformer_iwslt_de_en")
     ap.add_argument("--heads", type=int, default=2, help="H of the MHP / MHE heads (balanced sizes)")
     ap.add_argument("--head-scale", type=float, default=4.0, help="multiply the heads' output weights (see above)")
-    ap.add_argument("--sentences", type=int, default=None, help="test sentences (default 60, --quick 20)")
-    ap.add_argument("--batch-size", type=int, default=None, help="sentences per batch (default 30, --quick 20)")
+    ap.add_argument("--sentences", type=int, default=None, help="test sentences (default 40, --quick 20)")
+    ap.add_argument("--batch-size", type=int, default=None, help="sentences per batch (default 20)")
     ap.add_argument("--src-len", type=int, default=20)
     ap.add_argument("--tgt-len", type=int, default=20, help="every hypothesis has exactly this many tokens")
     ap.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of each fairseq-generate")
     ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE"],
                     help="OMP_WAIT_POLICY of each fairseq-generate (see run_cli)")
-    ap.add_argument("--repeat", type=int, default=None, help="runs of each variant, best kept (default 2, --quick 1)")
+    ap.add_argument("--repeat", type=int, default=None, help="runs of each variant, best kept (default 3, --quick 1)")
+    ap.add_argument("--repeat-under", type=float, default=20.0,
+                    help="only variants whose generation took less than this (s) are repeated")
     ap.add_argument("--variants", default=None, help="comma-separated subset of " + ",".join(v[0] for v in VARIANTS))
     ap.add_argument("--out", default=str(REPO / "bench" / "decode"))
     ap.add_argument("--workdir", default=None, help="where data-bins and checkpoints go (default: a temp dir)")
@@ -228,9 +243,9 @@ def main():
         vocab_sizes = [int(v) for v in args.vocab_sizes.split(",")]
     else:
         vocab_sizes = [8192, 32768] if args.quick else [8192, 32768, 131072, 262144]
-    args.sentences = args.sentences or (20 if args.quick else 60)
-    args.batch_size = args.batch_size or (20 if args.quick else 30)
-    args.repeat = args.repeat or (1 if args.quick else 2)
+    args.sentences = args.sentences or (20 if args.quick else 40)
+    args.batch_size = args.batch_size or 20
+    args.repeat = args.repeat or (1 if args.quick else 3)
     global OMP_WAIT_POLICY
     OMP_WAIT_POLICY = args.omp_wait_policy
     variants = [v for v in VARIANTS if not args.variants or v[0] in args.variants.split(",")]
@@ -251,12 +266,21 @@ def main():
             ckpts, stats, params = {}, {}, {}
             for method in sorted({m for _, m, _ in variants}, key=str):
                 ckpts[method] = vdir / f"{method or 'softmax'}.pt"
-                params[method], stats[method] = build_checkpoint(databin, ckpts[method], args.arch, method, args.heads, args.head_scale)
+                params[method], stats[method] = build_checkpoint(
+                    databin, ckpts[method], args.arch, method, args.heads, args.head_scale
+                )
             # round-robin repeats; the fastest run of each is kept (the machine
-            # may be shared: interference only ever slows a run down)
+            # may be shared: interference only ever slows a run down).  Runs
+            # longer than --repeat-under seconds average the noise out anyway
+            # and are not repeated.
+            # the cheap runs the fractions compare (ceiling, factorized) go next
+            # to each other, so that they see the same load
+            order = [("ceiling", "ceiling", "dense")] + sorted(variants, key=lambda v: v[2] != "factorized")
             runs = {}
             for rep in range(args.repeat):
-                for name, method, search in [("ceiling", "ceiling", "dense")] + variants:
+                for name, method, search in order:
+                    if rep and runs[name][-1]["gen_seconds"] > args.repeat_under:
+                        continue
                     if name == "ceiling":
                         r = generate(cbin, cckpt, "dense", args)
                     else:
@@ -284,7 +308,8 @@ def report(results, out: Path, args):
     lines = [
         f"fairseq-generate --beam 5, {args.sentences} sentences of {args.src_len} source tokens, batch "
         f"{args.batch_size}, exactly {args.tgt_len} target tokens + eos each; {args.arch}, H = {args.heads}, "
-        f"head scale {args.head_scale}; {args.threads} threads (OMP_WAIT_POLICY={args.omp_wait_policy}); best of {args.repeat} run(s) each; total "
+        f"head scale {args.head_scale}; {args.threads} threads (OMP_WAIT_POLICY={args.omp_wait_policy}); "
+        f"best of {args.repeat} run(s) each (runs over {args.repeat_under:.0f} s: one); total "
         f"{results['total_seconds'] / 60:.1f} min.",
         "",
         "| V | variant | sent/s | vs softmax | fraction of ceiling | peak RSS MiB | head top-1 p / entropy |",
@@ -308,6 +333,23 @@ def report(results, out: Path, args):
                 f"| {fmt_v(V)} | {name} | {r['sent_per_s']:.2f} | {ratio} | "
                 f"{100 * r['sent_per_s'] / ceil['sent_per_s']:.0f}% | {r['peak_rss_mib']:.0f} | {head} |"
             )
+    lines += [
+        "",
+        "fraction of ceiling = sent/s / ceiling sent/s = (speedup over softmax) / (the ceiling's speedup over "
+        "softmax). peak RSS includes the model (the softmax model holds two V x d matrices, the others one).",
+    ]
+    checks = []
+    for V in results["vocab_sizes"]:
+        ceil = by[(V, "ceiling")]["sent_per_s"]
+        for m in ("mhp", "mhe"):
+            f, d = by.get((V, f"{m}-factorized")), by.get((V, f"{m}-dense"))
+            if f:
+                frac = f["sent_per_s"] / ceil
+                checks.append(f"{fmt_v(V)} {m}: factorized at {100 * frac:.0f}% of the ceiling"
+                              + (" (>= 80%)" if frac >= 0.8 else " (BELOW the 80% target)")
+                              + (f", {f['sent_per_s'] / d['sent_per_s']:.2f}x the dense path" if d else ""))  # fmt: skip
+    if checks:
+        lines += ["", "Target checks:", ""] + [f"- {c}" for c in checks]
     table = "\n".join(lines)
     print("\n" + table + "\n")
     (out / "results.md").write_text(table + "\n")

@@ -440,7 +440,15 @@ def main(argv=None):
     env = dict(os.environ, WARMUP=str(warmup))
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     os.environ["OMP_NUM_THREADS"] = env["OMP_NUM_THREADS"]
-    command = "python scripts/compare.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    argv_shown, skip = [], False
+    for a in (argv if argv is not None else sys.argv[1:]):  # notes are printed as notes
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif not a.startswith("--note="):
+            argv_shown.append(a)
+    command = "python scripts/compare.py " + " ".join(shlex.quote(a) for a in argv_shown)
     load_start = os.getloadavg()
     t_start = time.time()
 
@@ -500,9 +508,10 @@ def main(argv=None):
         + (f"; extra train args `{args.train_args}`" if args.train_args else ""),
         f"- command: `{command}`",
         f"- machine: {machine_description()}",
-        f"- load average (1 min) at start {load_start[0]:.2f}, at end {load_end[0]:.2f}"
-        + (f"; wall time of this run {time.time() - t_start:,.0f} s" if not args.tables_only else ""),
     ]
+    if not args.tables_only:
+        header.append(f"- load average (1 min) at start {load_start[0]:.2f}, at end {load_end[0]:.2f}; "
+                      f"wall time of this run {time.time() - t_start:,.0f} s")
     notes = [
         "test BLEU / chrF: sacreBLEU on detokenized beam-5 output of checkpoint_best.pt (best valid loss) "
         "against the untokenized references",
@@ -527,7 +536,7 @@ def main(argv=None):
     if base and base.get("ceiling"):
         c = base["ceiling"]
         notes.append(
-            f"ceiling measurement: {c['batches']} batches, {c['tokens']} target tokens, {c['threads']} threads; "
+            f"ceiling measurement: {c['batches']} batches, {c['tokens']} target tokens, {c['threads']} thread(s); "
             f"output layer + loss = {100 * c['output_share']:.0f}% of an in-process softmax training step")
     sigs = {r.get("bleu_signature") for r in rows if r.get("bleu_signature")}
     sigs |= {r.get("chrf_signature") for r in rows if r.get("chrf_signature")}
@@ -539,7 +548,7 @@ def main(argv=None):
         share = f"; output layer + loss = {100 * (1 - tps['softmax'] / tps['softmax_body']):.0f}% of the " \
             "softmax model's training step" if "softmax_body" in tps else ""
         notes.append(f"step timing: {speed['batches']} batches, {speed['tokens']} target tokens, "
-                     f"{speed['threads']} threads{share}")
+                     f"{speed['threads']} thread(s){share}")
     md, csv_path = write_tables(rows, Path(args.out) / f"compare_{args.name}", header, notes, speed)
     print("\n" + md.read_text())
     print(f"tables: {md} {csv_path}")

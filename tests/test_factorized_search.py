@@ -57,7 +57,9 @@ def _head(method, V, sizes, scale, seed, random_code):
 
 
 @pytest.mark.parametrize("method", ["mhp", "mhe"])
-@pytest.mark.parametrize("V,sizes", [(100, [10, 10]), (93, [10, 10]), (230, [7, 6, 6]), (500, [8, 8, 8]), (281, [3, 4, 5, 5])])
+@pytest.mark.parametrize(
+    "V,sizes", [(100, [10, 10]), (93, [10, 10]), (230, [7, 6, 6]), (500, [8, 8, 8]), (281, [3, 4, 5, 5])]
+)
 def test_topk_matches_dense_topk(method, V, sizes):
     routine = mhp_topk if method == "mhp" else mhe_topk
     for seed, (scale, random_code) in enumerate([(0.1, False), (1.0, True), (6.0, True)]):
@@ -143,8 +145,8 @@ def assert_same(dense, fact, exact):
 @pytest.mark.parametrize("heads", [2, 3])
 def test_generator_matches_dense(tmp_path, method, heads):
     V = 300 if heads == 2 else 350  # prod of head sizes > V: invalid codes exist
-    # seed 1: random init (flat), identity codes; seed 2: peaky heads, random codes
-    for seed, scale, code in ((1, 1.0, "identity"), (2, 4.0, "random")):
+    # random init (flat) / sharpened heads (trained-like), identity / random codes
+    for seed, scale, code in ((1, 1.0, "identity"), (2, 4.0, "random"), (3, 2.0, "identity")):
         task, model = build_model(tmp_path / f"{seed}", V, method, heads, seed, scale, code)
         sample = make_sample(5, 6, seed)
         for beam, extra in ((1, {}), (4, {"lenpen": 0.6, "unkpen": 0.7}), (8, {"lenpen": 1.5, "unkpen": -0.5})):
@@ -174,6 +176,7 @@ def test_fallbacks_are_logged(tmp_path, caplog):
         (dict(no_repeat_ngram_size=2), "--no-repeat-ngram-size"),
         (dict(diverse_beam_groups=2, beam=4), "--diverse-beam-groups"),
         (dict(match_source_len=True), "--match-source-len"),
+        (dict(diversity_rate=0.5), "--diversity-rate"),
         (dict(beam=60), "too small"),
     ):
         caplog.clear()
@@ -236,7 +239,8 @@ def test_step_memory_does_not_grow_with_vocabulary(tmp_path, method):
         raise AssertionError("the factorized search built the dense row")
 
     head.log_probs = no_dense_row
-    g = task.build_generator([model], argparse.Namespace(mhce_search="factorized", beam=8, nbest=2, max_len_b=5, max_len_a=0))
+    gen = argparse.Namespace(mhce_search="factorized", beam=8, max_len_b=5, max_len_a=0)
+    g = task.build_generator([model], gen)
     rec = _Shapes()
     with rec:
         out = g.generate([model], make_sample(5, 6, 1))
@@ -281,7 +285,18 @@ def test_cli_generate_and_hub_match_dense(tmp_path):
         lines[mode] = [l for l in out.splitlines() if l[:2] in ("H-", "P-")]
         assert ("per-step row of 14 columns" in out) == (mode == "factorized")
     assert len(lines["dense"]) == 2 * 3 * 40 and lines["dense"] == lines["factorized"]
-    dense_hyps = hypotheses("\n".join(lines["dense"]))
+    assert len(hypotheses("\n".join(lines["dense"]))) == 40
+    # fairseq-interactive
+    inter = {}
+    for mode in ("dense", "factorized"):
+        out = cli(
+            "fairseq-interactive", data, "--user-dir", USER_DIR, "--task", "translation_mhce", "--mhce-search", mode,
+            "--path", ckpt, "--beam", "4", "--nbest", "2", "--source-lang", "src", "--target-lang", "tgt",
+            stdin="w1 w2 w3 w4\nw5 w5 w6\n", env=ONE_THREAD,
+        ).stdout  # fmt: skip
+        inter[mode] = [l for l in out.splitlines() if l[:2] in ("H-", "P-")]
+        assert ("per-step row of 12 columns" in out) == (mode == "factorized")
+    assert len(inter["dense"]) == 2 * 2 * 2 and inter["dense"] == inter["factorized"]
 
     from fairseq.models.transformer import TransformerModel
 
@@ -294,4 +309,9 @@ def test_cli_generate_and_hub_match_dense(tmp_path):
     best = hub.translate(src, beam=5)
     assert best == hub.translate(src, beam=5, mhce_search="dense")
     assert isinstance(hub.task.build_generator(hub.models, hub.cfg.generation), FactorizedSequenceGenerator)
-    assert dense_hyps  # H- lines parsed
+    # a checkpoint of any task: switch it to translation_mhce through the overrides
+    hub2 = TransformerModel.from_pretrained(
+        str(save), checkpoint_file=ckpt.name, data_name_or_path=str(data), user_dir=USER_DIR,
+        task={"_name": "translation_mhce", "mhce_search": "factorized"},
+    )  # fmt: skip
+    assert hub2.task.cfg.mhce_search == "factorized" and hub2.translate(src, beam=5) == best

@@ -15,15 +15,24 @@ MHE up to the BLAS blocking of the prefix batch).
   when the ``k``-th found score is ``>=`` the best score any code outside the
   product can reach, ``max_h (s_h[m+1] + sum_{i != h} s_i[1])`` (summed in the
   dense order, so the bound holds in floating point too: rounding is
-  monotone).  Rows that fail are redone with ``2m``.
+  monotone).  Rows that fail are redone with each failing head widened to the
+  digits that can still reach the ``k``-th score.
 * :func:`mhe_topk` (prefix expansion): no completion of a prefix scores above
-  the prefix itself (each head adds a log-probability ``<= 0``).  Level by
-  level, the top-``m_j`` prefixes are expanded; with ``tau`` the ``k``-th best
-  full candidate, the result is exact when the best prefix left unexpanded at
-  every level scores ``<= tau`` (prefixes below an unexpanded parent are
-  bounded by it).  Levels that fail are widened and the failing rows redone.
+  the prefix itself (each head adds a log-probability ``<= 0``, and rounding
+  keeps that).  With ``tau`` the ``k``-th best full candidate found, the
+  result is exact once every prefix left unexpanded scores ``<= tau``.  Two
+  heads: first digits are expanded in rank order, in growing batches, until
+  none above ``tau`` is left (at most twice the necessary work, nothing
+  expanded twice).  More heads: the top-``m_j`` prefixes of every level are
+  expanded, levels that left a prefix above ``tau`` are widened and the
+  failing rows redone (prefixes below an unexpanded parent are bounded by it).
 
-Memory per row is ``O(m^H)`` (MHP) or ``O(m C_h)`` (MHE), independent of ``V``.
+Memory per row is ``O(m^H + sum C_h)`` (MHP) or ``O(m (C_h + d))`` (MHE),
+where ``m`` is the number of digits / prefixes the certificate needed: a
+handful for a confident model.  Every pass is also capped at ``budget``
+elements by processing rows in chunks.  MHE's ``m`` grows as its heads get
+flatter: for a uniform head every prefix is needed, and the cost is then the
+dense row's ``O(V d)`` (still chunked).
 """
 
 import math
@@ -257,25 +266,28 @@ def _mhe2_topk(head, x, lp0, k: int, min_token: int, budget: int, first_width: O
     arange2 = torch.arange(c2, device=dev)
     lo = max(min_token, 0)
     # first digits of the extra tokens: expanded up front, out of the ranking
+    fixed_list: List[int] = []
     if extra is not None and extra.numel() > 0:
         e_digits = codec.encode(extra)  # (S, 2)
-        fixed, e_inv = torch.unique(e_digits[:, 0], return_inverse=True)
-    else:
-        fixed = torch.zeros(0, dtype=torch.long, device=dev)
-    u = fixed.numel()
+        firsts = e_digits[:, 0].tolist()
+        fixed_list = sorted(set(firsts))
+        e_cols = torch.tensor([fixed_list.index(f) * c2 for f in firsts], device=dev) + e_digits[:, 1]
+    u = len(fixed_list)
+    fixed = torch.tensor(fixed_list, dtype=torch.long, device=dev)
     m0 = min(c1 - u, first_width or max(2, k // 4))
     # at least k candidates in pass 1 (every valid first digit has >= 1 child)
     while m0 < c1 - u and (m0 + u) * c2 < k + lo + 1:
         m0 += 1
     ranked = lp0.index_fill(1, fixed, NEG_INF) if u else lp0
-    sv, si = ranked.sort(dim=-1, descending=True)  # one order for every pass
+    # the ranking of first digits, extended on demand (a full sort costs more
+    # than the search; torch's CPU topk is much faster for k <= 8)
+    width_sorted = min(c1, max(2 * m0, 8))
+    sv, si = ranked.topk(width_sorted, dim=-1)
     first_i = torch.cat([fixed.unsqueeze(0).expand(n, -1), si[:, :m0]], 1)  # (n, u + m0)
     first_v = lp0.gather(1, first_i)
     lp1 = head.head_log_probs(1, x, first_i)  # (n, u + m0, C2)
     cand = (first_v.unsqueeze(-1) + lp1).flatten(1)  # the dense row's (0 + lp_1) + lp_2
-    extra_values = None
-    if u:
-        extra_values = cand.gather(1, (e_inv * c2 + e_digits[:, 1]).unsqueeze(0).expand(n, -1))
+    extra_values = cand.index_select(1, e_cols) if u else None
     tok = codec.token[(first_i.unsqueeze(-1) * c2 + arange2).flatten(1)]
     cand = cand.masked_fill(tok < lo, NEG_INF)
     if cand.size(1) < k:
@@ -284,35 +296,34 @@ def _mhe2_topk(head, x, lp0, k: int, min_token: int, budget: int, first_width: O
     kv, ki = cand.topk(k, dim=-1)
     kt = tok.gather(1, ki)
     done = torch.full((n,), m0, dtype=torch.long, device=dev)  # ranked first digits expanded, per row
-    ranks = torch.arange(c1, device=dev)
     while True:
-        # unexpanded first digits above tau (sv is sorted: a count from the top)
-        above = (sv > kv[:, -1:]).sum(-1)
-        need = (above - done).clamp(min=0)
+        # unexpanded first digits above tau (those above tau are the top ranks)
+        need = ((ranked > kv[:, -1:]).sum(-1) - done).clamp(min=0)
         rows = need.nonzero().squeeze(-1)
         if rows.numel() == 0:
             return kv, kt, extra_values
         add = torch.minimum(need[rows], done[rows].clamp(min=1))
         width = int(add.max())
+        reach = int((done[rows] + add).max())
+        if reach > width_sorted:  # extend the ranking without re-ranking what is known
+            more_w = min(c1, max(reach, 2 * width_sorted)) - width_sorted
+            ev, ei = ranked.scatter(1, si, NEG_INF).topk(more_w, dim=-1)
+            sv, si = torch.cat([sv, ev], 1), torch.cat([si, ei], 1)
+            width_sorted += more_w
         step = max(1, budget // (width * (c2 + d)))
         for a in range(0, rows.numel(), step):
+            # the next `add` ranks of each row, padded to `width` (padding: -inf)
             rows_a, add_a = rows[a : a + step], add[a : a + step]
-            start = done[rows_a]
-            r_idx, slot = (ranks[:width].unsqueeze(0) < add_a.unsqueeze(-1)).nonzero(as_tuple=True)
-            rank = start[r_idx] + slot
-            src = rows_a[r_idx]
-            pre = si[src, rank]
-            lp = head.head_log_probs(1, x.index_select(0, src), pre.unsqueeze(-1)).squeeze(1)  # (p, C2)
-            more = lp.new_full((rows_a.numel(), width * c2), NEG_INF)
-            more_tok = tok.new_full((rows_a.numel(), width * c2), -1)
-            cols = (slot.unsqueeze(-1) * c2 + arange2).flatten()
-            rr = r_idx.unsqueeze(-1).expand(-1, c2).flatten()
-            more[rr, cols] = (sv[src, rank].unsqueeze(-1) + lp).flatten()
-            more_tok[rr, cols] = codec.token[(pre.unsqueeze(-1) * c2 + arange2).flatten()]
+            slot = torch.arange(width, device=dev).unsqueeze(0)
+            rank = (done[rows_a].unsqueeze(-1) + slot).clamp(max=width_sorted - 1)
+            pre = si.index_select(0, rows_a).gather(1, rank)  # (r, width)
+            pv = sv.index_select(0, rows_a).gather(1, rank).masked_fill(slot >= add_a.unsqueeze(-1), NEG_INF)
+            lp = head.head_log_probs(1, x.index_select(0, rows_a), pre)  # (r, width, C2)
+            more = (pv.unsqueeze(-1) + lp).flatten(1)
+            more_tok = codec.token[(pre.unsqueeze(-1) * c2 + arange2).flatten(1)]
             more = more.masked_fill(more_tok < lo, NEG_INF)
-            both = torch.cat([kv.index_select(0, rows_a), more], 1)
-            both_tok = torch.cat([kt.index_select(0, rows_a), more_tok], 1)
-            v2, i2 = both.topk(k, dim=-1)
+            v2, i2 = torch.cat([kv.index_select(0, rows_a), more], 1).topk(k, dim=-1)
+            kt_a = torch.cat([kt.index_select(0, rows_a), more_tok], 1).gather(1, i2)
             kv = kv.index_copy(0, rows_a, v2)
-            kt = kt.index_copy(0, rows_a, both_tok.gather(1, i2))
+            kt = kt.index_copy(0, rows_a, kt_a)
         done = done.index_add(0, rows, add)
