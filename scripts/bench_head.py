@@ -37,7 +37,7 @@ Writes ``OUT.md`` (table), ``OUT.csv``, ``OUT.json`` and ``OUT.png`` (time
 and memory against V, log-log).  ``--quick``: V in {8k, 32k}.
 
     python scripts/bench_head.py                 # CPU: N 2048, d 512, fp32
-    python scripts/bench_head.py --quick
+    python scripts/bench_head.py --quick           # < 2 min on a 2-core CPU
     python scripts/bench_head.py --device cuda --dtype bf16 --tokens 8192 --dim 1024
 """
 from __future__ import annotations
@@ -357,7 +357,7 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=2, help="H of MHP / MHE / MHS")
     p.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats (at least 3)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats, at least 3 (default 5; --quick 3)")
     p.add_argument("--max-seconds", type=float, default=20.0, help="stop repeating after this (>= 3 repeats)")
     p.add_argument("--out", default=str(REPO / "bench" / "head" / "bench_head"), help="output path without suffix")
     p.add_argument("--one", nargs=2, metavar=("METHOD", "V"), help=argparse.SUPPRESS)
@@ -371,6 +371,8 @@ def main(argv=None):
     args.dim = args.dim or (1024 if gpu else 512)
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
 
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 5
     if args.one:
         r = run_one(args.one[0], int(args.one[1]), args.tokens, args.dim, args.device, args.dtype,
                     args.heads, args.warmup, args.repeats, args.max_seconds)
