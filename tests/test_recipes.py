@@ -159,11 +159,6 @@ def test_hydra_config_accepted_by_fairseq_hydra_train(data, tmp_path, config):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
     )  # fmt: skip
-    if p.returncode != 0 and "invalid argument mhce_method" in p.stdout:
-        pytest.xfail(
-            "transformer_mhce.build_model gets a DictConfig from fairseq-hydra-train and "
-            "TransformerConfig.from_namespace drops the mhce_* keys (plugin fix pending)"
-        )
     assert p.returncode == 0, p.stdout[-4000:]
     assert "num_updates: 3 >= max_update: 3" in p.stdout and (save / "checkpoint_best.pt").exists()
     assert re.search(r"\| INFO \| train_inner \| epoch", p.stdout)  # fairseq's log format

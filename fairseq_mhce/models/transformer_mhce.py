@@ -175,6 +175,11 @@ class TransformerMHCEModel(TransformerModel):
     @classmethod
     def build_decoder(cls, args, tgt_dict, embed_tokens):
         cfg = TransformerConfig.from_namespace(args)
+        # from_namespace keeps unknown keys of an argparse Namespace but drops
+        # those of a DictConfig (fairseq-hydra-train): carry ours over
+        for name in MHCEConfig.__dataclass_fields__:
+            setattr(cfg, name, getattr(args, name, None))
+        mhce_defaults(cfg)
         return TransformerMHCEDecoder(cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention)
 
 
