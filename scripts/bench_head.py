@@ -164,7 +164,9 @@ def build(method, V, d, device, dtype, heads):
     if method == "mhs":
         from types import SimpleNamespace
 
-        from fairseq_mhce.criterions.mhs import mhs_loss
+        from fairseq_mhce.criterions.mhs import mhs_default_head_sizes, mhs_loss
+
+        codec = MixedRadixCodec(V, mhs_default_head_sizes(V))  # the model's default: 16-token groups
 
         proj = nn.Linear(d, V, bias=False).to(device, dtype)
         nn.init.normal_(proj.weight, mean=0.0, std=d**-0.5)
@@ -416,7 +418,7 @@ def main(argv=None):
                           if gpu else "peak RSS (ru_maxrss) above the RSS before the first step "
                           "(includes the gradient buffers; module, inputs and imports excluded)"),
             "adaptive softmax: cutoffs V/4, 3V/4 (as scripts/train.sh), factor 4, adaptive_loss (no "
-            "label smoothing); MHP/MHE/MHS: balanced H=2 head sizes (auto_head_sizes), eps 0.1; MHS samples "
+            "label smoothing); MHP/MHE: balanced H=2 head sizes (auto_head_sizes), eps 0.1; MHS: the model's default groups of 16 tokens ([ceil(V/16), 16]), samples "
             "0.25 of the head-1 groups (plus every group holding a target)",
         ] + skipped,
     }
