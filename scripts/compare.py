@@ -69,7 +69,7 @@ LABELS = {
     "adaptive": "adaptive softmax (adaptive_loss)",
     "mhp": "MHP (mhce, H=2)",
     "mhe": "MHE (mhce, H=2)",
-    "mhs": "MHS (mhce, H=2)",
+    "mhs": "MHS (mhce, sampled groups)",
     "ceiling": "softmax body only (ceiling)",
 }
 COLUMNS = [

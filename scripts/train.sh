@@ -23,7 +23,7 @@
 # ADAPTIVE_CUTOFF (default: V/4,3V/4 of the target dictionary), PYTHON / VENV.
 set -euo pipefail
 if [ $# -lt 3 ]; then
-  sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 METHOD=$1 DATABIN=$2 SAVEDIR=$3

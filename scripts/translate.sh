@@ -16,9 +16,12 @@
 #   SAVEDIR/score.SUBSET.json      BLEU, chrF, signatures, decoding speed
 # METHOD is accepted for symmetry with train.sh; the checkpoint knows its
 # output layer (--user-dir is always passed, harmless for softmax models).
+# Extra arguments go to fairseq-generate, e.g. the plugin's factorized search
+# for mhp/mhe (same hypotheses as the default dense path, faster at large V):
+#   scripts/translate.sh mhe DATABIN SAVEDIR --task translation_mhce --mhce-search factorized
 set -euo pipefail
 if [ $# -lt 3 ]; then
-  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 METHOD=$1 DATABIN=$2 SAVEDIR=$3
