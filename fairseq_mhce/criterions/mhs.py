@@ -70,7 +70,7 @@ def _codec_and_projection(decoder):
 
 def num_groups(codec) -> int:
     """Head-1 groups that hold at least one token: ``ceil(V / P_1)`` (<= C_1)."""
-    p1 = int(codec.strides[0])
+    p1 = codec.stride_list[0]
     return -(-codec.vocab_size // p1)
 
 
@@ -106,7 +106,7 @@ def mhs_generator(decoder) -> torch.Generator:
 def draw_groups(codec, target: torch.Tensor, budget: int, generator: Optional[torch.Generator] = None):
     """Sorted (K,) long head-1 groups: the groups of ``target`` plus random
     others (drawn with ``generator``) up to ``budget``."""
-    p1 = int(codec.strides[0])
+    p1 = codec.stride_list[0]
     g = num_groups(codec)
     tgt_groups = torch.unique(codec.code[target] // p1)  # sorted
     need = budget - tgt_groups.numel()
@@ -125,7 +125,7 @@ def draw_groups(codec, target: torch.Tensor, budget: int, generator: Optional[to
 def group_tokens(codec, groups: torch.Tensor) -> torch.Tensor:
     """(K,) sorted groups -> (S,) token ids of their valid codes, in code
     order (group by group)."""
-    p1 = int(codec.strides[0])
+    p1 = codec.stride_list[0]
     codes = (groups.unsqueeze(1) * p1 + torch.arange(p1, device=groups.device)).flatten()
     codes = codes[codes < codec.vocab_size]  # only the last group can hold invalid codes
     return codec.token[codes]
@@ -170,7 +170,7 @@ def sampled_softmax_loss(decoder, x, target, epsilon, budget: int, generator=Non
     # position of each target among the sampled tokens: tokens are laid out
     # group by group (sorted), P_1 codes per group, and only the last group
     # may be cut short, so the offset is rank(group) * P_1 + (code mod P_1)
-    p1 = int(codec.strides[0])
+    p1 = codec.stride_list[0]
     c = codec.code[target]
     pos = torch.searchsorted(groups, c // p1) * p1 + c % p1
     nll = -lprobs.gather(-1, pos.unsqueeze(-1)).squeeze(-1)

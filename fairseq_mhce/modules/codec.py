@@ -88,6 +88,9 @@ class MixedRadixCodec(nn.Module):
         token[code] = torch.arange(vocab_size)
         self.vocab_size = vocab_size
         self.sizes = head_sizes
+        # python copies of the (fixed) radix: reading the buffers in the loss
+        # or the decoder step would force a device sync on a GPU
+        self.stride_list = strides
         self.register_buffer("head_sizes", torch.tensor(head_sizes, dtype=torch.long))
         self.register_buffer("strides", torch.tensor(strides, dtype=torch.long))
         self.register_buffer("code", code)
@@ -123,7 +126,7 @@ class MixedRadixCodec(nn.Module):
     def vocab_digits(self) -> List[int]:
         """Digits of V itself (the first invalid code); only meaningful when
         ``prod(C) > V``."""
-        return [(self.vocab_size // p) % c for c, p in zip(self.sizes, self.strides.tolist())]
+        return [(self.vocab_size // p) % c for c, p in zip(self.sizes, self.stride_list)]
 
     def digit_counts(self) -> List[torch.Tensor]:
         """For each head h, a (C_h,) tensor: how many valid codes have digit j
@@ -135,9 +138,7 @@ class MixedRadixCodec(nn.Module):
     def valid_digit_mask(self, h: int, prefix: torch.Tensor) -> torch.Tensor:
         """(*) prefix indices of head h -> (*, C_h) bool: digit j is allowed
         iff some valid code starts with (prefix, j)."""
-        first_code = (prefix.unsqueeze(-1) * self.sizes[h] + torch.arange(self.sizes[h], device=prefix.device)) * int(
-            self.strides[h]
-        )
+        first_code = (prefix.unsqueeze(-1) * self.sizes[h] + torch.arange(self.sizes[h], device=prefix.device)) * self.stride_list[h]
         return first_code < self.vocab_size
 
     def extra_repr(self) -> str:

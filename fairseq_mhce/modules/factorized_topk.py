@@ -85,7 +85,7 @@ def mhp_topk(
     codec = head.codec
     sizes: List[int] = codec.sizes
     H = len(sizes)
-    strides: List[int] = codec.strides.tolist()
+    strides: List[int] = list(codec.stride_list)
     lps = head.head_log_probs(x)
     lz = head.log_z(lps)
     extra_values = _extra_mhp(head, lps, lz, extra)
