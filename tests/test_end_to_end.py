@@ -114,12 +114,11 @@ def test_hub_api_translates(trained, data):
 
 def test_resume_from_checkpoint_last(trained, data, tmp_path):
     save_dir = tmp_path / "resume"
-    first = train(data, save_dir, "mhp", updates=60)
+    train(data, save_dir, "mhp", updates=60)
     assert (save_dir / "checkpoint_last.pt").exists()
     second = train(data, save_dir, "mhp", updates=120).stdout
     assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 60 updates\)", second), second[-3000:]
     assert "num_updates=120" in second or "num_updates 120" in second
-    del first
 
 
 def test_bad_configurations_fail_clearly(trained, data, tmp_path):

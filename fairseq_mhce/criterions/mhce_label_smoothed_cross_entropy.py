@@ -104,9 +104,11 @@ class MHCELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
             "sample_size": sample_size,
         }
         if correct is not None:
-            logging_output["mhce_total"] = utils.item(target.numel())
-            for h in range(min(correct.size(1), MAX_HEADS_LOGGED)):
-                logging_output[f"mhce_correct_h{h + 1}"] = utils.item(correct[:, h].sum())
+            logging_output["mhce_total"] = target.numel()
+            # tensors, summed by reduce_metrics: no host sync per head and step
+            per_head = correct[:, :MAX_HEADS_LOGGED].sum(0).data
+            for h in range(per_head.numel()):
+                logging_output[f"mhce_correct_h{h + 1}"] = per_head[h]
             if self.report_accuracy:
                 # a token counts as correct when every digit's argmax is right:
                 # the greedy digit-by-digit decode gives the target
