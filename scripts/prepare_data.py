@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes for tokenization and fairseq-preprocess")
     p.add_argument("--force", action="store_true",
                    help="replace a non-empty DESTDIR / WORKDIR")
+    p.add_argument("--drop-empty", action="store_true",
+                   help="drop line pairs whose source or target is empty (after stripping white "
+                   "space) from every split; without it such pairs are an error")
     p.add_argument("--quiet", action="store_true", help="hide fairseq-preprocess's log")
     return p
 
@@ -111,8 +114,21 @@ def count_lines(path: Path) -> int:
         return sum(1 for _ in f)
 
 
+def empty_pairs(paths) -> list[int]:
+    """0-based numbers of the lines that are blank in any of the parallel files."""
+    handles = [open(p, encoding="utf-8") for p in paths]
+    try:
+        return [i for i, lines in enumerate(zip(*handles)) if any(not l.strip() for l in lines)]
+    finally:
+        for h in handles:
+            h.close()
+
+
 def check_inputs(args) -> dict:
-    """Validate arguments and files; return {split: (prefix, n_lines)}."""
+    """Validate arguments and files; return {split: (prefix, n_lines)}.
+
+    Sets ``args.empty_pairs`` to {split: [0-based line numbers]} of the pairs
+    with an empty side (only non-empty lists; only with --drop-empty)."""
     if args.source_lang == args.target_lang:
         raise DataError(f"source and target language are both {args.source_lang!r}")
     if args.tokenizer == "spm" and args.vocab_size < MIN_VOCAB:
@@ -121,7 +137,7 @@ def check_inputs(args) -> dict:
         raise DataError(
             f"--vocab-size {args.vocab_size} is too small (minimum {MIN_VOCAB}, or 0 = all types)"
         )
-    splits = {}
+    splits, empties = {}, {}
     for split, prefix in zip(SPLITS, (args.trainpref, args.validpref, args.testpref)):
         if prefix is None:
             continue
@@ -137,7 +153,19 @@ def check_inputs(args) -> dict:
             )
         if split == "train" and n_src == 0:
             raise DataError(f"training set is empty: {paths[0]} and {paths[1]} have no lines")
+        # An empty source has nothing to translate and an empty reference
+        # scores nothing; fairseq would binarize both without a word.
+        empty = empty_pairs(paths)
+        if empty and not getattr(args, "drop_empty", False):
+            shown = ", ".join(str(i + 1) for i in empty[:5]) + (", ..." if len(empty) > 5 else "")
+            raise DataError(
+                f"{split}: {len(empty)} line pair(s) of {paths[0]} / {paths[1]} have an empty side "
+                f"(line {shown}); remove them from both files, or pass --drop-empty to drop them"
+            )
+        if empty:
+            empties[split] = empty
         splits[split] = (prefix, n_src)
+    args.empty_pairs = empties
     return splits
 
 
@@ -264,7 +292,22 @@ def build(args, splits: dict, dest: Path, work: Path) -> dict:
     """Do all the work into the (temporary) directories dest and work."""
     src, tgt = args.source_lang, args.target_lang
     langs = (src, tgt)
-    info: dict = {"tokenizer": args.tokenizer, "lines": {s: n for s, (_, n) in splits.items()}}
+    info: dict = {"tokenizer": args.tokenizer}
+    splits = dict(splits)  # the caller's copy keeps naming the user's files
+    dropped = getattr(args, "empty_pairs", {})
+    if dropped:  # --drop-empty: filtered copies of the inputs stand in for them from here on
+        (work / "input").mkdir()
+        for split, drop in dropped.items():
+            prefix, n = splits[split]
+            skip = set(drop)
+            for lang in langs:
+                kept = (l for i, l in enumerate(read_lines(Path(f"{prefix}.{lang}"))) if i not in skip)
+                write_lines(work / "input" / f"{split}.{lang}", kept)
+            splits[split] = (str(work / "input" / split), n - len(drop))
+            print(f"| {split}: dropped {len(drop)} pair(s) with an empty side (--drop-empty)",
+                  file=sys.stderr, flush=True)
+        info["dropped_empty_pairs"] = {s: len(d) for s, d in dropped.items()}
+    info["lines"] = {s: n for s, (_, n) in splits.items()}
 
     # Untokenized references, so BLEU can be computed on detokenized output.
     raw = dest / "raw"

@@ -266,6 +266,34 @@ def test_missing_empty_and_bad_vocab(tmp_path):
         ["empty.de", "empty.en", "ok.de", "ok.en"])
 
 
+def test_empty_lines_are_an_error_or_dropped(tmp_path, text):
+    src, tgt = read_lines(text / "train.de"), read_lines(text / "train.en")
+    src[2], tgt[6] = "", "  "  # an empty source, a blank target
+    write_parallel(tmp_path / "train", src, tgt)
+    tsrc, ttgt = read_lines(text / "test.de"), read_lines(text / "test.en")
+    tsrc[0] = ""
+    write_parallel(tmp_path / "test", tsrc, ttgt)
+    argv = ["-s", "de", "-t", "en", "--trainpref", str(tmp_path / "train"), "--testpref", str(tmp_path / "test"),
+            "--destdir", str(tmp_path / "bin"), "--vocab-size", str(VOCAB), "--joint", "--workers", "1", "--quiet"]
+    with pytest.raises(DataError, match=r"train: 2 line pair\(s\) .* empty side \(line 3, 7\).*--drop-empty"):
+        prepare_data.main(argv)
+    assert not (tmp_path / "bin").exists()
+    info = prepare_data.main(argv + ["--drop-empty"])
+    assert info["lines"] == {"train": len(src) - 2, "test": len(tsrc) - 1}
+    assert info["dropped_empty_pairs"] == {"train": 2, "test": 1}
+    assert info["inputs"]["train"] == str(tmp_path / "train")  # the user's files, not the filtered copies
+    # the references and the binarized text are the kept pairs, still aligned
+    assert read_lines(tmp_path / "bin" / "raw" / "test.en") == ttgt[1:]
+    from fairseq.data import Dictionary, data_utils
+    import sentencepiece as spm
+
+    d = Dictionary.load(str(tmp_path / "bin" / "dict.de.txt"))
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "bin" / "spm.model"))
+    ds = data_utils.load_indexed_dataset(str(tmp_path / "bin" / "train.de-en.de"), d)
+    kept = [l for i, l in enumerate(src) if i not in (2, 6)]
+    assert len(ds) == len(kept) and sp.decode(d.string(ds[2]).split()) == kept[2]
+
+
 def test_existing_destdir_is_left_untouched(tmp_path, text):
     dest = tmp_path / "bin"
     dest.mkdir()

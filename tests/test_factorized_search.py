@@ -315,3 +315,13 @@ def test_cli_generate_and_hub_match_dense(tmp_path):
         task={"_name": "translation_mhce", "mhce_search": "factorized"},
     )  # fmt: skip
     assert hub2.task.cfg.mhce_search == "factorized" and hub2.translate(src, beam=5) == best
+    # empty inputs are refused with a message naming the line (fairseq's translation task would
+    # quietly translate them as the empty sentence)
+    with pytest.raises(ValueError, match="empty: there is nothing to translate"):
+        hub.translate("  ", beam=5)
+    r = cli(
+        "fairseq-interactive", data, "--user-dir", USER_DIR, "--task", "translation_mhce", "--path", ckpt,
+        "--source-lang", "src", "--target-lang", "tgt", stdin="w1 w2\n\nw3\n", check=False, env=ONE_THREAD,
+    )  # fmt: skip
+    assert r.returncode != 0 and "input line 2 is empty" in r.stdout, r.stdout[-2000:]
+    assert r.stdout.count("\nH-") == 1  # line 1 was translated before the stop
