@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -86,13 +85,6 @@ COLUMNS = [
     ("output_params", "output-layer params"),
     ("updates", "updates"),
 ]
-
-
-def mhs_available() -> bool:
-    try:
-        return importlib.util.find_spec("fairseq_mhce.criterions.mhs") is not None
-    except ImportError:
-        return False
 
 
 # ---------------------------------------------------------------- parsing
@@ -397,7 +389,7 @@ def main(argv=None):
     p.add_argument("--databin", required=True, help="fairseq data-bin with raw/test.TGT")
     p.add_argument("--name", required=True, help="table name: OUT/compare_NAME.{md,csv}")
     p.add_argument("--methods", default=None,
-                   help="comma-separated, default softmax,adaptive,mhp,mhe (+mhs when the plugin has it)")
+                   help="comma-separated subset of " + ",".join(DEFAULT_METHODS))
     p.add_argument("--max-update", type=int, default=600, help="the budget: updates per method")
     p.add_argument("--warmup", type=int, default=None, help="warm-up updates (default: max-update / 3)")
     p.add_argument("--train-args", default="", help="extra fairseq-train args for every method (quoted)")
@@ -428,7 +420,7 @@ def main(argv=None):
         print(json.dumps(measure_ceiling(ckpt, databin, args.ceiling_batches, int(max_tokens))))
         return 0
 
-    methods = args.methods.split(",") if args.methods else [m for m in DEFAULT_METHODS if m != "mhs" or mhs_available()]
+    methods = args.methods.split(",") if args.methods else list(DEFAULT_METHODS)
     workdir = Path(args.workdir or REPO / "work" / "compare" / args.name).absolute()
     databin = Path(args.databin).absolute()
     warmup = args.warmup if args.warmup is not None else max(1, args.max_update // 3)

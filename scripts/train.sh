@@ -28,16 +28,8 @@ if [ $# -lt 3 ]; then
 fi
 METHOD=$1 DATABIN=$2 SAVEDIR=$3
 shift 3
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-VENV=${VENV:-$REPO/.venv}
-BIN=${FAIRSEQ_BIN:-$VENV/bin}
-[ -x "$BIN/fairseq-train" ] || BIN=$(dirname "$(command -v fairseq-train)")
-
-[ -d "$DATABIN" ] || { echo "train.sh: no data-bin at $DATABIN" >&2; exit 2; }
-# target language: the second language of the data-bin's train.SRC-TGT.*.idx
-pair=$(ls "$DATABIN" | sed -n 's/^train\.\([^.]*\)-\([^.]*\)\..*\.idx$/\1-\2/p' | head -1)
-[ -n "$pair" ] || { echo "train.sh: $DATABIN has no train.SRC-TGT.*.idx" >&2; exit 2; }
-SRC=${pair%-*} TGT=${pair#*-}
+source "$(dirname "$0")/recipe_common.sh"
+recipe_setup train.sh fairseq-train "$DATABIN"  # sets REPO, BIN, SRC, TGT
 V=$(( $(wc -l < "$DATABIN/dict.$TGT.txt") + 4 ))  # + fairseq's <s> <pad> </s> <unk>
 
 ARCH_SIZES=(

@@ -26,17 +26,12 @@ if [ $# -lt 3 ]; then
 fi
 METHOD=$1 DATABIN=$2 SAVEDIR=$3
 shift 3
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-VENV=${VENV:-$REPO/.venv}
-BIN=${FAIRSEQ_BIN:-$VENV/bin}
-[ -x "$BIN/fairseq-generate" ] || BIN=$(dirname "$(command -v fairseq-generate)")
+source "$(dirname "$0")/recipe_common.sh"
+recipe_setup translate.sh fairseq-generate "$DATABIN"  # sets REPO, BIN, SRC, TGT
 PY=${PYTHON:-$BIN/python}
 SUBSET=${SUBSET:-test}
 CKPT=${CKPT:-$SAVEDIR/checkpoint_best.pt}
 [ -f "$CKPT" ] || { echo "translate.sh: no checkpoint $CKPT" >&2; exit 2; }
-pair=$(ls "$DATABIN" | sed -n 's/^train\.\([^.]*\)-\([^.]*\)\..*\.idx$/\1-\2/p' | head -1)
-[ -n "$pair" ] || { echo "translate.sh: $DATABIN has no train.SRC-TGT.*.idx" >&2; exit 2; }
-SRC=${pair%-*} TGT=${pair#*-}
 REF=$DATABIN/raw/$SUBSET.$TGT
 [ -f "$REF" ] || { echo "translate.sh: no untokenized reference $REF" >&2; exit 2; }
 

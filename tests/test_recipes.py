@@ -25,24 +25,18 @@ TINY = [
 UPDATES = 40
 
 
-def methods():
-    out = ["softmax", "adaptive", "mhp", "mhe"]
-    try:
-        import fairseq_mhce.criterions.mhs  # noqa: F401
-
-        out.append("mhs")
-    except ImportError:
-        pass
-    return out
+METHODS = ["softmax", "adaptive", "mhp", "mhe", "mhs"]
 
 
-def script(name, *args, env=None):
+def script(name, *args, env=None, check=True):
     e = dict(os.environ, OMP_NUM_THREADS="1", WARMUP="10", LR="3e-3", ADAPTIVE_CUTOFF="10,30")
     e.update(env or {})
     p = subprocess.run(
         [str(REPO / "scripts" / name), *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e,
     )  # fmt: skip
+    if not check:
+        return p
     assert p.returncode == 0, f"{name} failed ({p.returncode}):\n{p.stdout[-4000:]}"
     return p.stdout
 
@@ -62,7 +56,7 @@ def runs(data, tmp_path_factory):
     """Every method trained and translated once, into one compare-style workdir."""
     work = tmp_path_factory.mktemp("compare")
     out = {}
-    for m in methods():
+    for m in METHODS:
         train_out = script("train.sh", m, data, work / m, "--max-update", UPDATES, *TINY)
         # copy sentences have <= 8 words: cap the length so that a barely
         # trained model does not decode 200 tokens per sentence
@@ -70,7 +64,25 @@ def runs(data, tmp_path_factory):
     return work, out
 
 
-@pytest.mark.parametrize("method", methods())
+def test_recipes_explain_bad_input(data, tmp_path):
+    """Missing tools, data-bins and checkpoints: exit status 2 and what to do."""
+    p = script("train.sh", "mhe", tmp_path / "nope", tmp_path / "save", check=False)
+    assert p.returncode == 2 and "no data-bin at" in p.stdout
+    (tmp_path / "text").mkdir()
+    p = script("train.sh", "mhe", tmp_path / "text", tmp_path / "save", check=False)
+    assert p.returncode == 2 and "is it a fairseq-preprocess data-bin" in p.stdout
+    p = script("train.sh", "mhx", data, tmp_path / "save", check=False)
+    assert p.returncode == 2 and "METHOD must be softmax, adaptive, mhp, mhe or mhs" in p.stdout
+    p = script("translate.sh", "mhe", data, tmp_path / "save", check=False)
+    assert p.returncode == 2 and "no checkpoint" in p.stdout
+    # no fairseq in VENV nor on PATH
+    p = script("train.sh", "mhe", data, tmp_path / "save", check=False,
+               env={"VENV": str(tmp_path / "novenv"), "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 2 and "fairseq-train is neither in" in p.stdout and "make install" in p.stdout
+    assert not (tmp_path / "save").exists()  # nothing was created by a failed call
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_train_and_translate_print_bleu(runs, data, method):
     work, out = runs
     train_out, translate_out = out[method]
@@ -99,7 +111,7 @@ def test_every_method_learns(runs):
     """Not a benchmark: only that each recipe trains (40 updates, tiny model):
     the valid NLL ends well below the first training interval's."""
     work, _ = runs
-    for m in methods():
+    for m in METHODS:
         log = (work / m / "train.log").read_text()
         first = float(re.search(r"\| train_inner \|.*? loss=([0-9.]+)", log).group(1))
         last = float(re.findall(r"\| valid \|.*?\| loss ([0-9.]+)", log)[-1])
@@ -121,7 +133,7 @@ def test_compare_tables_from_real_runs(runs, data, tmp_path):
     assert "train (" not in out.stdout  # nothing was retrained
     md = (tmp_path / "compare_tiny.md").read_text()
     rows = list(csv.DictReader(open(tmp_path / "compare_tiny.csv")))
-    assert [r["method"] for r in rows] == methods() + ["ceiling"]
+    assert [r["method"] for r in rows] == METHODS + ["ceiling"]
     for r in rows[:-1]:
         m = r["method"]
         score = json.loads((work / m / "score.test.json").read_text())
@@ -138,7 +150,7 @@ def test_compare_tables_from_real_runs(runs, data, tmp_path):
     assert float(rows[-1]["train_wps"]) > 0.5 * float(rows[0]["train_wps"])
     assert float(rows[-1]["step_tok_s"]) > 0
     speed = json.loads((work / "speed.json").read_text())
-    assert speed["batches"] == 2 and set(speed["tok_per_s"]) == set(methods()) | {"softmax_body"}
+    assert speed["batches"] == 2 and set(speed["tok_per_s"]) == set(METHODS) | {"softmax_body"}
     for r in rows[:-1]:
         assert float(r["step_tok_s"]) == pytest.approx(speed["tok_per_s"][r["method"]])
     assert "| softmax body only (ceiling) |" in md and "test BLEU" in md and "nrefs:1" in md

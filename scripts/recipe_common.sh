@@ -1,0 +1,32 @@
+# Sourced by scripts/train.sh and scripts/translate.sh (not run by itself).
+#
+#   recipe_setup SCRIPT_NAME TOOL DATABIN
+#
+# Sets REPO (this checkout), BIN (the directory holding the fairseq console
+# script TOOL: $FAIRSEQ_BIN, else $VENV/bin with VENV defaulting to
+# REPO/.venv, else the one on PATH) and SRC / TGT (the language pair of the
+# data-bin's train.SRC-TGT.*.idx).  Stops with exit status 2 and a message
+# saying what to do when the tool or the data-bin is missing.
+recipe_setup() {
+  local me=$1 tool=$2 databin=$3 found pair
+  REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  VENV=${VENV:-$REPO/.venv}
+  BIN=${FAIRSEQ_BIN:-$VENV/bin}
+  if [ ! -x "$BIN/$tool" ]; then
+    found=$(command -v "$tool" || true)
+    if [ -z "$found" ]; then
+      echo "$me: $tool is neither in $BIN nor on PATH; run 'make install' (creates $REPO/.venv)" \
+           "or point VENV / FAIRSEQ_BIN at an environment with fairseq" >&2
+      exit 2
+    fi
+    BIN=$(dirname "$found")
+  fi
+  [ -d "$databin" ] || { echo "$me: no data-bin at $databin" >&2; exit 2; }
+  pair=$(ls "$databin" | sed -n 's/^train\.\([^.]*\)-\([^.]*\)\..*\.idx$/\1-\2/p' | head -1)
+  if [ -z "$pair" ]; then
+    echo "$me: $databin has no train.SRC-TGT.*.idx; is it a fairseq-preprocess data-bin" \
+         "(e.g. from scripts/prepare_data.py)?" >&2
+    exit 2
+  fi
+  SRC=${pair%-*} TGT=${pair#*-}
+}
