@@ -1,14 +1,23 @@
 # Sourced by scripts/train.sh and scripts/translate.sh (not run by itself).
 #
-#   recipe_setup SCRIPT_NAME TOOL DATABIN
+#   recipe_setup SCRIPT_NAME TOOL "$@"    (then: shift 3)
 #
-# Sets REPO (this checkout), BIN (the directory holding the fairseq console
+# With fewer than three arguments prints the calling script's header comment
+# (its usage) and exits 2.  Otherwise sets METHOD DATABIN SAVEDIR (the first
+# three arguments), REPO (this checkout), BIN (the directory holding the fairseq console
 # script TOOL: $FAIRSEQ_BIN, else $VENV/bin with VENV defaulting to
 # REPO/.venv, else the one on PATH) and SRC / TGT (the language pair of the
 # data-bin's train.SRC-TGT.*.idx).  Stops with exit status 2 and a message
 # saying what to do when the tool or the data-bin is missing.
 recipe_setup() {
-  local me=$1 tool=$2 databin=$3 found pair
+  local me=$1 tool=$2 found pair
+  shift 2
+  if [ $# -lt 3 ]; then
+    sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"  # the header comment, up to the first code line
+    exit 2
+  fi
+  METHOD=$1 DATABIN=$2 SAVEDIR=$3
+  local databin=$DATABIN
   REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
   VENV=${VENV:-$REPO/.venv}
   BIN=${FAIRSEQ_BIN:-$VENV/bin}

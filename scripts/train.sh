@@ -22,14 +22,9 @@
 # DROPOUT (0.1), MAX_TOKENS (4096), LR (1e-3), SEED (1), MHCE_HEADS (2),
 # ADAPTIVE_CUTOFF (default: V/4,3V/4 of the target dictionary), PYTHON / VENV.
 set -euo pipefail
-if [ $# -lt 3 ]; then
-  sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
-  exit 2
-fi
-METHOD=$1 DATABIN=$2 SAVEDIR=$3
-shift 3
 source "$(dirname "$0")/recipe_common.sh"
-recipe_setup train.sh fairseq-train "$DATABIN"  # sets REPO, BIN, SRC, TGT
+recipe_setup train.sh fairseq-train "$@"  # sets METHOD DATABIN SAVEDIR REPO BIN SRC TGT
+shift 3
 V=$(( $(wc -l < "$DATABIN/dict.$TGT.txt") + 4 ))  # + fairseq's <s> <pad> </s> <unk>
 
 ARCH_SIZES=(

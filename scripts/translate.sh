@@ -20,14 +20,9 @@
 # for mhp/mhe (same hypotheses as the default dense path, faster at large V):
 #   scripts/translate.sh mhe DATABIN SAVEDIR --task translation_mhce --mhce-search factorized
 set -euo pipefail
-if [ $# -lt 3 ]; then
-  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
-  exit 2
-fi
-METHOD=$1 DATABIN=$2 SAVEDIR=$3
-shift 3
 source "$(dirname "$0")/recipe_common.sh"
-recipe_setup translate.sh fairseq-generate "$DATABIN"  # sets REPO, BIN, SRC, TGT
+recipe_setup translate.sh fairseq-generate "$@"  # sets METHOD DATABIN SAVEDIR REPO BIN SRC TGT
+shift 3
 PY=${PYTHON:-$BIN/python}
 SUBSET=${SUBSET:-test}
 CKPT=${CKPT:-$SAVEDIR/checkpoint_best.pt}

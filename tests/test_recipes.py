@@ -66,6 +66,9 @@ def runs(data, tmp_path_factory):
 
 def test_recipes_explain_bad_input(data, tmp_path):
     """Missing tools, data-bins and checkpoints: exit status 2 and what to do."""
+    for name in ("train.sh", "translate.sh"):  # too few arguments: the usage from the header
+        p = script(name, "mhe", check=False)
+        assert p.returncode == 2 and f"scripts/{name} METHOD DATABIN SAVEDIR" in p.stdout, p.stdout
     p = script("train.sh", "mhe", tmp_path / "nope", tmp_path / "save", check=False)
     assert p.returncode == 2 and "no data-bin at" in p.stdout
     (tmp_path / "text").mkdir()
