@@ -45,7 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+from machine_info import cpu_name  # scripts/machine_info.py (this directory is on sys.path)
 import resource
 import statistics
 import subprocess
@@ -244,15 +244,7 @@ def machine(device) -> str:
 
     if device == "cuda":
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    cpu = platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def fmt_v(v):

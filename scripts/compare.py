@@ -50,7 +50,7 @@ import csv
 import json
 import math
 import os
-import platform
+from machine_info import cpu_name  # scripts/machine_info.py (this directory is on sys.path)
 import re
 import shlex
 import shutil
@@ -336,15 +336,7 @@ def write_tables(rows: list, out_base: Path, header: list, notes: list, speed: d
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"{cpu}, {os.cpu_count()} CPU cores visible"
+    desc = f"{cpu_name()}, {os.cpu_count()} CPU cores visible"
     try:
         import torch
 
