@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train, decode and score every output layer at one budget; write a table.
 
-For each METHOD (softmax, adaptive, mhp, mhe, and mhs when the plugin has it)
+For each METHOD (softmax, adaptive, mhp, mhe, mhs)
 this runs the recipe ``scripts/train.sh METHOD DATABIN WORKDIR/METHOD
 --max-update N`` (identical model, optimizer and data for all; only the output
 layer and its criterion differ) and then ``scripts/translate.sh`` (beam 5 on
@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 from machine_info import cpu_name  # scripts/machine_info.py (this directory is on sys.path)
 import re
@@ -138,70 +137,7 @@ def collect(method: str, savedir: Path) -> dict:
     ckpt = savedir / "checkpoint_best.pt"
     if ckpt.exists():
         row["output_params"] = output_layer_params(ckpt)
-    ceiling = savedir / "ceiling.json"
-    if ceiling.exists():
-        row["ceiling"] = json.loads(ceiling.read_text())
     return row
-
-
-# ------------------------------------------------------------ the ceiling
-def measure_ceiling(ckpt: str, databin: str, n_batches: int, max_tokens: int) -> dict:
-    """Time full vs body-only training steps of a softmax checkpoint on real
-    training batches (see the module docstring).  Runs in a subprocess."""
-    sys.path.insert(0, str(REPO))
-    import fairseq_mhce  # noqa: F401  (sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD)
-    import torch
-    from fairseq import checkpoint_utils, utils
-
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([ckpt], arg_overrides={"data": databin})
-    model = models[0]
-    model.train()
-    criterion = task.build_criterion(cfg.criterion)
-    task.load_dataset("train")
-    itr = task.get_batch_iterator(
-        dataset=task.dataset("train"), max_tokens=max_tokens,
-        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
-        ignore_invalid_inputs=True, seed=1,
-    ).next_epoch_itr(shuffle=True)  # fmt: skip
-    batches = [next(itr) for _ in range(n_batches + 2)]
-    opt = torch.optim.Adam(model.parameters(), lr=1e-9)
-
-    def full(sample):
-        loss, _, _ = criterion(model, sample)
-        loss.backward()
-
-    def body(sample):
-        x, _ = model(**sample["net_input"], features_only=True)
-        x.float().pow(2).mean().backward()  # N x d: negligible next to the body
-
-    def step(fn, sample):
-        t = time.perf_counter()
-        fn(sample)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t
-
-    for s in batches[:2]:  # warm-up (allocator, kernels)
-        step(full, s)
-        step(body, s)
-    t_full = t_body = 0.0
-    tokens = 0
-    for i, s in enumerate(batches[2:]):
-        tokens += s["ntokens"]
-        order = (full, body) if i % 2 == 0 else (body, full)  # interleave against drift
-        for fn in order:
-            dt = step(fn, s)
-            if fn is full:
-                t_full += dt
-            else:
-                t_body += dt
-    return {
-        "batches": n_batches, "tokens": tokens, "threads": torch.get_num_threads(),
-        "full_step_s": t_full, "body_step_s": t_body,
-        "inprocess_full_wps": tokens / t_full, "inprocess_body_wps": tokens / t_body,
-        "output_seconds_per_token": (t_full - t_body) / tokens,
-        "output_share": (t_full - t_body) / t_full,
-    }
 
 
 def measure_speed(ckpts: dict, databin: str, n_batches: int, max_tokens: int) -> dict:
@@ -281,7 +217,7 @@ def table_rows(rows: list, speed: dict = None) -> list:
     """Rows in display order, with relative speeds and the ceiling row added.
 
     ``speed``: the interleaved in-process measurement (``measure_speed``);
-    without it the ceiling comes from the softmax run's ``ceiling.json``."""
+    without it there are no step columns and no ceiling row."""
     base = next((r for r in rows if r["method"] == "softmax"), None)
     tps = (speed or {}).get("tok_per_s", {})
     out = []
@@ -296,19 +232,15 @@ def table_rows(rows: list, speed: dict = None) -> list:
         out.append(r)
     if not base:
         return out
-    dt = None  # output layer + loss seconds per target token of the softmax model
     if "softmax" in tps and "softmax_body" in tps:
+        # output layer + loss seconds per target token of the softmax model
         dt = 1.0 / tps["softmax"] - 1.0 / tps["softmax_body"]
-    elif base.get("ceiling"):
-        dt = base["ceiling"]["output_seconds_per_token"]
-    if dt is not None:
         row = {"method": "ceiling"}
         if base.get("train_wps") and 1.0 / base["train_wps"] - dt > 0:
             row["train_wps"] = 1.0 / (1.0 / base["train_wps"] - dt)
             row["wps_vs_softmax"] = row["train_wps"] / base["train_wps"]
-        if "softmax_body" in tps:
-            row["step_tok_s"] = tps["softmax_body"]
-            row["step_vs_softmax"] = tps["softmax_body"] / tps["softmax"]
+        row["step_tok_s"] = tps["softmax_body"]
+        row["step_vs_softmax"] = tps["softmax_body"] / tps["softmax"]
         out.append(row)
     return out
 
@@ -351,19 +283,6 @@ def machine_description() -> str:
 
 
 # -------------------------------------------------------------------- main
-def measure_ceiling_into(savedir: Path, databin: Path, args, max_tokens: str, env: dict) -> None:
-    """Measure the ceiling on the softmax run's last checkpoint (subprocess)."""
-    if args.ceiling_batches <= 0:
-        return
-    print("=== softmax: ceiling (output layer + loss excluded) ===", flush=True)
-    out = subprocess.run(
-        [sys.executable, __file__, "--databin", str(databin), "--name", args.name,
-         "--ceiling-batches", str(args.ceiling_batches),
-         "--measure-ceiling", str(savedir / "checkpoint_last.pt"), str(databin), max_tokens],
-        env=env, check=True, stdout=subprocess.PIPE, text=True).stdout  # fmt: skip
-    (savedir / "ceiling.json").write_text(out.strip().splitlines()[-1] + "\n")
-
-
 def run(cmd, env, log_path=None):
     print("+ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
     t = time.time()
@@ -391,14 +310,10 @@ def main(argv=None):
     p.add_argument("--speed-batches", type=int, default=12,
                    help="real batches for the interleaved in-process step timing of all methods and of the "
                         "softmax body alone (the ceiling); 0: skip")
-    p.add_argument("--ceiling-batches", type=int, default=0,
-                   help="older, softmax-only ceiling measurement right after its training (0: skip)")
     p.add_argument("--reuse", action="store_true",
                    help="keep methods already finished in WORKDIR (train.log done + score.test.json)")
     p.add_argument("--tables-only", action="store_true", help="only re-render the tables from WORKDIR")
     p.add_argument("--note", action="append", default=[], help="extra note line for the table")
-    p.add_argument("--measure-ceiling", nargs=3, metavar=("CKPT", "DATABIN", "MAX_TOKENS"),
-                   help=argparse.SUPPRESS)
     p.add_argument("--measure-speed", nargs=3, metavar=("CKPTS_JSON", "DATABIN", "MAX_TOKENS"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -406,10 +321,6 @@ def main(argv=None):
     if args.measure_speed:
         ckpts, databin, max_tokens = args.measure_speed
         print(json.dumps(measure_speed(json.loads(ckpts), databin, args.speed_batches, int(max_tokens))))
-        return 0
-    if args.measure_ceiling:
-        ckpt, databin, max_tokens = args.measure_ceiling
-        print(json.dumps(measure_ceiling(ckpt, databin, args.ceiling_batches, int(max_tokens))))
         return 0
 
     methods = args.methods.split(",") if args.methods else list(DEFAULT_METHODS)
@@ -450,19 +361,19 @@ def main(argv=None):
             print(f"\n=== {method}: train ({args.max_update} updates) ===", flush=True)
             run([REPO / "scripts" / "train.sh", method, databin, savedir, "--max-update", args.max_update,
                  *train_extra], env, log_path=workdir / f"{method}.train.out")
-            if method == "softmax":
-                measure_ceiling_into(savedir, databin, args, max_tokens, env)
             print(f"=== {method}: translate + score ===", flush=True)
             run([REPO / "scripts" / "translate.sh", method, databin, savedir, *shlex.split(args.generate_args)],
                 env, log_path=workdir / f"{method}.translate.out")
             print((workdir / f"{method}.translate.out").read_text().strip().splitlines()[-5], flush=True)
 
-        soft = workdir / "softmax"
-        if "softmax" in methods and not (soft / "ceiling.json").exists() and (soft / "checkpoint_last.pt").exists():
-            measure_ceiling_into(soft, databin, args, max_tokens, env)
         ckpts = {m: str(workdir / m / "checkpoint_last.pt") for m in methods
                  if (workdir / m / "checkpoint_last.pt").exists()}
-        if args.speed_batches > 0 and ckpts and not (workdir / "speed.json").exists():
+        speed_path = workdir / "speed.json"
+        if args.speed_batches > 0 and speed_path.exists():  # timing of other methods or batch count: redo
+            old = json.loads(speed_path.read_text())
+            if set(old["tok_per_s"]) - {"softmax_body"} != set(ckpts) or old["batches"] != args.speed_batches:
+                speed_path.unlink()
+        if args.speed_batches > 0 and ckpts and not speed_path.exists():
             print(f"=== step timing: {', '.join(ckpts)}{' + softmax body' if 'softmax' in ckpts else ''}, "
                   f"{args.speed_batches} batches interleaved ===", flush=True)
             out = subprocess.run(
@@ -470,7 +381,7 @@ def main(argv=None):
                  "--speed-batches", str(args.speed_batches),
                  "--measure-speed", json.dumps(ckpts), str(databin), max_tokens],
                 env=env, check=True, stdout=subprocess.PIPE, text=True).stdout  # fmt: skip
-            (workdir / "speed.json").write_text(out.strip().splitlines()[-1] + "\n")
+            speed_path.write_text(out.strip().splitlines()[-1] + "\n")
 
     rows = [collect(m, workdir / m) for m in methods if (workdir / m).exists()]
     speed = json.loads((workdir / "speed.json").read_text()) if (workdir / "speed.json").exists() else None
@@ -516,12 +427,6 @@ def main(argv=None):
         "output-layer params: V x d projection (softmax, MHS), adaptive softmax head + tail clusters, "
         "or the multi-head module (MHP, MHE: head projections + prefix embeddings)",
     ]
-    base = next((r for r in rows if r["method"] == "softmax"), None)
-    if base and base.get("ceiling"):
-        c = base["ceiling"]
-        notes.append(
-            f"ceiling measurement: {c['batches']} batches, {c['tokens']} target tokens, {c['threads']} thread(s); "
-            f"output layer + loss = {100 * c['output_share']:.0f}% of an in-process softmax training step")
     sigs = {r.get("bleu_signature") for r in rows if r.get("bleu_signature")}
     sigs |= {r.get("chrf_signature") for r in rows if r.get("chrf_signature")}
     if sigs:
