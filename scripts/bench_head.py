@@ -16,8 +16,8 @@ for each vocabulary size ``V``:
 * ``MHP H2`` / ``MHE H2``: the plugin's real ``MultiHeadProduct`` /
   ``MultiHeadEmbedding`` on a ``MixedRadixCodec`` with balanced head sizes,
   through their ``.loss(x, target, eps=0.1)``, as the plugin's criterion;
-* ``MHS H2`` (when ``fairseq_mhce.criterions.mhs`` is importable): its
-  training loss (``mhs_loss``, sampled head-1 groups, 0.25 of the groups);
+* ``MHS H2``: its training loss (``mhs_loss``) with the model's default
+  16-token groups (``mhs_default_head_sizes``), 0.25 of the head-1 groups;
 * on a GPU, when importable: Cut Cross-Entropy (``cut_cross_entropy``) and
   Liger's fused linear cross-entropy (``liger_kernel``).
 
@@ -73,11 +73,6 @@ EPS = 0.1
 
 def available(method: str, device: str) -> str | None:
     """None when the method can run here, else why not."""
-    if method == "mhs":
-        try:
-            import fairseq_mhce.criterions.mhs  # noqa: F401
-        except ImportError:
-            return "fairseq_mhce.criterions.mhs not importable"
     if method in ("cce", "liger"):
         if device != "cuda":
             return "GPU only"
@@ -348,7 +343,7 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=None, help="model dimension d (default 512 CPU, 1024 GPU)")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"), help="default fp32 CPU, bf16 GPU")
-    p.add_argument("--heads", type=int, default=2, help="H of MHP / MHE / MHS")
+    p.add_argument("--heads", type=int, default=2, help="H of MHP / MHE (MHS uses the model's default 16-token groups)")
     p.add_argument("--methods", default=",".join(METHODS), help="subset of " + ",".join(METHODS))
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, at least 3 (default 5; --quick 3)")

@@ -17,7 +17,6 @@ recipe_setup() {
     exit 2
   fi
   METHOD=$1 DATABIN=$2 SAVEDIR=$3
-  local databin=$DATABIN
   REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
   VENV=${VENV:-$REPO/.venv}
   BIN=${FAIRSEQ_BIN:-$VENV/bin}
@@ -30,10 +29,10 @@ recipe_setup() {
     fi
     BIN=$(dirname "$found")
   fi
-  [ -d "$databin" ] || { echo "$me: no data-bin at $databin" >&2; exit 2; }
-  pair=$(ls "$databin" | sed -n 's/^train\.\([^.]*\)-\([^.]*\)\..*\.idx$/\1-\2/p' | head -1)
+  [ -d "$DATABIN" ] || { echo "$me: no data-bin at $DATABIN" >&2; exit 2; }
+  pair=$(ls "$DATABIN" | sed -n 's/^train\.\([^.]*\)-\([^.]*\)\..*\.idx$/\1-\2/p' | head -1)
   if [ -z "$pair" ]; then
-    echo "$me: $databin has no train.SRC-TGT.*.idx; is it a fairseq-preprocess data-bin" \
+    echo "$me: $DATABIN has no train.SRC-TGT.*.idx; is it a fairseq-preprocess data-bin" \
          "(e.g. from scripts/prepare_data.py)?" >&2
     exit 2
   fi

@@ -20,7 +20,7 @@
 # (argparse keeps the last value): give the budget as --max-update N,
 # --max-epoch N or --stop-time-hours H.  Environment knobs: WARMUP (1000),
 # DROPOUT (0.1), MAX_TOKENS (4096), LR (1e-3), SEED (1), MHCE_HEADS (2),
-# ADAPTIVE_CUTOFF (default: V/4,3V/4 of the target dictionary), PYTHON / VENV.
+# ADAPTIVE_CUTOFF (default: V/4,3V/4 of the target dictionary), VENV.
 set -euo pipefail
 source "$(dirname "$0")/recipe_common.sh"
 recipe_setup train.sh fairseq-train "$@"  # sets METHOD DATABIN SAVEDIR REPO BIN SRC TGT
