@@ -163,10 +163,13 @@ def test_budget_parsing_and_errors():
     dec = make_decoder(16, [4, 4])
     with pytest.raises(ValueError, match="per-head"):
         mhs_loss(dec, *batch(16), 0.1, smoothing="per-head")
-    # the stand-alone layer (benchmarks) is the same loss
-    head = MHSOutput(D, 1000, [250, 4], sample_groups=0.1).double()
+    # the stand-alone layer (benchmarks): with every group sampled, fairseq's full label-smoothed loss
+    head = MHSOutput(D, 1000, [250, 4], sample_groups=1.0).double()
     x, t = batch(1000)
-    torch.testing.assert_close(head.loss(x, t, 0.1)[0], mhs_loss(head, x, t, 0.1)[0])
+    ref_loss, ref_nll = reference(head, x, t, 0.1)
+    loss, nll, _ = head.loss(x, t, 0.1)
+    torch.testing.assert_close(loss.sum(), ref_loss.sum())
+    torch.testing.assert_close(nll.sum(), ref_nll.sum())
     head.eval()
     torch.testing.assert_close(head.loss(x, t, 0.1)[1], -head.log_probs(x).gather(-1, t[:, None])[:, 0])
 
