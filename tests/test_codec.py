@@ -65,6 +65,10 @@ def test_digit_counts_and_valid_mask():
     V, sizes = 17, [5, 4]
     codec = MixedRadixCodec(V, sizes)
     counts = codec.digit_counts()
+    # digits some valid code uses, as python ints (heads that use only some of their digits too)
+    for v, sz, used in ((17, [5, 4], [5, 4]), (7, [3, 3, 3], [1, 3, 3]), (5, [10, 10], [1, 5]), (12, [4, 4], [3, 4])):
+        c = MixedRadixCodec(v, sz)
+        assert c.used_digits() == used == [int((n > 0).sum()) for n in c.digit_counts()]
     assert counts[0].tolist() == [4, 4, 4, 4, 1]
     assert counts[1].tolist() == [5, 4, 4, 4]
     m = codec.valid_digit_mask(1, torch.tensor([3, 4]))

@@ -96,9 +96,11 @@ class MixedRadixCodec(nn.Module):
         self.register_buffer("code", code)
         self.register_buffer("token", token)
 
-    @property
-    def num_heads(self) -> int:
-        return len(self.sizes)
+    def used_digits(self) -> List[int]:
+        """For each head h, how many of its C_h digits some valid code uses
+        (codes 0..V-1 use the digits below ceil(V / stride_h)); python ints,
+        so the loss reads no tensor back to the host."""
+        return [min(c, -(-self.vocab_size // s)) for c, s in zip(self.sizes, self.stride_list)]
 
     @property
     def num_codes(self) -> int:

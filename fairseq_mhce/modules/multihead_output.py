@@ -209,9 +209,10 @@ class MultiHeadProduct(MultiHeadOutput):
             loss = (1.0 - epsilon - eps_i) * nll + eps_i * smooth
         elif smoothing == "per-head":
             loss = 0
+            used = self.codec.used_digits()
             for h, lp in enumerate(lps):
                 n = self._digit_counts()[h] > 0
-                eps_h = epsilon / max(int(n.sum()) - 1, 1)
+                eps_h = epsilon / max(used[h] - 1, 1)
                 smooth_h = -(lp * n).sum(-1)
                 loss = loss + (1.0 - epsilon - eps_h) * (-gold[h]) + eps_h * smooth_h
             if lz is not None:
