@@ -45,6 +45,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
 
 MHS_GROUP_SIZE = 16
@@ -138,6 +139,16 @@ def _log_softmax(logits):
     return F.log_softmax(logits, dim=-1)
 
 
+def _label_smoothed(lprobs, target, epsilon):
+    """(N, K) log-probs, (N,) column of each target -> loss (N,), nll (N,):
+    fairseq's ``label_smoothed_nll_loss``; plain NLL without smoothing or
+    with a single class (whose smoothing would divide by zero)."""
+    if epsilon == 0 or lprobs.size(-1) < 2:
+        nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        return nll, nll
+    return label_smoothed_nll_loss(lprobs, target, epsilon, reduce=False)
+
+
 def _digits_correct(codec, pred_tokens, target):
     """(N, H) bool: digit h of the predicted token equals the target's."""
     return codec.encode(pred_tokens) == codec.encode(target)
@@ -148,13 +159,7 @@ def full_softmax_loss(decoder, x, target, epsilon):
     label smoothing uniform over ``V``; per token."""
     codec, proj = _codec_and_projection(decoder)
     lprobs = _log_softmax(proj(x))
-    nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    if epsilon == 0:
-        loss = nll
-    else:
-        smooth = -lprobs.sum(-1)
-        eps_i = epsilon / (lprobs.size(-1) - 1)
-        loss = (1.0 - epsilon - eps_i) * nll + eps_i * smooth
+    loss, nll = _label_smoothed(lprobs, target, epsilon)
     correct = _digits_correct(codec, lprobs.detach().argmax(-1), target)
     return loss, nll, correct
 
@@ -173,14 +178,7 @@ def sampled_softmax_loss(decoder, x, target, epsilon, budget: int, generator=Non
     p1 = codec.stride_list[0]
     c = codec.code[target]
     pos = torch.searchsorted(groups, c // p1) * p1 + c % p1
-    nll = -lprobs.gather(-1, pos.unsqueeze(-1)).squeeze(-1)
-    n_sampled = lprobs.size(-1)
-    if epsilon == 0 or n_sampled < 2:
-        loss = nll
-    else:
-        smooth = -lprobs.sum(-1)
-        eps_i = epsilon / (n_sampled - 1)
-        loss = (1.0 - epsilon - eps_i) * nll + eps_i * smooth
+    loss, nll = _label_smoothed(lprobs, pos, epsilon)  # smoothing over the sampled tokens
     correct = _digits_correct(codec, tokens[lprobs.detach().argmax(-1)], target)
     if return_tokens:
         return loss, nll, correct, tokens
