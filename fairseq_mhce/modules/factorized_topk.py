@@ -266,14 +266,12 @@ def _mhe2_topk(head, x, lp0, k: int, min_token: int, budget: int, first_width: O
     arange2 = torch.arange(c2, device=dev)
     lo = max(min_token, 0)
     # first digits of the extra tokens: expanded up front, out of the ranking
-    fixed_list: List[int] = []
+    fixed = torch.zeros(0, dtype=torch.long, device=dev)
     if extra is not None and extra.numel() > 0:
         e_digits = codec.encode(extra)  # (S, 2)
-        firsts = e_digits[:, 0].tolist()
-        fixed_list = sorted(set(firsts))
-        e_cols = torch.tensor([fixed_list.index(f) * c2 for f in firsts], device=dev) + e_digits[:, 1]
-    u = len(fixed_list)
-    fixed = torch.tensor(fixed_list, dtype=torch.long, device=dev)
+        fixed, inv = torch.unique(e_digits[:, 0], return_inverse=True)  # sorted
+        e_cols = inv * c2 + e_digits[:, 1]  # column of each extra token in the candidate row
+    u = fixed.numel()
     m0 = min(c1 - u, first_width or max(2, k // 4))
     # at least k candidates in pass 1 (every valid first digit has >= 1 child)
     while m0 < c1 - u and (m0 + u) * c2 < k + lo + 1:
