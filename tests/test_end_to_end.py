@@ -93,7 +93,11 @@ def test_generation_features(trained, data, method):
         ["--max-len-b", "3", "--max-len-a", "0", "--min-len", "2"],
     ):
         out = generate(data, ckpt, *flags)
-        assert len(hypotheses(out)) > 50, flags
+        hyps = hypotheses(out)
+        assert len(hyps) > 50, flags
+        words = [h[0][0].split() for h in hyps.values()]
+        if "--min-len" in flags:  # between --min-len and --max-len-b tokens (eos not counted)
+            assert all(2 <= len(w) <= 3 for w in words), [len(w) for w in words][:20]
     out = generate(data, ckpt, "--max-len-b", "3", "--max-len-a", "0")
     assert all(len(h[0][0].split()) <= 3 for h in hypotheses(out).values())
     # --score-reference: scores the references through get_normalized_probs
