@@ -35,6 +35,8 @@ from fairseq import search
 from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
 from torch import Tensor
 
+from .modules.output_layer import OutputLayer
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,9 +45,9 @@ def num_special_columns(tgt_dict) -> int:
     return 1 + max(tgt_dict.bos(), tgt_dict.pad(), tgt_dict.eos(), tgt_dict.unk())
 
 
-def _head(model):
+def _head(model) -> Optional[OutputLayer]:
     head = getattr(getattr(model, "decoder", None), "mhce_head", None)
-    return head if head is not None and hasattr(head, "topk") else None
+    return head if isinstance(head, OutputLayer) else None
 
 
 def unsupported_reason(models, args, tgt_dict, seq_gen_cls=None, extra_gen_cls_kwargs=None,
@@ -57,8 +59,8 @@ def unsupported_reason(models, args, tgt_dict, seq_gen_cls=None, extra_gen_cls_k
         return f"an ensemble of {len(models)} models averages full distributions"
     if _head(models[0]) is None:
         return (
-            "the model has no multi-head output (softmax or --mhce-method mhs): its decoder "
-            "computes the full row anyway, so --mhce-search factorized has no effect"
+            "the model has no multi-head output layer (a softmax model): its decoder computes "
+            "the full row anyway, so --mhce-search factorized has no effect"
         )
     if g("sampling", False):
         return "--sampling draws from the full distribution"

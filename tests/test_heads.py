@@ -104,7 +104,7 @@ def test_loss_nll_and_smoothing_match_materialized(method, V, sizes):
         digits, prefixes = codec.encode(target), codec.prefixes(target)
         ref = torch.zeros(6, dtype=torch.float64)
         for h in range(len(sizes)):
-            lph = head.head_log_probs(h, x, prefixes[:, h : h + 1]).squeeze(1).double()
+            lph = head.level_log_probs(h, x, prefixes[:, h : h + 1]).squeeze(1).double()
             for n in range(6):
                 valid = torch.isfinite(lph[n])
                 k = int(valid.sum())

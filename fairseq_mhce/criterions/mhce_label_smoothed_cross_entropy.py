@@ -20,6 +20,8 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.dataclass import ChoiceEnum
 
+from ..modules.output_layer import OutputLayer
+
 MAX_HEADS_LOGGED = 8
 
 
@@ -36,17 +38,22 @@ class MHCELabelSmoothedCrossEntropyCriterionConfig(LabelSmoothedCrossEntropyCrit
     )
 
 
-def get_mhce_decoder(model):
-    """The decoder of a ``transformer_mhce`` model, or a clear error."""
-    decoder = getattr(model, "decoder", None)
-    if decoder is None or not (hasattr(decoder, "mhce_head") or hasattr(decoder, "mhs_codec")):
+def get_mhce_head(model) -> OutputLayer:
+    """The output layer of a ``transformer_mhce`` model, or a clear error."""
+    head = getattr(getattr(model, "decoder", None), "mhce_head", None)
+    if not isinstance(head, OutputLayer):
         raise ValueError(
             "--criterion mhce_label_smoothed_cross_entropy needs a model with a multi-head "
             f"output layer, got {type(model).__name__}. Use an --arch ending in _mhce (for "
             "example transformer_iwslt_de_en_mhce), or --criterion "
             "label_smoothed_cross_entropy for a softmax model."
         )
-    return decoder
+    if head.codec.pending_table is not None:
+        raise FileNotFoundError(
+            f"--mhce-code-table {head.codec.pending_table}: no such file. Write it with "
+            "scripts/build_codes.py (or drop the option to use --mhce-code-order)"
+        )
+    return head
 
 
 @register_criterion(
@@ -73,7 +80,7 @@ class MHCELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
         2) the sample size, which is used as the denominator for the gradient
         3) logging outputs to display while training
         """
-        decoder = get_mhce_decoder(model)
+        head = get_mhce_head(model)
         net_output = model(**sample["net_input"])
         x = net_output[0]  # (B, T, d): the decoder states (output_layer is the identity)
         target = model.get_targets(sample, net_output)  # (B, T)
@@ -83,16 +90,7 @@ class MHCELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
         keep = target.ne(self.padding_idx)
         x, target = x[keep], target[keep]  # (N, d), (N,): padding never reaches the head
 
-        if decoder.mhce_head is not None:
-            loss, nll, correct = decoder.mhce_head.loss(
-                x, target, self.eps, smoothing=self.mhce_label_smoothing
-            )
-        else:
-            from .mhs import mhs_loss  # MHS: sampled softmax in training, full one in eval
-
-            loss, nll, correct = mhs_loss(
-                decoder, x, target, self.eps, training=model.training, smoothing=self.mhce_label_smoothing
-            )
+        loss, nll, correct = head.loss(x, target, self.eps, smoothing=self.mhce_label_smoothing)
         loss, nll = loss.sum(), nll.sum()
 
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]

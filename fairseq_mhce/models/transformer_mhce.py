@@ -7,6 +7,7 @@ fairseq a ``<arch>_mhce`` twin is registered with the same hyperparameters.
 """
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -16,18 +17,17 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import ARCH_MODEL_REGISTRY, ARCH_CONFIG_REGISTRY, register_model, register_model_architecture
 from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase, TransformerModel
 
-from ..criterions.mhs import mhs_default_head_sizes
-from ..modules.codec import MixedRadixCodec, auto_head_sizes, parse_head_sizes
-from ..modules.multihead_output import MultiHeadEmbedding, MultiHeadProduct
+from ..modules.code_table import load_code_table
+from ..modules.codec import MixedRadixCodec, parse_head_sizes
+from ..modules.multihead_output import LAST_HEAD_CHOICES
+from ..modules.output_layer import HEADS, OutputLayer, head_class
 
 logger = logging.getLogger(__name__)
-
-MHCE_METHODS = ["mhp", "mhe", "mhs"]
 
 
 @dataclass
 class MHCEConfig(FairseqDataclass):
-    mhce_method: ChoiceEnum(MHCE_METHODS) = field(
+    mhce_method: ChoiceEnum(list(HEADS)) = field(
         default="mhe",
         metadata={
             "help": "output layer: mhp (independent digit heads, product distribution), "
@@ -55,6 +55,23 @@ class MHCEConfig(FairseqDataclass):
         },
     )
     mhce_code_seed: int = field(default=1, metadata={"help": "seed of --mhce-code-order random"})
+    mhce_code_table: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "a code table file written by scripts/build_codes.py for this target "
+            "dictionary and these head sizes (overrides --mhce-code-order); read when the "
+            "model is first built and saved in the checkpoint, so decoding does not need it"
+        },
+    )
+    mhce_last_head: ChoiceEnum(LAST_HEAD_CHOICES) = field(
+        default="shared",
+        metadata={
+            "help": "MHE: the last head's output vectors: shared (one C_H x d matrix for every "
+            "prefix, told apart by a prefix embedding) or per-token (each token its own "
+            "vector, scored only within its prefix's group: V x d parameters, "
+            "O(sum C_h d) compute per target)"
+        },
+    )
     mhce_activation: ChoiceEnum(["gelu", "relu", "tanh"]) = field(
         default="gelu", metadata={"help": "MHE: activation of x + E_h[prefix]"}
     )
@@ -76,27 +93,28 @@ def mhce_defaults(args):
             setattr(args, name, None)
 
 
-def build_head(cfg, input_dim: int, vocab_size: int):
-    """The output head named by ``cfg.mhce_method`` (None for mhs, which keeps
-    fairseq's own ``V x d`` projection)."""
-    method = str(cfg.mhce_method)
-    if method not in MHCE_METHODS:
-        raise ValueError(f"unknown --mhce-method {method!r}; choose one of {', '.join(MHCE_METHODS)}")
-    sizes = parse_head_sizes(cfg.mhce_head_sizes)
-    if sizes is None and method == "mhs":
-        sizes = mhs_default_head_sizes(vocab_size)
-    elif sizes is None:
-        sizes = auto_head_sizes(vocab_size, int(cfg.mhce_heads))
-    code = None
-    if str(cfg.mhce_code_order) == "random":
+def build_head(cfg, input_dim: int, dictionary, embed_tokens=None) -> OutputLayer:
+    """The output layer named by ``cfg.mhce_method``, with its codec (head
+    sizes, code table); ``embed_tokens`` is passed for tying (MHS only)."""
+    cls = head_class(cfg.mhce_method)
+    vocab_size = len(dictionary)
+    sizes = parse_head_sizes(cfg.mhce_head_sizes) or cls.default_head_sizes(vocab_size, int(cfg.mhce_heads))
+    code, pending = None, None
+    if getattr(cfg, "mhce_code_table", None):
+        path = str(cfg.mhce_code_table)
+        if os.path.exists(path):
+            code = load_code_table(path, vocab_size, sizes, list(dictionary.symbols))
+        else:
+            # a checkpoint being loaded brings its own table (state dict); a
+            # model trained from scratch needs the file: the criterion says so
+            logger.warning(f"--mhce-code-table {path} not found; the code table must come from a checkpoint")
+            pending = path
+    elif str(cfg.mhce_code_order) == "random":
         g = torch.Generator().manual_seed(int(cfg.mhce_code_seed))
         code = torch.randperm(vocab_size, generator=g)
     codec = MixedRadixCodec(vocab_size, sizes, code)
-    if method == "mhp":
-        return MultiHeadProduct(input_dim, codec)
-    if method == "mhe":
-        return MultiHeadEmbedding(input_dim, codec, activation=str(cfg.mhce_activation))
-    return codec  # mhs: only the grouping is needed
+    codec.pending_table = pending
+    return cls.build(cfg, input_dim, codec, embed_tokens)
 
 
 class TransformerMHCEDecoder(TransformerDecoderBase):
@@ -111,32 +129,34 @@ class TransformerMHCEDecoder(TransformerDecoderBase):
     def build_output_projection(self, cfg, dictionary, embed_tokens):
         if getattr(cfg, "base_layers", 0):
             raise ValueError("--base-layers is not supported with a multi-head output")
-        head = build_head(cfg, self.output_embed_dim, len(dictionary))
-        if str(cfg.mhce_method) == "mhs":
-            # MHS keeps the ordinary V x d projection (decoding is the full
-            # softmax); the codec only defines the sampled groups.
-            super().build_output_projection(cfg, dictionary, embed_tokens)
-            self.mhce_head = None
-            self.mhs_codec = head
-        else:
-            self.mhce_head = head
-            self.output_projection = None
+        self.mhce_head = build_head(
+            cfg, self.output_embed_dim, dictionary, embed_tokens if self.share_input_output_embed else None
+        )
+        self.output_projection = None  # every method's output layer is mhce_head (mhs: its proj)
 
     def output_layer(self, features):
-        # every method, mhs included: the criterion needs the states (mhs
-        # scores only sampled rows of the projection in training)
+        # the criterion and get_normalized_probs apply the head to the states
         return features
 
-    def set_num_updates(self, num_updates):
-        """MHS: the update number seeds the sampled negative groups (called
-        by fairseq's model.set_num_updates before every training step)."""
-        self.mhs_num_updates = num_updates
+    def upgrade_state_dict_named(self, state_dict, name):
+        """Checkpoints of the earlier MHS layout (``output_projection`` +
+        ``mhs_codec`` on the decoder) load into ``mhce_head``; the
+        ``output_projection.weight`` that fairseq synthesizes for tied
+        embeddings is dropped (the head ties its own ``proj``)."""
+        super().upgrade_state_dict_named(state_dict, name)
+        p = name + "." if name else ""
+        legacy_mhs = [k for k in state_dict if k.startswith(p + "mhs_codec.")]
+        for k in legacy_mhs:
+            state_dict[p + "mhce_head.codec." + k[len(p + "mhs_codec."):]] = state_dict.pop(k)
+        if legacy_mhs:
+            state_dict[p + "mhce_head.method_id"] = torch.tensor(head_class("mhs").method_code)
+        proj = state_dict.pop(p + "output_projection.weight", None)
+        if proj is not None and p + "mhce_head.proj.weight" not in state_dict and str(self.mhce_head.method) == "mhs":
+            state_dict[p + "mhce_head.proj.weight"] = proj
+        return state_dict
 
     def get_normalized_probs_scriptable(self, net_output, log_probs, sample=None):
         """(B, T, d) states -> (B, T, V) exact (log-)probabilities."""
-        if self.mhce_head is None:  # mhs: the ordinary full softmax
-            logits = self.output_projection(net_output[0])
-            return super().get_normalized_probs_scriptable((logits, *net_output[1:]), log_probs, sample)
         x = net_output[0]
         lp = self.mhce_head.log_probs(x.reshape(-1, x.size(-1))).view(*x.shape[:-1], -1)
         return lp if log_probs else lp.exp()
@@ -154,9 +174,7 @@ class TransformerMHCEModel(TransformerModel):
     @classmethod
     def build_model(cls, args, task):
         mhce_defaults(args)
-        method = str(args.mhce_method)
-        if method not in MHCE_METHODS:
-            raise ValueError(f"unknown --mhce-method {method!r}; choose one of {', '.join(MHCE_METHODS)}")
+        method = head_class(args.mhce_method).method
         shared = getattr(args, "share_decoder_input_output_embed", False) or getattr(
             args, "share_all_embeddings", False
         )

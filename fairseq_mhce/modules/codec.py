@@ -88,6 +88,9 @@ class MixedRadixCodec(nn.Module):
         token[code] = torch.arange(vocab_size)
         self.vocab_size = vocab_size
         self.sizes = head_sizes
+        # a --mhce-code-table file that was missing at build time (a checkpoint
+        # being loaded replaces the table; training without it is an error)
+        self.pending_table: Optional[str] = None
         # python copies of the (fixed) radix: reading the buffers in the loss
         # or the decoder step would force a device sync on a GPU
         self.stride_list = strides

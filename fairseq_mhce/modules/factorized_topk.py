@@ -43,14 +43,11 @@ import torch
 NEG_INF = float("-inf")
 
 
-def _extra_mhp(head, lps, lz, extra: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _extra_values(head, x, extra: Optional[torch.Tensor], **kw) -> Optional[torch.Tensor]:
+    """(N, S) log-probabilities of the ``extra`` tokens (S,) in every row."""
     if extra is None or extra.numel() == 0:
         return None
-    digits = head.codec.encode(extra)  # (S, H)
-    out = lps[0].index_select(1, digits[:, 0])
-    for h in range(1, len(lps)):
-        out = out + lps[h].index_select(1, digits[:, h])
-    return out if lz is None else out - lz.unsqueeze(-1)
+    return head.token_log_probs(x, extra.unsqueeze(0).expand(x.size(0), -1), **kw)
 
 
 def _chunk(pending: torch.Tensor, per_row: int, budget: int) -> int:
@@ -86,9 +83,9 @@ def mhp_topk(
     sizes: List[int] = codec.sizes
     H = len(sizes)
     strides: List[int] = list(codec.stride_list)
-    lps = head.head_log_probs(x)
+    lps = head.digit_log_probs(x)
     lz = head.log_z(lps)
-    extra_values = _extra_mhp(head, lps, lz, extra)
+    extra_values = _extra_values(head, x, extra, lps=lps)
     n = x.size(0)
     values = lps[0].new_empty(n, k)
     tokens = torch.empty(n, k, dtype=torch.long, device=x.device)
@@ -148,22 +145,6 @@ def mhp_topk(
     return values, tokens, extra_values
 
 
-def _extra_mhe(head, x, lp0, extra: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    if extra is None or extra.numel() == 0:
-        return None
-    codec = head.codec
-    digits = codec.encode(extra)  # (S, H)
-    prefixes = codec.prefixes(extra)  # (S, H)
-    n = x.size(0)
-    out = lp0.new_zeros(n, extra.numel()) + lp0.index_select(1, digits[:, 0])
-    for h in range(1, len(codec.sizes)):
-        uniq, inv = torch.unique(prefixes[:, h], return_inverse=True)
-        lp = head.head_log_probs(h, x, uniq.unsqueeze(0).expand(n, -1))  # (n, U, C_h)
-        flat = lp.flatten(1).index_select(1, inv * codec.sizes[h] + digits[:, h])
-        out = out + flat
-    return out
-
-
 @torch.no_grad()
 def mhe_topk(
     head,
@@ -188,10 +169,10 @@ def mhe_topk(
     H = len(sizes)
     d = x.size(-1)
     n = x.size(0)
-    lp0 = head.head_log_probs(0, x, torch.zeros(n, 1, dtype=torch.long, device=x.device)).squeeze(1)
+    lp0 = head.level_log_probs(0, x, torch.zeros(n, 1, dtype=torch.long, device=x.device)).squeeze(1)
     if H == 2:
         return _mhe2_topk(head, x, lp0, k, min_token, budget, first_width, extra)
-    extra_values = _extra_mhe(head, x, lp0, extra)
+    extra_values = _extra_values(head, x, extra)
     values = lp0.new_empty(n, k)
     tokens = torch.empty(n, k, dtype=torch.long, device=x.device)
     # prefixes expanded at level j (the first j+1 digits), j = 0 .. H-2
@@ -216,7 +197,7 @@ def mhe_topk(
             level_scores.append(cur)
             best_left.append(tv[:, mm] if mm < width else None)
             prefix = ids.gather(1, ti[:, :mm])  # (r, mm)
-            lp = head.head_log_probs(h, xr, prefix)  # (r, mm, C_h)
+            lp = head.level_log_probs(h, xr, prefix)  # (r, mm, C_h)
             cur = (tv[:, :mm].unsqueeze(-1) + lp).flatten(1)
             ids = (prefix.unsqueeze(-1) * sizes[h] + torch.arange(sizes[h], device=x.device)).flatten(1)
         tok = codec.token[ids]  # ids are full codes now; -1 = invalid
@@ -283,7 +264,7 @@ def _mhe2_topk(head, x, lp0, k: int, min_token: int, budget: int, first_width: O
     sv, si = ranked.topk(width_sorted, dim=-1)
     first_i = torch.cat([fixed.unsqueeze(0).expand(n, -1), si[:, :m0]], 1)  # (n, u + m0)
     first_v = lp0.gather(1, first_i)
-    lp1 = head.head_log_probs(1, x, first_i)  # (n, u + m0, C2)
+    lp1 = head.level_log_probs(1, x, first_i)  # (n, u + m0, C2)
     cand = (first_v.unsqueeze(-1) + lp1).flatten(1)  # the dense row's (0 + lp_1) + lp_2
     extra_values = cand.index_select(1, e_cols) if u else None
     tok = codec.token[(first_i.unsqueeze(-1) * c2 + arange2).flatten(1)]
@@ -316,7 +297,7 @@ def _mhe2_topk(head, x, lp0, k: int, min_token: int, budget: int, first_width: O
             rank = (done[rows_a].unsqueeze(-1) + slot).clamp(max=width_sorted - 1)
             pre = si.index_select(0, rows_a).gather(1, rank)  # (r, width)
             pv = sv.index_select(0, rows_a).gather(1, rank).masked_fill(slot >= add_a.unsqueeze(-1), NEG_INF)
-            lp = head.head_log_probs(1, x.index_select(0, rows_a), pre)  # (r, width, C2)
+            lp = head.level_log_probs(1, x.index_select(0, rows_a), pre)  # (r, width, C2)
             more = (pv.unsqueeze(-1) + lp).flatten(1)
             more_tok = codec.token[(pre.unsqueeze(-1) * c2 + arange2).flatten(1)]
             more = more.masked_fill(more_tok < lo, NEG_INF)

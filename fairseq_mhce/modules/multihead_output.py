@@ -1,112 +1,23 @@
-"""Multi-head output layers that replace the ``V x d`` vocabulary projection.
+"""The multi-head output layers MHP and MHE (MHS lives in :mod:`.mhs`).
 
-Both heads work on flat decoder states ``x: (N, d)`` and token ids, and share
-one interface (see :class:`MultiHeadOutput`):
-
-* ``log_probs(x)``          -> ``(N, V)`` exact log-probabilities (dense row,
-  for fairseq's generator and scorer);
-* ``token_log_probs(x, t)`` -> ``(N, K)`` exact log-probabilities of given
-  tokens, without the dense row;
-* ``loss(x, target, eps)``  -> label-smoothed loss and NLL per token, computed
-  in ``O(sum C_h d)`` (never materializes ``V``);
-
-All log-probabilities are computed in float32 whatever the input dtype: the
-head outputs are small, and fp16/bf16 log-sum-exp over a product of heads
-loses the precision that beam scores need.
+Both work on flat decoder states ``x: (N, d)`` and implement
+:class:`~.output_layer.OutputLayer`.  All log-probabilities are computed in
+float32 whatever the input dtype: the head outputs are small, and fp16/bf16
+log-sum-exp over a product of heads loses the precision that beam scores need.
 """
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .codec import MixedRadixCodec
+from .output_layer import NEG_INF, OutputLayer, _init_linear, register_head
 
-NEG_INF = float("-inf")
-
-
-def _init_linear(linear: nn.Linear) -> nn.Linear:
-    # same scale as fairseq's output projection (normal, std d^-0.5)
-    nn.init.normal_(linear.weight, mean=0.0, std=linear.in_features ** -0.5)
-    if linear.bias is not None:
-        nn.init.zeros_(linear.bias)
-    return linear
-
-
-class MultiHeadOutput(nn.Module):
-    """Base class: a codec plus the bookkeeping every head shares."""
-
-    method: str = ""
-
-    def __init__(self, input_dim: int, codec: MixedRadixCodec):
-        super().__init__()
-        self.input_dim = input_dim
-        self.codec = codec
-
-    @property
-    def vocab_size(self) -> int:
-        return self.codec.vocab_size
-
-    @property
-    def sizes(self) -> List[int]:
-        return self.codec.sizes
-
-    def num_output_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def upgrade_state_dict_named(self, state_dict, name):
-        """Called by fairseq before ``load_state_dict``: turn a checkpoint
-        whose head does not match this model into a clear error instead of a
-        tensor size mismatch deep inside torch."""
-        prefix = name + "." if name else ""
-        key = prefix + "codec.head_sizes"
-        if key not in state_dict:
-            raise RuntimeError(
-                f"the checkpoint has no multi-head output at '{prefix}' (no {key}); it was not "
-                f"trained with --mhce-method {self.method}. Load it with the architecture it was "
-                f"trained with."
-            )
-        ck_sizes = state_dict[key].tolist()
-        ck_vocab = state_dict[prefix + "codec.code"].numel()
-        if ck_vocab != self.vocab_size:
-            raise RuntimeError(
-                f"dictionary mismatch: the checkpoint's output layer covers {ck_vocab} target "
-                f"types but the target dictionary given now has {self.vocab_size}. Use the "
-                f"data-bin (dict.*.txt) the model was trained with."
-            )
-        if ck_sizes != self.sizes:
-            raise RuntimeError(
-                f"the checkpoint was trained with --mhce-head-sizes "
-                f"{','.join(map(str, ck_sizes))} but this model has "
-                f"{','.join(map(str, self.sizes))}; pass --mhce-head-sizes "
-                f"{','.join(map(str, ck_sizes))} (or drop the overrides so the checkpoint's "
-                f"own settings are used)."
-            )
-        mkey = prefix + "method_id"
-        if mkey in state_dict and int(state_dict[mkey]) != int(self.method_id):
-            ck_method = METHODS_BY_ID.get(int(state_dict[mkey]), "?")
-            raise RuntimeError(
-                f"the checkpoint was trained with --mhce-method {ck_method}, this model is "
-                f"--mhce-method {self.method}; use --mhce-method {ck_method}."
-            )
-
-    # -- interface ---------------------------------------------------------
-    def log_probs(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def token_log_probs(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def loss(self, x, target, epsilon, smoothing="auto"):
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.log_probs(x)
-
-
-class MultiHeadProduct(MultiHeadOutput):
+@register_head("mhp", 1)
+class MultiHeadProduct(OutputLayer):
     """MHP: ``H`` independent digit classifiers on the same state.
 
     ``log p(v|x) = sum_h log_softmax(W_h x + b_h)[d_h(v)] - log Z_valid(x)``,
@@ -114,16 +25,12 @@ class MultiHeadProduct(MultiHeadOutput):
     (``< V``), computed from the digits of ``V`` in ``O(sum C_h)``.
     """
 
-    method = "mhp"
-
     def __init__(self, input_dim: int, codec: MixedRadixCodec):
         super().__init__(input_dim, codec)
         # one fused projection for all heads, split afterwards
         self.proj = _init_linear(nn.Linear(input_dim, sum(codec.sizes)))
-        self.register_buffer("method_id", torch.tensor(METHOD_IDS[self.method]))
-        self._has_invalid = codec.num_codes > codec.vocab_size
 
-    def head_log_probs(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def digit_log_probs(self, x: torch.Tensor) -> List[torch.Tensor]:
         """(N, d) -> list of H tensors (N, C_h), float32 log-softmax."""
         logits = self.proj(x).float()
         return [F.log_softmax(z, dim=-1) for z in logits.split(self.sizes, dim=-1)]
@@ -154,20 +61,21 @@ class MultiHeadProduct(MultiHeadOutput):
     def log_probs(self, x):
         """(N, d) -> (N, V): broadcast sum of the small head log-softmaxes,
         reordered from code to token order; no V x d matmul."""
-        lps = self.head_log_probs(x)
+        lps = self.digit_log_probs(x)
         out = self._joint(lps).index_select(-1, self.codec.code)
         lz = self.log_z(lps)
         return out if lz is None else out - lz.unsqueeze(-1)
 
     def topk(self, x, k, min_token=0, extra=None):
-        """Exact per-row top-k without the dense row; see :mod:`.factorized_topk`."""
+        """Product-key search; see :func:`.factorized_topk.mhp_topk`."""
         from .factorized_topk import mhp_topk
 
         return mhp_topk(self, x, k, min_token, extra)
 
-    def token_log_probs(self, x, tokens):
-        """(N, d), (N, K) token ids -> (N, K)."""
-        lps = self.head_log_probs(x)
+    def token_log_probs(self, x, tokens, lps=None):
+        """(N, d), (N, K) token ids -> (N, K); ``lps``: this head's
+        :meth:`digit_log_probs` of ``x`` when already computed."""
+        lps = self.digit_log_probs(x) if lps is None else lps
         digits = self.codec.encode(tokens)  # (N, K, H)
         out = lps[0].gather(-1, digits[..., 0])
         for h in range(1, len(lps)):
@@ -176,19 +84,11 @@ class MultiHeadProduct(MultiHeadOutput):
         return out if lz is None else out - lz.unsqueeze(-1)
 
     def loss(self, x, target, epsilon, smoothing="auto"):
-        """Label-smoothed loss and NLL, per token.
-
-        Args:
-            x: (N, d) decoder states at non-padding positions
-            target: (N,) gold token ids
-            epsilon: label smoothing
-            smoothing: ``uniform`` (fairseq's: uniform over the V tokens, in
-                closed form from per-head sums) or ``per-head`` (each digit
-                classifier smoothed over its own classes)
-        Returns:
-            loss (N,), nll (N,), digit_correct (N, H) bool
-        """
-        lps = self.head_log_probs(x)
+        """The exact NLL (sum of per-head NLLs plus ``log Z_valid``), smoothed
+        ``uniform`` over the V tokens (fairseq's; closed form from per-head
+        sums, the default) or ``per-head`` (each digit classifier over its own
+        classes).  Shapes: see :meth:`OutputLayer.loss`."""
+        lps = self.digit_log_probs(x)
         digits = self.codec.encode(target)
         gold = [lp.gather(-1, digits[:, h : h + 1]).squeeze(-1) for h, lp in enumerate(lps)]
         lz = self.log_z(lps)
@@ -198,10 +98,10 @@ class MultiHeadProduct(MultiHeadOutput):
         correct = torch.stack([lp.argmax(-1) == digits[:, h] for h, lp in enumerate(lps)], -1)
         if epsilon == 0:
             return nll, nll, correct
+        counts = self._digit_counts()
         if smoothing in ("auto", "uniform"):
             # sum_v log p(v) = sum_h sum_j n_h[j] lp_h[j] - V log Z, with n_h[j]
             # the number of valid codes whose h-th digit is j
-            counts = self._digit_counts()
             smooth = -sum((lp * n).sum(-1) for lp, n in zip(lps, counts))
             if lz is not None:
                 smooth = smooth + self.vocab_size * lz
@@ -209,11 +109,9 @@ class MultiHeadProduct(MultiHeadOutput):
             loss = (1.0 - epsilon - eps_i) * nll + eps_i * smooth
         elif smoothing == "per-head":
             loss = 0
-            used = self.codec.used_digits()
-            for h, lp in enumerate(lps):
-                n = self._digit_counts()[h] > 0
-                eps_h = epsilon / max(used[h] - 1, 1)
-                smooth_h = -(lp * n).sum(-1)
+            for h, (lp, used) in enumerate(zip(lps, self.codec.used_digits())):
+                eps_h = epsilon / max(used - 1, 1)
+                smooth_h = -(lp * (counts[h] > 0)).sum(-1)
                 loss = loss + (1.0 - epsilon - eps_h) * (-gold[h]) + eps_h * smooth_h
             if lz is not None:
                 loss = loss + (1.0 - epsilon) * lz
@@ -231,32 +129,105 @@ class MultiHeadProduct(MultiHeadOutput):
         return cache
 
 
-class MultiHeadEmbedding(MultiHeadOutput):
+LAST_HEAD_CHOICES = ["shared", "per-token"]
+
+
+def grouped_logits(x: torch.Tensor, group: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   block: Optional[int] = None) -> torch.Tensor:  # fmt: skip
+    """``out[n] = weight[group[n]] @ x[n] + bias[group[n]]`` without the
+    ``(N, C, d)`` gathered rows.
+
+    Rows are sorted by group and cut into blocks of ``block`` rows of one
+    group each (the last block of a group padded); one ``bmm`` then scores
+    every block against its group's ``(C, d)`` matrix.  Memory and compute
+    are ``O((N / block + groups) (block + C) d)``: ``block ~ sqrt(N C /
+    groups)`` balances the padding against the gathered matrices.
+
+    Args:
+        x: (N, d); group: (N,) long in ``[0, G)``
+        weight: (G, C, d); bias: (G, C)
+    Returns:
+        (N, C)
+    """
+    n, d = x.shape
+    c = weight.size(1)
+    if n == 0:
+        return x.new_zeros(0, c)
+    order = group.argsort(stable=True)
+    g_sorted = group.index_select(0, order)
+    uniq, counts = torch.unique_consecutive(g_sorted, return_counts=True)
+    if block is None:
+        block = max(1, min(n, int(math.sqrt(n * c / uniq.numel()))))
+    starts = counts.cumsum(0) - counts
+    rank = torch.arange(n, device=x.device) - starts.repeat_interleave(counts)
+    per_group = (counts + block - 1) // block
+    chunk_base = per_group.cumsum(0) - per_group
+    chunk = chunk_base.repeat_interleave(counts) + rank // block
+    slot = rank % block
+    n_chunks = int(per_group.sum())
+    chunk_group = uniq.repeat_interleave(per_group)
+    xs = x.new_zeros(n_chunks * block, d).index_copy(0, chunk * block + slot, x.index_select(0, order))
+    w = weight.index_select(0, chunk_group)  # (chunks, C, d)
+    logits = torch.baddbmm(bias.index_select(0, chunk_group).unsqueeze(1), xs.view(n_chunks, block, d),
+                           w.transpose(1, 2))  # fmt: skip
+    out_sorted = logits.view(n_chunks * block, c).index_select(0, chunk * block + slot)
+    return out_sorted.new_empty(n, c).index_copy(0, order, out_sorted)
+
+
+@register_head("mhe", 2)
+class MultiHeadEmbedding(OutputLayer):
     """MHE: heads in series, coarse to fine (the exact chain rule).
 
     ``p(v|x) = prod_h p_h(d_h | x, d_<h)``; head 1 is ``softmax(W_1 x + b_1)``,
-    head ``h > 1`` is ``softmax(W_h act(x + E_h[d_<h]) + b_h)`` where
-    ``E_h`` embeds the prefix ``d_1 .. d_{h-1}`` (``C_1 * .. * C_{h-1}``
-    rows).  Digits that lead only to invalid codes are masked, so the
-    distribution is normalized over the V tokens exactly.
+    head ``1 < h < H`` is ``softmax(W_h act(x + E_h[d_<h]) + b_h)`` where
+    ``E_h`` embeds the prefix ``d_1 .. d_{h-1}``.  The last head is either
+
+    * ``shared``: like the middle heads, one ``C_H x d`` matrix for every
+      prefix (tokens with the same last digit share an output vector, told
+      apart only by the prefix embedding); or
+    * ``per-token``: the ``C_H`` tokens under prefix ``p`` are scored with
+      their own vectors, ``logit(v) = u_v . x + b_v`` for ``v`` in ``p``
+      (a code-indexed ``V x d`` table, as the paper's MHC: a coarse head
+      over groups, a per-label fine head over the candidate group).  The
+      prefix needs no embedding here: with per-token vectors an additive
+      prefix term before the linear map would only add a per-token bias.
+      Parameters as a softmax's; compute per target token ``O((C_1 + .. +
+      C_H) d)`` (:func:`grouped_logits`).
+
+    Digits that lead only to invalid codes are masked, so the distribution
+    is normalized over the V tokens exactly; a prefix with no valid digit
+    scores ``-inf`` everywhere (never NaN).
     """
 
-    method = "mhe"
-
-    def __init__(self, input_dim: int, codec: MixedRadixCodec, activation: str = "gelu"):
+    def __init__(self, input_dim: int, codec: MixedRadixCodec, activation: str = "gelu",
+                 last_head: str = "shared"):  # fmt: skip
         super().__init__(input_dim, codec)
+        if last_head not in LAST_HEAD_CHOICES:
+            raise ValueError(f"--mhce-last-head must be one of {LAST_HEAD_CHOICES}, got {last_head!r}")
         sizes = codec.sizes
-        self.out = nn.ModuleList([_init_linear(nn.Linear(input_dim, c)) for c in sizes])
+        self.last_head = last_head
+        self.per_token = last_head == "per-token"
+        n_shared = len(sizes) - 1 if self.per_token else len(sizes)
+        self.out = nn.ModuleList([_init_linear(nn.Linear(input_dim, c)) for c in sizes[:n_shared]])
         self.prefix_embed = nn.ModuleList(
-            [nn.Embedding(math.prod(sizes[:h]), input_dim) for h in range(1, len(sizes))]
+            [nn.Embedding(math.prod(sizes[:h]), input_dim) for h in range(1, n_shared)]
         )
         for e in self.prefix_embed:
             nn.init.normal_(e.weight, mean=0.0, std=input_dim ** -0.5)
+        if self.per_token:
+            # one row per code of the used last-level prefixes (row = code)
+            self.num_last_prefixes = -(-codec.vocab_size // sizes[-1])
+            rows = self.num_last_prefixes * sizes[-1]
+            self.token_vectors = nn.Parameter(torch.randn(rows, input_dim) * input_dim ** -0.5)
+            self.token_bias = nn.Parameter(torch.zeros(rows))
         self.activation = {"gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh}[activation]
-        self.register_buffer("method_id", torch.tensor(METHOD_IDS[self.method]))
-        self._has_invalid = codec.num_codes > codec.vocab_size
 
-    def head_log_probs(self, h: int, x: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def build(cls, cfg, input_dim, codec, embed_tokens=None):
+        return cls(input_dim, codec, activation=str(getattr(cfg, "mhce_activation", "gelu")),
+                   last_head=str(getattr(cfg, "mhce_last_head", "shared")))  # fmt: skip
+
+    def level_log_probs(self, h: int, x: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
         """Head h's log-probabilities given prefixes.
 
         Args:
@@ -264,23 +235,35 @@ class MultiHeadEmbedding(MultiHeadOutput):
             prefix: (N, M) prefix indices (``d_1 .. d_{h-1}`` as an integer;
                 ignored for h = 0)
         Returns:
-            (N, M, C_h) float32 log-softmax, -inf on digits with no valid code
+            (N, M, C_h) float32 log-softmax; ``-inf`` on digits with no valid
+            code (a prefix with none is ``-inf`` throughout, not NaN)
         """
         if h == 0:
             logits = self.out[0](x).unsqueeze(1).expand(-1, prefix.size(1), -1)
+        elif self.per_token and h == len(self.sizes) - 1:
+            n, m = prefix.shape
+            c = self.sizes[-1]
+            p = prefix.reshape(-1).clamp(max=self.num_last_prefixes - 1)  # beyond: all invalid, masked
+            xs = x.unsqueeze(1).expand(n, m, x.size(-1)).reshape(n * m, -1)
+            logits = grouped_logits(
+                xs, p, self.token_vectors.view(-1, c, self.input_dim), self.token_bias.view(-1, c)
+            ).view(n, m, c)
         else:
             hid = self.activation(x.unsqueeze(1) + self.prefix_embed[h - 1](prefix))
             logits = self.out[h](hid)
         logits = logits.float()
-        if self._has_invalid:
-            logits = logits.masked_fill(~self.codec.valid_digit_mask(h, prefix), NEG_INF)
-        return F.log_softmax(logits, dim=-1)
+        if not self._has_invalid:
+            return F.log_softmax(logits, dim=-1)
+        valid = self.codec.valid_digit_mask(h, prefix)
+        lp = F.log_softmax(logits.masked_fill(~valid, NEG_INF), dim=-1)
+        return lp.masked_fill(~valid, NEG_INF)  # an all-invalid row is NaN after log_softmax
 
     def log_probs(self, x, max_elements: int = 1 << 25):
         """(N, d) -> (N, V) by expanding every prefix, head by head.  Costs
-        ``O(V d)`` (each of the ``V / C_H`` last-level prefixes needs its own
-        hidden state); the factorized search avoids it.  Rows are processed in
-        chunks so the ``(N, prefixes, d)`` hidden states stay bounded."""
+        ``O(V d)`` (shared: each last-level prefix needs its own hidden state;
+        per-token: one ``V x d`` matmul, as a softmax); the factorized search
+        avoids it.  Rows are processed in chunks so the ``(N, prefixes, d)``
+        hidden states stay bounded."""
         n = x.size(0)
         widest = max([1] + [e.num_embeddings for e in self.prefix_embed])
         step = max(1, max_elements // (widest * self.input_dim))
@@ -289,27 +272,46 @@ class MultiHeadEmbedding(MultiHeadOutput):
 
     def _dense_rows(self, x):
         n = x.size(0)
+        H = len(self.sizes)
         prefix = torch.zeros(n, 1, dtype=torch.long, device=x.device)
         scores = x.new_zeros(n, 1, dtype=torch.float)
-        for h, c in enumerate(self.sizes):
-            lp = self.head_log_probs(h, x, prefix)  # (n, M, C_h)
+        for h in range(H):
+            if self.per_token and h == H - 1:
+                lp = self._last_level_dense(x, scores.size(1))
+            else:
+                lp = self.level_log_probs(h, x, prefix)  # (n, M, C_h)
             scores = (scores.unsqueeze(-1) + lp).flatten(1)  # (n, M*C_h), code order
             prefix = torch.arange(scores.size(1), device=x.device).unsqueeze(0).expand(n, -1)
         return scores.index_select(-1, self.codec.code)
 
+    def _last_level_dense(self, x, num_prefixes: int):
+        """Per-token last head for every prefix at once: (n, num_prefixes, C_H)."""
+        c = self.sizes[-1]
+        logits = F.linear(x, self.token_vectors, self.token_bias).float().view(x.size(0), -1, c)
+        if num_prefixes > self.num_last_prefixes:  # prefixes past V: no valid code
+            pad = logits.new_full((x.size(0), num_prefixes - self.num_last_prefixes, c), NEG_INF)
+            logits = torch.cat([logits, pad], 1)
+        if not self._has_invalid:
+            return F.log_softmax(logits, dim=-1)
+        prefix = torch.arange(num_prefixes, device=x.device)
+        valid = self.codec.valid_digit_mask(len(self.sizes) - 1, prefix)
+        lp = F.log_softmax(logits.masked_fill(~valid, NEG_INF), dim=-1)
+        return lp.masked_fill(~valid, NEG_INF)
+
     def topk(self, x, k, min_token=0, extra=None):
-        """Exact per-row top-k without the dense row; see :mod:`.factorized_topk`."""
+        """Best-first prefix expansion; see :func:`.factorized_topk.mhe_topk`."""
         from .factorized_topk import mhe_topk
 
         return mhe_topk(self, x, k, min_token, extra)
 
     def token_log_probs(self, x, tokens):
-        """(N, d), (N, K) token ids -> (N, K), one head evaluation per digit."""
+        """(N, d), (N, K) token ids -> (N, K), one head evaluation per digit
+        (summed in the dense row's order ``((0 + lp_1) + lp_2) + ..``)."""
         digits = self.codec.encode(tokens)  # (N, K, H)
         prefixes = self.codec.prefixes(tokens)  # (N, K, H)
-        out = 0
+        out = x.new_zeros(tokens.shape, dtype=torch.float)
         for h in range(len(self.sizes)):
-            lp = self.head_log_probs(h, x, prefixes[..., h])
+            lp = self.level_log_probs(h, x, prefixes[..., h])
             out = out + lp.gather(-1, digits[..., h : h + 1]).squeeze(-1)
         return out
 
@@ -318,8 +320,7 @@ class MultiHeadEmbedding(MultiHeadOutput):
 
         Label smoothing is per head (``smoothing`` ``auto`` or ``per-head``):
         uniform smoothing over V would need every prefix, i.e. ``O(V d)``.
-
-        Args / returns: as :meth:`MultiHeadProduct.loss`.
+        Shapes: see :meth:`OutputLayer.loss`.
         """
         if smoothing not in ("auto", "per-head"):
             raise ValueError(
@@ -332,7 +333,7 @@ class MultiHeadEmbedding(MultiHeadOutput):
         loss = 0
         correct = []
         for h in range(len(self.sizes)):
-            lp = self.head_log_probs(h, x, prefixes[:, h : h + 1]).squeeze(1)  # (N, C_h)
+            lp = self.level_log_probs(h, x, prefixes[:, h : h + 1]).squeeze(1)  # (N, C_h)
             nll_h = -lp.gather(-1, digits[:, h : h + 1]).squeeze(-1)
             correct.append(lp.argmax(-1) == digits[:, h])
             nll = nll + nll_h
@@ -346,6 +347,13 @@ class MultiHeadEmbedding(MultiHeadOutput):
             loss = nll
         return loss, nll, torch.stack(correct, -1)
 
-
-METHOD_IDS = {"mhp": 1, "mhe": 2, "mhs": 3}
-METHODS_BY_ID = {v: k for k, v in METHOD_IDS.items()}
+    def upgrade_state_dict_named(self, state_dict, name):
+        super().upgrade_state_dict_named(state_dict, name)
+        prefix = name + "." if name else ""
+        ck_per_token = (prefix + "token_vectors") in state_dict
+        if ck_per_token != self.per_token:
+            ck = "per-token" if ck_per_token else "shared"
+            raise RuntimeError(
+                f"the checkpoint's MHE last head is --mhce-last-head {ck}, this model's is "
+                f"{self.last_head}; pass --mhce-last-head {ck} (or drop the override)."
+            )

@@ -1,0 +1,654 @@
+"""Learned code tables: which code (and so which digits) each target token gets.
+
+A code table is a permutation ``code`` of ``[0, V)`` over the ids of a fairseq
+target dictionary; :class:`~fairseq_mhce.modules.codec.MixedRadixCodec` writes
+``code[v]`` in the big-endian mixed radix of the head sizes ``C_1 .. C_H``.
+The default (identity) makes head 1 a frequency band of the dictionary; this
+module builds tables that put *similar* tokens under the same prefix and make
+a digit of a shared head mean the same thing under every prefix.
+
+File format (JSON, written by :func:`save_code_table`)::
+
+    {"format": "fairseq_mhce.code_table", "version": 1,
+     "vocab_size": V, "head_sizes": [C_1, .., C_H],
+     "dictionary_sha1": sha1("\\n".join(dictionary symbols), utf-8),
+     "code": [code of token 0, .., code of token V-1],
+     "meta": {...free-form: how it was built...}}
+
+Grouping (:func:`balanced_codes`) works level by level, coarse to fine.  At
+level ``h`` every group of level ``h-1`` (a range of ``C_h * P_h`` codes) is
+split into its ``C_h`` sub-ranges of ``P_h`` codes; a sub-range's capacity is
+the number of its codes that are valid (``< V``) and not fixed (the specials
+keep codes ``0..fixed_first-1``), so every group is exactly full except the
+very last one at each level, and the used codes are exactly ``[0, V)``.  The
+tokens of each group are assigned to its sub-ranges under those capacities by
+distance to *column centroids* that are shared by all groups of the level
+(centroids of the residuals ``vector - centroid of its group``), alternating
+with recomputing those centroids: at level 1 (one group, the whole
+vocabulary) this is balanced k-means; below, digit ``j`` of head ``h`` gets
+one meaning across prefixes, which is what a head shared by all prefixes
+(MHP, the shared last head of MHE) needs.  Small groups are assigned exactly
+(scipy's ``linear_sum_assignment`` on the capacity-expanded cost matrix),
+large ones by a price-balanced greedy matching.
+
+Token vectors come from :func:`ppmi_svd_vectors` (co-occurrence in the
+training targets) or :func:`checkpoint_vectors` (a trained model's output or
+input embeddings).  ``scripts/build_codes.py`` is the command line.
+
+Only numpy and torch are imported at module import time; scipy, scikit-learn
+and fairseq are imported by the functions that need them.
+"""
+import hashlib
+import json
+import math
+import os
+import tempfile
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+FORMAT = "fairseq_mhce.code_table"
+VERSION = 1
+SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # fairseq Dictionary ids 0..3
+
+# groups up to this many tokens are assigned exactly (Hungarian on an n x n
+# matrix); larger ones by the price-balanced greedy matching
+EXACT_MAX = 1200
+
+
+# --------------------------------------------------------------------------
+# dictionary and file
+# --------------------------------------------------------------------------
+
+
+def dictionary_symbols(d) -> List[str]:
+    """The symbols of a fairseq target dictionary, in id order.
+
+    ``d``: a ``fairseq.data.Dictionary`` (anything with ``.symbols``) or the
+    path of a ``dict.XX.txt``, loaded with ``Dictionary.load`` so that the
+    four specials ``<s> <pad> </s> <unk>`` come first exactly as in the model.
+    """
+    if hasattr(d, "symbols"):
+        return [str(s) for s in d.symbols]
+    path = os.fspath(d)
+    if not os.path.isfile(path):
+        raise ValueError(f"no dictionary file {path}")
+    from fairseq.data import Dictionary
+
+    return [str(s) for s in Dictionary.load(path).symbols]
+
+
+def dictionary_sha1(symbols: Sequence[str]) -> str:
+    return hashlib.sha1("\n".join(symbols).encode("utf-8")).hexdigest()
+
+
+def _check_code(code: np.ndarray, vocab_size: int, what: str) -> None:
+    if code.shape != (vocab_size,) or not np.array_equal(np.sort(code), np.arange(vocab_size)):
+        raise ValueError(
+            f"{what}: the code table must be a permutation of [0, {vocab_size}) "
+            f"(one distinct code per token of the target dictionary)"
+        )
+
+
+def save_code_table(
+    path,
+    code,
+    head_sizes: Sequence[int],
+    dictionary_symbols: Sequence[str],
+    meta: Optional[Dict] = None,
+) -> None:
+    """Write a code table (JSON, see the module docstring).
+
+    Never overwrites: an existing ``path`` raises ``FileExistsError``.  The
+    file appears atomically (written to a temporary file in the same folder,
+    then hard-linked to ``path``, which fails if ``path`` exists).
+    """
+    path = os.fspath(path)
+    code = np.asarray(code, dtype=np.int64).reshape(-1)
+    vocab_size = int(code.shape[0])
+    sizes = [int(c) for c in head_sizes]
+    symbols = [str(s) for s in dictionary_symbols]
+    if len(symbols) != vocab_size:
+        raise ValueError(
+            f"the code table has {vocab_size} entries but the dictionary has {len(symbols)} symbols"
+        )
+    if not sizes or any(c < 1 for c in sizes) or math.prod(sizes) < vocab_size:
+        raise ValueError(
+            f"head sizes {sizes} (product {math.prod(sizes) if sizes else 0}) cannot give "
+            f"{vocab_size} tokens distinct codes"
+        )
+    _check_code(code, vocab_size, path)
+    obj = {
+        "format": FORMAT,
+        "version": VERSION,
+        "vocab_size": vocab_size,
+        "head_sizes": sizes,
+        "dictionary_sha1": dictionary_sha1(symbols),
+        "code": [int(c) for c in code],
+        "meta": dict(meta or {}),
+    }
+    text = json.dumps(obj, sort_keys=False) + "\n"
+    if os.path.lexists(path):
+        raise FileExistsError(f"{path} already exists; a code table is never overwritten (choose another path or delete it)")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a normal file's mode
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic, and fails if path exists
+        except FileExistsError:
+            raise FileExistsError(
+                f"{path} already exists; a code table is never overwritten (choose another path or delete it)"
+            ) from None
+        except OSError:  # no hard links on this file system: exclusive create
+            with open(path, "x", encoding="utf-8") as f:
+                f.write(text)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_code_table(path) -> Dict:
+    """The parsed JSON of a code table file (format checked, nothing else)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"no code table file {path} (build one with scripts/build_codes.py)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a code table (not JSON: {e}); build one with scripts/build_codes.py")
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a code table (no \"format\": \"{FORMAT}\"); build one with scripts/build_codes.py")
+    if obj.get("version") != VERSION:
+        raise ValueError(f"{path}: code table version {obj.get('version')!r}, this plugin reads version {VERSION}")
+    for key in ("vocab_size", "head_sizes", "code"):
+        if key not in obj:
+            raise ValueError(f"{path} is not a complete code table (no {key!r})")
+    return obj
+
+
+def load_code_table(
+    path,
+    vocab_size: int,
+    head_sizes: Sequence[int],
+    dictionary_symbols: Optional[Sequence[str]] = None,
+) -> torch.Tensor:
+    """Read a code table for a model with target dictionary size
+    ``vocab_size`` and head sizes ``head_sizes``; returns the (V,) long tensor
+    ``code`` (token id -> code).  Raises ``ValueError`` naming both sides on
+    any mismatch; ``dictionary_symbols`` (e.g. ``dictionary.symbols``), when
+    given, must be the very dictionary the table was built for."""
+    path = os.fspath(path)
+    obj = read_code_table(path)
+    vocab_size = int(vocab_size)
+    sizes = [int(c) for c in head_sizes]
+    if int(obj["vocab_size"]) != vocab_size:
+        raise ValueError(
+            f"the code table {path} was built for a target dictionary of {obj['vocab_size']} types, "
+            f"this model's has {vocab_size}; rebuild it with scripts/build_codes.py for this data-bin"
+        )
+    table_sizes = [int(c) for c in obj["head_sizes"]]
+    if table_sizes != sizes:
+        spec = ",".join(map(str, table_sizes))
+        raise ValueError(
+            f"the code table {path} was built for head sizes {table_sizes}, this model has {sizes}; "
+            f"pass --mhce-head-sizes {spec} to use it, or rebuild it with "
+            f"scripts/build_codes.py --head-sizes {','.join(map(str, sizes))}"
+        )
+    if dictionary_symbols is not None:
+        want = dictionary_sha1([str(s) for s in dictionary_symbols])
+        have = obj.get("dictionary_sha1")
+        if have != want:
+            raise ValueError(
+                f"the code table {path} was built for another target dictionary of the same size "
+                f"(dictionary sha1 {have}, this model's {want}); rebuild it with "
+                f"scripts/build_codes.py for this data-bin"
+            )
+    try:
+        code = np.asarray(obj["code"], dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: \"code\" is not a list of integers")
+    _check_code(code, vocab_size, f"the code table {path}")
+    return torch.from_numpy(code).long()
+
+
+# --------------------------------------------------------------------------
+# grouping
+# --------------------------------------------------------------------------
+
+
+def _strides(sizes: Sequence[int]) -> List[int]:
+    return [math.prod(sizes[h + 1:]) for h in range(len(sizes))]
+
+
+def _unit_rows(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    x = np.array(x, dtype=np.float64, copy=True)
+    x[~np.isfinite(x)] = 0.0
+    n = np.linalg.norm(x, axis=1)
+    zero = n < 1e-12
+    if zero.any():  # no information: a random direction
+        x[zero] = rng.standard_normal((int(zero.sum()), x.shape[1]))
+        n[zero] = np.linalg.norm(x[zero], axis=1)
+    return x / n[:, None]
+
+
+def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d = (a * a).sum(1)[:, None] - 2.0 * (a @ b.T) + (b * b).sum(1)[None, :]
+    return np.maximum(d, 0.0)
+
+
+def _greedy_capacitated(cost: np.ndarray, caps: np.ndarray) -> np.ndarray:
+    """Assign each row of ``cost`` (n, K) to a column with ``caps`` (K,)
+    capacities (sum = n).  Column prices are first raised on over-full
+    columns (a few dual ascent steps), then unassigned rows propose to their
+    cheapest open column and each column keeps its cheapest proposers, until
+    all rows are placed.  Deterministic."""
+    n, K = cost.shape
+    caps = caps.astype(np.int64)
+    price = np.zeros(K)
+    spread = float(np.median(np.abs(cost - cost.min(1, keepdims=True)))) + 1e-9
+    step = spread
+    open_ = caps > 0
+    for _ in range(30):
+        adj = np.where(open_, cost + price, np.inf)
+        a = adj.argmin(1)
+        cnt = np.bincount(a, minlength=K)
+        excess = cnt - caps
+        if not (excess > 0).any():
+            break
+        price += step * np.clip(excess / np.maximum(caps, 1), -1.0, 1.0)
+        step *= 0.85
+    adj = cost + price
+    assign = np.full(n, -1, dtype=np.int64)
+    left = caps.copy()
+    todo = np.arange(n)
+    while todo.size:
+        sub = np.where(left[None, :] > 0, adj[todo], np.inf)
+        best = sub.argmin(1)
+        bc = sub[np.arange(todo.size), best]
+        # within each column, cheapest proposers first
+        order = np.lexsort((bc, best))
+        cols = best[order]
+        first = np.searchsorted(cols, cols, side="left")
+        rank = np.arange(order.size) - first
+        ok = rank < left[cols]
+        won = todo[order[ok]]
+        assign[won] = cols[ok]
+        np.subtract.at(left, cols[ok], 1)
+        todo = np.setdiff1d(todo, won, assume_unique=True)
+    return assign
+
+
+def _assign_group(cost: np.ndarray, caps: np.ndarray) -> np.ndarray:
+    """Rows of ``cost`` (n, K) -> columns, column j taking exactly caps[j]
+    rows (sum caps = n): exact for small n, greedy for large n."""
+    n, K = cost.shape
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if n <= EXACT_MAX:
+        try:
+            from scipy.optimize import linear_sum_assignment
+        except ImportError:  # pragma: no cover - scipy ships with sklearn
+            return _greedy_capacitated(cost, caps)
+        slots = np.repeat(np.arange(K), caps)
+        rows, cols = linear_sum_assignment(cost[:, slots])
+        out = np.empty(n, dtype=np.int64)
+        out[rows] = slots[cols]
+        return out
+    return _greedy_capacitated(cost, caps)
+
+
+def _init_centroids(r: np.ndarray, k: int, seed: int):
+    """k starting centroids for the rows of r and the number of rows nearest
+    to each: k-means (scikit-learn, one k-means++ start) where possible, else
+    a seeded sample of rows."""
+    n = r.shape[0]
+    rng = np.random.default_rng(seed)
+    if n >= k:
+        try:
+            from sklearn.cluster import KMeans
+
+            km = KMeans(n_clusters=k, n_init=1, max_iter=30, random_state=seed % (2**31))
+            labels = km.fit_predict(r)
+            return np.asarray(km.cluster_centers_, dtype=np.float64), np.bincount(labels, minlength=k)
+        except ImportError:  # pragma: no cover
+            cents = r[rng.choice(n, size=k, replace=False)].copy()
+    else:
+        cents = r[rng.choice(n, size=k, replace=True)] + 1e-3 * rng.standard_normal((k, r.shape[1]))
+    return cents, np.bincount(_sqdist(r, cents).argmin(1), minlength=k)
+
+
+def balanced_codes(
+    vectors,
+    head_sizes: Sequence[int],
+    seed: int = 1,
+    fixed_first: int = 4,
+    rounds: int = 6,
+    last: Optional[Sequence[int]] = None,
+) -> np.ndarray:
+    """A code table (V,) from token vectors (V, k): similar tokens share
+    prefixes, digit j of a head below the first means one thing across all
+    prefixes, every group is exactly full except the last one of each level,
+    the used codes are exactly ``[0, V)``, and tokens ``0..fixed_first-1``
+    (fairseq's specials) keep codes ``0..fixed_first-1``.  Deterministic for
+    a given ``seed``.  See the module docstring for the algorithm.
+
+    ``last``: token ids that are not clustered but get the highest codes, in
+    id order (for instance the types that never occur in the training
+    targets of a joint dictionary: they then fill whole groups of their own
+    instead of diluting the groups of real target tokens)."""
+    x = np.asarray(vectors, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"token vectors must be a (V, k) matrix, got shape {x.shape}")
+    V = int(x.shape[0])
+    sizes = [int(c) for c in head_sizes]
+    if not sizes or any(c < 1 for c in sizes):
+        raise ValueError(f"bad head sizes {sizes}")
+    if math.prod(sizes) < V:
+        raise ValueError(f"the product of the head sizes {sizes} is {math.prod(sizes)}, below the vocabulary size {V}")
+    nfix = max(0, min(int(fixed_first), V))
+    code = np.full(V, -1, dtype=np.int64)
+    code[:nfix] = np.arange(nfix)
+    tail = np.zeros(V, dtype=bool)
+    if last is not None:
+        last = np.asarray(last, dtype=np.int64).reshape(-1)
+        if last.size and (last.min() < nfix or last.max() >= V):
+            raise ValueError(f"balanced_codes: the ids in last must lie in [{nfix}, {V})")
+        tail[last] = True
+    n_tail = int(tail.sum())
+    code[tail] = np.arange(V - n_tail, V)  # in id order
+    free = np.flatnonzero(~tail[nfix:]) + nfix
+    V_eff = V - n_tail  # the clustered tokens use the codes [nfix, V_eff)
+    H = len(sizes)
+    if free.size == 0:
+        return code
+    if H == 1:  # a single head: every permutation is the same model
+        code[free] = np.arange(nfix, V_eff)
+        return code
+    rng = np.random.default_rng(seed)
+    u = _unit_rows(x, rng)
+    strides = _strides(sizes)
+
+    # parents of the current level: (first code, token ids)
+    parents = [(0, free)]
+    for h in range(H):
+        C, S = sizes[h], strides[h]
+        n_par = len(parents)
+        starts = np.array([s for s, _ in parents], dtype=np.int64)
+        lo = starts[:, None] + np.arange(C)[None, :] * S  # (n_par, C) first code of child
+        hi = lo + S
+        caps = np.clip(np.minimum(hi, V_eff) - np.maximum(lo, nfix), 0, None)
+        for p, (_, toks) in enumerate(parents):
+            assert caps[p].sum() == toks.size, (h, p, caps[p].sum(), toks.size)
+        # residuals from each parent's centroid
+        tok_all = np.concatenate([t for _, t in parents])
+        owner = np.repeat(np.arange(n_par), [t.size for _, t in parents])
+        cents = np.zeros((n_par, u.shape[1]))
+        np.add.at(cents, owner, u[tok_all])
+        cents /= np.bincount(owner, minlength=n_par)[:, None]
+        res = u[tok_all] - cents[owner]
+        used_cols = np.flatnonzero(caps.sum(0) > 0)
+        M = np.zeros((C, u.shape[1]))
+        init, size = _init_centroids(res, used_cols.size, seed + 7919 * h)
+        # smaller clusters to the columns with less room (group 0 beside the
+        # specials, the partial last group): a k-means cluster must not be
+        # split only because it was dealt to a column too small for it
+        col_cap = caps.sum(0)[used_cols]
+        M[used_cols[np.argsort(col_cap, kind="stable")]] = init[np.argsort(size, kind="stable")]
+        offsets = np.concatenate([[0], np.cumsum([t.size for _, t in parents])])
+        col = np.zeros(tok_all.size, dtype=np.int64)
+        n_rounds = rounds if h == 0 else max(2, rounds // 2)
+        prev = None
+        for _ in range(n_rounds):
+            for p in range(n_par):
+                a, b = offsets[p], offsets[p + 1]
+                if b == a:
+                    continue
+                ok = np.flatnonzero(caps[p] > 0)
+                cost = _sqdist(res[a:b], M[ok])
+                col[a:b] = ok[_assign_group(cost, caps[p][ok])]
+            if prev is not None and np.array_equal(prev, col):
+                break
+            prev = col.copy()
+            sums = np.zeros((C, u.shape[1]))
+            np.add.at(sums, col, res)
+            cnt = np.bincount(col, minlength=C)
+            has = cnt > 0
+            M[has] = sums[has] / cnt[has, None]
+        # children become the next level's parents
+        nxt = []
+        for p, (s, _) in enumerate(parents):
+            a, b = offsets[p], offsets[p + 1]
+            tp, cp = tok_all[a:b], col[a:b]
+            order = np.argsort(cp, kind="stable")
+            tp, cp = tp[order], cp[order]
+            for j in np.unique(cp):
+                nxt.append((int(s + j * S), np.sort(tp[cp == j])))
+        parents = nxt
+    for s, toks in parents:
+        assert toks.size == 1
+        code[toks[0]] = s
+    _check_code(code, V, "balanced_codes")
+    return code
+
+
+def digit_coherence(
+    vectors, code, head_sizes: Sequence[int], fixed_first: int = 4, skip: Optional[Sequence[int]] = None
+) -> List[float]:
+    """Per head h: mean cosine similarity between tokens that share digit
+    ``d_h`` (head 1: share the group), each token taken as its vector minus
+    the mean of its prefix group ``d_<h`` (unit vectors), averaged over the
+    digit classes with at least two members; specials (and the ids in
+    ``skip``) left out.  Higher is
+    better; a random table scores about 0.  Cheap: O(V k)."""
+    rng = np.random.default_rng(0)
+    u = _unit_rows(np.asarray(vectors, dtype=np.float64), rng)
+    code = np.asarray(code, dtype=np.int64)
+    V = u.shape[0]
+    keep = np.arange(V) >= min(int(fixed_first), V)
+    if skip is not None:
+        keep[np.asarray(skip, dtype=np.int64)] = False
+    u, c = u[keep], code[keep]
+    sizes = [int(s) for s in head_sizes]
+    strides = _strides(sizes)
+    out = []
+    for h, (C, S) in enumerate(zip(sizes, strides)):
+        prefix = c // (S * C)
+        digit = (c // S) % C
+        _, pinv = np.unique(prefix, return_inverse=True)
+        cent = np.zeros((pinv.max() + 1, u.shape[1]))
+        np.add.at(cent, pinv, u)
+        cent /= np.bincount(pinv)[:, None]
+        r = u - cent[pinv] if h > 0 else u
+        r = _unit_rows(r, rng)
+        sums = np.zeros((C, u.shape[1]))
+        np.add.at(sums, digit, r)
+        n = np.bincount(digit, minlength=C).astype(np.float64)
+        m = n >= 2
+        if not m.any():
+            out.append(0.0)
+            continue
+        pair = ((sums[m] ** 2).sum(1) - n[m]) / (n[m] * (n[m] - 1))
+        out.append(float(pair.mean()))
+    return out
+
+
+# --------------------------------------------------------------------------
+# token vectors
+# --------------------------------------------------------------------------
+
+
+def ppmi_svd_vectors(
+    token_id_sequences: Iterable,
+    vocab_size: int,
+    dim: int = 64,
+    window: int = 2,
+    seed: int = 1,
+    smoothing: float = 0.75,
+    chunk_tokens: int = 2_000_000,
+) -> np.ndarray:
+    """(V, dim) token vectors from co-occurrence in a corpus of token id
+    sequences: counts of each token with the tokens up to ``window``
+    positions to its left and to its right (left and right neighbours are
+    separate context features, weight 1/distance), positive PMI with
+    context-distribution smoothing ``smoothing``, truncated SVD (``U S^0.5``).
+    Tokens never seen get small random (seeded) vectors."""
+    import scipy.sparse as sp
+    from sklearn.decomposition import TruncatedSVD
+
+    V = int(vocab_size)
+    window = max(1, int(window))
+    counts = sp.csr_matrix((V, 2 * V), dtype=np.float64)
+    seen = np.zeros(V, dtype=bool)
+
+    def flush(buf):
+        nonlocal counts
+        if not buf:
+            return
+        seqs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in buf]
+        toks = np.concatenate(seqs)
+        if toks.size == 0:
+            return
+        if toks.min() < 0 or toks.max() >= V:
+            raise ValueError(f"token id out of range [0, {V}) in the corpus")
+        sent = np.repeat(np.arange(len(seqs)), [s.size for s in seqs])
+        seen[toks] = True
+        rows, cols, vals = [], [], []
+        for o in range(1, window + 1):
+            same = sent[o:] == sent[:-o]
+            a, b = toks[:-o][same], toks[o:][same]  # a is o to the left of b
+            w = np.full(a.size, 1.0 / o)
+            rows += [b, a]  # b sees a on its left; a sees b on its right
+            cols += [a, b + V]
+            vals += [w, w]
+        m = sp.coo_matrix(
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(V, 2 * V)
+        ).tocsr()
+        counts = counts + m
+
+    buf, n = [], 0
+    for s in token_id_sequences:
+        buf.append(s)
+        n += len(s)
+        if n >= chunk_tokens:
+            flush(buf)
+            buf, n = [], 0
+    flush(buf)
+
+    rng = np.random.default_rng(seed)
+    counts = counts.tocsr()
+    counts.eliminate_zeros()
+    dim = max(1, min(int(dim), V - 1, 2 * V - 1))
+    out = np.zeros((V, dim))
+    if counts.nnz > 0:
+        total = counts.sum()
+        row = np.asarray(counts.sum(1)).ravel()
+        ctx = np.asarray(counts.sum(0)).ravel() ** smoothing
+        ctx = ctx / ctx.sum()
+        coo = counts.tocoo()
+        pmi = np.log(coo.data * 1.0 / total) - np.log(row[coo.row] / total) - np.log(ctx[coo.col])
+        keep = pmi > 0
+        ppmi = sp.csr_matrix((pmi[keep], (coo.row[keep], coo.col[keep])), shape=counts.shape)
+        if ppmi.nnz > 0 and dim >= 1:
+            svd = TruncatedSVD(n_components=dim, algorithm="randomized", n_iter=5, random_state=seed % (2**31))
+            us = svd.fit_transform(ppmi)  # U S
+            s = np.sqrt(np.maximum(svd.singular_values_, 1e-12))
+            out = us / s[None, :]
+    has = np.linalg.norm(out, axis=1) > 1e-12
+    scale = float(np.linalg.norm(out[has], axis=1).mean()) if has.any() else 1.0
+    missing = ~has | ~seen
+    if missing.any():
+        out[missing] = 1e-3 * scale * rng.standard_normal((int(missing.sum()), dim))
+    return out
+
+
+OUTPUT_KEYS = (
+    "decoder.output_projection.weight",  # softmax, and MHS in the legacy layout
+    "decoder.mhce_head.proj.weight",  # MHS in the plugin's layout
+    "decoder.mhce_head.output_projection.weight",
+)
+INPUT_KEYS = ("decoder.embed_tokens.weight",)
+
+
+def checkpoint_vectors(path, which: str = "output", vocab_size: Optional[int] = None) -> np.ndarray:
+    """(V, d) token vectors from a fairseq checkpoint.
+
+    ``which="output"``: the per-token output vectors (a softmax model's
+    ``decoder.output_projection.weight``, an MHS model's full classifier;
+    with shared input/output embeddings the decoder's embedding); ``"input"``:
+    ``decoder.embed_tokens.weight`` (any model).  ``vocab_size``, when given,
+    must be the number of rows (an MHP/MHE head's ``sum(C_h) x d`` projection
+    is not a per-token table)."""
+    path = os.fspath(path)
+    if which not in ("output", "input"):
+        raise ValueError(f"which must be 'output' or 'input', got {which!r}")
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint file {path}")
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except TypeError:  # pragma: no cover - old torch without weights_only
+        ckpt = torch.load(path, map_location="cpu")
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a fairseq checkpoint (no 'model' state dict)")
+    keys = list(INPUT_KEYS) if which == "input" else list(OUTPUT_KEYS)
+    if which == "output" and _shares_decoder_embed(ckpt):
+        keys += list(INPUT_KEYS)  # tied: the embedding is the output projection
+    for key in keys:
+        if key not in state:
+            continue
+        w = state[key]
+        w = w.detach().float().cpu().numpy() if torch.is_tensor(w) else np.asarray(w, dtype=np.float64)
+        if w.ndim != 2:
+            continue
+        if vocab_size is not None and w.shape[0] != int(vocab_size):
+            if key == "decoder.mhce_head.proj.weight":
+                continue  # an MHP/MHE head: sum(C_h) rows, not one per token
+            raise ValueError(
+                f"{path}: {key} has {w.shape[0]} rows, the target dictionary has {int(vocab_size)} types "
+                f"(a checkpoint of another data-bin?)"
+            )
+        return w.astype(np.float64)
+    weights = sorted(k for k, v in state.items() if k.endswith("weight") and getattr(v, "ndim", 0) == 2)
+    hint = " (an MHP/MHE model has no per-token output vectors: use --vectors input)" if which == "output" else ""
+    raise ValueError(
+        f"{path}: no {which} token vectors: none of {keys} with one row per token{hint}; "
+        f"its 2-d weights are: {', '.join(weights[:40])}{' ...' if len(weights) > 40 else ''}"
+    )
+
+
+def _shares_decoder_embed(ckpt) -> bool:
+    """Whether the checkpoint's model ties the decoder's input embedding and
+    output projection (then fairseq may leave output_projection.weight out)."""
+    if not isinstance(ckpt, dict):
+        return False
+    cfgs = []
+    if ckpt.get("cfg") is not None:
+        try:
+            cfgs.append(ckpt["cfg"]["model"])
+        except (KeyError, TypeError):
+            pass
+    if ckpt.get("args") is not None:
+        cfgs.append(ckpt["args"])
+    for c in cfgs:
+        for name in ("share_decoder_input_output_embed", "share_all_embeddings"):
+            try:
+                v = c[name] if isinstance(c, dict) else getattr(c, name)
+            except (KeyError, AttributeError, TypeError):
+                try:
+                    v = getattr(c, name)
+                except Exception:
+                    v = None
+            if v:
+                return True
+    return False

@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""Build a learned code table for the multi-head output layer.
+
+The table maps every type of a data-bin's target dictionary to its code (the
+digits the heads predict); a model uses it with ``--mhce-code-table PATH``.
+Similar tokens get the same prefix (the same head-1 group, ...) and a digit
+of a head below the first means one thing under every prefix.  See
+``fairseq_mhce/modules/code_table.py`` for the algorithm and the file format.
+
+Token vectors (``--source``):
+
+``ppmi`` (default)
+    Co-occurrence of the target tokens of the binarized training split
+    (``train.SRC-TGT.TGT``) within ``--window`` positions, PPMI, truncated SVD
+    to ``--dim`` dimensions.  Needs nothing but the data-bin.
+``checkpoint``
+    A trained fairseq model's vectors (``--checkpoint PATH``): ``--vectors
+    output`` (default) the per-token output projection (a softmax or MHS
+    model), ``--vectors input`` the decoder's input embedding (any model).
+
+Types that never occur in the training targets (the source-only pieces of
+a joint dictionary) get the highest codes by default (``--unseen last``), so
+they fill groups of their own.
+
+Head sizes: ``--head-sizes 90,90``, or ``--heads H`` (default 2) for the same
+balanced sizes the model picks from ``--mhce-heads H``.  The output file is
+never overwritten.
+
+Example::
+
+    python scripts/build_codes.py --databin work/bible-de-en/bin --heads 2 \\
+        --source ppmi --out work/codes/ppmi_h2.json
+
+Exit status 2 with a message on bad input (missing data-bin or dictionary,
+head sizes too small, existing --out, unusable checkpoint).
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import sys
+import time
+
+os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+import numpy as np  # noqa: E402
+
+# importable as a script from a checkout without installing the plugin
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class UsageError(Exception):
+    """Bad input: reported in one message, exit status 2."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Build a learned code table (token -> code) for fairseq_mhce's --mhce-code-table.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--databin", required=True, help="fairseq data-bin (dict.TGT.txt, train.SRC-TGT.TGT.{bin,idx})")
+    p.add_argument("--target-lang", default=None, help="target language (default: from the data-bin)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--head-sizes", default=None, help="comma-separated head sizes, e.g. 90,90 (product >= V)")
+    g.add_argument("--heads", type=int, default=None, help="number of heads; balanced sizes as the model's --mhce-heads (default 2)")
+    p.add_argument("--source", choices=("ppmi", "checkpoint"), default="ppmi", help="where the token vectors come from")
+    p.add_argument("--checkpoint", default=None, help="fairseq checkpoint for --source checkpoint")
+    p.add_argument("--vectors", choices=("output", "input"), default="output", help="which checkpoint vectors")
+    p.add_argument("--dim", type=int, default=64, help="ppmi: SVD dimensions")
+    p.add_argument("--window", type=int, default=2, help="ppmi: co-occurrence window (each side)")
+    p.add_argument(
+        "--unseen", choices=("last", "cluster"), default="last",
+        help="types that never occur in the training targets (e.g. source-only pieces of a joint "
+        "dictionary): 'last' gives them the highest codes, so they fill groups of their own; "
+        "'cluster' groups them like the others",
+    )
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", required=True, help="output JSON (never overwritten)")
+    return p.parse_args(argv)
+
+
+def detect_langs(databin, target_lang=None):
+    """(source_lang, target_lang) of a data-bin: the target from the argument,
+    else prepare_data.json, else the train.SRC-TGT.TGT.idx files."""
+    pairs = []
+    for f in sorted(glob.glob(os.path.join(glob.escape(databin), "train.*-*.*.idx"))):
+        m = re.fullmatch(r"train\.([^.]+)-([^.]+)\.([^.]+)\.idx", os.path.basename(f))
+        if m and m.group(3) == m.group(2):
+            pairs.append((m.group(1), m.group(2)))
+    if target_lang is None:
+        meta = os.path.join(databin, "prepare_data.json")
+        if os.path.isfile(meta):
+            try:
+                with open(meta) as f:
+                    target_lang = json.load(f).get("target_lang")
+            except (OSError, ValueError):
+                target_lang = None
+    if target_lang is None:
+        tgts = sorted({t for _, t in pairs})
+        if len(tgts) == 1:
+            target_lang = tgts[0]
+        elif not tgts:
+            dicts = sorted(glob.glob(os.path.join(glob.escape(databin), "dict.*.txt")))
+            raise UsageError(
+                f"cannot tell the target language of {databin}: no train.SRC-TGT.TGT.idx there "
+                f"(dictionaries: {', '.join(os.path.basename(d) for d in dicts) or 'none'}); pass --target-lang"
+            )
+        else:
+            raise UsageError(f"{databin} holds several language pairs {pairs}; pass --target-lang")
+    srcs = sorted({s for s, t in pairs if t == target_lang})
+    return (srcs[0] if srcs else None), target_lang
+
+
+def training_sequences(databin, src, tgt, dictionary):
+    """The binarized training targets as a list of int arrays."""
+    from fairseq.data import data_utils
+
+    prefix = os.path.join(databin, f"train.{src}-{tgt}.{tgt}")
+    ds = data_utils.load_indexed_dataset(prefix, dictionary)
+    if ds is None:
+        raise UsageError(f"cannot read the training targets {prefix}.{{bin,idx}}")
+    return [ds[i].numpy() for i in range(len(ds))]
+
+
+def main(argv=None):
+    t0 = time.time()
+    args = parse_args(argv)
+    try:
+        return run(args, t0)
+    except UsageError as e:
+        print(f"build_codes.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args, t0):
+    databin = args.databin
+    if os.path.lexists(args.out):
+        raise UsageError(f"--out {args.out} already exists; a code table is never overwritten")
+    if not os.path.isdir(databin):
+        raise UsageError(f"no data-bin directory {databin}")
+    # (fairseq is imported only after the cheap checks)
+    from fairseq_mhce.modules import code_table as ct
+    from fairseq_mhce.modules.codec import auto_head_sizes, parse_head_sizes
+
+    src, tgt = detect_langs(databin, args.target_lang)
+    dict_path = os.path.join(databin, f"dict.{tgt}.txt")
+    if not os.path.isfile(dict_path):
+        raise UsageError(f"no target dictionary {dict_path}")
+    from fairseq.data import Dictionary
+
+    dictionary = Dictionary.load(dict_path)
+    symbols = ct.dictionary_symbols(dictionary)
+    V = len(symbols)
+    try:
+        sizes = parse_head_sizes(args.head_sizes)
+        if sizes is None:
+            sizes = auto_head_sizes(V, 2 if args.heads is None else args.heads)
+    except ValueError as e:
+        raise UsageError(str(e))
+    if math.prod(sizes) < V:
+        raise UsageError(
+            f"the product of the head sizes {sizes} is {math.prod(sizes)}, below the target "
+            f"dictionary size {V}: pass --head-sizes with product >= {V} (or --heads)"
+        )
+    meta = {
+        "databin": os.path.abspath(databin),
+        "target_lang": tgt,
+        "source": args.source,
+        "seed": args.seed,
+    }
+    seqs = None
+    if src is not None:
+        seqs = training_sequences(databin, src, tgt, dictionary)
+    elif args.source == "ppmi":
+        raise UsageError(f"no training targets train.SRC-{tgt}.{tgt}.idx in {databin} (needed by --source ppmi)")
+    unseen = None
+    if seqs is not None:
+        counts = np.bincount(np.concatenate(seqs).astype(np.int64), minlength=V) if seqs else np.zeros(V, int)
+        unseen = np.flatnonzero(counts[4:] == 0) + 4
+        meta["unseen_types"] = int(unseen.size)
+        meta["unseen"] = args.unseen
+    if args.source == "ppmi":
+        n_tok = int(sum(len(s) for s in seqs))
+        vectors = ct.ppmi_svd_vectors(seqs, V, dim=args.dim, window=args.window, seed=args.seed)
+        meta.update(dim=int(vectors.shape[1]), window=args.window, train_tokens=n_tok,
+                    train_split=f"train.{src}-{tgt}.{tgt}")
+        what = f"ppmi (window {args.window}, dim {vectors.shape[1]}, {n_tok} training tokens)"
+    else:
+        if not args.checkpoint:
+            raise UsageError("--source checkpoint needs --checkpoint PATH")
+        try:
+            vectors = ct.checkpoint_vectors(args.checkpoint, args.vectors, vocab_size=V)
+        except ValueError as e:
+            raise UsageError(str(e))
+        meta.update(checkpoint=os.path.abspath(args.checkpoint), vectors=args.vectors)
+        what = f"checkpoint {args.vectors} vectors ({vectors.shape[1]} dims)"
+    t1 = time.time()
+    last = unseen if (args.unseen == "last" and unseen is not None) else None
+    code = ct.balanced_codes(vectors, sizes, seed=args.seed, fixed_first=4, last=last)
+    t2 = time.time()
+    learned = ct.digit_coherence(vectors, code, sizes, skip=unseen)
+    identity = ct.digit_coherence(vectors, np.arange(V), sizes, skip=unseen)
+    meta["coherence"] = {"learned": [round(x, 4) for x in learned], "identity": [round(x, 4) for x in identity]}
+    try:
+        ct.save_code_table(args.out, code, sizes, symbols, meta)
+    except FileExistsError as e:
+        raise UsageError(str(e))
+    fmt = lambda xs: "[" + ", ".join(f"{x:.3f}" for x in xs) + "]"  # noqa: E731
+    print(
+        f"wrote {args.out}: V={V} head sizes {sizes} from {what}, seed {args.seed}; "
+        f"{'' if unseen is None else f'{unseen.size} types unseen in training ({args.unseen}); '}"
+        f"mean within-digit cosine per head {fmt(learned)} (identity codes {fmt(identity)}); "
+        f"{time.time() - t0:.1f} s (vectors {t1 - t0:.1f} s, grouping {t2 - t1:.1f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
