@@ -16,8 +16,10 @@ for each vocabulary size ``V``:
 * ``MHP H2`` / ``MHE H2``: the plugin's real ``MultiHeadProduct`` /
   ``MultiHeadEmbedding`` on a ``MixedRadixCodec`` with balanced head sizes,
   through their ``.loss(x, target, eps=0.1)``, as the plugin's criterion;
-* ``MHS H2``: its training loss (``mhs_loss``) with the model's default
-  16-token groups (``mhs_default_head_sizes``), 0.25 of the head-1 groups;
+* ``MHE H2 per-token``: ``MultiHeadEmbedding(last_head="per-token")`` (a
+  ``V x d`` table, each target scored only against its group's vectors);
+* ``MHS H2``: ``MultiHeadSampling``'s training loss with the model's default
+  16-token groups, 0.25 of the head-1 groups;
 * on a GPU, when importable: Cut Cross-Entropy (``cut_cross_entropy``) and
   Liger's fused linear cross-entropy (``liger_kernel``).
 
@@ -56,13 +58,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-METHODS = ["fairseq_ls", "softmax_ce", "adaptive", "mhp", "mhe", "mhs", "cce", "liger"]
+METHODS = ["fairseq_ls", "softmax_ce", "adaptive", "mhp", "mhe", "mhe_pt", "mhs", "cce", "liger"]
 LABELS = {
     "fairseq_ls": "fairseq label-smoothed",
     "softmax_ce": "full softmax CE",
     "adaptive": "adaptive softmax",
     "mhp": "MHP H2",
     "mhe": "MHE H2",
+    "mhe_pt": "MHE H2 per-token",
     "mhs": "MHS H2",
     "cce": "Cut Cross-Entropy",
     "liger": "Liger fused linear CE",
@@ -141,40 +144,24 @@ def build(method, V, d, device, dtype, heads):
 
         return [asm], step
 
-    from fairseq_mhce.modules.codec import MixedRadixCodec, auto_head_sizes
+    from fairseq_mhce.modules import MixedRadixCodec, head_class
 
-    codec = MixedRadixCodec(V, auto_head_sizes(V, heads))
-    if method in ("mhp", "mhe"):
-        from fairseq_mhce.modules.multihead_output import MultiHeadEmbedding, MultiHeadProduct
+    name = {"mhe_pt": "mhe"}.get(method, method)
+    cls = head_class(name)
+    # the model's default sizes: balanced for MHP/MHE, 16-token groups for MHS
+    codec = MixedRadixCodec(V, cls.default_head_sizes(V, heads))
+    kw = {"last_head": "per-token"} if method == "mhe_pt" else {}
+    head = cls(d, codec, **kw).to(device)
+    head.to(dtype)  # parameters; the codec's buffers stay integer
+    head.train()
 
-        head = (MultiHeadProduct if method == "mhp" else MultiHeadEmbedding)(d, codec).to(device)
-        head.to(dtype)  # parameters; the codec's buffers stay integer
+    def step(x, t):
+        head.set_num_updates(head.num_updates + 1 if name == "mhs" else 0)  # MHS: new negatives every step
+        loss, _, _ = head.loss(x, t, EPS)
+        return loss.sum()
 
-        def step(x, t):
-            loss, _, _ = head.loss(x, t, EPS)
-            return loss.sum()
+    return [head], step
 
-        return [head], step
-
-    if method == "mhs":
-        from types import SimpleNamespace
-
-        from fairseq_mhce.criterions.mhs import mhs_default_head_sizes, mhs_loss
-
-        codec = MixedRadixCodec(V, mhs_default_head_sizes(V))  # the model's default: 16-token groups
-
-        proj = nn.Linear(d, V, bias=False).to(device, dtype)
-        nn.init.normal_(proj.weight, mean=0.0, std=d**-0.5)
-        dec = SimpleNamespace(output_projection=proj, mhs_codec=codec.to(device),
-                              cfg=SimpleNamespace(mhce_sample_groups=0.25, seed=1), mhs_num_updates=0)
-
-        def step(x, t):
-            dec.mhs_num_updates += 1  # a new draw of negatives every step, as in training
-            loss, _, _ = mhs_loss(dec, x, t, EPS, training=True)
-            return loss.sum()
-
-        return [proj], step
-    raise ValueError(method)
 
 
 def rss_bytes() -> int:

@@ -301,6 +301,10 @@ def main(argv=None):
     p.add_argument("--name", required=True, help="table name: OUT/compare_NAME.{md,csv}")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of " + ",".join(DEFAULT_METHODS))
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD[:ARGS]",
+                   help="a named configuration of a method with extra fairseq-train args, e.g. "
+                        "'mhe-pt=mhe:--mhce-last-head per-token'; NAME can then be used in --methods "
+                        "(repeatable)")
     p.add_argument("--max-update", type=int, default=600, help="the budget: updates per method")
     p.add_argument("--warmup", type=int, default=None, help="warm-up updates (default: max-update / 3)")
     p.add_argument("--train-args", default="", help="extra fairseq-train args for every method (quoted)")
@@ -323,7 +327,14 @@ def main(argv=None):
         print(json.dumps(measure_speed(json.loads(ckpts), databin, args.speed_batches, int(max_tokens))))
         return 0
 
-    methods = args.methods.split(",") if args.methods else list(DEFAULT_METHODS)
+    variants = {}
+    for v in args.variant:
+        name, _, spec = v.partition("=")
+        method, _, extra = spec.partition(":")
+        if not name or method not in DEFAULT_METHODS:
+            p.error(f"--variant {v!r}: expected NAME=METHOD[:ARGS] with METHOD in {','.join(DEFAULT_METHODS)}")
+        variants[name] = (method, shlex.split(extra))
+    methods = args.methods.split(",") if args.methods else list(DEFAULT_METHODS) + list(variants)
     workdir = Path(args.workdir or REPO / "work" / "compare" / args.name).absolute()
     databin = Path(args.databin).absolute()
     warmup = args.warmup if args.warmup is not None else max(1, args.max_update // 3)
@@ -359,10 +370,11 @@ def main(argv=None):
             if savedir.exists():
                 shutil.rmtree(savedir)
             print(f"\n=== {method}: train ({args.max_update} updates) ===", flush=True)
-            run([REPO / "scripts" / "train.sh", method, databin, savedir, "--max-update", args.max_update,
-                 *train_extra], env, log_path=workdir / f"{method}.train.out")
+            base, v_extra = variants.get(method, (method, []))
+            run([REPO / "scripts" / "train.sh", base, databin, savedir, "--max-update", args.max_update,
+                 *train_extra, *v_extra], env, log_path=workdir / f"{method}.train.out")
             print(f"=== {method}: translate + score ===", flush=True)
-            run([REPO / "scripts" / "translate.sh", method, databin, savedir, *shlex.split(args.generate_args)],
+            run([REPO / "scripts" / "translate.sh", base, databin, savedir, *shlex.split(args.generate_args)],
                 env, log_path=workdir / f"{method}.translate.out")
             print((workdir / f"{method}.translate.out").read_text().strip().splitlines()[-5], flush=True)
 

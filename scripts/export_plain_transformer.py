@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Rewrite an MHS checkpoint as a plain fairseq ``transformer`` checkpoint.
 
-An ``--mhce-method mhs`` model is an ordinary Transformer (its decoder keeps
-fairseq's ``V x d`` ``output_projection`` and decodes with the full softmax)
-plus the codec that defined the sampled groups in training.  This script
-drops everything plugin-specific so that stock fairseq loads the result
-without ``--user-dir``:
+An ``--mhce-method mhs`` model is an ordinary Transformer (its output layer
+``decoder.mhce_head`` holds a ``V x d`` projection, ``proj``, and decodes
+with the full softmax) plus the codec that defined the sampled groups in
+training.  This script drops everything plugin-specific so that stock
+fairseq loads the result without ``--user-dir``:
 
-* state dict: the codec buffers (``decoder.mhs_codec.*``);
+* state dict: ``decoder.mhce_head.proj.weight`` becomes fairseq's
+  ``decoder.output_projection.weight``; the codec buffers and the method id
+  (``decoder.mhce_head.codec.*``, ``decoder.mhce_head.method_id``, or
+  ``decoder.mhs_codec.*`` in checkpoints of the earlier layout) are dropped;
 * saved config (``cfg`` and legacy ``args``): ``arch`` / ``_name``
   ``<arch>_mhce`` -> ``<arch>`` (``transformer_mhce`` -> ``transformer``),
   every ``mhce_*`` setting, ``common.user_dir``; the criterion becomes
@@ -38,7 +41,9 @@ import torch
 PLAIN_CRITERION = "label_smoothed_cross_entropy"
 PLAIN_CRITERION_CLASS = "LabelSmoothedCrossEntropyCriterion"
 PLUGIN_CRITERIA = {"mhce_label_smoothed_cross_entropy": PLAIN_CRITERION}
-CODEC_PREFIX = "decoder.mhs_codec."
+HEAD_PREFIX = "decoder.mhce_head."
+LEGACY_CODEC_PREFIX = "decoder.mhs_codec."
+MHS_METHOD_ID = 3  # fairseq_mhce.modules.mhs.MultiHeadSampling.method_code (no plugin import here)
 
 
 def _get(obj, key, default=None):
@@ -108,18 +113,20 @@ def export(state: dict) -> dict:
     """Turn a loaded MHS checkpoint dict into a plain Transformer one (in place)."""
     model = state["model"]
     method = _method_of(state)
-    if any(k.startswith("decoder.mhce_head.") for k in model) or method in ("mhp", "mhe"):
+    if not method and HEAD_PREFIX + "method_id" in model:
+        method = "mhs" if int(model[HEAD_PREFIX + "method_id"]) == MHS_METHOD_ID else "mhp/mhe"
+    if method != "mhs" and not any(k.startswith(LEGACY_CODEC_PREFIX) for k in model):
         raise ValueError(
             f"this is an --mhce-method {method or 'mhp/mhe'} checkpoint: its output layer is "
             "multi-head, with no V x d projection, so it has no plain-Transformer form. "
             "Only --mhce-method mhs checkpoints can be exported."
         )
+    proj = model.pop(HEAD_PREFIX + "proj.weight", None)
+    if proj is not None:
+        model["decoder.output_projection.weight"] = proj
     if "decoder.output_projection.weight" not in model:
-        raise ValueError("no decoder.output_projection.weight in the checkpoint: not an MHS/Transformer model")
-    if method != "mhs" and not any(k.startswith(CODEC_PREFIX) for k in model):
-        raise ValueError("not an MHS checkpoint (no --mhce-method mhs in its config, no decoder.mhs_codec)")
-
-    for k in [k for k in model if k.startswith(CODEC_PREFIX)]:
+        raise ValueError("no V x d projection (decoder.mhce_head.proj.weight) in the checkpoint: not an MHS model")
+    for k in [k for k in model if k.startswith((HEAD_PREFIX, LEGACY_CODEC_PREFIX))]:
         del model[k]
 
     cfg = state.get("cfg")

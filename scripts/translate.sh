@@ -35,6 +35,11 @@ if ls "$DATABIN"/spm*.model >/dev/null 2>&1; then
 else
   DETOK=(--tokenizer moses)  # its languages are --source-lang / --target-lang
 fi
+# MHP/MHE decode through the factorization (exact, no V-wide row); SEARCH=dense for fairseq's own path
+SEARCH_ARGS=()
+case "$METHOD" in
+  mhp|mhe) [ "${SEARCH:-factorized}" = dense ] || SEARCH_ARGS=(--task translation_mhce --mhce-search factorized) ;;
+esac
 GEN=$SAVEDIR/generate-$SUBSET.txt
 GLOG=$SAVEDIR/generate-$SUBSET.log
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
@@ -46,7 +51,7 @@ echo "translate.sh: $METHOD $CKPT on $SUBSET, beam 5" >&2
 "$BIN/fairseq-generate" "$DATABIN" --user-dir "$REPO/fairseq_mhce" --path "$CKPT" \
   --source-lang "$SRC" --target-lang "$TGT" --gen-subset "$SUBSET" \
   --beam 5 --batch-size "${BATCH_SIZE:-64}" --required-batch-size-multiple 1 \
-  "${DETOK[@]}" "$@" > "$GEN" 2> >(tee "$GLOG" >&2)
+  "${DETOK[@]}" "${SEARCH_ARGS[@]}" "$@" > "$GEN" 2> >(tee "$GLOG" >&2)
 wait  # for tee
 grep -E '^Generate' "$GEN" | sed 's/^/fairseq (tokenized; not the score below): /' >&2 || true
 

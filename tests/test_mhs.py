@@ -13,41 +13,30 @@ import torch
 import torch.nn.functional as F
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
-from fairseq_mhce.criterions.mhs import (
-    MHSOutput,
-    draw_groups,
-    group_budget,
-    mhs_generator,
-    mhs_loss,
-    num_groups,
-    sampled_softmax_loss,
-)
+from fairseq_mhce.modules.mhs import MultiHeadSampling, draw_groups, group_budget, num_groups
 from fairseq_mhce.modules.codec import MixedRadixCodec
 
 from .utils import BIN, REPO, TINY_ARCH, TRAIN_COMMON, USER_DIR, bleu_of, cli, hypotheses, make_copy_data
 
 D = 8
-# (V, head sizes, random code order, bias): exact products, invalid codes (a
+# (V, head sizes, random code order): exact products, invalid codes (a
 # short last group), H = 3, a permuted code table
-CASES = [(16, [4, 4], False, False), (29, [6, 5], True, False), (29, [10, 3], False, True), (29, [2, 3, 5], True, False)]
+CASES = [(16, [4, 4], False), (29, [6, 5], True), (29, [10, 3], False), (29, [2, 3, 5], True)]
 
 
-def make_decoder(V, sizes, random_order=False, bias=False, sample_groups=1.0, seed=0):
+def make_head(V, sizes, random_order=False, sample_groups=1.0, seed=0):
     torch.manual_seed(seed)
     codec = MixedRadixCodec(V, sizes, torch.randperm(V) if random_order else None)
-    proj = torch.nn.Linear(D, V, bias=bias).double()
+    head = MultiHeadSampling(D, codec, sample_groups=sample_groups, seed=1).double()
     with torch.no_grad():
-        proj.weight.normal_(0, 1.0)
-        if bias:
-            proj.bias.normal_(0, 1.0)
-    cfg = types.SimpleNamespace(mhce_sample_groups=sample_groups, seed=1)
-    return types.SimpleNamespace(output_projection=proj, mhs_codec=codec, cfg=cfg, mhs_num_updates=0)
+        head.proj.weight.normal_(0, 1.0)
+    return head
 
 
-def reference(dec, x, target, eps, tokens=None):
+def reference(head, x, target, eps, tokens=None):
     """fairseq's label_smoothed_nll_loss on the softmax over ``tokens`` (all
     of V by default), per token."""
-    logits = dec.output_projection(x)
+    logits = x @ head.proj.weight.t()
     t = target
     if tokens is not None:
         logits = logits[:, tokens]
@@ -56,9 +45,8 @@ def reference(dec, x, target, eps, tokens=None):
     return label_smoothed_nll_loss(F.log_softmax(logits, -1), t, eps, reduce=False)
 
 
-def grads(loss, dec, x):
-    params = [x, dec.output_projection.weight] + ([dec.output_projection.bias] if dec.output_projection.bias is not None else [])
-    return torch.autograd.grad(loss.sum(), params)
+def grads(loss, head, x):
+    return torch.autograd.grad(loss.sum(), [x, head.proj.weight])
 
 
 def batch(V, n=40, seed=1):
@@ -66,55 +54,57 @@ def batch(V, n=40, seed=1):
     return torch.randn(n, D, dtype=torch.double, generator=g).requires_grad_(), torch.randint(V, (n,), generator=g)
 
 
-@pytest.mark.parametrize("V,sizes,random_order,bias", CASES)
+@pytest.mark.parametrize("V,sizes,random_order", CASES)
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("budget", ["fraction", "count"])
-def test_full_budget_equals_full_softmax_loss_and_gradients(V, sizes, random_order, bias, eps, budget):
-    dec = make_decoder(V, sizes, random_order, bias)
-    dec.cfg.mhce_sample_groups = 1.0 if budget == "fraction" else float(sizes[0] + 3)
-    assert group_budget(dec.cfg.mhce_sample_groups, dec.mhs_codec) == num_groups(dec.mhs_codec)
+def test_full_budget_equals_full_softmax_loss_and_gradients(V, sizes, random_order, eps, budget):
+    dec = make_head(V, sizes, random_order)
+    dec.sample_groups = 1.0 if budget == "fraction" else float(sizes[0] + 3)
+    assert group_budget(dec.sample_groups, dec.codec) == num_groups(dec.codec)
     x, t = batch(V)
     ref_loss, ref_nll = reference(dec, x, t, eps)
     ref_grads = grads(ref_loss, dec, x)
-    # mhs_loss (which short-cuts a full budget to the plain softmax) and the
+    # the layer's loss (which short-cuts a full budget to the plain softmax) and the
     # gather path itself, scoring every group in code order
-    G = num_groups(dec.mhs_codec)
+    G = num_groups(dec.codec)
     for loss, nll, correct in (
-        mhs_loss(dec, x, t, eps, training=True),
-        sampled_softmax_loss(dec, x, t, eps, G, mhs_generator(dec)),
+        dec.loss(x, t, eps),
+        dec.sampled_softmax_loss(x, t, eps, G, dec.generator())[:3],
     ):
         torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(nll, ref_nll, rtol=1e-12, atol=1e-12)
         for g, r in zip(grads(loss, dec, x), ref_grads):
             torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
     # digit accuracy of the argmax token (all digits right = token accuracy)
-    pred = dec.output_projection(x).argmax(-1)
+    pred = dec.log_probs(x).argmax(-1)
     assert torch.equal(correct.all(-1), pred == t) and correct.shape == (len(t), len(sizes))
 
 
-@pytest.mark.parametrize("V,sizes,random_order,bias", CASES + [(1000, [250, 4], True, False)])
+@pytest.mark.parametrize("V,sizes,random_order", CASES + [(1000, [250, 4], True)])
 @pytest.mark.parametrize("sample_groups", [0.01, 0.3, 2.0])
-def test_small_budget_always_holds_every_target_group(V, sizes, random_order, bias, sample_groups):
-    dec = make_decoder(V, sizes, random_order, bias, sample_groups=sample_groups)
-    codec, p1 = dec.mhs_codec, int(dec.mhs_codec.strides[0])
+def test_small_budget_always_holds_every_target_group(V, sizes, random_order, sample_groups):
+    dec = make_head(V, sizes, random_order, sample_groups=sample_groups)
+    codec, p1 = dec.codec, int(dec.codec.strides[0])
     budget = group_budget(sample_groups, codec)
     for step in range(12):
-        dec.mhs_num_updates = step
+        dec.set_num_updates(step)
         x, t = batch(V, n=int(torch.randint(1, 12, (1,))), seed=step)
-        groups = draw_groups(codec, t, budget, mhs_generator(dec))
+        groups = draw_groups(codec, t, budget, dec.generator())
         tgt_groups = set((codec.code[t] // p1).tolist())
         assert tgt_groups <= set(groups.tolist())  # every target's group is in
         assert len(set(groups.tolist())) == groups.numel() == max(budget, len(tgt_groups))
         assert bool((groups < num_groups(codec)).all())  # never an empty (all-invalid) group
-        loss, nll, _, tokens = sampled_softmax_loss(dec, x, t, 0.1, budget, mhs_generator(dec), return_tokens=True)
+        loss, nll, _, tokens = dec.sampled_softmax_loss(x, t, 0.1, budget, dec.generator())
         assert set(tokens.tolist()) == {v for v in range(V) if int(codec.code[v]) // p1 in set(groups.tolist())}
         assert bool(torch.isfinite(loss).all())
         # = fairseq's label-smoothed softmax restricted to the sampled tokens
         ref_loss, ref_nll = reference(dec, x, t, 0.1, tokens)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(nll, ref_nll, rtol=1e-12, atol=1e-12)
-        # the same through mhs_loss (seeded from cfg.seed and the update number)
-        torch.testing.assert_close(mhs_loss(dec, x, t, 0.1)[0], loss, rtol=1e-12, atol=1e-12)
+        # the layer's training loss draws the same groups (seeded from --seed and
+        # the update number): fairseq's loss over the tokens drawn here
+        if budget < num_groups(codec):
+            torch.testing.assert_close(dec.loss(x, t, 0.1)[0], ref_loss, rtol=1e-12, atol=1e-12)
         # the weight gets a dense gradient, exactly zero on unsampled rows
         gw = grads(loss, dec, x)[1]
         sampled = torch.zeros(V, dtype=torch.bool)
@@ -123,15 +113,16 @@ def test_small_budget_always_holds_every_target_group(V, sizes, random_order, bi
 
 
 def test_negatives_reproducible_and_shared_by_ranks():
-    dec = make_decoder(1000, [250, 4], sample_groups=0.2)
-    codec = dec.mhs_codec
+    dec = make_head(1000, [250, 4], sample_groups=0.2)
+    codec = dec.codec
     a = torch.tensor([0, 1, 2, 3])  # group 0
     b = torch.tensor([996, 997])  # group 249
 
     def draw(t, update, seed=1):
-        dec.mhs_num_updates, dec.cfg.seed = update, seed
+        dec.set_num_updates(update)
+        dec.seed = seed
         torch.manual_seed(update * 7 + 123)  # the global RNG (dropout) plays no part
-        return set(draw_groups(codec, t, 50, mhs_generator(dec)).tolist())
+        return set(draw_groups(codec, t, 50, dec.generator()).tolist())
 
     assert draw(a, 5) == draw(a, 5)
     assert draw(a, 5) != draw(a, 6) and draw(a, 5) != draw(a, 5, seed=2)
@@ -142,14 +133,14 @@ def test_negatives_reproducible_and_shared_by_ranks():
 
 
 def test_eval_mode_is_the_exact_full_softmax():
-    dec = make_decoder(29, [10, 3], random_order=True, sample_groups=0.01)
+    dec = make_head(29, [10, 3], random_order=True, sample_groups=0.01)
     x, t = batch(29)
-    loss, nll, _ = mhs_loss(dec, x, t, 0.1, training=False)
+    loss, nll, _ = dec.eval().loss(x, t, 0.1)
     ref_loss, ref_nll = reference(dec, x, t, 0.1)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(nll, ref_nll, rtol=1e-12, atol=1e-12)
     # training does sample (2 targets: at most 2 of the 10 groups)
-    assert not torch.allclose(mhs_loss(dec, x[:2], t[:2], 0.1, training=True)[0], loss[:2])
+    assert not torch.allclose(dec.train().loss(x[:2], t[:2], 0.1)[0], loss[:2])
 
 
 def test_budget_parsing_and_errors():
@@ -160,11 +151,13 @@ def test_budget_parsing_and_errors():
     for bad in (0, -1, float("nan")):
         with pytest.raises(ValueError, match="--mhce-sample-groups"):
             group_budget(bad, codec)
-    dec = make_decoder(16, [4, 4])
+    dec = make_head(16, [4, 4])
     with pytest.raises(ValueError, match="per-head"):
-        mhs_loss(dec, *batch(16), 0.1, smoothing="per-head")
-    # the stand-alone layer (benchmarks): with every group sampled, fairseq's full label-smoothed loss
-    head = MHSOutput(D, 1000, [250, 4], sample_groups=1.0).double()
+        dec.loss(*batch(16), 0.1, smoothing="per-head")
+    with pytest.raises(ValueError, match="--mhce-sample-groups"):
+        MultiHeadSampling(D, MixedRadixCodec(16, [4, 4]), sample_groups=0)
+    # with every group sampled: fairseq's full label-smoothed loss
+    head = make_head(1000, [250, 4], sample_groups=1.0)
     x, t = batch(1000)
     ref_loss, ref_nll = reference(head, x, t, 0.1)
     loss, nll, _ = head.loss(x, t, 0.1)
@@ -241,7 +234,7 @@ def test_cli_copy_task_bleu_and_plain_transformer_export(mhs_run, copy_data, tmp
     assert again.returncode != 0 and "refusing to overwrite" in again.stderr
     state = torch.load(plain, map_location="cpu", weights_only=False)
     assert state["cfg"]["model"].arch == state["cfg"]["model"]._name == "transformer"
-    assert not any("mhs_codec" in k for k in state["model"]) and "decoder.output_projection.weight" in state["model"]
+    assert not any("mhce_head" in k or "mhs_codec" in k for k in state["model"]) and "decoder.output_projection.weight" in state["model"]
     assert state["cfg"]["common"]["user_dir"] is None and state["cfg"]["criterion"]["_name"] == "label_smoothed_cross_entropy"
     same = subprocess.run([*export, str(ckpt), str(ckpt)], capture_output=True, text=True)
     assert same.returncode != 0 and ckpt.stat().st_size > 0

@@ -132,16 +132,15 @@ class MultiHeadProduct(OutputLayer):
 LAST_HEAD_CHOICES = ["shared", "per-token"]
 
 
-def grouped_logits(x: torch.Tensor, group: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   block: Optional[int] = None) -> torch.Tensor:  # fmt: skip
+def grouped_logits(x: torch.Tensor, group: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``out[n] = weight[group[n]] @ x[n] + bias[group[n]]`` without the
     ``(N, C, d)`` gathered rows.
 
-    Rows are sorted by group and cut into blocks of ``block`` rows of one
-    group each (the last block of a group padded); one ``bmm`` then scores
-    every block against its group's ``(C, d)`` matrix.  Memory and compute
-    are ``O((N / block + groups) (block + C) d)``: ``block ~ sqrt(N C /
-    groups)`` balances the padding against the gathered matrices.
+    Rows are sorted by group and each group present is scored with one
+    ``(n_g, d) x (d, C)`` matmul against a view of its ``(C, d)`` block
+    (``unbind``: no copy, and one gradient buffer for the whole table in
+    backward).  Compute ``N C d`` with no padding; one host sync for the
+    group counts.
 
     Args:
         x: (N, d); group: (N,) long in ``[0, G)``
@@ -149,28 +148,16 @@ def grouped_logits(x: torch.Tensor, group: torch.Tensor, weight: torch.Tensor, b
     Returns:
         (N, C)
     """
-    n, d = x.shape
-    c = weight.size(1)
+    n, c = x.size(0), weight.size(1)
     if n == 0:
         return x.new_zeros(0, c)
     order = group.argsort(stable=True)
-    g_sorted = group.index_select(0, order)
-    uniq, counts = torch.unique_consecutive(g_sorted, return_counts=True)
-    if block is None:
-        block = max(1, min(n, int(math.sqrt(n * c / uniq.numel()))))
-    starts = counts.cumsum(0) - counts
-    rank = torch.arange(n, device=x.device) - starts.repeat_interleave(counts)
-    per_group = (counts + block - 1) // block
-    chunk_base = per_group.cumsum(0) - per_group
-    chunk = chunk_base.repeat_interleave(counts) + rank // block
-    slot = rank % block
-    n_chunks = int(per_group.sum())
-    chunk_group = uniq.repeat_interleave(per_group)
-    xs = x.new_zeros(n_chunks * block, d).index_copy(0, chunk * block + slot, x.index_select(0, order))
-    w = weight.index_select(0, chunk_group)  # (chunks, C, d)
-    logits = torch.baddbmm(bias.index_select(0, chunk_group).unsqueeze(1), xs.view(n_chunks, block, d),
-                           w.transpose(1, 2))  # fmt: skip
-    out_sorted = logits.view(n_chunks * block, c).index_select(0, chunk * block + slot)
+    counts = torch.bincount(group, minlength=weight.size(0))
+    present = counts.nonzero().squeeze(-1)
+    sizes = counts.index_select(0, present).tolist()
+    ws, bs = weight.unbind(0), bias.unbind(0)
+    parts = x.index_select(0, order).split(sizes)
+    out_sorted = torch.cat([F.linear(xp, ws[g], bs[g]) for g, xp in zip(present.tolist(), parts)], 0)
     return out_sorted.new_empty(n, c).index_copy(0, order, out_sorted)
 
 
