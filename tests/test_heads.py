@@ -13,11 +13,17 @@ D = 8
 CASES = [(16, [4, 4]), (13, [4, 4]), (17, [5, 4]), (29, [2, 3, 5]), (27, [3, 3, 3]), (20, [3, 3, 3])]
 
 
+METHODS = ["mhp", "mhe", "mhe-pt"]  # mhe-pt: MHE with --mhce-last-head per-token
+
+
 def make_head(method, V, sizes, seed=0, order="identity"):
     torch.manual_seed(seed)
     code = torch.randperm(V) if order == "random" else None
     codec = MixedRadixCodec(V, sizes, code)
-    head = MultiHeadProduct(D, codec) if method == "mhp" else MultiHeadEmbedding(D, codec)
+    if method == "mhp":
+        head = MultiHeadProduct(D, codec)
+    else:
+        head = MultiHeadEmbedding(D, codec, last_head="per-token" if method == "mhe-pt" else "shared")
     with torch.no_grad():  # larger weights than the init, so distributions are far from uniform
         for p in head.parameters():
             p.normal_(0, 1.0)
@@ -49,8 +55,13 @@ def reference_log_probs(head, x):
                 s = 0.0
                 prefix = 0
                 for h, d in enumerate(digits):
-                    hid = xi if h == 0 else head.activation(xi + head.prefix_embed[h - 1].weight[prefix])
-                    z = head.out[h](hid)
+                    if head.per_token and h == len(sizes) - 1:
+                        # the prefix's own C_H token vectors (rows = codes), applied to x
+                        own = slice(prefix * sizes[h], (prefix + 1) * sizes[h])
+                        z = head.token_vectors[own] @ xi + head.token_bias[own]
+                    else:
+                        hid = xi if h == 0 else head.activation(xi + head.prefix_embed[h - 1].weight[prefix])
+                        z = head.out[h](hid)
                     allowed = torch.tensor(
                         [((prefix * sizes[h] + j) * int(codec.strides[h])) < V for j in range(sizes[h])]
                     )
@@ -65,7 +76,7 @@ def reference_log_probs(head, x):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("method", ["mhp", "mhe"])
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("V,sizes", CASES)
 @pytest.mark.parametrize("order", ["identity", "random"])
 def test_log_probs_match_brute_force(method, V, sizes, order):
@@ -82,52 +93,147 @@ def test_log_probs_match_brute_force(method, V, sizes, order):
     torch.testing.assert_close(head.token_log_probs(x, tokens).double(), lp.double().gather(1, tokens), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["mhp", "mhe"])
+def reference_conditionals(head, x, target):
+    """For each head h, the (N, C_h) conditional log-distribution of digit h
+    given the target's prefix, marginalized from the brute-force joint
+    (-inf where no valid code continues the prefix)."""
+    codec = head.codec
+    joint = reference_log_probs(head, x)  # (N, V), token order
+    digits = codec.encode(torch.arange(codec.vocab_size))  # (V, H)
+    tgt = codec.encode(target)
+    out = []
+    for h, c in enumerate(codec.sizes):
+        rows = []
+        for n in range(x.size(0)):
+            same = (digits[:, :h] == tgt[n, :h]).all(-1)  # tokens sharing the target's prefix
+            mass = torch.full((c,), float("-inf"), dtype=torch.float64)
+            for j in range(c):
+                sel = same & (digits[:, h] == j)
+                if bool(sel.any()):
+                    mass[j] = torch.logsumexp(joint[n, sel], 0)
+            rows.append(mass - torch.logsumexp(mass, 0))
+        out.append(torch.stack(rows))
+    return out
+
+
+def smoothed_per_head(conds, target_digits, eps):
+    """fairseq's label_smoothed_nll_loss applied to each head's own
+    conditional distribution (over its valid digits), summed over heads."""
+    from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+    total = 0
+    for h, lp in enumerate(conds):
+        per = []
+        for n in range(lp.size(0)):
+            valid = torch.isfinite(lp[n])
+            col = int(valid[: target_digits[n, h]].sum())  # the target's column among the valid digits
+            if int(valid.sum()) < 2:  # one class: nothing to smooth over
+                per.append(-lp[n, target_digits[n, h]])
+                continue
+            loss, _ = label_smoothed_nll_loss(lp[n][valid][None], torch.tensor([col]), eps, reduce=False)
+            per.append(loss.reshape(()))
+        total = total + torch.stack(per)
+    return total
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("V,sizes", CASES)
-def test_loss_nll_and_smoothing_match_materialized(method, V, sizes):
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_loss_nll_and_smoothing_match_materialized(method, V, sizes, eps):
+    from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
     head = make_head(method, V, sizes, seed=1)
     x = torch.randn(6, D, dtype=torch.float64)
     target = torch.randint(0, V, (6,))
-    lp = head.log_probs(x).double()
-    eps = 0.1
+    ref = reference_log_probs(head, x)
     loss, nll, correct = head.loss(x, target, eps)
-    torch.testing.assert_close(nll.double(), -lp.gather(1, target[:, None]).squeeze(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nll.double(), -ref.gather(1, target[:, None]).squeeze(1), rtol=1e-5, atol=1e-5)
     if method == "mhp":
-        # fairseq's label_smoothed_nll_loss on the materialized distribution
-        from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
-
-        ref_loss, ref_nll = label_smoothed_nll_loss(lp, target, eps, ignore_index=None, reduce=False)
+        # fairseq's label_smoothed_nll_loss on the brute-force distribution (uniform over V)
+        ref_loss, _ = label_smoothed_nll_loss(ref, target, eps, ignore_index=None, reduce=False)
         torch.testing.assert_close(loss.double(), ref_loss.squeeze(-1), rtol=1e-5, atol=1e-5)
+        # per-head smoothing: fairseq's loss on each head's own log-softmax (plus log Z_valid)
+        lps = [F.log_softmax(z, -1) for z in head.proj(x).split(sizes, -1)]
+        digits = head.codec.encode(target)
+        used = head.codec.used_digits()
+        ph = 0
+        for h, lp in enumerate(lps):
+            lp = lp[:, : used[h]]  # digits some valid code uses
+            if used[h] > 1 and eps > 0:
+                ph = ph + label_smoothed_nll_loss(lp, digits[:, h], eps, ignore_index=None, reduce=False)[0].squeeze(-1)
+            else:
+                ph = ph - lp.gather(1, digits[:, h : h + 1]).squeeze(1)
+        lz = torch.logsumexp(  # log Z_valid by brute force: the product's mass on codes < V
+            torch.stack([sum(lps[h][:, d] for h, d in enumerate(t)) for t in all_digit_tuples(sizes)
+                         if sum(d * int(s) for d, s in zip(t, head.codec.strides.tolist())) < V], -1), -1)
+        ph = ph + (1 - eps) * lz
+        loss_ph, _, _ = head.loss(x, target, eps, smoothing="per-head")
+        torch.testing.assert_close(loss_ph.double(), ph, rtol=1e-5, atol=1e-5)
     else:
-        # per-head smoothing: each head's materialized conditional distribution
-        codec = head.codec
-        digits, prefixes = codec.encode(target), codec.prefixes(target)
-        ref = torch.zeros(6, dtype=torch.float64)
-        for h in range(len(sizes)):
-            lph = head.level_log_probs(h, x, prefixes[:, h : h + 1]).squeeze(1).double()
-            for n in range(6):
-                valid = torch.isfinite(lph[n])
-                k = int(valid.sum())
-                eps_h = eps / max(k - 1, 1)
-                nll_h = -lph[n, digits[n, h]]
-                smooth_h = -lph[n][valid].sum()
-                ref[n] += (1 - eps - eps_h) * nll_h + eps_h * smooth_h
-        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+        # per-head smoothing on the conditionals of the brute-force joint
+        conds = reference_conditionals(head, x, target)
+        ref_loss = smoothed_per_head(conds, head.codec.encode(target), eps)
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
     assert correct.shape == (6, len(sizes))
 
 
-def test_mhp_per_head_smoothing_reduces_to_nll_at_zero():
-    head = make_head("mhp", 17, [5, 4])
-    x = torch.randn(4, D, dtype=torch.float64)
-    t = torch.randint(0, 17, (4,))
-    loss0, nll0, _ = head.loss(x, t, 0.0, smoothing="per-head")
-    torch.testing.assert_close(loss0, nll0)
-    loss, nll, _ = head.loss(x, t, 0.1, smoothing="per-head")
-    assert torch.isfinite(loss).all() and not torch.allclose(loss, nll)
+def test_code_table_option_reads_checks_and_defers_to_a_checkpoint(tmp_path):
+    """--mhce-code-table: the file's table is the model's; a table for another
+    dictionary or other head sizes is refused naming both; a file missing at
+    build time is taken from the checkpoint when one is loaded, and is an
+    error (naming the file) when training starts without it."""
+    from argparse import Namespace
+
+    from fairseq.data import Dictionary
+
+    from fairseq_mhce.criterions.mhce_label_smoothed_cross_entropy import get_mhce_head
+    from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_head
+    from fairseq_mhce.modules.code_table import save_code_table
+
+    def dictionary(n):
+        d = Dictionary()
+        for i in range(n):
+            d.add_symbol(f"w{i}")
+        return d
+
+    d = dictionary(12)
+    V = len(d)  # 16 with fairseq's 4 specials
+    code = torch.randperm(V, generator=torch.Generator().manual_seed(3))
+    path = tmp_path / "codes.json"
+    save_code_table(path, code.tolist(), [4, 4], list(d.symbols), {})
+    cfg = Namespace(**{k: f.default for k, f in MHCEConfig.__dataclass_fields__.items()})
+    cfg.mhce_method, cfg.mhce_head_sizes, cfg.mhce_code_table = "mhe", "4,4", str(path)
+    head = build_head(cfg, D, d)
+    assert torch.equal(head.codec.code, code) and head.codec.pending_table is None
+    cfg.mhce_head_sizes = "8,2"
+    with pytest.raises(ValueError, match=r"\[4, 4\].*\[8, 2\]"):
+        build_head(cfg, D, d)
+    cfg.mhce_head_sizes = "5,4"
+    with pytest.raises(ValueError, match="16.*17"):
+        build_head(cfg, D, dictionary(13))
+    # missing file: a placeholder table until a checkpoint's state dict arrives
+    cfg.mhce_head_sizes = "4,4"
+    cfg.mhce_code_table = str(tmp_path / "gone.json")
+    head = build_head(cfg, D, d)
+    model = Namespace(decoder=Namespace(mhce_head=head))
+    with pytest.raises(FileNotFoundError, match="gone.json"):
+        get_mhce_head(model)
+    state = {f"h.{k}": v for k, v in make_head("mhe", 16, [4, 4], order="random").state_dict().items()}
+    head.upgrade_state_dict_named(state, "h")
+    assert head.codec.pending_table is None and get_mhce_head(model) is head
 
 
-def test_gradients_flow_to_every_mhe_head():
-    head = make_head("mhe", 29, [2, 3, 5]).float()
+def test_last_head_mismatch_is_a_clear_error():
+    shared = make_head("mhe", 16, [4, 4])
+    per_token = make_head("mhe-pt", 16, [4, 4])
+    state = {f"h.{k}": v for k, v in shared.state_dict().items()}
+    with pytest.raises(RuntimeError, match="--mhce-last-head shared"):
+        per_token.upgrade_state_dict_named(state, "h")
+
+
+@pytest.mark.parametrize("method", ["mhe", "mhe-pt"])
+def test_gradients_flow_to_every_mhe_head(method):
+    head = make_head(method, 29, [2, 3, 5]).float()
     x = torch.randn(10, D, requires_grad=True)
     loss, _, _ = head.loss(x, torch.randint(0, 29, (10,)), 0.1)
     loss.sum().backward()
@@ -142,6 +248,9 @@ def test_parameters_far_below_softmax():
     mhe = MultiHeadEmbedding(d, MixedRadixCodec(V, [256, 128]))
     assert mhp.num_output_parameters() < V * d / 50
     assert mhe.num_output_parameters() < V * d / 25
+    # per-token: a softmax's V x d (+ V biases), plus head 1
+    pt = MultiHeadEmbedding(d, MixedRadixCodec(V, [256, 128]), last_head="per-token")
+    assert pt.num_output_parameters() == V * (d + 1) + 256 * (d + 1)
 
 
 def test_mhe_uniform_smoothing_is_refused():
