@@ -66,8 +66,13 @@ LABELS = {
     "softmax": "softmax (label_smoothed_cross_entropy)",
     "adaptive": "adaptive softmax (adaptive_loss)",
     "mhp": "MHP (mhce, H=2)",
-    "mhe": "MHE (mhce, H=2)",
+    "mhe": "MHE shared (mhce, H=2)",
     "mhs": "MHS (mhce, sampled groups)",
+    "mhe-pt": "MHE per-token (H=2)",
+    "mhe-pt-ppmi": "MHE per-token, PPMI codes",
+    "mhe-ppmi": "MHE shared, PPMI codes",
+    "mhp-random": "MHP, random codes",
+    "mhp-ppmi": "MHP, PPMI codes",
     "ceiling": "softmax body only (ceiling)",
 }
 COLUMNS = [
@@ -109,6 +114,65 @@ def parse_train_log(text: str) -> dict:
         "updates": max(updates) if updates else None,
         "train_seconds": float(done.group(1)) if done else None,
     }
+
+
+TS = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)"
+
+
+def valid_curve(text: str) -> list:
+    """[(seconds since training began, updates, valid ppl)] from a fairseq-train
+    log (timestamps of its valid lines; t = 0 at 'begin training epoch 1')."""
+    from datetime import datetime
+
+    def ts(line):
+        m = re.match(TS, line)
+        return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() if m else None
+
+    t0, out = None, []
+    for line in text.splitlines():
+        if t0 is None and "begin training epoch" in line:
+            t0 = ts(line)
+        m = re.search(r"\| valid \| .*?\| ppl ([\d.]+) .*?\| num_updates (\d+)", line)
+        if m and t0 is not None and ts(line) is not None:
+            out.append((ts(line) - t0, int(m.group(2)), float(m.group(1))))
+    return out
+
+
+def equal_wall_clock(curves: dict) -> tuple:
+    """The budget T = the shortest run's training time (its last validation);
+    per method the last valid ppl reached by then and the updates done: the
+    faster an output layer, the more updates it gets in T."""
+    ends = [c[-1][0] for c in curves.values() if c]
+    if not ends:
+        return None, {}
+    budget = min(ends)
+    rows = {}
+    for m, c in curves.items():
+        seen = [p for p in c if p[0] <= budget + 1]
+        if seen:
+            rows[m] = {"seconds": seen[-1][0], "updates": seen[-1][1], "ppl": min(p[2] for p in seen)}
+    return budget, rows
+
+
+def plot_curves(curves: dict, path: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, c in curves.items():
+        if c:
+            ax.plot([p[0] for p in c], [p[2] for p in c], marker="o", ms=3, label=LABELS.get(m, m))
+    ax.set_xlabel("training wall-clock seconds (since the first update)")
+    ax.set_ylabel("valid perplexity (exact, base 2)")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def output_layer_params(ckpt: Path) -> int:
@@ -451,6 +515,20 @@ def main(argv=None):
         notes.append(f"step timing: {speed['batches']} batches, {speed['tokens']} target tokens, "
                      f"{speed['threads']} thread(s){share}")
     md, csv_path = write_tables(rows, Path(args.out) / f"compare_{args.name}", header, notes, speed)
+    curves = {m: valid_curve((workdir / m / "train.log").read_text(errors="replace"))
+              for m in methods if (workdir / m / "train.log").exists()}
+    if any(len(c) > 1 for c in curves.values()):
+        png = Path(args.out) / f"compare_{args.name}_valid_ppl.png"
+        plot_curves(curves, png, f"{args.name}: valid ppl against training time")
+        budget, eq = equal_wall_clock(curves)
+        lines = ["", f"### Equal wall-clock: the first {budget:.0f} s of training (the shortest run's length)", "",
+                 "| method | updates done | best valid ppl by then |", "|---|---|---|"]
+        lines += [f"| {LABELS.get(m, m)} | {r['updates']} | {r['ppl']:.2f} |" for m, r in eq.items()]
+        lines += ["", f"Valid ppl against wall-clock seconds: `{png.name}` (timestamps of fairseq's valid lines; "
+                  "runs that shared the machine's cores with other jobs carry that load)."]
+        with open(md, "a") as f:
+            f.write("\n".join(lines) + "\n")
+        Path(str(md.with_suffix("")) + "_curves.json").write_text(json.dumps(curves, indent=1) + "\n")
     print("\n" + md.read_text())
     print(f"tables: {md} {csv_path}")
     return 0
