@@ -84,7 +84,8 @@ def test_mhp_criterion_equals_fairseq_on_materialized_distribution(heads, ignore
 def test_mhe_nll_equals_minus_log_p_of_target(heads):
     task, d, model = build("mhe", heads)
     sample = sample_batch(d)
-    ours = MHCELabelSmoothedCrossEntropyCriterion(task, False, 0.0, 0)
+    eps = 0.1
+    ours = MHCELabelSmoothedCrossEntropyCriterion(task, False, eps, 0)
     loss, _, log = ours(model, sample)
     lprobs = model.get_normalized_probs(model(**sample["net_input"]), log_probs=True)
     assert lprobs.shape[-1] == len(d)
@@ -93,7 +94,24 @@ def test_mhe_nll_equals_minus_log_p_of_target(heads):
     mask = t.ne(d.pad())
     nll = -lprobs.gather(-1, t.unsqueeze(-1)).squeeze(-1)[mask].sum()
     torch.testing.assert_close(log["nll_loss"], nll)
-    torch.testing.assert_close(loss, nll)  # no smoothing: loss is the NLL
+    # the smoothed loss: fairseq's label_smoothed_nll_loss on each head's
+    # conditional, marginalized from the dense row get_normalized_probs gives
+    from .test_heads import smoothed_per_head
+
+    codec = model.decoder.mhce_head.codec
+    lp, tt = lprobs[mask].double(), t[mask]
+    digits = codec.encode(torch.arange(len(d)))
+    tgt = codec.encode(tt)
+    conds = []
+    for h, c in enumerate(codec.sizes):
+        rows = []
+        for n in range(tt.numel()):
+            same = (digits[:, :h] == tgt[n, :h]).all(-1)
+            mass = torch.stack([torch.logsumexp(lp[n, same & (digits[:, h] == j)], 0) for j in range(c)])
+            rows.append(mass - torch.logsumexp(mass, 0))
+        conds.append(torch.stack(rows))
+    ref = smoothed_per_head(conds, tgt, eps).sum()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-4)
 
 
 def test_padding_is_ignored():
