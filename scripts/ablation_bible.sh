@@ -13,7 +13,7 @@ UPD=${2:-500}
 CODES=$REPO/work/codes
 NAME=${NAME:-bible_spm8k_ablation}
 [ -f "$CODES/ppmi_h2.json" ] || "$PY" "$REPO/scripts/build_codes.py" --databin "$DATA" --heads 2 --source ppmi --seed 1 --out "$CODES/ppmi_h2.json"
-ARCH="--encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 128 --decoder-embed-dim 128 --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512 --max-tokens 2048 --lr 2e-3"
+ARCH="--encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 128 --decoder-embed-dim 128 --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512 --max-tokens 2048 --lr 2e-3 --validate-interval-updates 100"
 VARIANTS=(
   --variant "mhe-pt=mhe:--mhce-last-head per-token"
   --variant "mhe-pt-ppmi=mhe:--mhce-last-head per-token --mhce-code-table $CODES/ppmi_h2.json"
