@@ -50,6 +50,36 @@ def _extra_values(head, x, extra: Optional[torch.Tensor], **kw) -> Optional[torc
     return head.token_log_probs(x, extra.unsqueeze(0).expand(x.size(0), -1), **kw)
 
 
+def _no_nan(t: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf, as fairseq's generator treats the dense row: a NaN score
+    (an fp16 overflow in the decoder state) must neither rank first nor make
+    the exactness test undecidable."""
+    return t.masked_fill(t != t, NEG_INF)
+
+
+def _distinct_padding(values: torch.Tensor, tokens: torch.Tensor, min_token: int, vocab_size: int):
+    """Rows with fewer than k finite candidates (NaN states, masked tokens)
+    end in ``-inf`` entries; give those distinct token ids (the smallest ids
+    ``>= min_token`` not already returned), never a duplicate or ``-1``."""
+    short = torch.isinf(values[:, -1]) & (values[:, -1] < 0)
+    if not bool(short.any()):
+        return tokens
+    tokens = tokens.clone()
+    for r in short.nonzero().squeeze(-1).tolist():
+        fin = torch.isfinite(values[r])
+        keep = set(tokens[r][fin].tolist())
+        free = (t for t in range(min_token, vocab_size) if t not in keep)
+        slots = (~fin).nonzero().squeeze(-1).tolist()
+        tokens[r, slots] = torch.tensor([next(free) for _ in slots], dtype=tokens.dtype, device=tokens.device)
+    return tokens
+
+
+def _check_k(k: int, min_token: int, vocab_size: int):
+    if k > vocab_size - max(min_token, 0):
+        raise ValueError(f"top-{k} asked of {vocab_size - max(min_token, 0)} candidate tokens (V={vocab_size}, "
+                         f"min_token={min_token}): use a smaller beam")
+
+
 def _chunk(pending: torch.Tensor, per_row: int, budget: int) -> int:
     """How many pending rows to process now so that a pass holds at most
     ``budget`` elements (at least one row)."""
@@ -83,7 +113,8 @@ def mhp_topk(
     sizes: List[int] = codec.sizes
     H = len(sizes)
     strides: List[int] = list(codec.stride_list)
-    lps = head.digit_log_probs(x)
+    _check_k(k, min_token, codec.vocab_size)
+    lps = [_no_nan(lp) for lp in head.digit_log_probs(x)]
     lz = head.log_z(lps)
     extra_values = _extra_values(head, x, extra, lps=lps)
     n = x.size(0)
@@ -131,6 +162,7 @@ def mhp_topk(
         tokens[done] = kt[ok]
         bad = ~ok
         if bad.any():
+            grown = False
             # widen each failing head to the digits that could still reach tau
             best = torch.stack([t[0][bad, 0] for t in tops], -1)  # (b, H)
             rest = best.sum(-1, keepdim=True) - best  # the other heads' best
@@ -138,11 +170,15 @@ def mhp_topk(
                 if fails[h] is None or not bool(fails[h][bad].any()):
                     continue
                 need = int((sub[h][bad] + rest[:, h : h + 1] >= tau[bad].unsqueeze(-1)).sum(-1).max())
-                m[h] = min(sizes[h], max(need, m[h] + 1))
+                new = min(sizes[h], max(need, m[h] + 1))
+                grown |= new > m[h]
+                m[h] = new
+            if not grown:
+                raise RuntimeError("mhp_topk: a row failed its exactness test but no head can widen; please report")
             pending = torch.cat([pending, rows[bad]])
     if lz is not None:
-        values = values - lz.unsqueeze(-1)
-    return values, tokens, extra_values
+        values = _no_nan(values - lz.unsqueeze(-1))  # a row with no valid mass: lz = -inf
+    return values, _distinct_padding(values, tokens, max(min_token, 0), codec.vocab_size), extra_values
 
 
 @torch.no_grad()
@@ -169,7 +205,8 @@ def mhe_topk(
     H = len(sizes)
     d = x.size(-1)
     n = x.size(0)
-    lp0 = head.level_log_probs(0, x, torch.zeros(n, 1, dtype=torch.long, device=x.device)).squeeze(1)
+    _check_k(k, min_token, codec.vocab_size)
+    lp0 = _no_nan(head.level_log_probs(0, x, torch.zeros(n, 1, dtype=torch.long, device=x.device)).squeeze(1))
     if H == 2:
         return _mhe2_topk(head, x, lp0, k, min_token, budget, first_width, extra)
     extra_values = _extra_values(head, x, extra)
@@ -197,7 +234,7 @@ def mhe_topk(
             level_scores.append(cur)
             best_left.append(tv[:, mm] if mm < width else None)
             prefix = ids.gather(1, ti[:, :mm])  # (r, mm)
-            lp = head.level_log_probs(h, xr, prefix)  # (r, mm, C_h)
+            lp = _no_nan(head.level_log_probs(h, xr, prefix))  # (r, mm, C_h)
             cur = (tv[:, :mm].unsqueeze(-1) + lp).flatten(1)
             ids = (prefix.unsqueeze(-1) * sizes[h] + torch.arange(sizes[h], device=x.device)).flatten(1)
         tok = codec.token[ids]  # ids are full codes now; -1 = invalid
@@ -208,24 +245,31 @@ def mhe_topk(
         kv, ki = cur.topk(k, dim=-1)
         kt = tok.gather(1, ki)
         tau = kv[:, -1]
-        # exact iff no unexpanded prefix (hence none of its completions) beats tau
+        # exact iff no unexpanded prefix (hence none of its completions) beats
+        # tau; the same predicate says which levels to widen (scores carry no NaN)
+        fails = [None if b is None else b > tau for b in best_left]
         ok = torch.ones_like(tau, dtype=torch.bool)
-        for b in best_left:
-            if b is not None:
-                ok &= b <= tau
+        for f in fails:
+            if f is not None:
+                ok &= ~f
         done = rows[ok]
         values[done] = kv[ok]
         tokens[done] = kt[ok]
         bad = ~ok
         if bad.any():
+            grown = False
             # widen every level that left a prefix above tau to all such prefixes
-            for j, b in enumerate(best_left):
-                if b is None or not bool((b[bad] > tau[bad]).any()):
+            for j, f in enumerate(fails):
+                if f is None or not bool(f[bad].any()):
                     continue
                 need = int((level_scores[j][bad] > tau[bad].unsqueeze(-1)).sum(-1).max())
-                m[j] = min(caps[j], max(need, m[j] + 1))
+                new = min(caps[j], max(need, m[j] + 1))
+                grown |= new > m[j]
+                m[j] = new
+            if not grown:
+                raise RuntimeError("mhe_topk: a row failed its exactness test but no level can widen; please report")
             pending = torch.cat([pending, rows[bad]])
-    return values, tokens, extra_values
+    return values, _distinct_padding(values, tokens, max(min_token, 0), codec.vocab_size), extra_values
 
 
 def _mhe2_topk(head, x, lp0, k: int, min_token: int, budget: int, first_width: Optional[int], extra=None):
@@ -253,18 +297,24 @@ def _mhe2_topk(head, x, lp0, k: int, min_token: int, budget: int, first_width: O
         fixed, inv = torch.unique(e_digits[:, 0], return_inverse=True)  # sorted
         e_cols = inv * c2 + e_digits[:, 1]  # column of each extra token in the candidate row
     u = fixed.numel()
-    m0 = min(c1 - u, first_width or max(2, k // 4))
+    # only the other first digits are ranked: a fixed digit can never be
+    # picked again (topk fills spare slots with -inf entries in no fixed order)
+    is_free = torch.ones(c1, dtype=torch.bool, device=dev)
+    is_free[fixed] = False
+    free = is_free.nonzero().squeeze(-1)  # (F,) digit of each ranked column
+    nfree = free.numel()
+    m0 = min(nfree, first_width or max(2, k // 4))
     # at least k candidates in pass 1 (every valid first digit has >= 1 child)
-    while m0 < c1 - u and (m0 + u) * c2 < k + lo + 1:
+    while m0 < nfree and (m0 + u) * c2 < k + lo + 1:
         m0 += 1
-    ranked = lp0.index_fill(1, fixed, NEG_INF) if u else lp0
-    # the ranking of first digits, extended on demand (a full sort costs more
-    # than the search; torch's CPU topk is much faster for k <= 8)
-    width_sorted = min(c1, max(2 * m0, 8))
+    ranked = lp0.index_select(1, free) if u else lp0  # (n, F)
+    # the ranking of first digits (columns of `ranked`), extended on demand (a
+    # full sort costs more than the search; torch's CPU topk is much faster for k <= 8)
+    width_sorted = min(nfree, max(2 * m0, 8))
     sv, si = ranked.topk(width_sorted, dim=-1)
-    first_i = torch.cat([fixed.unsqueeze(0).expand(n, -1), si[:, :m0]], 1)  # (n, u + m0)
+    first_i = torch.cat([fixed.unsqueeze(0).expand(n, -1), free[si[:, :m0]]], 1)  # (n, u + m0) digits
     first_v = lp0.gather(1, first_i)
-    lp1 = head.level_log_probs(1, x, first_i)  # (n, u + m0, C2)
+    lp1 = _no_nan(head.level_log_probs(1, x, first_i))  # (n, u + m0, C2)
     cand = (first_v.unsqueeze(-1) + lp1).flatten(1)  # the dense row's (0 + lp_1) + lp_2
     extra_values = cand.index_select(1, e_cols) if u else None
     tok = codec.token[(first_i.unsqueeze(-1) * c2 + arange2).flatten(1)]
@@ -280,27 +330,30 @@ def _mhe2_topk(head, x, lp0, k: int, min_token: int, budget: int, first_width: O
         need = ((ranked > kv[:, -1:]).sum(-1) - done).clamp(min=0)
         rows = need.nonzero().squeeze(-1)
         if rows.numel() == 0:
-            return kv, kt, extra_values
+            return kv, _distinct_padding(kv, kt, lo, codec.vocab_size), extra_values
         add = torch.minimum(need[rows], done[rows].clamp(min=1))
         width = int(add.max())
         reach = int((done[rows] + add).max())
-        if reach > width_sorted:  # extend the ranking without re-ranking what is known
-            more_w = min(c1, max(reach, 2 * width_sorted)) - width_sorted
-            ev, ei = ranked.scatter(1, si, NEG_INF).topk(more_w, dim=-1)
-            sv, si = torch.cat([sv, ev], 1), torch.cat([si, ei], 1)
-            width_sorted += more_w
+        if reach > width_sorted:  # extend the ranking: a wider top-k (ties keep no fixed order,
+            # but every rank beyond `done` is above tau, so finite and distinct from those before)
+            width_sorted = min(nfree, max(reach, 2 * width_sorted))
+            sv2, si2 = ranked.topk(width_sorted, dim=-1)
+            # the known ranks must not move: keep them, take the new ones after them
+            sv, si = torch.cat([sv, sv2[:, sv.size(1):]], 1), torch.cat([si, si2[:, si.size(1):]], 1)
         step = max(1, budget // (width * (c2 + d)))
         for a in range(0, rows.numel(), step):
             # the next `add` ranks of each row, padded to `width` (padding: -inf)
             rows_a, add_a = rows[a : a + step], add[a : a + step]
             slot = torch.arange(width, device=dev).unsqueeze(0)
             rank = (done[rows_a].unsqueeze(-1) + slot).clamp(max=width_sorted - 1)
-            pre = si.index_select(0, rows_a).gather(1, rank)  # (r, width)
-            pv = sv.index_select(0, rows_a).gather(1, rank).masked_fill(slot >= add_a.unsqueeze(-1), NEG_INF)
-            lp = head.level_log_probs(1, x.index_select(0, rows_a), pre)  # (r, width, C2)
+            pad = slot >= add_a.unsqueeze(-1)
+            pre = free[si.index_select(0, rows_a).gather(1, rank)]  # (r, width) digits
+            pv = sv.index_select(0, rows_a).gather(1, rank).masked_fill(pad, NEG_INF)
+            lp = _no_nan(head.level_log_probs(1, x.index_select(0, rows_a), pre))  # (r, width, C2)
             more = (pv.unsqueeze(-1) + lp).flatten(1)
             more_tok = codec.token[(pre.unsqueeze(-1) * c2 + arange2).flatten(1)]
-            more = more.masked_fill(more_tok < lo, NEG_INF)
+            # padding slots repeat an expanded digit: their tokens must never enter
+            more = more.masked_fill((more_tok < lo) | pad.repeat_interleave(c2, 1), NEG_INF)
             v2, i2 = torch.cat([kv.index_select(0, rows_a), more], 1).topk(k, dim=-1)
             kt_a = torch.cat([kt.index_select(0, rows_a), more_tok], 1).gather(1, i2)
             kv = kv.index_copy(0, rows_a, v2)
