@@ -92,7 +92,7 @@ def test_head_topk_methods_delegate():
 # --------------------------------------------------------------------------
 # generator equivalence on tiny random models built in-process
 # --------------------------------------------------------------------------
-def build_model(root, V, method, heads, seed, scale=1.0, code="identity", d=32, arch="transformer_mhce"):
+def build_model(root, V, method, heads, seed, scale=1.0, code="identity", d=32, arch="transformer_mhce", extra=()):
     root.mkdir(parents=True, exist_ok=True)
     for lang, n in (("src", 40), ("tgt", V - SPECIAL)):
         (root / f"dict.{lang}.txt").write_text("".join(f"w{i} {10**7 - i}\n" for i in range(n)))
@@ -101,7 +101,7 @@ def build_model(root, V, method, heads, seed, scale=1.0, code="identity", d=32, 
         str(root), "--task", "translation_mhce", "--arch", arch, "--source-lang", "src", "--target-lang", "tgt",
         *mhce, "--encoder-layers", "1", "--decoder-layers", "2", "--encoder-embed-dim", str(d),
         "--decoder-embed-dim", str(d), "--encoder-ffn-embed-dim", str(2 * d), "--decoder-ffn-embed-dim", str(2 * d),
-        "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--dropout", "0",
+        "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--dropout", "0", *extra,
     ])  # fmt: skip
     torch.manual_seed(seed)
     task = tasks.setup_task(args)

@@ -47,7 +47,7 @@ def _extra_values(head, x, extra: Optional[torch.Tensor], **kw) -> Optional[torc
     """(N, S) log-probabilities of the ``extra`` tokens (S,) in every row."""
     if extra is None or extra.numel() == 0:
         return None
-    return head.token_log_probs(x, extra.unsqueeze(0).expand(x.size(0), -1), **kw)
+    return _no_nan(head.token_log_probs(x, extra.unsqueeze(0).expand(x.size(0), -1), **kw))
 
 
 def _no_nan(t: torch.Tensor) -> torch.Tensor:
