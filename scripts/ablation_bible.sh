@@ -1,32 +1,68 @@
 #!/usr/bin/env bash
 # The quality ablation of the output layers on the Bible de->en spm 8k data-bin
-# (scripts/prepare_bible.py): one small recipe, same seed, every variant;
-# two compare.py processes (one thread each) share the work directory, then the
-# table is rendered from all finished runs.  Resumable: finished runs are reused.
+# (scripts/prepare_bible.py): one small recipe, same seed, every variant named
+# explicitly (so a change of the plugin's defaults does not change a row).
 #
 #   scripts/ablation_bible.sh [DATABIN] [UPDATES]
+#
+# 1. code tables: PPMI-SVD of the training targets (H=2, H=3), no model;
+# 2. equal updates: softmax; MHE shared / per-token x identity / PPMI codes;
+#    MHP identity / random / PPMI codes; MHS; per-token MHE with PPMI codes at
+#    H=3; a second seed of the softmax and of per-token MHE + PPMI;
+# 3. code tables from a trained model (the softmax's output projection) for
+#    per-token MHE and MHP;
+# 4. equal wall-clock: softmax, the best MHE, the best MHP and MHS, each given
+#    WALL_MIN minutes of training (--stop-time-hours);
+# each phase runs two compare.py processes (one thread each) side by side, then
+# the tables are rendered from all finished runs (results/compare_NAME*.md).
+# Resumable: finished runs are reused (compare.py --reuse).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${VENV:-$REPO/.venv}/bin/python
 DATA=${1:-$REPO/work/bible-de-en/bin}
 UPD=${2:-500}
+WALL_MIN=${WALL_MIN:-8}
 CODES=$REPO/work/codes
 NAME=${NAME:-bible_spm8k_ablation}
-[ -f "$CODES/ppmi_h2.json" ] || "$PY" "$REPO/scripts/build_codes.py" --databin "$DATA" --heads 2 --source ppmi --seed 1 --out "$CODES/ppmi_h2.json"
+mkdir -p "$CODES"
+codes() { [ -f "$CODES/$1" ] || "$PY" "$REPO/scripts/build_codes.py" --databin "$DATA" --seed 1 --out "$CODES/$1" "${@:2}"; }
+codes ppmi_h2.json --heads 2 --source ppmi
+codes ppmi_h3.json --heads 3 --source ppmi
 ARCH="--encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 128 --decoder-embed-dim 128 --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512 --max-tokens 2048 --lr 2e-3 --validate-interval-updates 100"
+PT="--mhce-last-head per-token"
+SH="--mhce-last-head shared"
 VARIANTS=(
-  --variant "mhe-pt=mhe:--mhce-last-head per-token"
-  --variant "mhe-pt-ppmi=mhe:--mhce-last-head per-token --mhce-code-table $CODES/ppmi_h2.json"
-  --variant "mhe-ppmi=mhe:--mhce-code-table $CODES/ppmi_h2.json"
+  --variant "mhe-shared=mhe:$SH"
+  --variant "mhe-shared-ppmi=mhe:$SH --mhce-code-table $CODES/ppmi_h2.json"
+  --variant "mhe-pt=mhe:$PT"
+  --variant "mhe-pt-ppmi=mhe:$PT --mhce-code-table $CODES/ppmi_h2.json"
+  --variant "mhe-pt-ppmi-h3=mhe:$PT --mhce-heads 3 --mhce-code-table $CODES/ppmi_h3.json"
+  --variant "mhe-pt-ckpt=mhe:$PT --mhce-code-table $CODES/softmax_out_h2.json"
+  --variant "mhp-identity=mhp:--mhce-code-order identity"
   --variant "mhp-random=mhp:--mhce-code-order random"
   --variant "mhp-ppmi=mhp:--mhce-code-table $CODES/ppmi_h2.json"
+  --variant "mhp-ckpt=mhp:--mhce-code-table $CODES/softmax_out_h2.json"
+  --variant "softmax-seed2=softmax:--seed 2"
+  --variant "mhe-pt-ppmi-seed2=mhe:$PT --mhce-code-table $CODES/ppmi_h2.json --seed 2"
 )
-common=(--databin "$DATA" --name "$NAME" --max-update "$UPD" --warmup $(( UPD / 4 )) --train-args "$ARCH"
-        --speed-batches 0 --reuse "${VARIANTS[@]}")
 export OMP_NUM_THREADS=1 SEARCH=${SEARCH:-factorized}
-A=${A:-softmax,mhe-pt,mhe-pt-ppmi,mhp-ppmi}
-B=${B:-mhe,mhe-ppmi,mhp,mhp-random}
-"$PY" "$REPO/scripts/compare.py" "${common[@]}" --methods "$A" --out "$REPO/work/compare/$NAME.a" & pa=$!
-"$PY" "$REPO/scripts/compare.py" "${common[@]}" --methods "$B" --out "$REPO/work/compare/$NAME.b" & pb=$!
-wait $pa; wait $pb
-"$PY" "$REPO/scripts/compare.py" "${common[@]}" --methods "$A,$B" --tables-only
+pair() {  # pair NAME UPDATES TRAIN_ARGS METHODS_A METHODS_B: two compare.py processes side by side
+  local name=$1 upd=$2 targs=$3 a=$4 b=$5
+  local common=(--databin "$DATA" --name "$name" --max-update "$upd" --warmup $(( UPD / 4 )) --train-args "$targs"
+                --speed-batches 0 --reuse "${VARIANTS[@]}")
+  "$PY" "$REPO/scripts/compare.py" "${common[@]}" --methods "$a" --out "$REPO/work/compare/$name.a" & local pa=$!
+  "$PY" "$REPO/scripts/compare.py" "${common[@]}" --methods "$b" --out "$REPO/work/compare/$name.b" & local pb=$!
+  wait $pa; wait $pb
+  "$PY" "$REPO/scripts/compare.py" "${common[@]}" --methods "$a,$b" --tables-only "${@:6}"
+}
+P1A=softmax,mhe-pt-ppmi,mhp-ppmi,mhe-pt,mhs,mhe-pt-ppmi-h3
+P1B=mhe-shared,mhe-shared-ppmi,mhp-identity,mhp-random,softmax-seed2,mhe-pt-ppmi-seed2
+P2A=mhe-pt-ckpt
+P2B=mhp-ckpt
+pair "$NAME" "$UPD" "$ARCH" "$P1A" "$P1B"
+codes softmax_out_h2.json --heads 2 --source checkpoint --checkpoint "$REPO/work/compare/$NAME/softmax/checkpoint_best.pt"
+pair "$NAME" "$UPD" "$ARCH" "$P1A,$P2A" "$P1B,$P2B"
+# equal wall-clock: the same minutes for each (warm-up as above; the update cap is not reached)
+pair "${NAME}_wallclock" 1000000 "$ARCH --stop-time-hours $("$PY" -c "print(round($WALL_MIN / 60, 4))")" \
+  "${WALL_A:-softmax,mhe-pt-ppmi}" "${WALL_B:-mhp-ppmi,mhs}" \
+  --note "equal wall-clock: every method trained for $WALL_MIN min (--stop-time-hours), two runs at a time on the 2 cores (one thread each); the update cap 1000000 is never reached"
