@@ -20,7 +20,10 @@
 # (argparse keeps the last value): give the budget as --max-update N,
 # --max-epoch N or --stop-time-hours H.  Environment knobs: WARMUP (1000),
 # DROPOUT (0.1), MAX_TOKENS (4096), LR (1e-3), SEED (1), MHCE_HEADS (2),
-# ADAPTIVE_CUTOFF (default: V/4,3V/4 of the target dictionary), VENV.
+# ADAPTIVE_CUTOFF (default: V/4,3V/4 of the target dictionary), VENV,
+# CODES (mhp/mhe: ppmi = build SAVEDIR/codes_ppmi_*.json from the training
+# targets with scripts/build_codes.py and train with it, the default;
+# identity = the model's own --mhce-code-order).
 set -euo pipefail
 source "$(dirname "$0")/recipe_common.sh"
 recipe_setup train.sh fairseq-train "$@"  # sets METHOD DATABIN SAVEDIR REPO BIN SRC TGT
@@ -62,6 +65,27 @@ case "$METHOD" in
 esac
 
 mkdir -p "$SAVEDIR"
+# MHP / MHE: a code table learned from the training targets (PPMI + SVD,
+# scripts/build_codes.py), the configuration that won the ablation
+# (results/compare_bible_spm8k_ablation.md); CODES=identity keeps the
+# model's own order, as does any --mhce-code-table / --mhce-code-order given.
+if [[ $METHOD == mhp || $METHOD == mhe ]] && [[ ${CODES:-ppmi} == ppmi ]] \
+   && [[ " $* " != *" --mhce-code-table "* && " $* " != *" --mhce-code-order "* ]]; then
+  heads=${MHCE_HEADS:-2} sizes=
+  prev=
+  for a in "$@"; do
+    [[ $prev == --mhce-heads ]] && heads=$a
+    [[ $prev == --mhce-head-sizes ]] && sizes=$a
+    prev=$a
+  done
+  CODE_TABLE=$SAVEDIR/codes_ppmi_${sizes:-h$heads}.json
+  if [ ! -f "$CODE_TABLE" ]; then
+    if [ -n "$sizes" ]; then shape=(--head-sizes "$sizes"); else shape=(--heads "$heads"); fi
+    "$BIN/python" "$REPO/scripts/build_codes.py" --databin "$DATABIN" --target-lang "$TGT" \
+      "${shape[@]}" --source ppmi --seed "${SEED:-1}" --out "$CODE_TABLE" >&2
+  fi
+  M+=(--mhce-code-table "$CODE_TABLE")
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 echo "train.sh: $METHOD on $DATABIN ($SRC->$TGT, target V=$V) -> $SAVEDIR" >&2
 set -x
