@@ -218,7 +218,7 @@ def test_code_table_option_reads_checks_and_defers_to_a_checkpoint(tmp_path):
     model = Namespace(decoder=Namespace(mhce_head=head))
     with pytest.raises(FileNotFoundError, match="gone.json"):
         get_mhce_head(model)
-    state = {f"h.{k}": v for k, v in make_head("mhe", 16, [4, 4], order="random").state_dict().items()}
+    state = {f"h.{k}": v for k, v in make_head("mhe-pt", 16, [4, 4], order="random").state_dict().items()}
     head.upgrade_state_dict_named(state, "h")
     assert head.codec.pending_table is None and get_mhce_head(model) is head
 
@@ -267,3 +267,22 @@ def test_mhp_float32_and_bf16_inputs_give_float32_log_probs():
     lpb = head.to(torch.bfloat16).log_probs(x.bfloat16())
     assert lpb.dtype == torch.float32
     torch.testing.assert_close(lpb.exp().sum(-1), torch.ones(3), rtol=1e-4, atol=1e-4)
+
+
+def test_last_head_default_and_legacy_configs():
+    """A new MHE model is per-token (the ablation's winner); a config saved
+    before --mhce-last-head existed (an older checkpoint) keeps its shared
+    last head, so the checkpoint still loads."""
+    from argparse import Namespace
+
+    from fairseq import options
+
+    import fairseq_mhce  # noqa: F401
+    from fairseq_mhce.models.transformer_mhce import mhce_defaults
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, ["/nonexistent", "--arch", "transformer_mhce", "--task", "translation"])
+    assert args.mhce_last_head == "per-token"
+    old = Namespace(mhce_method="mhe", mhce_heads=2)
+    mhce_defaults(old)
+    assert old.mhce_last_head == "shared" and old.mhce_code_order == "identity"
