@@ -6,7 +6,9 @@ checkpoint alone (plus ``--user-dir``).  For each Transformer architecture in
 fairseq a ``<arch>_mhce`` twin is registered with the same hyperparameters.
 """
 
+import hashlib
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -18,7 +20,7 @@ from fairseq.models import ARCH_MODEL_REGISTRY, ARCH_CONFIG_REGISTRY, register_m
 from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase, TransformerModel
 
 from ..modules.code_table import load_code_table
-from ..modules.codec import MixedRadixCodec, parse_head_sizes
+from ..modules.codec import MixedRadixCodec, auto_head_sizes, parse_head_sizes
 from ..modules.multihead_output import LAST_HEAD_CHOICES
 from ..modules.output_layer import HEADS, OutputLayer, head_class
 
@@ -101,12 +103,53 @@ def mhce_defaults(args):
             setattr(args, name, None)
 
 
+def _used_digits(sizes, vocab_size: int) -> list:
+    strides = [math.prod(sizes[h + 1:]) for h in range(len(sizes))]
+    return [min(c, -(-vocab_size // st)) for c, st in zip(sizes, strides)]
+
+
+def max_useful_heads(vocab_size: int) -> int:
+    """The most heads for which balanced sizes give every head >= 2 used digits."""
+    h = 1
+    while min(_used_digits(auto_head_sizes(vocab_size, h + 1), vocab_size)) >= 2:
+        h += 1
+    return h
+
+
+def check_head_sizes(sizes, vocab_size: int, explicit: bool):
+    """Refuse a head that could only ever predict one digit (it costs its
+    parameters and compute and carries no information); warn about explicit
+    sizes so far above V that a whole head could be dropped."""
+    used = _used_digits(sizes, vocab_size)
+    dead = [h + 1 for h, (c, u) in enumerate(zip(sizes, used)) if c >= 2 and u < 2]
+    if dead and not explicit and math.prod(sizes) >= vocab_size:
+        most = max_useful_heads(vocab_size)
+        raise ValueError(
+            f"--mhce-heads {len(sizes)} for a target dictionary of {vocab_size} symbols: head(s) {dead} of the "
+            f"sizes {sizes} would always predict digit 0 (the other heads already cover the vocabulary). At "
+            f"most {most} heads are useful for V={vocab_size} (sizes {auto_head_sizes(vocab_size, most)}); "
+            f"pass a smaller --mhce-heads."
+        )
+    if explicit:
+        spare = [h + 1 for h in range(len(sizes)) if math.prod(sizes) // sizes[h] >= vocab_size]
+        if spare:
+            logger.warning(
+                f"--mhce-head-sizes {','.join(map(str, sizes))}: product {math.prod(sizes)} for V={vocab_size}; "
+                f"the other heads alone already cover V without head(s) {spare}"
+                + (f", and head(s) {dead} always predict digit 0" if dead else "")
+                + f". The smallest balanced sizes for {len(sizes)} heads are {auto_head_sizes(vocab_size, len(sizes))} "
+                f"(product {math.prod(auto_head_sizes(vocab_size, len(sizes)))})."
+            )
+
+
 def build_head(cfg, input_dim: int, dictionary, embed_tokens=None) -> OutputLayer:
     """The output layer named by ``cfg.mhce_method``, with its codec (head
     sizes, code table); ``embed_tokens`` is passed for tying (MHS only)."""
     cls = head_class(cfg.mhce_method)
     vocab_size = len(dictionary)
-    sizes = parse_head_sizes(cfg.mhce_head_sizes) or cls.default_head_sizes(vocab_size, int(cfg.mhce_heads))
+    explicit = parse_head_sizes(cfg.mhce_head_sizes)
+    sizes = explicit or cls.default_head_sizes(vocab_size, int(cfg.mhce_heads))
+    check_head_sizes(sizes, vocab_size, explicit is not None)
     code, pending = None, None
     if getattr(cfg, "mhce_code_table", None):
         path = str(cfg.mhce_code_table)
@@ -123,6 +166,16 @@ def build_head(cfg, input_dim: int, dictionary, embed_tokens=None) -> OutputLaye
     codec = MixedRadixCodec(vocab_size, sizes, code)
     codec.pending_table = pending
     return cls.build(cfg, input_dim, codec, embed_tokens)
+
+
+def dictionary_fingerprint(dictionary) -> tuple:
+    """(size, 60-bit hash of the symbols in order): fairseq pads dictionaries
+    to a multiple of 8, so two different vocabularies often have one size."""
+    digest = hashlib.sha1("\n".join(dictionary.symbols).encode("utf-8")).hexdigest()
+    return len(dictionary), int(digest[:15], 16)
+
+
+FINGERPRINT_KEY = "mhce_dict_fingerprint"
 
 
 class TransformerMHCEDecoder(TransformerDecoderBase):
@@ -146,13 +199,44 @@ class TransformerMHCEDecoder(TransformerDecoderBase):
         # the criterion and get_normalized_probs apply the head to the states
         return features
 
+    def set_dictionaries(self, src_dict, tgt_dict):
+        """Record the fingerprints of the dictionaries this model is built
+        with, (2, 2) long = [[src size, src hash], [tgt size, tgt hash]]: saved
+        in the checkpoint and compared when one is loaded."""
+        fp = torch.tensor([dictionary_fingerprint(src_dict), dictionary_fingerprint(tgt_dict)], dtype=torch.long)
+        self.register_buffer(FINGERPRINT_KEY, fp)
+
+    def _check_dictionaries(self, state_dict, key):
+        mine = getattr(self, FINGERPRINT_KEY, None)
+        if mine is None:  # a decoder built outside build_model
+            return
+        saved = state_dict.get(key)
+        if saved is None:
+            logger.warning(
+                "this checkpoint holds no dictionary fingerprint (saved by an older fairseq_mhce): "
+                "cannot check that dict.*.txt are the dictionaries it was trained with"
+            )
+            state_dict[key] = mine.clone()
+            return
+        for side, (a, b) in zip(("source", "target"), zip(saved.tolist(), mine.tolist())):
+            if a != b:
+                raise ValueError(
+                    f"dictionary mismatch: the {side} dictionary does not match the checkpoint: the model was trained with a "
+                    f"{side} dictionary of {a[0]} symbols, the data-bin given here has {b[0]} symbols"
+                    + (" with other symbols or another order" if a[0] == b[0] else "")
+                    + ". Decoding with it would map every token id to the wrong word. Use the data-bin "
+                    "the model was trained on (or copy its dict.*.txt files next to this data)."
+                )
+
     def upgrade_state_dict_named(self, state_dict, name):
         """Checkpoints of the earlier MHS layout (``output_projection`` +
         ``mhs_codec`` on the decoder) load into ``mhce_head``; the
         ``output_projection.weight`` that fairseq synthesizes for tied
-        embeddings is dropped (the head ties its own ``proj``)."""
+        embeddings is dropped (the head ties its own ``proj``); the
+        dictionaries are checked against the checkpoint's fingerprint."""
         super().upgrade_state_dict_named(state_dict, name)
         p = name + "." if name else ""
+        self._check_dictionaries(state_dict, p + FINGERPRINT_KEY)
         legacy_mhs = [k for k in state_dict if k.startswith(p + "mhs_codec.")]
         for k in legacy_mhs:
             state_dict[p + "mhce_head.codec." + k[len(p + "mhs_codec."):]] = state_dict.pop(k)
@@ -168,6 +252,39 @@ class TransformerMHCEDecoder(TransformerDecoderBase):
         x = net_output[0]
         lp = self.mhce_head.log_probs(x.reshape(-1, x.size(-1))).view(*x.shape[:-1], -1)
         return lp if log_probs else lp.exp()
+
+
+# stock criteria that score the (B, T, V) row of get_normalized_probs, which
+# the multi-head decoder returns exactly (slow at large V, but correct)
+DENSE_CRITERIA = {"cross_entropy", "label_smoothed_cross_entropy", "label_smoothed_cross_entropy_with_alignment"}
+PLUGIN_CRITERION = "mhce_label_smoothed_cross_entropy"
+
+
+def check_criterion(name, method: str):
+    """Before training starts: a stock fairseq criterion that reads the
+    decoder's logits or an adaptive softmax would fail (or train on the
+    d-dimensional states as if they were logits); refuse it by name."""
+    if name is None or str(name) == PLUGIN_CRITERION:
+        return
+    from fairseq.criterions import CRITERION_REGISTRY
+
+    name = str(name)
+    if name in DENSE_CRITERIA:
+        logger.info(
+            f"--criterion {name} builds the full (B, T, V) row of the {method} output (exact, O(V d) per "
+            f"target token); --criterion {PLUGIN_CRITERION} trains the same model without it"
+        )
+        return
+    cls = CRITERION_REGISTRY.get(name)
+    if cls is not None and cls.__module__.startswith("fairseq."):
+        raise ValueError(
+            f"--criterion {name} cannot train a multi-head output (--mhce-method {method}): it expects "
+            f"fairseq's own output layer (logits or an adaptive softmax). Use --criterion {PLUGIN_CRITERION} "
+            f"(or {', '.join(sorted(DENSE_CRITERIA))}, which build the full row)."
+        )
+    if cls is not None:
+        logger.warning(f"--criterion {name} is not a fairseq criterion; the {method} decoder returns (B, T, d) "
+                       "states from forward(), not logits: it must score them through get_normalized_probs")
 
 
 @register_model("transformer_mhce")
@@ -196,7 +313,10 @@ class TransformerMHCEModel(TransformerModel):
             )
         if getattr(args, "adaptive_softmax_cutoff", None):
             raise ValueError("--adaptive-softmax-cutoff and a multi-head output are two different output layers; use one")
-        return super().build_model(args, task)
+        check_criterion(getattr(args, "criterion", None), method)
+        model = super().build_model(args, task)
+        model.decoder.set_dictionaries(task.source_dictionary, task.target_dictionary)
+        return model
 
     @classmethod
     def build_decoder(cls, args, tgt_dict, embed_tokens):
@@ -206,6 +326,12 @@ class TransformerMHCEModel(TransformerModel):
         for name in MHCEConfig.__dataclass_fields__:
             setattr(cfg, name, getattr(args, name, None))
         mhce_defaults(cfg)
+        if getattr(args, "seed", None) is not None:
+            cfg.seed = args.seed
+        elif getattr(cfg, "seed", None) is None:
+            # a hydra model config has no common.seed; fairseq seeds torch
+            # with it before building the model, so this draw follows it
+            cfg.seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         return TransformerMHCEDecoder(cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention)
 
 
