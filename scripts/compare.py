@@ -28,6 +28,9 @@ the test split, sacreBLEU against ``DATABIN/raw/test.TGT``), and collects:
   fairseq's softmax wps with that cost per token (1/step_softmax -
   1/step_body) removed;
 * decoding sentences/s at beam 5: fairseq-generate's "Translated ..." line;
+  MHP and MHE decode with the factorized search (``translate.sh``'s
+  default), and are decoded a second time on fairseq's dense row
+  (``SEARCH=dense``) for the column beside it, whose BLEU must be the same;
 * output-layer parameters: float tensors of the checkpoint under
   ``decoder.output_projection`` / ``decoder.adaptive_softmax`` /
   ``decoder.mhce_head``.
@@ -93,6 +96,7 @@ COLUMNS = [
     ("step_tok_s", "step tok/s (interleaved)"),
     ("step_vs_softmax", "step vs softmax"),
     ("decode_sent_per_s", "decode sent/s (beam 5)"),
+    ("decode_dense_sent_per_s", "dense-row decode sent/s"),
     ("output_params", "output-layer params"),
     ("updates", "updates"),
 ]
@@ -205,6 +209,12 @@ def collect(method: str, savedir: Path) -> dict:
                    chrf_signature=s["chrf_signature"])
         if s.get("decoding"):
             row["decode_sent_per_s"] = s["decoding"]["sentences_per_s"]
+    dense = savedir / "score.test.dense.json"
+    if dense.exists():
+        s = json.loads(dense.read_text())
+        if s.get("decoding"):
+            row["decode_dense_sent_per_s"] = s["decoding"]["sentences_per_s"]
+        row["dense_bleu"] = s["bleu"]
     ckpt = savedir / "checkpoint_best.pt"
     if ckpt.exists():
         row["output_params"] = output_layer_params(ckpt)
@@ -279,7 +289,7 @@ def fmt(key, value):
         return f"{value:.2f}x"
     if key in ("train_wps", "train_seconds", "step_tok_s"):
         return f"{value:,.0f}"
-    if key == "decode_sent_per_s":
+    if key in ("decode_sent_per_s", "decode_dense_sent_per_s"):
         return f"{value:.1f}"
     return str(value)
 
@@ -449,6 +459,15 @@ def main(argv=None):
                 env, log_path=workdir / f"{method}.translate.out")
             print((workdir / f"{method}.translate.out").read_text().strip().splitlines()[-5], flush=True)
 
+        for method in methods:  # MHP / MHE: the dense row too (speed beside the factorized search)
+            base = variants.get(method, (method, []))[0]
+            savedir = workdir / method
+            if base in ("mhp", "mhe") and (savedir / "score.test.json").exists() \
+                    and not (savedir / "score.test.dense.json").exists():
+                print(f"=== {method}: translate on the dense row ===", flush=True)
+                run([REPO / "scripts" / "translate.sh", base, databin, savedir, *shlex.split(args.generate_args)],
+                    dict(env, SEARCH="dense", TAG=".dense"), log_path=workdir / f"{method}.translate.dense.out")
+
         ckpts = {m: str(workdir / m / "checkpoint_last.pt") for m in methods
                  if (workdir / m / "checkpoint_last.pt").exists()}
         speed_path = workdir / "speed.json"
@@ -514,6 +533,13 @@ def main(argv=None):
     sigs |= {r.get("chrf_signature") for r in rows if r.get("chrf_signature")}
     if sigs:
         notes.append("sacreBLEU signatures: " + "; ".join(f"`{s}`" for s in sorted(sigs)))
+    both = [r for r in rows if r.get("dense_bleu") is not None and r.get("bleu") is not None]
+    if both:
+        differ = [f"{r['method']} ({r['bleu']} vs {r['dense_bleu']})" for r in both if r["bleu"] != r["dense_bleu"]]
+        notes.append("decode sent/s: MHP / MHE with the factorized search (`--task translation_mhce --mhce-search "
+                     "factorized`); dense-row decode sent/s: the same checkpoint on fairseq's dense row; test BLEU "
+                     + ("identical on both paths for " + ", ".join(r["method"] for r in both) if not differ
+                        else "differs between the paths for " + ", ".join(differ)))
     notes += args.note
     if speed:
         tps = speed["tok_per_s"]

@@ -14,6 +14,8 @@
 #   SAVEDIR/generate-SUBSET.log    its log (stderr), with the decoding speed
 #   SAVEDIR/hyp.SUBSET.TGT         detokenized hypotheses, one per test line
 #   SAVEDIR/score.SUBSET.json      BLEU, chrF, signatures, decoding speed
+# TAG=.dense (any suffix) names these files generate-SUBSET.dense.txt etc.,
+# so a second decode of the same checkpoint does not replace the first.
 # METHOD is accepted for symmetry with train.sh; the checkpoint knows its
 # output layer (--user-dir is always passed, harmless for softmax models).
 # Extra arguments go to fairseq-generate, e.g. the plugin's factorized search
@@ -40,8 +42,9 @@ SEARCH_ARGS=()
 case "$METHOD" in
   mhp|mhe) [ "${SEARCH:-factorized}" = dense ] || SEARCH_ARGS=(--task translation_mhce --mhce-search factorized) ;;
 esac
-GEN=$SAVEDIR/generate-$SUBSET.txt
-GLOG=$SAVEDIR/generate-$SUBSET.log
+TAG=${TAG:-}
+GEN=$SAVEDIR/generate-$SUBSET$TAG.txt
+GLOG=$SAVEDIR/generate-$SUBSET$TAG.log
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 echo "translate.sh: $METHOD $CKPT on $SUBSET, beam 5" >&2
 # --required-batch-size-multiple 1: with fairseq's default (8), batch_by_size
@@ -55,7 +58,7 @@ echo "translate.sh: $METHOD $CKPT on $SUBSET, beam 5" >&2
 wait  # for tee
 grep -E '^Generate' "$GEN" | sed 's/^/fairseq (tokenized; not the score below): /' >&2 || true
 
-"$PY" - "$GEN" "$GLOG" "$REF" "$SAVEDIR/hyp.$SUBSET.$TGT" "$SAVEDIR/score.$SUBSET.json" "$METHOD" "$CKPT" <<'EOF'
+"$PY" - "$GEN" "$GLOG" "$REF" "$SAVEDIR/hyp.$SUBSET$TAG.$TGT" "$SAVEDIR/score.$SUBSET$TAG.json" "$METHOD" "$CKPT" <<'EOF'
 import json, re, sys
 import sacrebleu
 gen, glog, ref_path, hyp_path, json_path, method, ckpt = sys.argv[1:]
@@ -84,7 +87,8 @@ b = bleu.corpus_score(out, [refs])
 c = chrf.corpus_score(out, [refs])
 res = {"method": method, "checkpoint": ckpt, "hypotheses": hyp_path, "reference": ref_path,
        "bleu": round(b.score, 2), "bleu_signature": str(bleu.get_signature()), "bleu_detail": str(b),
-       "chrf": round(c.score, 2), "chrf_signature": str(chrf.get_signature()), "decoding": speed}
+       "chrf": round(c.score, 2), "chrf_signature": str(chrf.get_signature()), "decoding": speed,
+       "search": "factorized" if "--mhce-search" in open(glog, encoding="utf-8", errors="replace").read() else "dense"}
 with open(json_path, "w", encoding="utf-8") as f:
     json.dump(res, f, indent=2)
     f.write("\n")
