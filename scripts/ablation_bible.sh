@@ -13,6 +13,8 @@
 #    per-token MHE and MHP;
 # 4. equal wall-clock: softmax, the best MHE, the best MHP and MHS, each given
 #    WALL_MIN minutes of training (--stop-time-hours);
+# 5. a longer budget (LONG_UPD updates, default 1500) for softmax, the best MHE
+#    and MHP, MHS and the former default (shared last head, identity codes);
 # each phase runs two compare.py processes (one thread each) side by side, then
 # the tables are rendered from all finished runs (results/compare_NAME*.md).
 # Resumable: finished runs are reused (compare.py --reuse).
@@ -22,6 +24,7 @@ PY=${VENV:-$REPO/.venv}/bin/python
 DATA=${1:-$REPO/work/bible-de-en/bin}
 UPD=${2:-500}
 WALL_MIN=${WALL_MIN:-8}
+LONG_UPD=${LONG_UPD:-1500}
 CODES=$REPO/work/codes
 NAME=${NAME:-bible_spm8k_ablation}
 mkdir -p "$CODES"
@@ -32,9 +35,9 @@ ARCH="--encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 128 --decoder-em
 PT="--mhce-last-head per-token"
 SH="--mhce-last-head shared"
 VARIANTS=(
-  --variant "mhe-shared=mhe:$SH"
+  --variant "mhe-shared=mhe:$SH --mhce-code-order identity"
   --variant "mhe-shared-ppmi=mhe:$SH --mhce-code-table $CODES/ppmi_h2.json"
-  --variant "mhe-pt=mhe:$PT"
+  --variant "mhe-pt=mhe:$PT --mhce-code-order identity"
   --variant "mhe-pt-ppmi=mhe:$PT --mhce-code-table $CODES/ppmi_h2.json"
   --variant "mhe-pt-ppmi-h3=mhe:$PT --mhce-heads 3 --mhce-code-table $CODES/ppmi_h3.json"
   --variant "mhe-pt-ckpt=mhe:$PT --mhce-code-table $CODES/softmax_out_h2.json"
@@ -48,7 +51,9 @@ VARIANTS=(
 export OMP_NUM_THREADS=1 SEARCH=${SEARCH:-factorized}
 pair() {  # pair NAME UPDATES TRAIN_ARGS METHODS_A METHODS_B: two compare.py processes side by side
   local name=$1 upd=$2 targs=$3 a=$4 b=$5
-  local common=(--databin "$DATA" --name "$name" --max-update "$upd" --warmup $(( UPD / 4 )) --train-args "$targs"
+  local warm=$(( UPD / 4 ))
+  [ "$upd" -lt 1000000 ] && warm=$(( upd / 4 ))
+  local common=(--databin "$DATA" --name "$name" --max-update "$upd" --warmup "$warm" --train-args "$targs"
                 --speed-batches 0 --reuse "${VARIANTS[@]}")
   "$PY" "$REPO/scripts/compare.py" "${common[@]}" --methods "$a" --out "$REPO/work/compare/$name.a" & local pa=$!
   "$PY" "$REPO/scripts/compare.py" "${common[@]}" --methods "$b" --out "$REPO/work/compare/$name.b" & local pb=$!
@@ -66,3 +71,4 @@ pair "$NAME" "$UPD" "$ARCH" "$P1A,$P2A" "$P1B,$P2B"
 pair "${NAME}_wallclock" 1000000 "$ARCH --stop-time-hours $("$PY" -c "print(round($WALL_MIN / 60, 4))")" \
   "${WALL_A:-softmax,mhe-pt-ppmi}" "${WALL_B:-mhp-ppmi,mhs}" \
   --note "equal wall-clock: every method trained for $WALL_MIN min (--stop-time-hours), two runs at a time on the 2 cores (one thread each); the update cap 1000000 is never reached"
+pair "${NAME}_${LONG_UPD}" "$LONG_UPD" "$ARCH" "${LONG_A:-softmax,mhe-shared}" "${LONG_B:-mhe-pt-ppmi,mhp-ppmi,mhs}"
