@@ -8,7 +8,9 @@
 #    sentencepiece 8k) into $WORK/bible-de-en/{text,bin}; an existing complete
 #    data-bin there is reused, an incomplete one is left alone (the job stops);
 # 2. train: scripts/train.sh mhe (transformer_iwslt_de_en_mhce, 3+3 layers,
-#    d 256, MHE output with 2 heads) for a wall-clock budget of $BUDGET_MIN
+#    d 256, MHE output with 2 heads, per-token last head, a PPMI code table
+#    that train.sh builds from the training targets: the ablation's winner)
+#    for a wall-clock budget of $BUDGET_MIN
 #    minutes (--stop-time-hours) into a new $WORK/main_job/mhe-DATE-TIME;
 # 3. decode + score: scripts/translate.sh: fairseq-generate --beam 5 on the
 #    test split, sacreBLEU (BLEU, chrF, signatures) against the untokenized
