@@ -8,7 +8,20 @@
 #                    adaptive_loss (note: adaptive_loss has no label smoothing)
 #          mhp|mhe|mhs  the plugin's multi-head output + mhce_label_smoothed_cross_entropy
 # DATABIN  a fairseq data-bin (e.g. from scripts/prepare_bible.py)
-# SAVEDIR  where checkpoints and train.log go
+# SAVEDIR  where checkpoints and train.log go.  train.log is appended to, never
+#          truncated: each start first writes a line
+#            ===== train.sh start YYYY-MM-DD HH:MM:SS TZ: scripts/train.sh METHOD ... =====
+#          (then '# fairseq-train: ...', the exact command), so the log of a
+#          killed run survives its resume; parsers take the text after the last
+#          '===== train.sh start ' line for the latest start.
+#          A SAVEDIR whose checkpoints (checkpoint*.pt) are another run's --
+#          another METHOD, other head sizes (--mhce-heads / --mhce-head-sizes /
+#          MHCE_HEADS) or adaptive cutoffs, another --arch or another DATABIN --
+#          is refused (exit 2, nothing in it changed) before anything is
+#          written; resuming the same run (same METHOD, sizes and DATABIN)
+#          works as before.  REUSE_SAVEDIR=1 trains in it anyway (fairseq then
+#          resumes from its checkpoint_last.pt if that loads, and overwrites
+#          checkpoint_best.pt).
 #
 # The model is fairseq's transformer_iwslt_de_en (or its _mhce twin) sized for
 # a CPU: 3+3 layers, d 256, ffn 1024, 4 heads, no embedding sharing (a
@@ -21,12 +34,15 @@
 # --max-epoch N or --stop-time-hours H.  Environment knobs: WARMUP (1000),
 # DROPOUT (0.1), MAX_TOKENS (4096), LR (1e-3), SEED (1), MHCE_HEADS (2),
 # ADAPTIVE_CUTOFF (default: V/4,3V/4 of the target dictionary), VENV,
+# REUSE_SAVEDIR (1: skip the check of SAVEDIR's checkpoints above),
 # CODES (mhp/mhe: ppmi = build SAVEDIR/codes_ppmi_*.json from the training
 # targets with scripts/build_codes.py and train with it, the default;
 # identity = the model's own --mhce-code-order).
 set -euo pipefail
 source "$(dirname "$0")/recipe_common.sh"
 recipe_setup train.sh fairseq-train "$@"  # sets METHOD DATABIN SAVEDIR REPO BIN SRC TGT
+START_LINE="===== train.sh start $(date '+%Y-%m-%d %H:%M:%S %Z'): $(printf '%q ' "$0" "$@")"
+START_LINE="${START_LINE% } ====="
 shift 3
 V=$(( $(wc -l < "$DATABIN/dict.$TGT.txt") + 4 ))  # + fairseq's <s> <pad> </s> <unk>
 
@@ -64,6 +80,8 @@ case "$METHOD" in
     echo "train.sh: METHOD must be softmax, adaptive, mhp, mhe or mhs (got '$METHOD')" >&2; exit 2 ;;
 esac
 
+# before anything is written into SAVEDIR (the code table below, train.log)
+savedir_guard train.sh "$SAVEDIR" "$DATABIN" "$V" -- "${COMMON[@]}" "${M[@]}" "$@"
 mkdir -p "$SAVEDIR"
 # MHP / MHE: a code table learned from the training targets (PPMI + SVD,
 # scripts/build_codes.py), the configuration that won the ablation
@@ -88,5 +106,7 @@ if [[ $METHOD == mhp || $METHOD == mhe ]] && [[ ${CODES:-ppmi} == ppmi ]] \
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 echo "train.sh: $METHOD on $DATABIN ($SRC->$TGT, target V=$V) -> $SAVEDIR" >&2
+CMD=("$BIN/fairseq-train" "${COMMON[@]}" "${M[@]}" "$@")
+printf '%s\n# fairseq-train: %s\n' "$START_LINE" "$(printf '%q ' "${CMD[@]}")" >> "$SAVEDIR/train.log"
 set -x
-"$BIN/fairseq-train" "${COMMON[@]}" "${M[@]}" "$@" 2>&1 | tee "$SAVEDIR/train.log"
+"${CMD[@]}" 2>&1 | tee -a "$SAVEDIR/train.log"

@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Average the parameters of several fairseq checkpoints into a new one.
+
+fairseq's own ``scripts/average_checkpoints.py`` is not in its pip wheel; this
+one takes the same options and also handles the plugin's checkpoints
+(``--user-dir fairseq_mhce``)::
+
+    python scripts/average_checkpoints.py --inputs A.pt B.pt C.pt --output avg.pt
+    python scripts/average_checkpoints.py --inputs SAVEDIR --num-update-checkpoints 5 --output avg.pt
+    python scripts/average_checkpoints.py --inputs SAVEDIR --num-epoch-checkpoints 5 --output avg.pt
+
+``--num-update-checkpoints N`` takes the N newest ``checkpoint_E_U.pt`` of
+SAVEDIR (written with ``--save-interval-updates``; keep them with
+``--keep-interval-updates``), ``--num-epoch-checkpoints N`` the N newest
+``checkpoint<E>.pt`` (``--checkpoint-upper-bound`` caps U or E).
+
+Floating-point tensors are averaged (accumulated in float64, written in their
+own dtype).  Every other tensor -- the multi-head output's code table and head
+sizes (``decoder.mhce_head.codec.*``), ``method_id``, any integer or bool
+buffer -- must be identical in every input and is written unchanged.  Inputs
+that differ in their parameter names, shapes or dtypes, in such a buffer, or
+in the architecture / output-layer method of their saved config are an error
+that names the files and the key.  Everything but the parameters (config,
+optimizer state, ...) is copied from the first input, as fairseq's script
+does.  The inputs are only read; an existing ``--output`` is never
+overwritten.  Decode the result as any checkpoint (with ``--user-dir`` for a
+plugin architecture).
+"""
+import argparse
+import collections
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+
+class AverageError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def checkpoint_paths(inputs, num, update_based, upper_bound=None):
+    """The ``num`` newest update (``checkpoint_E_U.pt``) or epoch
+    (``checkpoint<E>.pt``) checkpoints of the one directory in ``inputs``."""
+    if len(inputs) != 1 or not os.path.isdir(inputs[0]):
+        raise AverageError(
+            "--num-update-checkpoints / --num-epoch-checkpoints need --inputs to be one directory, "
+            f"got {' '.join(inputs)}"
+        )
+    folder = inputs[0]
+    pattern = re.compile(r"checkpoint_\d+_(\d+)\.pt" if update_based else r"checkpoint(\d+)\.pt")
+    found = []
+    for name in os.listdir(folder):
+        m = pattern.fullmatch(name)
+        if m and (upper_bound is None or int(m.group(1)) <= upper_bound):
+            found.append((int(m.group(1)), name))
+    kind = "checkpoint_EPOCH_UPDATE.pt" if update_based else "checkpointEPOCH.pt"
+    if num < 1:
+        raise AverageError(f"the number of checkpoints to average must be >= 1, got {num}")
+    if len(found) < num:
+        raise AverageError(
+            f"{folder} has {len(found)} {kind} file(s)"
+            + (f" at or below {upper_bound}" if upper_bound is not None else "")
+            + f" but {num} were asked for"
+            + ("" if not found else f": {', '.join(n for _, n in sorted(found))}")
+            + (" (train with --save-interval-updates N --keep-interval-updates K)" if update_based else
+               " (train without --no-epoch-checkpoints, with --keep-last-epochs K)")
+        )
+    return [os.path.join(folder, name) for _, name in sorted(found, reverse=True)[:num]]
+
+
+def _load(path):
+    if not os.path.isfile(path):
+        raise AverageError(f"no checkpoint file {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise AverageError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:300]})")
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise AverageError(f"{path} is not a fairseq checkpoint (no 'model' state dict)")
+    return state
+
+
+def _get(ns, key):
+    if ns is None:
+        return None
+    return ns.get(key) if isinstance(ns, dict) else getattr(ns, key, None)
+
+
+def _model_identity(state):
+    """(architecture, output-layer method) from a checkpoint's saved config."""
+    model = _get(state.get("cfg"), "model") or state.get("args")
+    arch = _get(model, "arch") or _get(model, "_name")
+    method = _get(model, "mhce_method") if str(arch).endswith("_mhce") else None
+    return arch, method
+
+
+def _describe_buffer_mismatch(key, a, b):
+    if key.endswith("codec.head_sizes"):
+        return f"the head sizes differ ({','.join(map(str, a.tolist()))} vs {','.join(map(str, b.tolist()))})"
+    if key.endswith(("codec.code", "codec.token")):
+        n = int((a != b).sum()) if a.shape == b.shape else "?"
+        return f"the code tables differ ({n} of {a.numel()} entries)"
+    if key.endswith("method_id"):
+        return f"the output-layer methods differ (method_id {int(a)} vs {int(b)})"
+    return "the values differ"
+
+
+def average_checkpoints(paths):
+    """The first checkpoint's state with ``model`` replaced by the average of
+    all ``paths`` (float tensors) and their common non-float tensors."""
+    if not paths:
+        raise AverageError("no input checkpoints")
+    first_path, new_state = paths[0], None
+    sums, fixed, meta = collections.OrderedDict(), {}, {}
+    for path in paths:
+        state = _load(path)
+        params = state["model"]
+        if new_state is None:
+            new_state = state
+            keys = list(params)
+            ident = _model_identity(state)
+            for k, v in params.items():
+                if torch.is_tensor(v):
+                    meta[k] = (tuple(v.shape), v.dtype)
+                    if torch.is_floating_point(v):
+                        sums[k] = v.detach().to(torch.float64).clone()
+                    else:
+                        fixed[k] = v.detach().clone()
+                else:
+                    fixed[k] = v
+            continue
+        other = _model_identity(state)
+        if other != ident:
+            raise AverageError(
+                f"{path} is a model of --arch {other[0]}" + (f" --mhce-method {other[1]}" if other[1] else "")
+                + f" but {first_path} of --arch {ident[0]}" + (f" --mhce-method {ident[1]}" if ident[1] else "")
+                + "; only checkpoints of one run (one architecture and output layer) can be averaged"
+            )
+        if set(params) != set(keys):
+            missing = sorted(set(keys) - set(params))
+            extra = sorted(set(params) - set(keys))
+            raise AverageError(
+                f"{path} and {first_path} hold different parameters: "
+                + (f"missing in {path}: {', '.join(missing[:10])}" if missing else "")
+                + ("; " if missing and extra else "")
+                + (f"only in {path}: {', '.join(extra[:10])}" if extra else "")
+            )
+        for k in keys:
+            v = params[k]
+            if not torch.is_tensor(v) or k not in meta:
+                if torch.is_tensor(v) != (k in meta) or (not torch.is_tensor(v) and v != fixed[k]):
+                    raise AverageError(f"key {k}: {path} and {first_path} differ")
+                continue
+            shape, dtype = meta[k]
+            if tuple(v.shape) != shape or v.dtype != dtype:
+                raise AverageError(
+                    f"key {k}: {path} has shape {tuple(v.shape)} {v.dtype}, {first_path} has {shape} {dtype}"
+                )
+            if k in sums:
+                sums[k] += v.detach().to(torch.float64)
+            elif not torch.equal(v, fixed[k]):
+                raise AverageError(
+                    f"key {k}: {_describe_buffer_mismatch(k, fixed[k], v)} between {first_path} and {path}; "
+                    f"a non-float tensor must be identical in every checkpoint averaged (different head "
+                    f"sizes, code tables or methods are different models)"
+                )
+        del state, params
+    n = len(paths)
+    averaged = collections.OrderedDict()
+    for k in keys:
+        if k in sums:
+            averaged[k] = (sums[k] / n).to(meta[k][1])
+        else:
+            averaged[k] = fixed[k]
+    new_state["model"] = averaged
+    return new_state
+
+
+def save_new(state, output):
+    """torch.save to ``output``, which must not exist (never overwritten, even
+    if it appears while saving): written beside it, then hard-linked."""
+    out = Path(output)
+    if out.exists() or out.is_symlink():
+        raise AverageError(f"{out} exists; it is not overwritten (choose another --output or remove it)")
+    if not out.parent.is_dir():
+        raise AverageError(f"the directory of --output {out} does not exist")
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        try:
+            os.link(tmp, out)  # fails if out exists
+        except FileExistsError:
+            raise AverageError(f"{out} appeared while saving; it is not overwritten")
+        except OSError:  # a file system without hard links
+            if out.exists():
+                raise AverageError(f"{out} appeared while saving; it is not overwritten")
+            os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description="Average the parameters of fairseq checkpoints (plugin ones too) into a new checkpoint."
+    )
+    p.add_argument("--inputs", required=True, nargs="+",
+                   help="checkpoint files, or one directory with --num-update-checkpoints / --num-epoch-checkpoints")
+    p.add_argument("--output", required=True, metavar="FILE", help="the averaged checkpoint (must not exist)")
+    num = p.add_mutually_exclusive_group()
+    num.add_argument("--num-update-checkpoints", type=int, metavar="N",
+                     help="average the N newest checkpoint_EPOCH_UPDATE.pt in the --inputs directory")
+    num.add_argument("--num-epoch-checkpoints", type=int, metavar="N",
+                     help="average the N newest checkpointEPOCH.pt in the --inputs directory")
+    p.add_argument("--checkpoint-upper-bound", type=int, metavar="K",
+                   help="with --num-*-checkpoints: only checkpoints of update (epoch) <= K")
+    args = p.parse_args(argv)
+    try:
+        if args.checkpoint_upper_bound is not None and args.num_update_checkpoints is None \
+                and args.num_epoch_checkpoints is None:
+            raise AverageError("--checkpoint-upper-bound needs --num-update-checkpoints or --num-epoch-checkpoints")
+        paths = list(args.inputs)
+        if args.num_update_checkpoints is not None:
+            paths = checkpoint_paths(paths, args.num_update_checkpoints, True, args.checkpoint_upper_bound)
+        elif args.num_epoch_checkpoints is not None:
+            paths = checkpoint_paths(paths, args.num_epoch_checkpoints, False, args.checkpoint_upper_bound)
+        elif any(os.path.isdir(x) for x in paths):
+            raise AverageError("--inputs is a directory: give --num-update-checkpoints N or --num-epoch-checkpoints N")
+        if len(set(map(os.path.realpath, paths))) < len(paths):
+            print("average_checkpoints.py: warning: a checkpoint is given more than once "
+                  "(it gets that much more weight)", file=sys.stderr)
+        out = Path(args.output)
+        if out.exists() or out.is_symlink():  # before the (slow) loading
+            raise AverageError(f"{out} exists; it is not overwritten (choose another --output or remove it)")
+        print(f"averaging {len(paths)} checkpoints: {' '.join(paths)}", flush=True)
+        state = average_checkpoints(paths)
+        save_new(state, out)
+    except AverageError as e:
+        print(f"average_checkpoints.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote the average of {len(paths)} checkpoints to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
