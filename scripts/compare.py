@@ -103,8 +103,19 @@ COLUMNS = [
 
 
 # ---------------------------------------------------------------- parsing
+TRAIN_SH_START = "===== train.sh start "
+
+
+def last_start(text: str) -> str:
+    """The part of a train.sh log written by its latest start (train.sh appends
+    one '===== train.sh start ...' line per start; older logs have none)."""
+    i = text.rfind("\n" + TRAIN_SH_START)
+    return text[i + 1:] if i >= 0 else text
+
+
 def parse_train_log(text: str) -> dict:
-    """Numbers from a fairseq-train log in ``--log-format simple``."""
+    """Numbers from a fairseq-train log in ``--log-format simple`` (its latest start)."""
+    text = last_start(text)
     inner = [float(m.group(1)) for m in re.finditer(r"\| train_inner \|.*?\bwps=([\d.]+)", text)]
     epoch_wps = [float(m.group(1)) for m in re.finditer(r"\| train \| epoch .*?\| wps ([\d.]+)", text)]
     ppl = [float(m.group(1)) for m in re.finditer(r"\| valid \| .*?\| ppl ([\d.]+)", text)]
@@ -133,6 +144,7 @@ TS = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)"
 def valid_curve(text: str) -> list:
     """[(seconds since training began, updates, valid ppl)] from a fairseq-train
     log (timestamps of its valid lines; t = 0 at 'begin training epoch 1')."""
+    text = last_start(text)
     from datetime import datetime
 
     def ts(line):
@@ -443,7 +455,7 @@ def main(argv=None):
         workdir.mkdir(parents=True, exist_ok=True)
         for method in methods:
             savedir = workdir / method
-            done = (savedir / "score.test.json").exists() and "done training" in (
+            done = (savedir / "score.test.json").exists() and "done training" in last_start(
                 (savedir / "train.log").read_text(errors="replace") if (savedir / "train.log").exists() else "")
             if args.reuse and done:
                 print(f"compare: reusing {savedir}", flush=True)

@@ -147,7 +147,8 @@ def test_compare_tables_from_real_runs(runs, data, tmp_path):
     params = {r["method"]: int(r["output_params"]) for r in rows[:-1]}
     v, d = 48, 64  # copy data: 40 words + 4 specials + padding to a multiple of 8; d of TINY
     assert params["softmax"] == v * d
-    assert params["mhp"] < params["softmax"] and params["mhe"] < params["softmax"]
+    # MHP: digit heads only; MHE's default per-token last head holds a vector per token (V x d) + head 1
+    assert params["mhp"] < params["softmax"] < params["mhe"] < params["softmax"] * 1.5
     # the ceiling row exists (at V = 48 the output layer costs ~nothing, so its
     # value is the softmax run's give or take timing noise)
     assert float(rows[-1]["train_wps"]) > 0.5 * float(rows[0]["train_wps"])
