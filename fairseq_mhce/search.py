@@ -50,6 +50,26 @@ def _head(model) -> Optional[OutputLayer]:
     return head if isinstance(head, OutputLayer) else None
 
 
+def check_sampling_options(args):
+    """fairseq's ``FairseqTask.build_generator`` refuses ``--sampling-topk`` /
+    ``--sampling-topp`` without ``--sampling`` with an ``assert`` (gone under
+    ``python -O``, and the factorized search never reaches it): the same
+    refusal, as a ValueError."""
+    if args is None or getattr(args, "score_reference", False):
+        return  # fairseq scores references before looking at the search options
+    if getattr(args, "sampling", False):
+        return
+    topk = getattr(args, "sampling_topk", -1)
+    topp = getattr(args, "sampling_topp", -1.0)
+    for flag, value in (("--sampling-topk", topk), ("--sampling-topp", topp)):
+        if value is not None and value >= 0:
+            raise ValueError(
+                f"{flag} requires --sampling (got {flag} {value} without it): without --sampling "
+                f"the decoder runs beam search and {flag} would be ignored. Add --sampling (with "
+                f"--nbest equal to --beam), or drop {flag}"
+            )
+
+
 def unsupported_reason(models, args, tgt_dict, seq_gen_cls=None, extra_gen_cls_kwargs=None,
                        prefix_allowed_tokens_fn=None) -> Optional[str]:  # fmt: skip
     """Why these models / generation options need the dense ``V``-wide row
@@ -112,7 +132,11 @@ class FactorizedEnsembleModel(EnsembleModel):
 
     def __init__(self, models, num_special: int, k: int, candidates: _Candidates):
         super().__init__(models)
-        assert self.models_size == 1, "the factorized search decodes one model"
+        if self.models_size != 1:
+            raise ValueError(
+                f"the factorized search decodes one model, got an ensemble of {self.models_size}; "
+                "decode ensembles with --mhce-search dense"
+            )
         self.num_special = num_special
         self.k = k
         self.candidates = candidates
@@ -185,9 +209,18 @@ class FactorizedSequenceGenerator(SequenceGenerator):
     def __init__(self, models, tgt_dict, **kwargs):
         if isinstance(models, EnsembleModel):
             models = list(models.models)
-        assert kwargs.get("search_strategy") is None, "the factorized search brings its own BeamSearch"
-        assert not kwargs.get("no_repeat_ngram_size") and kwargs.get("lm_model") is None
-        assert not kwargs.get("match_source_len")
+        for name, bad, why in (
+            ("search_strategy", kwargs.get("search_strategy") is not None, "it brings its own BeamSearch"),
+            ("no_repeat_ngram_size", bool(kwargs.get("no_repeat_ngram_size")), "it masks tokens of the full row"),
+            ("lm_model", kwargs.get("lm_model") is not None, "LM fusion adds a full-vocabulary row"),
+            ("match_source_len", bool(kwargs.get("match_source_len")), "it needs fairseq's own search"),
+        ):
+            if bad:
+                raise ValueError(
+                    f"FactorizedSequenceGenerator does not take {name}={kwargs.get(name)!r}: {why}; use "
+                    "fairseq's SequenceGenerator (--mhce-search dense, or TranslationMHCETask.build_generator, "
+                    "which falls back to it)"
+                )
         candidates = _Candidates()
         s = num_special_columns(tgt_dict)
         ensemble = FactorizedEnsembleModel(models, s, 0, candidates)
@@ -235,6 +268,7 @@ def build_generator(task, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=N
     if getattr(args, "score_reference", False):
         logger.info("--mhce-search factorized: --score-reference scores given targets, no search to factorize")
         return dense_builder(models, args, seq_gen_cls, extra_gen_cls_kwargs, prefix_allowed_tokens_fn)
+    check_sampling_options(args)
     reason = unsupported_reason(
         models, args, task.target_dictionary, seq_gen_cls, extra_gen_cls_kwargs, prefix_allowed_tokens_fn
     )

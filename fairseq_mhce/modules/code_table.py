@@ -593,7 +593,6 @@ def checkpoint_vectors(path, which: str = "output", vocab_size: Optional[int] = 
         raise ValueError(f"which must be 'output' or 'input', got {which!r}")
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint file {path}")
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except TypeError:  # pragma: no cover - old torch without weights_only
