@@ -155,9 +155,12 @@ def grouped_logits(x: torch.Tensor, group: torch.Tensor, weight: torch.Tensor, b
     counts = torch.bincount(group, minlength=weight.size(0))
     present = counts.nonzero().squeeze(-1)
     sizes = counts.index_select(0, present).tolist()
-    ws, bs = weight.unbind(0), bias.unbind(0)
     parts = x.index_select(0, order).split(sizes)
-    out_sorted = torch.cat([F.linear(xp, ws[g], bs[g]) for g, xp in zip(present.tolist(), parts)], 0)
+    if torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad):
+        ws, bs = weight.unbind(0), bias.unbind(0)
+        out_sorted = torch.cat([F.linear(xp, ws[g], bs[g]) for g, xp in zip(present.tolist(), parts)], 0)
+    else:  # decoding: a few groups per step; no view per group of the whole table
+        out_sorted = torch.cat([F.linear(xp, weight[g], bias[g]) for g, xp in zip(present.tolist(), parts)], 0)
     return out_sorted.new_empty(n, c).index_copy(0, order, out_sorted)
 
 
