@@ -32,8 +32,12 @@ CKPT=${CKPT:-$SAVEDIR/checkpoint_best.pt}
 REF=$DATABIN/raw/$SUBSET.$TGT
 [ -f "$REF" ] || { echo "translate.sh: no untokenized reference $REF" >&2; exit 2; }
 
+WORD_JOINER=0
 if ls "$DATABIN"/spm*.model >/dev/null 2>&1; then
   DETOK=(--post-process sentencepiece)
+elif grep -q '"tokenizer": "word"' "$DATABIN/prepare_data.json" 2>/dev/null; then
+  DETOK=()  # prepare_bible_multi.py's word split: undone below (its joiners)
+  WORD_JOINER=1
 else
   DETOK=(--tokenizer moses)  # its languages are --source-lang / --target-lang
 fi
@@ -58,16 +62,20 @@ echo "translate.sh: $METHOD $CKPT on $SUBSET, beam 5" >&2
 wait  # for tee
 grep -E '^Generate' "$GEN" | sed 's/^/fairseq (tokenized; not the score below): /' >&2 || true
 
-"$PY" - "$GEN" "$GLOG" "$REF" "$SAVEDIR/hyp.$SUBSET$TAG.$TGT" "$SAVEDIR/score.$SUBSET$TAG.json" "$METHOD" "$CKPT" <<'EOF'
-import json, re, sys
+WORD_JOINER=$WORD_JOINER REPO=$REPO "$PY" - "$GEN" "$GLOG" "$REF" "$SAVEDIR/hyp.$SUBSET$TAG.$TGT" "$SAVEDIR/score.$SUBSET$TAG.json" "$METHOD" "$CKPT" <<'EOF'
+import json, os, re, sys
 import sacrebleu
 gen, glog, ref_path, hyp_path, json_path, method, ckpt = sys.argv[1:]
+detok = lambda t: t
+if os.environ.get("WORD_JOINER") == "1":
+    sys.path.insert(0, os.path.join(os.environ["REPO"], "scripts"))
+    from prepare_bible_multi import detokenize as detok
 hyps = {}
 speed = None
 for line in open(gen, encoding="utf-8"):
     if line.startswith("D-"):  # detokenized hypothesis, best first per id
         sid, _score, *text = line.rstrip("\n").split("\t")
-        hyps.setdefault(int(sid[2:]), text[0] if text else "")
+        hyps.setdefault(int(sid[2:]), detok(text[0]) if text else "")
 for line in open(glog, encoding="utf-8", errors="replace"):
     m = re.search(r"Translated ([\d,]+) sentences .* in ([\d.]+)s \(([\d.]+) sentences/s, ([\d.]+) tokens/s\)", line)
     if m:
