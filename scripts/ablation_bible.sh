@@ -14,7 +14,8 @@
 # 4. equal wall-clock: softmax, the best MHE, the best MHP and MHS, each given
 #    WALL_MIN minutes of training (--stop-time-hours);
 # 5. a longer budget (LONG_UPD updates, default 1500) for softmax, the best MHE
-#    and MHP, MHS and the former default (shared last head, identity codes);
+#    and MHP, MHS and the former default (shared last head, identity codes),
+#    and a second seed of the softmax and of the best MHE;
 # each phase runs two compare.py processes (one thread each) side by side, then
 # the tables are rendered from all finished runs (results/compare_NAME*.md).
 # Resumable: finished runs are reused (compare.py --reuse).
@@ -71,4 +72,4 @@ pair "$NAME" "$UPD" "$ARCH" "$P1A,$P2A" "$P1B,$P2B"
 pair "${NAME}_wallclock" 1000000 "$ARCH --stop-time-hours $("$PY" -c "print(round($WALL_MIN / 60, 4))")" \
   "${WALL_A:-softmax,mhe-pt-ppmi}" "${WALL_B:-mhp-ppmi,mhs}" \
   --note "equal wall-clock: every method trained for $WALL_MIN min (--stop-time-hours), two runs at a time on the 2 cores (one thread each); the update cap 1000000 is never reached"
-pair "${NAME}_${LONG_UPD}" "$LONG_UPD" "$ARCH" "${LONG_A:-softmax,mhe-shared}" "${LONG_B:-mhe-pt-ppmi,mhp-ppmi,mhs}"
+pair "${NAME}_${LONG_UPD}" "$LONG_UPD" "$ARCH" "${LONG_A:-softmax,mhe-shared,softmax-seed2}" "${LONG_B:-mhe-pt-ppmi,mhp-ppmi,mhs,mhe-pt-ppmi-seed2}"
