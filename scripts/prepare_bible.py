@@ -206,16 +206,24 @@ def load_pairs(db: Path, src: str, tgt: str, max_words: int, stats: collections.
 
 def split_pairs(pairs, seed: int, valid_size: int, test_size: int) -> dict:
     """{split: sorted indices into pairs}; identical texts share a split."""
-    n = len(pairs)
+    return grouped_split([[p[1] for p in pairs], [p[2] for p in pairs]], seed, valid_size, test_size, "pairs")
+
+
+def grouped_split(sides, seed: int, valid_size: int, test_size: int, what: str = "pairs") -> dict:
+    """{split: sorted item indices} for items with one text per side
+    (``sides[s][i]``, None where item i has none): items with an identical
+    text on any side share a split (union-find), so a repeated sentence cannot
+    be in train and in test at the same time; groups in canonical order, a
+    seeded shuffle (same seed, same split), then test and valid filled up to
+    their sizes."""
+    n = len(sides[0])
     if valid_size < 0 or test_size < 0:
         raise DataError("--valid-size and --test-size must be >= 0")
     if valid_size + test_size >= n:
         raise DataError(
-            f"only {n} pairs: --valid-size {valid_size} + --test-size {test_size} "
+            f"only {n} {what}: --valid-size {valid_size} + --test-size {test_size} "
             "leave nothing to train on"
         )
-    # Union-find over "same source text" and "same target text", so that a
-    # repeated sentence cannot be in train and in test at the same time.
     parent = list(range(n))
 
     def find(i):
@@ -224,16 +232,17 @@ def split_pairs(pairs, seed: int, valid_size: int, test_size: int) -> dict:
             i = parent[i]
         return i
 
-    for side in (1, 2):
+    for side in sides:
         first = {}
-        for i, pair in enumerate(pairs):
-            j = first.setdefault(pair[side], i)
+        for i, text in enumerate(side):
+            if text is None:
+                continue
+            j = first.setdefault(text, i)
             if j != i:
                 parent[find(i)] = find(j)
     groups = collections.defaultdict(list)
     for i in range(n):
         groups[find(i)].append(i)
-    # Groups in canonical order, then a seeded shuffle: same seed, same split.
     order = sorted(groups.values())
     random.Random(seed).shuffle(order)
     split = {"test": [], "valid": [], "train": []}

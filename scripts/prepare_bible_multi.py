@@ -98,7 +98,6 @@ import argparse
 import collections
 import json
 import os
-import random
 import re
 import shutil
 import sqlite3
@@ -292,44 +291,11 @@ def load_corpus(db: Path, source: str, targets: list[str], max_words: int, limit
 
 
 def split_verses(keys, texts: dict, seed: int, valid_size: int, test_size: int) -> dict:
-    """{split: sorted keys}.  prepare_bible.split_pairs for several sides:
-    verses with an identical text on any side share a split; groups in Bible
-    order, a seeded shuffle, then test and valid filled up to their sizes."""
-    n = len(keys)
-    if valid_size < 0 or test_size < 0:
-        raise DataError("--valid-size and --test-size must be >= 0")
-    if valid_size + test_size >= n:
-        raise DataError(f"only {n} verses: --valid-size {valid_size} + --test-size {test_size} "
-                        "leave nothing to train on")
-    parent = list(range(n))
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for side in texts.values():
-        first = {}
-        for i, k in enumerate(keys):
-            if k in side:
-                j = first.setdefault(side[k], i)
-                if j != i:
-                    parent[find(i)] = find(j)
-    groups = collections.defaultdict(list)
-    for i in range(n):
-        groups[find(i)].append(i)
-    order = sorted(groups.values())
-    random.Random(seed).shuffle(order)
-    split = {"test": [], "valid": [], "train": []}
-    for group in order:
-        for name, size in (("test", test_size), ("valid", valid_size)):
-            if len(split[name]) + len(group) <= size:
-                split[name].extend(group)
-                break
-        else:
-            split["train"].extend(group)
-    return {name: [keys[i] for i in sorted(idx)] for name, idx in split.items()}
+    """{split: sorted keys}: ``prepare_bible.grouped_split`` over every side
+    (verses with an identical text on any side share a split)."""
+    sides = [[side.get(k) for k in keys] for side in texts.values()]
+    split = prepare_bible.grouped_split(sides, seed, valid_size, test_size, "verses")
+    return {name: [keys[i] for i in idx] for name, idx in split.items()}
 
 
 def make_pairs(split_keys: dict, texts: dict, source: str, targets: list[str]) -> dict:
