@@ -13,7 +13,6 @@
 
 Every failing case leaves the user's checkpoint and data-bin byte-identical.
 """
-import hashlib
 import logging
 import random
 import shutil
@@ -26,12 +25,7 @@ import fairseq_mhce  # noqa: F401
 from fairseq.data import Dictionary
 from fairseq_mhce.models.transformer_mhce import MHCEConfig, TransformerMHCEModel, build_head
 
-from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, make_copy_data
-
-
-def sha(path):
-    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()} if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, make_copy_data, tree_hashes
 
 
 def dictionary(n):
@@ -115,12 +109,12 @@ def test_same_size_other_dictionary_is_refused(data, mhp_ckpt, tmp_path):
     lines = (other / "dict.tgt.txt").read_text().splitlines()
     random.Random(0).shuffle(lines)
     (other / "dict.tgt.txt").write_text("\n".join(lines) + "\n")
-    before = (sha(mhp_ckpt), sha(other))
+    before = (tree_hashes(mhp_ckpt), tree_hashes(other))
     r = cli("fairseq-generate", other, "--user-dir", USER_DIR, "--path", mhp_ckpt, "--beam", "2", check=False)
     assert r.returncode != 0, r.stdout[-2000:]
     assert "dictionary mismatch: the target dictionary does not match the checkpoint" in r.stdout
     assert "other symbols or another order" in r.stdout and "Use the data-bin" in r.stdout
-    assert (sha(mhp_ckpt), sha(other)) == before
+    assert (tree_hashes(mhp_ckpt), tree_hashes(other)) == before
     # the model's own data-bin decodes
     ok = cli("fairseq-generate", data, "--user-dir", USER_DIR, "--path", mhp_ckpt, "--beam", "2")
     assert "H-0" in ok.stdout or "H-1" in ok.stdout

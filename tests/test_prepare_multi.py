@@ -9,7 +9,6 @@ pytest's tmp_path.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import sqlite3
 import subprocess
@@ -22,6 +21,8 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 import prepare_bible  # noqa: E402
 import prepare_bible_multi as multi  # noqa: E402
+
+from .utils import tree_hashes  # noqa: E402
 from prepare_data import DataError  # noqa: E402
 
 LIMIT, VALID, TEST = 300, 30, 30
@@ -46,12 +47,6 @@ def read_splits(dest):
     rows = [line.split("\t") for line in read_lines(dest / "text" / "splits.tsv")]
     assert rows[0] == ["split", "lang", "book", "chapter", "verse"]
     return [(s, lang, tuple(int(x) for x in key)) for s, lang, *key in rows[1:]]
-
-
-def tree_hashes(directory):
-    """{relative path: sha256} of every file below directory."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def snapshot(directory, skip=("preprocess.log",)):

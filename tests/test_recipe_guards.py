@@ -10,7 +10,6 @@ scripts on tiny copy data:
   other integer buffers unchanged), the average decodes, and mismatches or an
   existing --output are errors that change nothing.
 """
-import hashlib
 import os
 import re
 import shutil
@@ -20,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from .utils import REPO, USER_DIR, cli, hypotheses, make_copy_data
+from .utils import REPO, USER_DIR, cli, hypotheses, make_copy_data, tree_hashes
 
 pytestmark = pytest.mark.e2e
 
@@ -52,16 +51,6 @@ def average(*args):
         [sys.executable, str(REPO / "scripts" / "average_checkpoints.py"), *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )  # fmt: skip
-
-
-def hashes(folder):
-    """{relative path: sha256} of every file under ``folder``."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
-            p = os.path.join(root, f)
-            out[os.path.relpath(p, folder)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
 
 
 def load(path):
@@ -122,18 +111,18 @@ def test_refuses_another_methods_checkpoint_best(mhe_run, data, tmp_path):
     """Only checkpoint_best.pt (no checkpoint_last.pt): fairseq would start from
     scratch and overwrite it.  train.sh refuses before anything is written."""
     save = other_runs_dir(mhe_run, tmp_path / "other", "checkpoint_best.pt")
-    before = hashes(save)
+    before = tree_hashes(save)
     p = script("train.sh", "mhp", data, save, "--max-update", "2", *TINY)
     assert p.returncode == 2, p.stdout[-4000:]
     assert "holds checkpoints that are not this run's" in p.stdout
     assert "checkpoint_best.pt: trained with METHOD mhe" in p.stdout and "this run is METHOD mhp" in p.stdout
     assert "fairseq_cli.train" not in p.stdout  # fairseq never started
-    assert hashes(save) == before  # no file changed, none added (no code table, no log line)
+    assert tree_hashes(save) == before  # no file changed, none added (no code table, no log line)
 
 
 def test_another_methods_checkpoint_last_names_both_ways_out(mhe_run, data, tmp_path):
     save = other_runs_dir(mhe_run, tmp_path / "other", "checkpoint_last.pt", "checkpoint_best.pt")
-    before = hashes(save)
+    before = tree_hashes(save)
     p = script("train.sh", "mhp", data, save, "--max-update", "2", *TINY)
     assert p.returncode == 2, p.stdout[-4000:]
     out = p.stdout
@@ -142,7 +131,7 @@ def test_another_methods_checkpoint_last_names_both_ways_out(mhe_run, data, tmp_
     assert f"continue that run with METHOD mhe (scripts/train.sh mhe {data} {save} ...)" in out, out
     assert "or train mhp in a new SAVEDIR" in out and "REUSE_SAVEDIR=1" in out
     assert "fairseq_cli.train" not in out
-    assert hashes(save) == before
+    assert tree_hashes(save) == before
 
 
 @pytest.mark.parametrize("case", ["head-sizes", "mhce-heads", "data-bin", "unreadable"])
@@ -163,12 +152,12 @@ def test_refuses_other_sizes_data_bin_or_unreadable(mhe_run, data, tmp_path, cas
     else:
         (save / "checkpoint_best.pt").write_bytes(b"not a checkpoint\n" * 100)
         expect = "checkpoint_best.pt: cannot be read"
-    before = hashes(save)
+    before = tree_hashes(save)
     p = script("train.sh", "mhe", data, save, *args, env=env)
     assert p.returncode == 2, p.stdout[-4000:]
     assert expect in p.stdout, p.stdout
     assert "new SAVEDIR" in p.stdout and "fairseq_cli.train" not in p.stdout
-    assert hashes(save) == before
+    assert tree_hashes(save) == before
 
 
 def test_reuse_savedir_lets_it_train(mhe_run, data, tmp_path):
@@ -185,13 +174,13 @@ def test_reuse_savedir_lets_it_train(mhe_run, data, tmp_path):
 
 # ------------------------------------------------- item 9: checkpoint averaging
 def test_average_last_three_update_checkpoints_decodes(mhe_run, data, tmp_path):
-    before = hashes(mhe_run)
+    before = tree_hashes(mhe_run)
     out = tmp_path / "avg.pt"
     p = average("--inputs", mhe_run, "--num-update-checkpoints", "3", "--output", out)
     assert p.returncode == 0, p.stdout
     inputs = [next(mhe_run.glob(f"checkpoint_*_{u}.pt")) for u in (12, 8, 4)]
     assert f"averaging 3 checkpoints: {' '.join(map(str, inputs))}" in p.stdout
-    assert hashes(mhe_run) == before  # inputs untouched
+    assert tree_hashes(mhe_run) == before  # inputs untouched
     avg = load(out)["model"]
     states = [load(f)["model"] for f in inputs]
     assert list(avg) == list(states[0])
@@ -228,14 +217,14 @@ def test_average_refuses_mismatched_code_tables(mhe_run, tmp_path):
     code[[4, 5]] = code[[5, 4]].clone()
     token[code[[4, 5]]] = torch.tensor([4, 5], dtype=token.dtype)
     torch.save(state, b)
-    before = {**hashes(mhe_run), **{"b": hashes(tmp_path)["checkpoint_swapped.pt"]}}
+    before = {**tree_hashes(mhe_run), **{"b": tree_hashes(tmp_path)["checkpoint_swapped.pt"]}}
     out = tmp_path / "avg.pt"
     p = average("--inputs", a, b, "--output", out)
     assert p.returncode == 2, p.stdout
     assert "key decoder.mhce_head.codec.code: the code tables differ (2 of 48 entries)" in p.stdout, p.stdout
     assert str(a) in p.stdout and str(b) in p.stdout and "Traceback" not in p.stdout
     assert not out.exists() and not list(tmp_path.glob(".avg.pt*"))
-    assert {**hashes(mhe_run), **{"b": hashes(tmp_path)["checkpoint_swapped.pt"]}} == before
+    assert {**tree_hashes(mhe_run), **{"b": tree_hashes(tmp_path)["checkpoint_swapped.pt"]}} == before
 
 
 def test_average_never_overwrites_output(mhe_run, tmp_path):

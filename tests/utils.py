@@ -3,6 +3,7 @@
 fairseq's own ``tests/`` helpers are not in its wheel, so the plugin keeps
 these.
 """
+import hashlib
 import os
 import random
 import re
@@ -84,3 +85,14 @@ def hypotheses(generate_output: str):
             sid, score, text = line.split("\t")
             out.setdefault(int(sid[2:]), []).append((text, float(score)))
     return out
+
+
+def tree_hashes(path) -> dict:
+    """{relative path: sha256} of every file below ``path`` (a directory), or
+    {"": sha256} of ``path`` itself when it is a file: what a failing command
+    must leave unchanged."""
+    path = Path(path)
+    if path.is_file():
+        return {"": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}

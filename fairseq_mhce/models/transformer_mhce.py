@@ -20,7 +20,7 @@ from fairseq.models import ARCH_MODEL_REGISTRY, ARCH_CONFIG_REGISTRY, register_m
 from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase, TransformerModel
 
 from ..modules.code_table import load_code_table
-from ..modules.codec import MixedRadixCodec, auto_head_sizes, parse_head_sizes
+from ..modules.codec import MixedRadixCodec, auto_head_sizes, parse_head_sizes, used_digits
 from ..modules.multihead_output import LAST_HEAD_CHOICES
 from ..modules.output_layer import HEADS, OutputLayer, head_class
 
@@ -103,15 +103,10 @@ def mhce_defaults(args):
             setattr(args, name, None)
 
 
-def _used_digits(sizes, vocab_size: int) -> list:
-    strides = [math.prod(sizes[h + 1:]) for h in range(len(sizes))]
-    return [min(c, -(-vocab_size // st)) for c, st in zip(sizes, strides)]
-
-
 def max_useful_heads(vocab_size: int) -> int:
     """The most heads for which balanced sizes give every head >= 2 used digits."""
     h = 1
-    while min(_used_digits(auto_head_sizes(vocab_size, h + 1), vocab_size)) >= 2:
+    while min(used_digits(auto_head_sizes(vocab_size, h + 1), vocab_size)) >= 2:
         h += 1
     return h
 
@@ -120,7 +115,7 @@ def check_head_sizes(sizes, vocab_size: int, explicit: bool):
     """Refuse a head that could only ever predict one digit (it costs its
     parameters and compute and carries no information); warn about explicit
     sizes so far above V that a whole head could be dropped."""
-    used = _used_digits(sizes, vocab_size)
+    used = used_digits(sizes, vocab_size)
     dead = [h + 1 for h, (c, u) in enumerate(zip(sizes, used)) if c >= 2 and u < 2]
     if dead and not explicit and math.prod(sizes) >= vocab_size:
         most = max_useful_heads(vocab_size)

@@ -41,6 +41,13 @@ def auto_head_sizes(vocab_size: int, num_heads: int) -> List[int]:
     return sizes
 
 
+def used_digits(head_sizes: Sequence[int], vocab_size: int) -> List[int]:
+    """For each head h, how many of its C_h digits some code ``< vocab_size``
+    uses (the digits below ``ceil(V / stride_h)``)."""
+    strides = [math.prod(head_sizes[h + 1:]) for h in range(len(head_sizes))]
+    return [min(c, -(-vocab_size // s)) for c, s in zip(head_sizes, strides)]
+
+
 def parse_head_sizes(spec: Optional[str]) -> Optional[List[int]]:
     """``"128,256"`` -> ``[128, 256]``; empty / None -> None (automatic)."""
     if spec is None or str(spec).strip() in ("", "None", "auto"):
@@ -103,7 +110,7 @@ class MixedRadixCodec(nn.Module):
         """For each head h, how many of its C_h digits some valid code uses
         (codes 0..V-1 use the digits below ceil(V / stride_h)); python ints,
         so the loss reads no tensor back to the host."""
-        return [min(c, -(-self.vocab_size // s)) for c, s in zip(self.sizes, self.stride_list)]
+        return used_digits(self.sizes, self.vocab_size)
 
     @property
     def num_codes(self) -> int:
