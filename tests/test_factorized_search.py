@@ -209,7 +209,13 @@ def test_runtime_prefix_tokens_decode_dense(tmp_path, caplog):
     assert [h[0]["tokens"][0].item() for h in out] == [5, 6, 7]
     # and the generator is factorized again afterwards: same hypotheses; MHE's
     # scores only to float rounding (per-group vs V-wide matmul), as in test above
-    assert_same(d.generate([model], sample), g.generate([model], sample), False)
+    head = model.decoder.mhce_head
+    calls, topk = [], head.topk
+    head.topk = lambda *a, **k: calls.append(1) or topk(*a, **k)  # the factorized step's entry point
+    fact = g.generate([model], sample)
+    del head.topk
+    assert calls, "the generator stayed on the dense row after a prefix_tokens call"
+    assert_same(d.generate([model], sample), fact, False)
 
 
 class _Shapes(TorchDispatchMode):
