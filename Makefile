@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test test-fast clean-work
+.PHONY: install run test test-fast extreme-vocab clean-work
 
 install:
 	VENV=$(VENV) bash scripts/install.sh
@@ -17,6 +17,10 @@ test: install
 # unit tests only (no fairseq CLI runs): seconds
 test-fast: install
 	$(PY) -m pytest -q -m "not e2e"
+
+# issue 12: every output layer at V = 224k, equal wall-clock (~2 h on 2 cores)
+extreme-vocab: install
+	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/extreme_vocab.sh
 
 clean-work:
 	rm -rf work

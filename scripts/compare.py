@@ -89,12 +89,15 @@ COLUMNS = [
     ("method", "method"),
     ("bleu", "test BLEU"),
     ("chrf", "test chrF"),
+    ("avg_bleu", "avg BLEU over languages"),
     ("best_valid_ppl", "best valid ppl"),
     ("train_seconds", "train wall (s)"),
     ("train_wps", "train tok/s"),
     ("wps_vs_softmax", "tok/s vs softmax"),
     ("step_tok_s", "step tok/s (interleaved)"),
     ("step_vs_softmax", "step vs softmax"),
+    ("step_vs_ceiling", "step vs ceiling"),
+    ("train_peak_rss_gb", "train peak RSS (GB)"),
     ("decode_sent_per_s", "decode sent/s (beam 5)"),
     ("decode_dense_sent_per_s", "dense-row decode sent/s"),
     ("output_params", "output-layer params"),
@@ -227,10 +230,58 @@ def collect(method: str, savedir: Path) -> dict:
         if s.get("decoding"):
             row["decode_dense_sent_per_s"] = s["decoding"]["sentences_per_s"]
         row["dense_bleu"] = s["bleu"]
+    peak = savedir / "peak_rss.json"
+    if peak.exists():
+        row["train_peak_rss_gb"] = json.loads(peak.read_text())["train_peak_rss_bytes"] / 1e9
     ckpt = savedir / "checkpoint_best.pt"
     if ckpt.exists():
         row["output_params"] = output_layer_params(ckpt)
     return row
+
+
+def per_language_scores(databin: Path, savedir: Path, tgt: str) -> dict:
+    """BLEU / chrF per target language of a one-to-many test set
+    (``prepare_bible_multi.py``: every source line starts with its target tag
+    ``<2xx>``), from the hypotheses translate.sh wrote in test-line order;
+    {} when the data has no tags.  'average' is the unweighted mean over
+    languages (every language has the same number of test verses)."""
+    import sacrebleu
+
+    hyp_path = savedir / f"hyp.test.{tgt}"
+    srcs = [p for p in (databin / "raw").glob("test.*") if p.suffix != f".{tgt}"]
+    if len(srcs) != 1 or not hyp_path.exists():
+        return {}
+    tags = [line.split(" ", 1)[0] for line in srcs[0].read_text(encoding="utf-8").splitlines()]
+    if not tags or not all(re.fullmatch(r"<2[\w-]+>", t) for t in tags):
+        return {}
+    refs = (databin / "raw" / f"test.{tgt}").read_text(encoding="utf-8").splitlines()
+    hyps = hyp_path.read_text(encoding="utf-8").splitlines()
+    if not (len(tags) == len(refs) == len(hyps)):
+        return {}
+    out = {}
+    for tag in sorted(set(tags)):
+        idx = [i for i, t in enumerate(tags) if t == tag]
+        h, r = [hyps[i] for i in idx], [[refs[i] for i in idx]]
+        out[tag[2:-1]] = {"lines": len(idx), "bleu": round(sacrebleu.corpus_bleu(h, r).score, 2),
+                          "chrf": round(sacrebleu.corpus_chrf(h, r).score, 2)}
+    out["average"] = {"lines": len(tags),
+                      "bleu": round(statistics.mean(v["bleu"] for v in out.values()), 2),
+                      "chrf": round(statistics.mean(v["chrf"] for v in out.values()), 2)}
+    return out
+
+
+def per_language_table(rows: list, key: str, title: str) -> list:
+    langs = sorted({k for r in rows for k in r.get("per_language", {})} - {"average"})
+    if not langs:
+        return []
+    md = ["", f"### {title} per target language (sacreBLEU on each language's test verses)", "",
+          "| method | average | " + " | ".join(langs) + " |", "|" + "---|" * (len(langs) + 2)]
+    for r in rows:
+        pl = r.get("per_language")
+        if pl:
+            md.append(f"| {LABELS.get(r['method'], r['method'])} | **{pl['average'][key]:.2f}** | "
+                      + " | ".join(f"{pl[lang][key]:.2f}" if lang in pl else "–" for lang in langs) + " |")
+    return md
 
 
 def measure_speed(ckpts: dict, databin: str, n_batches: int, max_tokens: int) -> dict:
@@ -299,6 +350,10 @@ def fmt(key, value):
         return f"{value:.2f}"
     if key in ("wps_vs_softmax", "step_vs_softmax"):
         return f"{value:.2f}x"
+    if key == "step_vs_ceiling":
+        return f"{100 * value:.0f}%"
+    if key == "train_peak_rss_gb":
+        return f"{value:.2f}"
     if key in ("train_wps", "train_seconds", "step_tok_s"):
         return f"{value:,.0f}"
     if key in ("decode_sent_per_s", "decode_dense_sent_per_s"):
@@ -322,6 +377,8 @@ def table_rows(rows: list, speed: dict = None) -> list:
             r["step_tok_s"] = tps[r["method"]]
             if "softmax" in tps:
                 r["step_vs_softmax"] = tps[r["method"]] / tps["softmax"]
+            if "softmax_body" in tps:
+                r["step_vs_ceiling"] = tps[r["method"]] / tps["softmax_body"]
         out.append(r)
     if not base:
         return out
@@ -334,18 +391,20 @@ def table_rows(rows: list, speed: dict = None) -> list:
             row["wps_vs_softmax"] = row["train_wps"] / base["train_wps"]
         row["step_tok_s"] = tps["softmax_body"]
         row["step_vs_softmax"] = tps["softmax_body"] / tps["softmax"]
+        row["step_vs_ceiling"] = 1.0
         out.append(row)
     return out
 
 
 def write_tables(rows: list, out_base: Path, header: list, notes: list, speed: dict = None) -> tuple:
     rows = table_rows(rows, speed)
+    columns = [(k, t) for k, t in COLUMNS if k == "method" or any(r.get(k) is not None for r in rows)]
     out_base.parent.mkdir(parents=True, exist_ok=True)
     md = list(header) + [""]
-    md.append("| " + " | ".join(title for _, title in COLUMNS) + " |")
-    md.append("|" + "---|" * len(COLUMNS))
+    md.append("| " + " | ".join(title for _, title in columns) + " |")
+    md.append("|" + "---|" * len(columns))
     for r in rows:
-        cells = [LABELS.get(r["method"], r["method"]) if k == "method" else fmt(k, r.get(k)) for k, _ in COLUMNS]
+        cells = [LABELS.get(r["method"], r["method"]) if k == "method" else fmt(k, r.get(k)) for k, _ in columns]
         md.append("| " + " | ".join(cells) + " |")
     md += [""] + [f"- {n}" for n in notes]
     md_path = out_base.with_suffix(".md")
@@ -353,9 +412,9 @@ def write_tables(rows: list, out_base: Path, header: list, notes: list, speed: d
     csv_path = out_base.with_suffix(".csv")
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([k for k, _ in COLUMNS])
+        w.writerow([k for k, _ in columns])
         for r in rows:
-            w.writerow(["" if r.get(k) is None else r.get(k) for k, _ in COLUMNS])
+            w.writerow(["" if r.get(k) is None else r.get(k) for k, _ in columns])
     out_base.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
     return md_path, csv_path
 
@@ -377,14 +436,24 @@ def machine_description() -> str:
 
 # -------------------------------------------------------------------- main
 def run(cmd, env, log_path=None):
+    """Run ``cmd``; returns (wall seconds, peak RSS in bytes).  The peak is
+    wait4's ``ru_maxrss`` of the child, which Linux reports as the largest
+    resident set of the child and of every descendant it waited for (here:
+    the fairseq process under train.sh / translate.sh), not a sum."""
     print("+ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
     t = time.time()
-    if log_path is None:
-        subprocess.run([str(c) for c in cmd], env=env, check=True)
-    else:
-        with open(log_path, "w") as f:
-            subprocess.run([str(c) for c in cmd], env=env, check=True, stdout=f, stderr=subprocess.STDOUT)
-    return time.time() - t
+    f = open(log_path, "w") if log_path is not None else None
+    try:
+        proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=f,
+                                stderr=subprocess.STDOUT if f else None)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        if f:
+            f.close()
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, [str(c) for c in cmd])
+    return time.time() - t, usage.ru_maxrss * 1024  # Linux: KiB
 
 
 def main(argv=None):
@@ -464,8 +533,9 @@ def main(argv=None):
                 shutil.rmtree(savedir)
             print(f"\n=== {method}: train ({args.max_update} updates) ===", flush=True)
             base, v_extra = variants.get(method, (method, []))
-            run([REPO / "scripts" / "train.sh", base, databin, savedir, "--max-update", args.max_update,
-                 *train_extra, *v_extra], env, log_path=workdir / f"{method}.train.out")
+            _, peak = run([REPO / "scripts" / "train.sh", base, databin, savedir, "--max-update", args.max_update,
+                           *train_extra, *v_extra], env, log_path=workdir / f"{method}.train.out")
+            (savedir / "peak_rss.json").write_text(json.dumps({"train_peak_rss_bytes": peak}) + "\n")
             print(f"=== {method}: translate + score ===", flush=True)
             run([REPO / "scripts" / "translate.sh", base, databin, savedir, *shlex.split(args.generate_args)],
                 env, log_path=workdir / f"{method}.translate.out")
@@ -498,20 +568,26 @@ def main(argv=None):
             speed_path.write_text(out.strip().splitlines()[-1] + "\n")
 
     rows = [collect(m, workdir / m) for m in methods if (workdir / m).exists()]
+    info = json.loads((databin / "prepare_data.json").read_text()) if (databin / "prepare_data.json").exists() else {}
+    for r in rows:  # one-to-many data: BLEU / chrF per target language too
+        if info.get("target_lang"):
+            r["per_language"] = per_language_scores(databin, workdir / r["method"], info["target_lang"])
+            if r["per_language"]:
+                r["avg_bleu"] = r["per_language"]["average"]["bleu"]
     speed = json.loads((workdir / "speed.json").read_text()) if (workdir / "speed.json").exists() else None
     load_end = os.getloadavg()
-    info = {}
-    pj = databin / "prepare_data.json"
-    if pj.exists():
-        info = json.loads(pj.read_text())
     tgt_v = (info.get("dict_sizes") or {}).get(info.get("target_lang", ""), None)
+    hours = re.search(r"--stop-time-hours[ =]([\d.]+)", args.train_args)
+    budget_text = (f"{float(hours.group(1)) * 60:g} minutes of training per method (--stop-time-hours "
+                   f"{hours.group(1)}; at most {args.max_update} updates)" if hours
+                   else f"{args.max_update} updates per method")
     header = [
         f"## Comparison `{args.name}`",
         "",
         f"- data: `{databin}` ({info.get('tokenizer', '?')}, vocab {info.get('vocab_size', '?')}"
         f"{' joint' if info.get('joint') else ''}; target dictionary {tgt_v} entries; "
         f"lines {info.get('lines', '?')})",
-        f"- budget: {args.max_update} updates per method, warm-up {warmup}, everything else from "
+        f"- budget: {budget_text}, warm-up {warmup}, everything else from "
         f"`scripts/train.sh` (transformer_iwslt_de_en family, 3+3 layers, d 256, ffn 1024, 4 heads, "
         f"no embedding sharing, adam lr 1e-3 inverse_sqrt, max-tokens {max_tokens}, dropout 0.1)"
         + (f"; extra train args `{args.train_args}`" if args.train_args else ""),
@@ -560,6 +636,12 @@ def main(argv=None):
         notes.append(f"step timing: {speed['batches']} batches, {speed['tokens']} target tokens, "
                      f"{speed['threads']} thread(s){share}")
     md, csv_path = write_tables(rows, Path(args.out) / f"compare_{args.name}", header, notes, speed)
+    lang_md = per_language_table(rows, "bleu", "BLEU") + per_language_table(rows, "chrf", "chrF")
+    if lang_md:
+        with open(md, "a") as f:
+            f.write("\n".join(lang_md + ["", "average = unweighted mean over the target languages "
+                                          "(each has the same number of test verses); the main table's "
+                                          "test BLEU / chrF are over all test lines at once"]) + "\n")
     curves = {m: valid_curve((workdir / m / "train.log").read_text(errors="replace"))
               for m in methods if (workdir / m / "train.log").exists()}
     if any(len(c) > 1 for c in curves.values()):

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue 12: every output layer at V = 224k (word-level one-to-many Bible,
+# German -> 14 target translations, scripts/prepare_bible_multi.py), each given
+# the same wall-clock training budget on this machine, then decoded (beam 5,
+# factorized search for MHP / MHE, plus their dense row) and scored per target
+# language.
+#
+#   scripts/extreme_vocab.sh            # or: make extreme-vocab
+#
+# Environment: MINUTES (training minutes per method, default 15), METHODS
+# (default softmax,adaptive,mhp,mhe,mhs), DATA (the data-bin, built here if
+# missing), NAME (table name, results/compare_NAME.md).
+# Methods run one after another on all cores: nothing else should run on the
+# machine meanwhile (the table records the load average).  Resumable: methods
+# already finished in work/compare/NAME are reused (compare.py --reuse).
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=${VENV:-$REPO/.venv}/bin/python
+DATA=${DATA:-$REPO/work/bible-multi-word}
+NAME=${NAME:-extreme_vocab_word}
+MINUTES=${MINUTES:-15}
+METHODS=${METHODS:-softmax,adaptive,mhp,mhe,mhs}
+CODES=$REPO/work/codes/multi_word_ppmi_h2.json
+
+[ -f "$DATA/prepare_data.json" ] || "$PY" "$REPO/scripts/prepare_bible_multi.py" --destdir "$DATA" \
+  --tokenizer word --min-count 2 --valid-size 100 --test-size 100 --quiet
+# the PPMI code table (the default of mhp / mhe) once for both, not inside each run (~5 min at this V)
+[ -f "$CODES" ] || "$PY" "$REPO/scripts/build_codes.py" --databin "$DATA" --target-lang mul --heads 2 \
+  --source ppmi --seed 1 --out "$CODES"
+
+HOURS=$("$PY" -c "print(round($MINUTES / 60, 4))")
+export WARMUP=${WARMUP:-100} ADAPTIVE_CUTOFF=${ADAPTIVE_CUTOFF:-20000,60000}
+exec "$PY" "$REPO/scripts/compare.py" --databin "$DATA" --name "$NAME" --methods "$METHODS" \
+  --warmup "$WARMUP" --max-update 1000000 \
+  --variant "mhp=mhp:--mhce-code-table $CODES" --variant "mhe=mhe:--mhce-code-table $CODES" \
+  --train-args "--stop-time-hours $HOURS --validate-interval-updates 100" \
+  --generate-args "--max-len-a 1.2 --max-len-b 10" --speed-batches 4 --reuse \
+  --note "adaptive softmax cutoffs $ADAPTIVE_CUTOFF; MHP and MHE read the same PPMI code table ($CODES, built once)" \
+  "$@"
