@@ -99,6 +99,7 @@ COLUMNS = [
     ("step_vs_ceiling", "step vs ceiling"),
     ("train_peak_rss_gb", "train peak RSS (GB)"),
     ("decode_sent_per_s", "decode sent/s (beam 5)"),
+    ("subset_decode_sent_per_s", "decode sent/s on the dense-row subset"),
     ("decode_dense_sent_per_s", "dense-row decode sent/s"),
     ("output_params", "output-layer params"),
     ("updates", "updates"),
@@ -211,7 +212,7 @@ def output_layer_params(ckpt: Path) -> int:
     )
 
 
-def collect(method: str, savedir: Path) -> dict:
+def collect(method: str, savedir: Path, dense_subset: str = "test") -> dict:
     """One table row from a finished method directory (train.log, score.test.json)."""
     row = {"method": method}
     log = savedir / "train.log"
@@ -224,7 +225,13 @@ def collect(method: str, savedir: Path) -> dict:
                    chrf_signature=s["chrf_signature"])
         if s.get("decoding"):
             row["decode_sent_per_s"] = s["decoding"]["sentences_per_s"]
-    dense = savedir / "score.test.dense.json"
+    dense = savedir / f"score.{dense_subset}.dense.json"
+    sub = savedir / f"score.{dense_subset}.json"
+    if dense_subset != "test" and sub.exists():  # this method's own path on the dense row's subset
+        s = json.loads(sub.read_text())
+        row["subset_bleu"] = s["bleu"]
+        if s.get("decoding"):
+            row["subset_decode_sent_per_s"] = s["decoding"]["sentences_per_s"]
     if dense.exists():
         s = json.loads(dense.read_text())
         if s.get("decoding"):
@@ -356,7 +363,7 @@ def fmt(key, value):
         return f"{value:.2f}"
     if key in ("train_wps", "train_seconds", "step_tok_s"):
         return f"{value:,.0f}"
-    if key in ("decode_sent_per_s", "decode_dense_sent_per_s"):
+    if key in ("decode_sent_per_s", "decode_dense_sent_per_s", "subset_decode_sent_per_s"):
         return f"{value:.1f}"
     return str(value)
 
@@ -476,6 +483,10 @@ def main(argv=None):
     p.add_argument("--speed-batches", type=int, default=12,
                    help="real batches for the interleaved in-process step timing of all methods and of the "
                         "softmax body alone (the ceiling); 0: skip")
+    p.add_argument("--dense-subset", default="test",
+                   help="the split MHP / MHE are decoded on a second time on fairseq's dense row (a smaller "
+                        "one, e.g. test_en, where the dense row is slow at large V); when not 'test', every "
+                        "method is also decoded on it with its own path, for a same-sentences speed column")
     p.add_argument("--reuse", action="store_true",
                    help="keep methods already finished in WORKDIR (train.log done + score.test.json)")
     p.add_argument("--tables-only", action="store_true", help="only re-render the tables from WORKDIR")
@@ -541,14 +552,21 @@ def main(argv=None):
                 env, log_path=workdir / f"{method}.translate.out")
             print((workdir / f"{method}.translate.out").read_text().strip().splitlines()[-5], flush=True)
 
+        sub = args.dense_subset
         for method in methods:  # MHP / MHE: the dense row too (speed beside the factorized search)
             base = variants.get(method, (method, []))[0]
             savedir = workdir / method
-            if base in ("mhp", "mhe") and (savedir / "score.test.json").exists() \
-                    and not (savedir / "score.test.dense.json").exists():
-                print(f"=== {method}: translate on the dense row ===", flush=True)
-                run([REPO / "scripts" / "translate.sh", base, databin, savedir, *shlex.split(args.generate_args)],
-                    dict(env, SEARCH="dense", TAG=".dense"), log_path=workdir / f"{method}.translate.dense.out")
+            if not (savedir / "score.test.json").exists():
+                continue
+            todo = [("", {})] if sub != "test" else []  # every method's own path on the subset
+            if base in ("mhp", "mhe"):
+                todo.append((".dense", {"SEARCH": "dense"}))
+            for tag, extra_env in todo:
+                if not (savedir / f"score.{sub}{tag}.json").exists():
+                    print(f"=== {method}: translate {sub}{' on the dense row' if tag else ''} ===", flush=True)
+                    run([REPO / "scripts" / "translate.sh", base, databin, savedir,
+                         *shlex.split(args.generate_args)], dict(env, SUBSET=sub, TAG=tag, **extra_env),
+                        log_path=workdir / f"{method}.translate.{sub}{tag}.out")
 
         ckpts = {m: str(workdir / m / "checkpoint_last.pt") for m in methods
                  if (workdir / m / "checkpoint_last.pt").exists()}
@@ -567,7 +585,7 @@ def main(argv=None):
                 env=env, check=True, stdout=subprocess.PIPE, text=True).stdout  # fmt: skip
             speed_path.write_text(out.strip().splitlines()[-1] + "\n")
 
-    rows = [collect(m, workdir / m) for m in methods if (workdir / m).exists()]
+    rows = [collect(m, workdir / m, args.dense_subset) for m in methods if (workdir / m).exists()]
     info = json.loads((databin / "prepare_data.json").read_text()) if (databin / "prepare_data.json").exists() else {}
     for r in rows:  # one-to-many data: BLEU / chrF per target language too
         if info.get("target_lang"):
@@ -621,9 +639,15 @@ def main(argv=None):
     sigs |= {r.get("chrf_signature") for r in rows if r.get("chrf_signature")}
     if sigs:
         notes.append("sacreBLEU signatures: " + "; ".join(f"`{s}`" for s in sorted(sigs)))
-    both = [r for r in rows if r.get("dense_bleu") is not None and r.get("bleu") is not None]
+    own = "bleu" if args.dense_subset == "test" else "subset_bleu"  # same sentences as the dense decode
+    both = [r for r in rows if r.get("dense_bleu") is not None and r.get(own) is not None]
+    if args.dense_subset != "test":
+        notes.append(f"dense-row subset: `{args.dense_subset}` (`{databin}/raw/{args.dense_subset}.*`); "
+                     "'decode sent/s on the dense-row subset' is each method's own path on it (factorized "
+                     "search for MHP / MHE), 'dense-row decode sent/s' the MHP / MHE checkpoint on fairseq's "
+                     "dense row on it, BLEU compared on it")
     if both:
-        differ = [f"{r['method']} ({r['bleu']} vs {r['dense_bleu']})" for r in both if r["bleu"] != r["dense_bleu"]]
+        differ = [f"{r['method']} ({r[own]} vs {r['dense_bleu']})" for r in both if r[own] != r["dense_bleu"]]
         notes.append("decode sent/s: MHP / MHE with the factorized search (`--task translation_mhce --mhce-search "
                      "factorized`); dense-row decode sent/s: the same checkpoint on fairseq's dense row; test BLEU "
                      + ("identical on both paths for " + ", ".join(r["method"] for r in both) if not differ

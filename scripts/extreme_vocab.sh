@@ -34,6 +34,6 @@ exec "$PY" "$REPO/scripts/compare.py" --databin "$DATA" --name "$NAME" --methods
   --warmup "$WARMUP" --max-update 1000000 \
   --variant "mhp=mhp:--mhce-code-table $CODES" --variant "mhe=mhe:--mhce-code-table $CODES" \
   --train-args "--stop-time-hours $HOURS --validate-interval-updates 100" \
-  --generate-args "--max-len-a 1.2 --max-len-b 10" --speed-batches 4 --reuse \
+  --generate-args "--max-len-a 1.2 --max-len-b 10" --speed-batches 4 --dense-subset test_en --reuse \
   --note "adaptive softmax cutoffs $ADAPTIVE_CUTOFF; MHP and MHE read the same PPMI code table ($CODES, built once)" \
   "$@"
