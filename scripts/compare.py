@@ -675,6 +675,9 @@ def main(argv=None):
         lines = ["", f"### Equal wall-clock: the first {budget:.0f} s of training (the shortest run's length)", "",
                  "| method | updates done | best valid ppl by then |", "|---|---|---|"]
         lines += [f"| {LABELS.get(m, m)} | {r['updates']} | {r['ppl']:.2f} |" for m, r in eq.items()]
+        lines += [f"| {LABELS.get(m, m)} | {c[0][1]} (first validation only at {c[0][0]:.0f} s) | "
+                  f"none by then ({c[0][2]:.2f} at {c[0][0]:.0f} s) |"
+                  for m, c in curves.items() if c and m not in eq]  # too slow to validate within T
         lines += ["", f"Valid ppl against wall-clock seconds: `{png.name}` (timestamps of fairseq's valid lines; "
                   "runs that shared the machine's cores with other jobs carry that load)."]
         with open(md, "a") as f:
