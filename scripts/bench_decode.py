@@ -57,6 +57,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine_info import run_with_peak_rss  # scripts/machine_info.py (this directory is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = str(REPO / "fairseq_mhce")
 BIN = Path(sys.executable).parent
@@ -104,30 +106,18 @@ def make_databin(root: Path, tgt_vocab: int, n_sent: int, src_len: int, tgt_len:
 OMP_WAIT_POLICY = "PASSIVE"
 
 
-# Runs the command and reports its peak RSS.  A separate small process: a
-# child's peak RSS (wait4's ru_maxrss) starts from the RSS of the process it
-# was forked from, and this script holds big models while it builds them.
-_RUSAGE_HELPER = """
-import json, os, subprocess, sys
-p = subprocess.Popen(sys.argv[1:])
-_, status, ru = os.wait4(p.pid, 0)
-print("@@RUSAGE " + json.dumps({"maxrss_kib": ru.ru_maxrss, "rc": os.waitstatus_to_exitcode(status)}), flush=True)
-"""
-
-
 def run_cli(argv, threads, check=True):
     """Run a fairseq console script; returns (merged output, peak RSS MiB)."""
     # PASSIVE: idle OpenMP threads sleep instead of spinning.  On a machine
     # shared with other jobs, spinning threads that lose their core make a
     # 2-thread decode 10-30x slower (measured here); it costs little alone.
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY=OMP_WAIT_POLICY)
-    cmd = [sys.executable, "-c", _RUSAGE_HELPER, str(BIN / argv[0]), *map(str, argv[1:])]
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    m = re.search(r"^@@RUSAGE (.*)$", p.stdout, re.M)
-    usage = json.loads(m.group(1)) if m else {"maxrss_kib": 0, "rc": p.returncode}
-    if check and (usage["rc"] != 0 or p.returncode != 0):
-        raise RuntimeError(f"{argv[0]} failed ({usage['rc']}):\n{p.stdout[-3000:]}")
-    return p.stdout, usage["maxrss_kib"] / 1024.0  # Linux reports KiB
+    # the peak through a small wrapper: this script holds big models while it builds them
+    p, peak = run_with_peak_rss([BIN / argv[0], *argv[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env)
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed ({p.returncode}):\n{p.stdout[-3000:]}")
+    return p.stdout, peak / 2**20
 
 
 def build_checkpoint(databin: Path, path: Path, arch: str, method, heads: int, head_scale: float, seed: int = 1):

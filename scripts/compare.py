@@ -52,14 +52,13 @@ import argparse
 import csv
 import json
 import os
-from machine_info import cpu_name  # scripts/machine_info.py (this directory is on sys.path)
+from machine_info import cpu_name, run_with_peak_rss  # scripts/machine_info.py (this directory is on sys.path)
 import re
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -443,39 +442,19 @@ def machine_description() -> str:
 
 
 # -------------------------------------------------------------------- main
-# Runs argv[2:] and writes its wait4 rusage peak to argv[1].  A small process
-# of its own in between, because Linux starts a child's ru_maxrss at the
-# resident set of the process it was forked from: forked from this (possibly
-# large) process directly, the child's peak could not be lower than ours.
-_RUSAGE_WRAPPER = """
-import json, os, subprocess, sys
-p = subprocess.Popen(sys.argv[2:])
-_, status, ru = os.wait4(p.pid, 0)
-json.dump({"maxrss_kib": ru.ru_maxrss}, open(sys.argv[1], "w"))
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-
 def run(cmd, env, log_path=None):
-    """Run ``cmd``; returns (wall seconds, peak RSS in bytes).  The peak is
-    wait4's ``ru_maxrss`` of the command, which Linux reports as the largest
-    resident set of it and of every descendant it waited for (here: the
-    fairseq process under train.sh / translate.sh), not a sum."""
+    """Run ``cmd``; returns (wall seconds, peak RSS in bytes of it and its
+    descendants, ``machine_info.run_with_peak_rss``)."""
     print("+ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
     t = time.time()
-    cmd = [str(c) for c in cmd]
-    with tempfile.TemporaryDirectory() as tmp:
-        usage = Path(tmp) / "rusage.json"
-        f = open(log_path, "w") if log_path is not None else None
-        try:
-            rc = subprocess.run([sys.executable, "-c", _RUSAGE_WRAPPER, str(usage), *cmd], env=env, stdout=f,
-                                stderr=subprocess.STDOUT if f else None).returncode
-        finally:
-            if f:
-                f.close()
-        if rc:
-            raise subprocess.CalledProcessError(rc, cmd)
-        peak = json.loads(usage.read_text())["maxrss_kib"] * 1024  # Linux reports KiB
+    f = open(log_path, "w") if log_path is not None else None
+    try:
+        proc, peak = run_with_peak_rss(cmd, env=env, stdout=f, stderr=subprocess.STDOUT if f else None)
+    finally:
+        if f:
+            f.close()
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, [str(c) for c in cmd])
     return time.time() - t, peak
 
 
