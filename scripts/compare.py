@@ -246,7 +246,7 @@ def collect(method: str, savedir: Path, dense_subset: str = "test") -> dict:
     return row
 
 
-def per_language_scores(databin: Path, savedir: Path, tgt: str) -> dict:
+def per_language_scores(databin: Path, savedir: Path, src: str, tgt: str) -> dict:
     """BLEU / chrF per target language of a one-to-many test set
     (``prepare_bible_multi.py``: every source line starts with its target tag
     ``<2xx>``), from the hypotheses translate.sh wrote in test-line order;
@@ -254,11 +254,10 @@ def per_language_scores(databin: Path, savedir: Path, tgt: str) -> dict:
     languages (every language has the same number of test verses)."""
     import sacrebleu
 
-    hyp_path = savedir / f"hyp.test.{tgt}"
-    srcs = [p for p in (databin / "raw").glob("test.*") if p.suffix != f".{tgt}"]
-    if len(srcs) != 1 or not hyp_path.exists():
+    hyp_path, src_path = savedir / f"hyp.test.{tgt}", databin / "raw" / f"test.{src}"
+    if not (hyp_path.exists() and src_path.exists()):
         return {}
-    tags = [line.split(" ", 1)[0] for line in srcs[0].read_text(encoding="utf-8").splitlines()]
+    tags = [line.split(" ", 1)[0] for line in src_path.read_text(encoding="utf-8").splitlines()]
     if not tags or not all(re.fullmatch(r"<2[\w-]+>", t) for t in tags):
         return {}
     refs = (databin / "raw" / f"test.{tgt}").read_text(encoding="utf-8").splitlines()
@@ -351,16 +350,12 @@ def fmt(key, value):
         return "–"
     if key == "output_params":
         return f"{value:,}"
-    if key in ("bleu", "chrf"):
-        return f"{value:.2f}"
-    if key == "best_valid_ppl":
+    if key in ("bleu", "chrf", "avg_bleu", "best_valid_ppl", "train_peak_rss_gb"):
         return f"{value:.2f}"
     if key in ("wps_vs_softmax", "step_vs_softmax"):
         return f"{value:.2f}x"
     if key == "step_vs_ceiling":
         return f"{100 * value:.0f}%"
-    if key == "train_peak_rss_gb":
-        return f"{value:.2f}"
     if key in ("train_wps", "train_seconds", "step_tok_s"):
         return f"{value:,.0f}"
     if key in ("decode_sent_per_s", "decode_dense_sent_per_s", "subset_decode_sent_per_s"):
@@ -583,8 +578,9 @@ def main(argv=None):
     rows = [collect(m, workdir / m, args.dense_subset) for m in methods if (workdir / m).exists()]
     info = json.loads((databin / "prepare_data.json").read_text()) if (databin / "prepare_data.json").exists() else {}
     for r in rows:  # one-to-many data: BLEU / chrF per target language too
-        if info.get("target_lang"):
-            r["per_language"] = per_language_scores(databin, workdir / r["method"], info["target_lang"])
+        if info.get("source_lang") and info.get("target_lang"):
+            r["per_language"] = per_language_scores(databin, workdir / r["method"], info["source_lang"],
+                                                    info["target_lang"])
             if r["per_language"]:
                 r["avg_bleu"] = r["per_language"]["average"]["bleu"]
     speed = json.loads((workdir / "speed.json").read_text()) if (workdir / "speed.json").exists() else None

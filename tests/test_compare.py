@@ -29,7 +29,7 @@ def test_per_language_scores_split_by_source_tag(tmp_path):
     refs = ["il cane dorme qui", "the cat sat on the mat", "a dog ran home", "la casa bianca", "we go now"]
     hyps = ["il cane dorme", "the cat sat on a mat", "a dog ran home", "la casa rossa", "we went now"]
     databin, save = _databin(tmp_path, tags, refs, hyps)
-    out = compare.per_language_scores(databin, save, "mul")
+    out = compare.per_language_scores(databin, save, "de", "mul")
     assert set(out) == {"en", "it", "average"}
     for lang, idx in (("en", [1, 2, 4]), ("it", [0, 3])):
         h, r = [hyps[i] for i in idx], [[refs[i] for i in idx]]
@@ -45,10 +45,10 @@ def test_per_language_scores_split_by_source_tag(tmp_path):
 
 def test_per_language_scores_absent_without_tags_or_with_missing_lines(tmp_path):
     databin, save = _databin(tmp_path, ["Der", "Die"], ["a b", "c d"], ["a b", "c d"])
-    assert compare.per_language_scores(databin, save, "mul") == {}  # no <2xx> tags: not one-to-many
+    assert compare.per_language_scores(databin, save, "de", "mul") == {}  # no <2xx> tags: not one-to-many
     (databin / "raw" / "test.de").write_text("<2en> x\n<2it> y\n", encoding="utf-8")
     (save / "hyp.test.mul").write_text("a b\n", encoding="utf-8")
-    assert compare.per_language_scores(databin, save, "mul") == {}  # a hypothesis missing
+    assert compare.per_language_scores(databin, save, "de", "mul") == {}  # a hypothesis missing
 
 
 def test_run_reports_peak_rss_of_the_child_and_its_children(tmp_path):
