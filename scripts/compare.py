@@ -117,51 +117,65 @@ def last_start(text: str) -> str:
     return text[i + 1:] if i >= 0 else text
 
 
-def parse_train_log(text: str) -> dict:
-    """Numbers from a fairseq-train log in ``--log-format simple`` (its latest start)."""
-    text = last_start(text)
-    inner = [float(m.group(1)) for m in re.finditer(r"\| train_inner \|.*?\bwps=([\d.]+)", text)]
-    epoch_wps = [float(m.group(1)) for m in re.finditer(r"\| train \| epoch .*?\| wps ([\d.]+)", text)]
-    ppl = [float(m.group(1)) for m in re.finditer(r"\| valid \| .*?\| ppl ([\d.]+)", text)]
-    updates = [int(m.group(1)) for m in re.finditer(r"num_updates[ =](\d+)", text)]
-    done = re.search(r"done training in ([\d.]+) seconds", text)
-    if len(inner) > 1:
-        wps = statistics.mean(inner[1:])  # the first interval includes warm-up
-    elif inner:
-        wps = inner[0]
-    elif epoch_wps:
-        wps = statistics.mean(epoch_wps)
-    else:
-        wps = None
+def starts(text: str) -> list:
+    """The parts of a train.sh log, one per start, oldest first."""
+    parts = re.split(r"\n(?=" + re.escape(TRAIN_SH_START) + ")", text)
+    return [t for t in parts if t.strip()]
+
+
+def parse_train_log(text: str, all_starts: bool = False) -> dict:
+    """Numbers from a fairseq-train log in ``--log-format simple``: its latest
+    start, or (``all_starts``, a run continued to a larger budget) all starts:
+    updates and best ppl over all, wps over each start's train_inner lines after
+    its first, training seconds summed."""
+    parts = starts(text) if all_starts else [last_start(text)]
+    inner, epoch_wps, ppl, updates, seconds = [], [], [], [], []
+    for text in parts:
+        wps_here = [float(m.group(1)) for m in re.finditer(r"\| train_inner \|.*?\bwps=([\d.]+)", text)]
+        inner += wps_here[1:] if len(wps_here) > 1 else wps_here  # the first interval includes warm-up
+        epoch_wps += [float(m.group(1)) for m in re.finditer(r"\| train \| epoch .*?\| wps ([\d.]+)", text)]
+        ppl += [float(m.group(1)) for m in re.finditer(r"\| valid \| .*?\| ppl ([\d.]+)", text)]
+        updates += [int(m.group(1)) for m in re.finditer(r"num_updates[ =](\d+)", text)]
+        done = re.search(r"done training in ([\d.]+) seconds", text)
+        seconds.append(float(done.group(1)) if done else None)
+    wps = statistics.mean(inner) if inner else (statistics.mean(epoch_wps) if epoch_wps else None)
     return {
         "train_wps": wps,
         "wps_samples": len(inner),
         "best_valid_ppl": min(ppl) if ppl else None,
         "updates": max(updates) if updates else None,
-        "train_seconds": float(done.group(1)) if done else None,
+        "train_seconds": sum(seconds) if seconds and None not in seconds else None,
     }
 
 
 TS = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)"
 
 
-def valid_curve(text: str) -> list:
+def valid_curve(text: str, all_starts: bool = False) -> list:
     """[(seconds since training began, updates, valid ppl)] from a fairseq-train
-    log (timestamps of its valid lines; t = 0 at 'begin training epoch 1')."""
-    text = last_start(text)
+    log (timestamps of its valid lines; t = 0 at 'begin training epoch 1').
+    ``all_starts``: a run continued to a larger budget; each later start's clock
+    begins where the previous one's last line (its 'done training') left off,
+    the training time fairseq restores from the checkpoint."""
     from datetime import datetime
 
     def ts(line):
         m = re.match(TS, line)
         return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() if m else None
 
-    t0, out = None, []
-    for line in text.splitlines():
-        if t0 is None and "begin training epoch" in line:
-            t0 = ts(line)
-        m = re.search(r"\| valid \| .*?\| ppl ([\d.]+) .*?\| num_updates (\d+)", line)
-        if m and t0 is not None and ts(line) is not None:
-            out.append((ts(line) - t0, int(m.group(2)), float(m.group(1))))
+    out, offset = [], 0.0
+    for part in (starts(text) if all_starts else [last_start(text)]):
+        t0, t_last = None, None
+        for line in part.splitlines():
+            if t0 is None and "begin training epoch" in line:
+                t0 = ts(line)
+            if t0 is not None and ts(line) is not None:
+                t_last = ts(line)
+            m = re.search(r"\| valid \| .*?\| ppl ([\d.]+) .*?\| num_updates (\d+)", line)
+            if m and t0 is not None and ts(line) is not None:
+                out.append((offset + ts(line) - t0, int(m.group(2)), float(m.group(1))))
+        if t0 is not None:
+            offset += t_last - t0
     return out
 
 
@@ -217,7 +231,7 @@ def collect(method: str, savedir: Path, dense_subset: str = "test") -> dict:
     row = {"method": method}
     log = savedir / "train.log"
     if log.exists():
-        row.update(parse_train_log(log.read_text(errors="replace")))
+        row.update(parse_train_log(log.read_text(errors="replace"), all_starts=is_extended(savedir)))
     score = savedir / "score.test.json"
     if score.exists():
         s = json.loads(score.read_text())
@@ -244,6 +258,28 @@ def collect(method: str, savedir: Path, dense_subset: str = "test") -> dict:
     if ckpt.exists():
         row["output_params"] = output_layer_params(ckpt)
     return row
+
+
+EXTENDED = "extended_from.json"  # marks a run continued from another workdir's (--extend-from)
+
+
+def is_extended(savedir: Path) -> bool:
+    return (savedir / EXTENDED).exists()
+
+
+def extend_from(old: Path, savedir: Path) -> bool:
+    """Start ``savedir`` as a copy of the finished run ``old`` (its checkpoints,
+    train.log and peak RSS; copies, not links: fairseq rewrites
+    checkpoint_best.pt in place) so that training continues from it; ``old``
+    is left as it was.  False when ``old`` has no checkpoint_last.pt."""
+    if not (old / "checkpoint_last.pt").exists():
+        return False
+    savedir.mkdir(parents=True)
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt", "train.log", "peak_rss.json"):
+        if (old / name).exists():
+            shutil.copy2(old / name, savedir / name)
+    (savedir / EXTENDED).write_text(json.dumps({"from": str(old)}) + "\n")
+    return True
 
 
 def per_language_scores(databin: Path, savedir: Path, src: str, tgt: str) -> dict:
@@ -479,6 +515,11 @@ def main(argv=None):
                         "method is also decoded on it with its own path, for a same-sentences speed column")
     p.add_argument("--reuse", action="store_true",
                    help="keep methods already finished in WORKDIR (train.log done + score.test.json)")
+    p.add_argument("--extend-from", default=None, metavar="OLD_WORKDIR",
+                   help="continue each method from OLD_WORKDIR/METHOD's checkpoint_last.pt (copied; OLD_WORKDIR "
+                        "is not changed) instead of from scratch: with --stop-time-hours, fairseq restores the "
+                        "training time already spent, so the budget counts the total; methods absent there "
+                        "train from scratch")
     p.add_argument("--tables-only", action="store_true", help="only re-render the tables from WORKDIR")
     p.add_argument("--note", action="append", default=[], help="extra note line for the table")
     p.add_argument("--measure-speed", nargs=3, metavar=("CKPTS_JSON", "DATABIN", "MAX_TOKENS"),
@@ -530,12 +571,22 @@ def main(argv=None):
             if args.reuse and done:
                 print(f"compare: reusing {savedir}", flush=True)
                 continue
-            if savedir.exists():
+            # a continued run killed part-way resumes from its own checkpoint_last.pt (fairseq's resume)
+            resume = args.extend_from is not None and is_extended(savedir)
+            if savedir.exists() and not resume:
                 shutil.rmtree(savedir)
-            print(f"\n=== {method}: train ({args.max_update} updates) ===", flush=True)
+            if args.extend_from is not None and not resume:
+                resume = extend_from(Path(args.extend_from).absolute() / method, savedir)
+            for stale in savedir.glob("*") if resume else []:  # decoded by the earlier budget's checkpoint
+                if stale.name.startswith(("score.", "hyp.", "generate-")):
+                    stale.unlink()
+            print(f"\n=== {method}: train ({args.max_update} updates"
+                  f"{', continued from ' + args.extend_from if resume else ''}) ===", flush=True)
             base, v_extra = variants.get(method, (method, []))
             _, peak = run([REPO / "scripts" / "train.sh", base, databin, savedir, "--max-update", args.max_update,
                            *train_extra, *v_extra], env, log_path=workdir / f"{method}.train.out")
+            if resume and (savedir / "peak_rss.json").exists():  # the peak of all starts
+                peak = max(peak, json.loads((savedir / "peak_rss.json").read_text())["train_peak_rss_bytes"])
             (savedir / "peak_rss.json").write_text(json.dumps({"train_peak_rss_bytes": peak}) + "\n")
             print(f"=== {method}: translate + score ===", flush=True)
             run([REPO / "scripts" / "translate.sh", base, databin, savedir, *shlex.split(args.generate_args)],
@@ -657,7 +708,7 @@ def main(argv=None):
             f.write("\n".join(lang_md + ["", "average = unweighted mean over the target languages "
                                           "(each has the same number of test verses); the main table's "
                                           "test BLEU / chrF are over all test lines at once"]) + "\n")
-    curves = {m: valid_curve((workdir / m / "train.log").read_text(errors="replace"))
+    curves = {m: valid_curve((workdir / m / "train.log").read_text(errors="replace"), is_extended(workdir / m))
               for m in methods if (workdir / m / "train.log").exists()}
     if any(len(c) > 1 for c in curves.values()):
         png = Path(args.out) / f"compare_{args.name}_valid_ppl.png"
