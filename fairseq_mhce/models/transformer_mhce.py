@@ -65,6 +65,19 @@ class MHCEConfig(FairseqDataclass):
             "model is first built and saved in the checkpoint, so decoding does not need it"
         },
     )
+    mhce_realloc_updates: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "MHP: comma-separated update numbers after which the code table is re-allocated "
+            "(LightRNN): every token moves to the code that minimizes the NLL of its training targets "
+            "of the last --mhce-realloc-window updates under the current heads (an exact assignment, "
+            "scipy); the heads keep their weights and the new table is saved in the checkpoint. "
+            "V <= 16384 (a dense V x V assignment)"
+        },
+    )
+    mhce_realloc_window: int = field(
+        default=100, metadata={"help": "MHP: updates whose targets each re-allocation is computed from"}
+    )
     mhce_last_head: ChoiceEnum(LAST_HEAD_CHOICES) = field(
         default="per-token",
         metadata={
@@ -141,6 +154,12 @@ def build_head(cfg, input_dim: int, dictionary, embed_tokens=None) -> OutputLaye
     """The output layer named by ``cfg.mhce_method``, with its codec (head
     sizes, code table); ``embed_tokens`` is passed for tying (MHS only)."""
     cls = head_class(cfg.mhce_method)
+    if getattr(cfg, "mhce_realloc_updates", None) and str(cfg.mhce_method) != "mhp":
+        raise ValueError(
+            f"--mhce-realloc-updates re-allocates the code table of --mhce-method mhp (whose heads have no "
+            f"per-token parameters); this model is --mhce-method {cfg.mhce_method}. Drop it, or build a "
+            f"learned table with scripts/build_codes.py (--mhce-code-table)."
+        )
     vocab_size = len(dictionary)
     explicit = parse_head_sizes(cfg.mhce_head_sizes)
     sizes = explicit or cls.default_head_sizes(vocab_size, int(cfg.mhce_heads))

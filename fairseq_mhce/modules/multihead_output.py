@@ -6,8 +6,9 @@ float32 whatever the input dtype: the head outputs are small, and fp16/bf16
 log-sum-exp over a product of heads loses the precision that beam scores need.
 """
 
+import logging
 import math
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -15,6 +16,21 @@ import torch.nn.functional as F
 
 from .codec import MixedRadixCodec
 from .output_layer import NEG_INF, OutputLayer, _init_linear, register_head
+
+logger = logging.getLogger(__name__)
+
+
+def parse_update_list(spec) -> List[int]:
+    """``"300,600"`` -> ``[300, 600]``; empty / None -> ``[]``."""
+    if spec is None or str(spec).strip() in ("", "None"):
+        return []
+    try:
+        out = sorted({int(u) for u in str(spec).replace(" ", "").split(",") if u})
+    except ValueError:
+        raise ValueError(f"--mhce-realloc-updates must be comma-separated update numbers such as 300,600; got {spec!r}")
+    if any(u < 1 for u in out):
+        raise ValueError(f"--mhce-realloc-updates: update numbers must be >= 1; got {spec!r}")
+    return out
 
 @register_head("mhp", 1)
 class MultiHeadProduct(OutputLayer):
@@ -25,10 +41,83 @@ class MultiHeadProduct(OutputLayer):
     (``< V``), computed from the digits of ``V`` in ``O(sum C_h)``.
     """
 
-    def __init__(self, input_dim: int, codec: MixedRadixCodec):
+    def __init__(self, input_dim: int, codec: MixedRadixCodec, realloc_updates: Sequence[int] = (),
+                 realloc_window: int = 100):  # fmt: skip
         super().__init__(input_dim, codec)
         # one fused projection for all heads, split afterwards
         self.proj = _init_linear(nn.Linear(input_dim, sum(codec.sizes)))
+        # LightRNN-style re-allocation of the code table during training
+        self.realloc_updates = sorted(int(u) for u in realloc_updates)
+        self.realloc_window = int(realloc_window)
+        if self.realloc_updates:
+            from .code_table import REALLOC_MAX_VOCAB
+
+            if codec.vocab_size > REALLOC_MAX_VOCAB:
+                raise ValueError(
+                    f"--mhce-realloc-updates solves a dense V x V assignment; the target dictionary has "
+                    f"{codec.vocab_size} types, above {REALLOC_MAX_VOCAB}. Drop it and use a table from "
+                    f"scripts/build_codes.py (--mhce-code-table) at this vocabulary size."
+                )
+            if self.realloc_window < 1:
+                raise ValueError(f"--mhce-realloc-window must be >= 1, got {realloc_window}")
+        self._num_updates = 0
+        self._realloc_stats: Optional[List[torch.Tensor]] = None  # (V, C_h) sums of -log p_h; not saved
+
+    @classmethod
+    def build(cls, cfg, input_dim, codec, embed_tokens=None):
+        return cls(input_dim, codec, realloc_updates=parse_update_list(getattr(cfg, "mhce_realloc_updates", None)),
+                   realloc_window=int(getattr(cfg, "mhce_realloc_window", None) or 100))  # fmt: skip
+
+    # -- re-allocation (LightRNN) ------------------------------------------
+    def _collecting(self) -> bool:
+        """Training, and within the window before the next re-allocation."""
+        nxt = next((u for u in self.realloc_updates if u > self._num_updates), None)
+        return self.training and nxt is not None and self._num_updates >= nxt - self.realloc_window
+
+    @torch.no_grad()
+    def _collect(self, lps: List[torch.Tensor], target: torch.Tensor):
+        """Add each target's ``-log p_h(. | x)`` rows to its token's row."""
+        if self._realloc_stats is None:
+            self._realloc_stats = [lp.new_zeros(self.vocab_size, lp.size(-1), dtype=torch.float64) for lp in lps]
+        for acc, lp in zip(self._realloc_stats, lps):
+            acc.index_add_(0, target, -lp.detach().double())
+
+    def set_num_updates(self, num_updates: int):
+        """fairseq calls this after every update: re-allocate at the
+        scheduled updates (from the targets collected over the window)."""
+        self._num_updates = int(num_updates)
+        if self._num_updates in self.realloc_updates and self._realloc_stats is not None:
+            self.reallocate()
+
+    @torch.no_grad()
+    def reallocate(self):
+        """Move every token to the code that minimizes the NLL of its
+        collected targets under the current heads (exact assignment,
+        :func:`.code_table.reallocate_codes`); the heads' weights stay, the
+        table changes in place (buffers ``codec.code`` / ``codec.token``,
+        saved in the checkpoint).  Workers sum their statistics first, so
+        every one computes the same table."""
+        import time
+
+        from .code_table import reallocate_codes
+
+        stats, self._realloc_stats = self._realloc_stats, None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for acc in stats:
+                torch.distributed.all_reduce(acc)
+        t0 = time.time()
+        old = self.codec.code.cpu().numpy()
+        new, before, after = reallocate_codes([a.cpu().numpy() for a in stats], old, self.sizes)
+        code = torch.from_numpy(new).to(self.codec.code.device)
+        self.codec.code.copy_(code)
+        self.codec.token.fill_(-1)
+        self.codec.token[code] = torch.arange(self.vocab_size, device=code.device)
+        logger.info(
+            f"mhce: re-allocated the code table at update {self._num_updates}: {int((new != old).sum())} of "
+            f"{self.vocab_size} tokens moved; NLL of the targets collected over the last {self.realloc_window} "
+            f"updates under the current heads {before:.1f} -> {after:.1f} nats "
+            f"(without log Z_valid; {time.time() - t0:.1f} s)"
+        )
 
     def digit_log_probs(self, x: torch.Tensor) -> List[torch.Tensor]:
         """(N, d) -> list of H tensors (N, C_h), float32 log-softmax."""
@@ -89,6 +178,8 @@ class MultiHeadProduct(OutputLayer):
         sums, the default) or ``per-head`` (each digit classifier over its own
         classes).  Shapes: see :meth:`OutputLayer.loss`."""
         lps = self.digit_log_probs(x)
+        if self.realloc_updates and self._collecting():
+            self._collect(lps, target)
         digits = self.codec.encode(target)
         gold = [lp.gather(-1, digits[:, h : h + 1]).squeeze(-1) for h, lp in enumerate(lps)]
         lz = self.log_z(lps)
