@@ -16,6 +16,11 @@
 # 5. a longer budget (LONG_UPD updates, default 1500) for softmax, the best MHE
 #    and MHP, MHS and the former default (shared last head, identity codes),
 #    and a second seed of the softmax and of the best MHE;
+# 6. MHP with LightRNN-style re-allocation of its PPMI code table during
+#    training (--mhce-realloc-updates: every 100 updates, or once at UPD/2)
+#    beside the softmax and MHP + PPMI at UPD updates (table NAME_realloc);
+# PHASES (comma-separated subset of updates,wallclock,long,realloc; default
+# all) picks the phases to run;
 # each phase runs two compare.py processes (one thread each) side by side, then
 # the tables are rendered from all finished runs (results/compare_NAME*.md).
 # Resumable: finished runs are reused (compare.py --reuse).
@@ -29,6 +34,11 @@ LONG_UPD=${LONG_UPD:-1500}
 CODES=$REPO/work/codes
 NAME=${NAME:-bible_spm8k_ablation}
 mkdir -p "$CODES"
+# the data of make run (scripts/main_job.sh) when the default data-bin is missing
+if [ -z "${1:-}" ] && [ ! -f "$DATA/prepare_data.json" ]; then
+  "$PY" "$REPO/scripts/prepare_bible.py" --outdir "$REPO/work/bible-de-en/text" --destdir "$DATA" \
+    --vocab-size 8000 --joint --quiet
+fi
 codes() { [ -f "$CODES/$1" ] || "$PY" "$REPO/scripts/build_codes.py" --databin "$DATA" --seed 1 --out "$CODES/$1" "${@:2}"; }
 codes ppmi_h2.json --heads 2 --source ppmi
 codes ppmi_h3.json --heads 3 --source ppmi
@@ -48,7 +58,10 @@ VARIANTS=(
   --variant "mhp-ckpt=mhp:--mhce-code-table $CODES/softmax_out_h2.json"
   --variant "softmax-seed2=softmax:--seed 2"
   --variant "mhe-pt-ppmi-seed2=mhe:$PT --mhce-code-table $CODES/ppmi_h2.json --seed 2"
+  --variant "mhp-ppmi-realloc=mhp:--mhce-code-table $CODES/ppmi_h2.json --mhce-realloc-updates $(seq -s, 100 100 $(( UPD - 1 ))) --mhce-realloc-window 100"
+  --variant "mhp-ppmi-realloc1=mhp:--mhce-code-table $CODES/ppmi_h2.json --mhce-realloc-updates $(( UPD / 2 )) --mhce-realloc-window $(( UPD / 2 ))"
 )
+want() { [[ ",${PHASES:-updates,wallclock,long,realloc}," == *",$1,"* ]]; }
 export OMP_NUM_THREADS=1 SEARCH=${SEARCH:-factorized}
 pair() {  # pair NAME UPDATES TRAIN_ARGS METHODS_A METHODS_B: two compare.py processes side by side
   local name=$1 upd=$2 targs=$3 a=$4 b=$5
@@ -65,11 +78,21 @@ P1A=softmax,mhe-pt-ppmi,mhp-ppmi,mhe-pt,mhs,mhe-pt-ppmi-h3
 P1B=mhe-shared,mhe-shared-ppmi,mhp-identity,mhp-random,softmax-seed2,mhe-pt-ppmi-seed2
 P2A=mhe-pt-ckpt
 P2B=mhp-ckpt
-pair "$NAME" "$UPD" "$ARCH" "$P1A" "$P1B"
-codes softmax_out_h2.json --heads 2 --source checkpoint --checkpoint "$REPO/work/compare/$NAME/softmax/checkpoint_best.pt"
-pair "$NAME" "$UPD" "$ARCH" "$P1A,$P2A" "$P1B,$P2B"
+if want updates; then
+  pair "$NAME" "$UPD" "$ARCH" "$P1A" "$P1B"
+  codes softmax_out_h2.json --heads 2 --source checkpoint --checkpoint "$REPO/work/compare/$NAME/softmax/checkpoint_best.pt"
+  pair "$NAME" "$UPD" "$ARCH" "$P1A,$P2A" "$P1B,$P2B"
+fi
 # equal wall-clock: the same minutes for each (warm-up as above; the update cap is not reached)
-pair "${NAME}_wallclock" 1000000 "$ARCH --stop-time-hours $("$PY" -c "print(round($WALL_MIN / 60, 4))")" \
-  "${WALL_A:-softmax,mhe-pt-ppmi}" "${WALL_B:-mhp-ppmi,mhs}" \
-  --note "equal wall-clock: every method trained for $WALL_MIN min (--stop-time-hours), two runs at a time on the 2 cores (one thread each); the update cap 1000000 is never reached"
-pair "${NAME}_${LONG_UPD}" "$LONG_UPD" "$ARCH" "${LONG_A:-softmax,mhe-shared,softmax-seed2}" "${LONG_B:-mhe-pt-ppmi,mhp-ppmi,mhs,mhe-pt-ppmi-seed2}"
+if want wallclock; then
+  pair "${NAME}_wallclock" 1000000 "$ARCH --stop-time-hours $("$PY" -c "print(round($WALL_MIN / 60, 4))")" \
+    "${WALL_A:-softmax,mhe-pt-ppmi}" "${WALL_B:-mhp-ppmi,mhs}" \
+    --note "equal wall-clock: every method trained for $WALL_MIN min (--stop-time-hours), two runs at a time on the 2 cores (one thread each); the update cap 1000000 is never reached"
+fi
+if want long; then
+  pair "${NAME}_${LONG_UPD}" "$LONG_UPD" "$ARCH" "${LONG_A:-softmax,mhe-shared,softmax-seed2}" "${LONG_B:-mhe-pt-ppmi,mhp-ppmi,mhs,mhe-pt-ppmi-seed2}"
+fi
+if want realloc; then
+  pair "${NAME}_realloc" "$UPD" "$ARCH" "softmax,mhp-ppmi-realloc" "mhp-ppmi,mhp-ppmi-realloc1" \
+    --note "mhp-ppmi-realloc: --mhce-realloc-updates every 100 updates (window 100); mhp-ppmi-realloc1: once at update $(( UPD / 2 )) (window $(( UPD / 2 ))); both start from the PPMI table"
+fi

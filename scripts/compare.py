@@ -82,6 +82,8 @@ LABELS = {
     "mhp-random": "MHP, random codes",
     "mhp-ppmi": "MHP, PPMI codes",
     "mhp-ckpt": "MHP, codes from the softmax's output vectors",
+    "mhp-ppmi-realloc": "MHP, PPMI codes re-allocated every 100 updates",
+    "mhp-ppmi-realloc1": "MHP, PPMI codes re-allocated once",
     "softmax-seed2": "softmax (seed 2)",
     "ceiling": "softmax body only (ceiling)",
 }
