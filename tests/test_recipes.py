@@ -161,6 +161,47 @@ def test_compare_tables_from_real_runs(runs, data, tmp_path):
     assert "command: `python scripts/compare.py" in md
 
 
+def test_compare_extend_from_continues_a_finished_run(runs, data, tmp_path):
+    """compare.py --extend-from: MHP's finished 40-update run continues to 60
+    updates in a new workdir (fairseq resumes from the copied
+    checkpoint_last.pt); the old workdir is byte-identical afterwards, and the
+    row counts both starts."""
+    from .utils import tree_hashes
+
+    work, _ = runs
+    before = tree_hashes(work / "mhp")
+    new = tmp_path / "ext"
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "compare.py"), "--databin", str(data), "--name", "tiny_ext",
+         "--workdir", str(new), "--out", str(tmp_path), "--methods", "mhp", "--max-update", str(UPDATES + 20),
+         "--speed-batches", "0", "--extend-from", str(work), "--train-args", " ".join(TINY),
+         "--generate-args", "--max-len-a 0 --max-len-b 20"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1", WARMUP="10", LR="3e-3"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-4000:]
+    assert "continued from" in out.stdout
+    assert tree_hashes(work / "mhp") == before
+    log = (new / "mhp" / "train.log").read_text()
+    assert log.count("===== train.sh start ") == 2
+    assert f"@ {UPDATES} updates)" in log  # fairseq resumed from the copied checkpoint
+    row = next(csv.DictReader(open(tmp_path / "compare_tiny_ext.csv")))
+    assert int(row["updates"]) == UPDATES + 20
+    assert float(row["train_seconds"]) > float(compare_row(work, "mhp")["train_seconds"])
+    assert (new / "mhp" / "score.test.json").exists()
+    # the valid curve runs on across the restart: time and updates keep growing
+    curve = json.loads((tmp_path / "compare_tiny_ext_curves.json").read_text())["mhp"]
+    assert max(u for _, u, _ in curve) == UPDATES + 20 and min(u for _, u, _ in curve) < UPDATES
+    assert all(b[0] >= a[0] and b[1] > a[1] for a, b in zip(curve, curve[1:]))
+
+
+def compare_row(work, method):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import compare
+
+    return compare.collect(method, work / method)
+
+
 @pytest.mark.parametrize("config", ["mhe_iwslt", "softmax_iwslt"])
 def test_hydra_config_accepted_by_fairseq_hydra_train(data, tmp_path, config):
     """A configs/ file through the real fairseq-hydra-train (3 updates, tiny
