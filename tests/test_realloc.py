@@ -83,11 +83,11 @@ def test_head_collects_its_window_and_swaps_the_table_in_place():
     distribution normalized and the codec's two buffers consistent."""
     torch.manual_seed(0)
     V, d = 45, 8  # sizes 7 x 7: invalid codes, so log Z_valid is exercised
-    head = MultiHeadProduct(d, MixedRadixCodec(V, auto_head_sizes(V, 2)), realloc_updates=[3], realloc_window=2)
+    head = MultiHeadProduct(d, MixedRadixCodec(V, auto_head_sizes(V, 2)), realloc_updates=[3, 5], realloc_window=2)
     batches = [(torch.randn(60, d), torch.randint(4, V, (60,))) for _ in range(3)]
     old_code = head.codec.code.clone()
     head.train()
-    for n, (x, y) in enumerate(batches):  # fairseq: forward of update n+1, then set_num_updates(n+1)
+    for n, (x, y) in enumerate(batches):  # fairseq: set_num_updates(n), then the forward of update n+1
         head.set_num_updates(n)
         head.loss(x, y, 0.0)
         head.eval()
@@ -95,9 +95,17 @@ def test_head_collects_its_window_and_swaps_the_table_in_place():
         head.train()
         if n == 0:
             assert head._realloc_stats is None  # update 1 lies outside the window (updates 2, 3)
+    head.eval()  # scoring only: not collected
     nll_before = sum(head.loss(x, y, 0.0)[1].sum().item() for x, y in batches[1:])
+    head.train()
     head.set_num_updates(3)
     assert head._realloc_stats is None and not torch.equal(head.codec.code, old_code)
+    moved = head.codec.code.clone()
+    head.train()
+    head.loss(*batches[0], 0.0)  # update 4 is in the window of update 5: collected;
+    head.set_num_updates(3)  # --update-freq 2: its 2nd micro-batch repeats the call: no 2nd re-allocation
+    assert torch.equal(head.codec.code, moved) and head._realloc_stats is not None
+    head.eval()
     assert torch.equal(head.codec.token[head.codec.code], torch.arange(V))
     assert int((head.codec.token >= 0).sum()) == V
     nll_after = sum(head.loss(x, y, 0.0)[1].sum().item() for x, y in batches[1:])
@@ -112,7 +120,10 @@ def test_head_collects_its_window_and_swaps_the_table_in_place():
     with torch.no_grad():
         lp = head.log_probs(torch.randn(5, d))
     assert torch.allclose(lp.logsumexp(-1), torch.zeros(5), atol=1e-5)
-    head.set_num_updates(4)  # past the schedule: nothing more is collected
+    head.train()
+    head.set_num_updates(5)
+    assert head._realloc_stats is None
+    head.set_num_updates(6)  # past the schedule: nothing more is collected
     head.loss(*batches[0], 0.0)
     assert head._realloc_stats is None
 

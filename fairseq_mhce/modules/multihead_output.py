@@ -61,6 +61,7 @@ class MultiHeadProduct(OutputLayer):
             if self.realloc_window < 1:
                 raise ValueError(f"--mhce-realloc-window must be >= 1, got {realloc_window}")
         self._num_updates = 0
+        self._last_realloc = -1
         self._realloc_stats: Optional[List[torch.Tensor]] = None  # (V, C_h) sums of -log p_h; not saved
 
     @classmethod
@@ -83,10 +84,15 @@ class MultiHeadProduct(OutputLayer):
             acc.index_add_(0, target, -lp.detach().double())
 
     def set_num_updates(self, num_updates: int):
-        """fairseq calls this after every update: re-allocate at the
-        scheduled updates (from the targets collected over the window)."""
+        """fairseq calls this with the number of finished updates before the
+        forward of the next one: re-allocate at the scheduled updates (from
+        the targets collected over the window)."""
         self._num_updates = int(num_updates)
-        if self._num_updates in self.realloc_updates and self._realloc_stats is not None:
+        # fairseq's task.train_step calls this before every forward, so once
+        # per micro-batch with --update-freq > 1: re-allocate once per update
+        if (self._num_updates in self.realloc_updates and self._realloc_stats is not None
+                and self._num_updates != self._last_realloc):  # fmt: skip
+            self._last_realloc = self._num_updates
             self.reallocate()
 
     @torch.no_grad()
