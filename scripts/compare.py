@@ -696,6 +696,16 @@ def main(argv=None):
                      "factorized`); dense-row decode sent/s: the same checkpoint on fairseq's dense row; test BLEU "
                      + ("identical on both paths for " + ", ".join(r["method"] for r in both) if not differ
                         else "differs between the paths for " + ", ".join(differ)))
+    extended = {r["method"]: json.loads((workdir / r["method"] / EXTENDED).read_text())["from"]
+                for r in rows if is_extended(workdir / r["method"])}
+    if extended:
+        notes.append(
+            f"continued runs ({', '.join(extended)}): each started as a copy of its finished run in "
+            f"`{', '.join(sorted(set(extended.values())))}` (checkpoints and train.log; --extend-from) and "
+            "trained on from its checkpoint_last.pt; fairseq restores the training time already spent, so "
+            "the budget counts both starts. Updates, best valid ppl, train wall, peak RSS and the valid curve "
+            "cover both starts (the curve's second start begins where the first one's log ended); train tok/s "
+            "averages the train_inner lines of both after each start's first")
     notes += args.note
     if speed:
         tps = speed["tok_per_s"]
