@@ -701,7 +701,7 @@ def main(argv=None):
     if extended:
         notes.append(
             f"continued runs ({', '.join(extended)}): each started as a copy of its finished run in "
-            f"`{', '.join(sorted(set(extended.values())))}` (checkpoints and train.log; --extend-from) and "
+            f"`{', '.join(sorted({str(Path(v).parent) for v in extended.values()}))}` (checkpoints and train.log; --extend-from) and "
             "trained on from its checkpoint_last.pt; fairseq restores the training time already spent, so "
             "the budget counts both starts. Updates, best valid ppl, train wall, peak RSS and the valid curve "
             "cover both starts (the curve's second start begins where the first one's log ended); train tok/s "
