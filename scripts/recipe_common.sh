@@ -84,6 +84,16 @@ def sizes_str(s):
     return ",".join(map(str, s)) if s else "automatic"
 
 
+def cutoff_list(cutoff):
+    """fairseq saves --adaptive-softmax-cutoff as the string given or as the
+    int list the model parsed it into: compare them as int lists."""
+    if cutoff in (None, "", "None"):
+        return None
+    if isinstance(cutoff, (list, tuple)):
+        return [int(c) for c in cutoff]
+    return [int(c) for c in str(cutoff).strip("[]()").replace(" ", "").split(",") if c]
+
+
 def parse_sizes(spec):
     if spec is None or str(spec).strip() in ("", "None", "auto"):
         return None
@@ -186,9 +196,10 @@ for path in sorted(glob.glob(os.path.join(glob.escape(savedir), "checkpoint*.pt"
             refuse(name, f"trained with head sizes {ck_desc} ({ck_how}); this run has {run_desc}",
                    f"continue that run with {ck_how}", f"train these sizes in {new_dir}")
             continue
-    if ck_method == "adaptive" and str(cutoff) != str(run["cutoff"]):
-        refuse(name, f"trained with --adaptive-softmax-cutoff {cutoff}; this run has {run['cutoff']}",
-               f"continue that run with ADAPTIVE_CUTOFF={cutoff}", f"train this cutoff in {new_dir}")
+    if ck_method == "adaptive" and cutoff_list(cutoff) != cutoff_list(run["cutoff"]):
+        ck_cut = ",".join(map(str, cutoff_list(cutoff)))
+        refuse(name, f"trained with --adaptive-softmax-cutoff {ck_cut}; this run has {run['cutoff']}",
+               f"continue that run with ADAPTIVE_CUTOFF={ck_cut}", f"train this cutoff in {new_dir}")
         continue
     if not same_path(ck_data, databin):
         refuse(name, f"trained on the data-bin {ck_data}; this run's is {databin}",

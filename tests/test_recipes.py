@@ -162,37 +162,45 @@ def test_compare_tables_from_real_runs(runs, data, tmp_path):
 
 
 def test_compare_extend_from_continues_a_finished_run(runs, data, tmp_path):
-    """compare.py --extend-from: MHP's finished 40-update run continues to 60
-    updates in a new workdir (fairseq resumes from the copied
-    checkpoint_last.pt); the old workdir is byte-identical afterwards, and the
-    row counts both starts."""
+    """compare.py --extend-from: MHP's and adaptive softmax's finished
+    40-update runs continue to 60 updates in a new workdir (fairseq resumes
+    from the copied checkpoint_last.pt; train.sh accepts the adaptive
+    checkpoint, whose cutoff fairseq saved as an int list); the old workdir is
+    byte-identical afterwards, and the rows count both starts.  A resume with
+    another cutoff is refused, naming the checkpoint's."""
     from .utils import tree_hashes
 
     work, _ = runs
-    before = tree_hashes(work / "mhp")
+    before = {m: tree_hashes(work / m) for m in ("mhp", "adaptive")}
     new = tmp_path / "ext"
     out = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "compare.py"), "--databin", str(data), "--name", "tiny_ext",
-         "--workdir", str(new), "--out", str(tmp_path), "--methods", "mhp", "--max-update", str(UPDATES + 20),
-         "--speed-batches", "0", "--extend-from", str(work), "--train-args", " ".join(TINY),
-         "--generate-args", "--max-len-a 0 --max-len-b 20"],
+         "--workdir", str(new), "--out", str(tmp_path), "--methods", "mhp,adaptive",
+         "--max-update", str(UPDATES + 20), "--speed-batches", "0", "--extend-from", str(work),
+         "--train-args", " ".join(TINY), "--generate-args", "--max-len-a 0 --max-len-b 20"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1", WARMUP="10", LR="3e-3"),
+        env=dict(os.environ, OMP_NUM_THREADS="1", WARMUP="10", LR="3e-3", ADAPTIVE_CUTOFF="10,30"),
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-4000:]
-    assert "continued from" in out.stdout
-    assert tree_hashes(work / "mhp") == before
-    log = (new / "mhp" / "train.log").read_text()
-    assert log.count("===== train.sh start ") == 2
-    assert f"@ {UPDATES} updates)" in log  # fairseq resumed from the copied checkpoint
-    row = next(csv.DictReader(open(tmp_path / "compare_tiny_ext.csv")))
-    assert int(row["updates"]) == UPDATES + 20
-    assert float(row["train_seconds"]) > float(compare_row(work, "mhp")["train_seconds"])
-    assert (new / "mhp" / "score.test.json").exists()
-    # the valid curve runs on across the restart: time and updates keep growing
-    curve = json.loads((tmp_path / "compare_tiny_ext_curves.json").read_text())["mhp"]
-    assert max(u for _, u, _ in curve) == UPDATES + 20 and min(u for _, u, _ in curve) < UPDATES
-    assert all(b[0] >= a[0] and b[1] > a[1] for a, b in zip(curve, curve[1:]))
+    assert out.stdout.count("continued from") == 2
+    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "compare_tiny_ext.csv"))}
+    curves = json.loads((tmp_path / "compare_tiny_ext_curves.json").read_text())
+    for m in ("mhp", "adaptive"):
+        assert tree_hashes(work / m) == before[m]
+        log = (new / m / "train.log").read_text()
+        assert log.count("===== train.sh start ") == 2
+        assert f"@ {UPDATES} updates)" in log  # fairseq resumed from the copied checkpoint
+        assert int(rows[m]["updates"]) == UPDATES + 20
+        assert float(rows[m]["train_seconds"]) > float(compare_row(work, m)["train_seconds"])
+        assert (new / m / "score.test.json").exists()
+        # the valid curve runs on across the restart: time and updates keep growing
+        curve = curves[m]
+        assert max(u for _, u, _ in curve) == UPDATES + 20 and min(u for _, u, _ in curve) < UPDATES
+        assert all(b[0] >= a[0] and b[1] > a[1] for a, b in zip(curve, curve[1:]))
+    assert "continued runs (mhp, adaptive)" in (tmp_path / "compare_tiny_ext.md").read_text()
+    p = script("train.sh", "adaptive", data, new / "adaptive", "--max-update", UPDATES + 30, *TINY,
+               env={"ADAPTIVE_CUTOFF": "12,30"}, check=False)  # fmt: skip
+    assert p.returncode == 2 and "trained with --adaptive-softmax-cutoff 10,30; this run has 12,30" in p.stdout
 
 
 def compare_row(work, method):
