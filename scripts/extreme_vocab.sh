@@ -30,10 +30,21 @@ CODES=$REPO/work/codes/multi_word_ppmi_h2.json
 
 HOURS=$("$PY" -c "print(round($MINUTES / 60, 4))")
 export WARMUP=${WARMUP:-100} ADAPTIVE_CUTOFF=${ADAPTIVE_CUTOFF:-20000,60000}
-exec "$PY" "$REPO/scripts/compare.py" --databin "$DATA" --name "$NAME" --methods "$METHODS" \
+"$PY" "$REPO/scripts/compare.py" --databin "$DATA" --name "$NAME" --methods "$METHODS" \
   --warmup "$WARMUP" --max-update 1000000 \
   --variant "mhp=mhp:--mhce-code-table $CODES" --variant "mhe=mhe:--mhce-code-table $CODES" \
   --train-args "--stop-time-hours $HOURS --validate-interval-updates 100" \
   --generate-args "--max-len-a 1.2 --max-len-b 10" --speed-batches 4 --dense-subset test_en --reuse \
   --note "adaptive softmax cutoffs $ADAPTIVE_CUTOFF; MHP and MHE read the same PPMI code table ($CODES, built once)" \
   "$@"
+
+# is the best head's BLEU different from the baselines' beyond chance? sacreBLEU's paired bootstrap
+# on the whole test set (the first system is the baseline)
+W=$REPO/work/compare/$NAME
+HYPS=()
+for m in adaptive softmax mhp mhe mhs; do [ -f "$W/$m/hyp.test.mul" ] && HYPS+=("$m/hyp.test.mul"); done
+if [ "${#HYPS[@]}" -ge 2 ]; then
+  (cd "$W" && "${VENV:-$REPO/.venv}/bin/sacrebleu" "$DATA/raw/test.mul" -i "${HYPS[@]}" -m bleu chrf \
+    --paired-bs --paired-bs-n 1000 -f text 2>/dev/null) > "$REPO/results/compare_${NAME}_paired_bs.txt"
+  cat "$REPO/results/compare_${NAME}_paired_bs.txt"
+fi
