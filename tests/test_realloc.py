@@ -76,7 +76,7 @@ def test_refusals():
     assert head.realloc_updates == [3, 7] and head.realloc_window == 2
 
 
-def test_head_collects_its_window_and_swaps_the_table_in_place():
+def test_head_collects_its_window_and_swaps_the_table_in_place(caplog):
     """Collection only during training and only in the window before the
     scheduled update; the swap lowers the NLL of exactly the collected
     targets under the unchanged weights by the amount it reports, keeps the
@@ -98,8 +98,11 @@ def test_head_collects_its_window_and_swaps_the_table_in_place():
     head.eval()  # scoring only: not collected
     nll_before = sum(head.loss(x, y, 0.0)[1].sum().item() for x, y in batches[1:])
     head.train()
-    head.set_num_updates(3)
+    with caplog.at_level("INFO"):
+        head.set_num_updates(3)
     assert head._realloc_stats is None and not torch.equal(head.codec.code, old_code)
+    n_moved = int((head.codec.code != old_code).sum())
+    assert f": {n_moved} of {V} tokens moved" in caplog.text  # the log counts the real moves
     moved = head.codec.code.clone()
     head.train()
     head.loss(*batches[0], 0.0)  # update 4 is in the window of update 5: collected;

@@ -112,7 +112,7 @@ class MultiHeadProduct(OutputLayer):
             for acc in stats:
                 torch.distributed.all_reduce(acc)
         t0 = time.time()
-        old = self.codec.code.cpu().numpy()
+        old = self.codec.code.cpu().numpy().copy()  # on CPU .numpy() shares the buffer copied into below
         new, before, after = reallocate_codes([a.cpu().numpy() for a in stats], old, self.sizes)
         code = torch.from_numpy(new).to(self.codec.code.device)
         self.codec.code.copy_(code)
