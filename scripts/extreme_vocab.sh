@@ -10,6 +10,11 @@
 # Environment: MINUTES (training minutes per method, default 15), METHODS
 # (default softmax,adaptive,mhp,mhe,mhs), DATA (the data-bin, built here if
 # missing), NAME (table name, results/compare_NAME.md).
+# Extra arguments go to compare.py, e.g. a longer budget continued from the
+# 15-minute runs (the README's 45-minute table):
+#   MINUTES=45 METHODS=softmax,adaptive,mhp NAME=extreme_vocab_word_45min \
+#     scripts/extreme_vocab.sh --extend-from work/compare/extreme_vocab_word
+# The end writes sacreBLEU's paired bootstrap: results/compare_NAME_paired_bs.txt.
 # Methods run one after another on all cores: nothing else should run on the
 # machine meanwhile (the table records the load average).  Resumable: methods
 # already finished in work/compare/NAME are reused (compare.py --reuse).
