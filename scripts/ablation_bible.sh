@@ -19,7 +19,10 @@
 # 6. MHP with LightRNN-style re-allocation of its PPMI code table during
 #    training (--mhce-realloc-updates: every 100 updates, or once at UPD/2)
 #    beside the softmax and MHP + PPMI at UPD updates (table NAME_realloc);
-# PHASES (comma-separated subset of updates,wallclock,long,realloc; default
+# 7. MHP with a shortlist (--mhce-shortlist 1024 / 2048: the most frequent
+#    target types get their own output vectors beside the product) beside the
+#    softmax and MHP + PPMI at UPD updates (table NAME_shortlist);
+# PHASES (comma-separated subset of updates,wallclock,long,realloc,shortlist; default
 # all) picks the phases to run;
 # each phase runs two compare.py processes (one thread each) side by side, then
 # the tables are rendered from all finished runs (results/compare_NAME*.md).
@@ -42,6 +45,8 @@ fi
 codes() { [ -f "$CODES/$1" ] || "$PY" "$REPO/scripts/build_codes.py" --databin "$DATA" --seed 1 --out "$CODES/$1" "${@:2}"; }
 codes ppmi_h2.json --heads 2 --source ppmi
 codes ppmi_h3.json --heads 3 --source ppmi
+codes ppmi_h2_short1024.json --heads 2 --source ppmi --shortlist 1024
+codes ppmi_h2_short2048.json --heads 2 --source ppmi --shortlist 2048
 ARCH="--encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 128 --decoder-embed-dim 128 --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512 --max-tokens 2048 --lr 2e-3 --validate-interval-updates 100"
 PT="--mhce-last-head per-token"
 SH="--mhce-last-head shared"
@@ -59,9 +64,12 @@ VARIANTS=(
   --variant "softmax-seed2=softmax:--seed 2"
   --variant "mhe-pt-ppmi-seed2=mhe:$PT --mhce-code-table $CODES/ppmi_h2.json --seed 2"
   --variant "mhp-ppmi-realloc=mhp:--mhce-code-table $CODES/ppmi_h2.json --mhce-realloc-updates $(seq -s, 100 100 $(( UPD - 1 ))) --mhce-realloc-window 100"
+  --variant "mhp-short1024=mhp:--mhce-shortlist 1024 --mhce-code-order identity"
+  --variant "mhp-ppmi-short1024=mhp:--mhce-shortlist 1024 --mhce-code-table $CODES/ppmi_h2_short1024.json"
+  --variant "mhp-ppmi-short2048=mhp:--mhce-shortlist 2048 --mhce-code-table $CODES/ppmi_h2_short2048.json"
   --variant "mhp-ppmi-realloc1=mhp:--mhce-code-table $CODES/ppmi_h2.json --mhce-realloc-updates $(( UPD / 2 )) --mhce-realloc-window $(( UPD / 2 ))"
 )
-want() { [[ ",${PHASES:-updates,wallclock,long,realloc}," == *",$1,"* ]]; }
+want() { [[ ",${PHASES:-updates,wallclock,long,realloc,shortlist}," == *",$1,"* ]]; }
 export OMP_NUM_THREADS=1 SEARCH=${SEARCH:-factorized}
 pair() {  # pair NAME UPDATES TRAIN_ARGS METHODS_A METHODS_B: two compare.py processes side by side
   local name=$1 upd=$2 targs=$3 a=$4 b=$5
@@ -95,4 +103,8 @@ fi
 if want realloc; then
   pair "${NAME}_realloc" "$UPD" "$ARCH" "softmax,mhp-ppmi-realloc" "mhp-ppmi,mhp-ppmi-realloc1" \
     --note "mhp-ppmi-realloc: --mhce-realloc-updates every 100 updates (window 100); mhp-ppmi-realloc1: once at update $(( UPD / 2 )) (window $(( UPD / 2 ))); both start from the PPMI table"
+fi
+if want shortlist; then
+  pair "${NAME}_shortlist" "$UPD" "$ARCH" "softmax,mhp-ppmi-short1024" "mhp-ppmi,mhp-ppmi-short2048,mhp-short1024" \
+    --note "mhp-*short*: --mhce-shortlist N, the N most frequent target types with their own output vectors beside the product (codes: build_codes.py --shortlist N, which lists the N most frequent training targets; mhp-short1024: the model's default, the dictionary's first 1024 ids, identity order on the tail)"
 fi

@@ -76,6 +76,11 @@ def parse_args(argv=None):
         "dictionary): 'last' gives them the highest codes, so they fill groups of their own; "
         "'cluster' groups them like the others",
     )
+    p.add_argument(
+        "--shortlist", type=int, default=0,
+        help="for an MHP model with --mhce-shortlist N: the N most frequent types (ids 0..N-1) get the codes "
+        "V-N..V-1 and the other types are grouped, balanced, on the codes 0..V-N-1",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", required=True, help="output JSON (never overwritten)")
     return p.parse_args(argv)
@@ -175,7 +180,7 @@ def run(args, t0):
         seqs = training_sequences(databin, src, tgt, dictionary)
     elif args.source == "ppmi":
         raise UsageError(f"no training targets train.SRC-{tgt}.{tgt}.idx in {databin} (needed by --source ppmi)")
-    unseen = None
+    unseen, counts = None, None
     if seqs is not None:
         counts = np.bincount(np.concatenate(seqs).astype(np.int64), minlength=V) if seqs else np.zeros(V, int)
         unseen = np.flatnonzero(counts[4:] == 0) + 4
@@ -198,18 +203,45 @@ def run(args, t0):
         what = f"checkpoint {args.vectors} vectors ({vectors.shape[1]} dims)"
     t1 = time.time()
     last = unseen if (args.unseen == "last" and unseen is not None) else None
-    code = ct.balanced_codes(vectors, sizes, seed=args.seed, fixed_first=4, last=last)
+    S = args.shortlist
+    if S:
+        if not 1 <= S <= V - 2:
+            raise UsageError(f"--shortlist {S}: must lie between 1 and V - 2 = {V - 2} (V = {V})")
+        # the shortlist: the specials, then the most frequent training
+        # targets (ties by id); the tail alone is grouped on [0, V - S)
+        if counts is None:
+            raise UsageError(f"--shortlist needs the training targets train.SRC-{tgt}.{tgt}.idx in {databin}")
+        nspec = min(4, S)
+        rank = np.lexsort((np.arange(V - 4), -counts[4:])) + 4
+        listed = np.concatenate([np.arange(nspec), rank[: S - nspec]])
+        rest = np.setdiff1d(np.arange(V), listed)  # sorted ids
+        pos = np.full(V, -1)
+        pos[rest] = np.arange(rest.size)
+        tail_last = None if last is None else pos[np.intersect1d(last, rest)]
+        tail = ct.balanced_codes(vectors[rest], sizes, seed=args.seed, fixed_first=4 - nspec, last=tail_last)
+        code = np.empty(V, dtype=np.int64)
+        code[listed] = np.arange(V - S, V)
+        code[rest] = tail
+        meta["shortlist"] = S
+        meta["shortlist_train_coverage"] = round(float(counts[listed].sum() / max(counts.sum(), 1)), 4)
+    else:
+        code = ct.balanced_codes(vectors, sizes, seed=args.seed, fixed_first=4, last=last)
     t2 = time.time()
-    learned = ct.digit_coherence(vectors, code, sizes, skip=unseen)
-    identity = ct.digit_coherence(vectors, np.arange(V), sizes, skip=unseen)
+    skip = unseen if not S else np.union1d(listed, unseen if unseen is not None else []).astype(np.int64)
+    learned = ct.digit_coherence(vectors, code, sizes, skip=skip)
+    ident = np.arange(V) if not S else ct.shortlist_code(np.arange(V), S, listed).numpy()
+    identity = ct.digit_coherence(vectors, ident, sizes, skip=skip)
     meta["coherence"] = {"learned": [round(x, 4) for x in learned], "identity": [round(x, 4) for x in identity]}
     try:
         ct.save_code_table(args.out, code, sizes, symbols, meta)
     except FileExistsError as e:
         raise UsageError(str(e))
+    short_msg = (f"shortlist {S} (codes {V - S}..{V - 1}, {meta['shortlist_train_coverage']:.1%} of the "
+                 f"training targets); ") if S else ""
     fmt = lambda xs: "[" + ", ".join(f"{x:.3f}" for x in xs) + "]"  # noqa: E731
     print(
         f"wrote {args.out}: V={V} head sizes {sizes} from {what}, seed {args.seed}; "
+        f"{short_msg}"
         f"{'' if unseen is None else f'{unseen.size} types unseen in training ({args.unseen}); '}"
         f"mean within-digit cosine per head {fmt(learned)} (identity codes {fmt(identity)}); "
         f"{time.time() - t0:.1f} s (vectors {t1 - t0:.1f} s, grouping {t2 - t1:.1f} s)"

@@ -84,6 +84,9 @@ LABELS = {
     "mhp-ckpt": "MHP, codes from the softmax's output vectors",
     "mhp-ppmi-realloc": "MHP, PPMI codes re-allocated every 100 updates",
     "mhp-ppmi-realloc1": "MHP, PPMI codes re-allocated once",
+    "mhp-short1024": "MHP + shortlist 1024 (dictionary order), identity codes",
+    "mhp-ppmi-short1024": "MHP + shortlist 1024, PPMI codes",
+    "mhp-ppmi-short2048": "MHP + shortlist 2048, PPMI codes",
     "softmax-seed2": "softmax (seed 2)",
     "ceiling": "softmax body only (ceiling)",
 }

@@ -19,7 +19,7 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import ARCH_MODEL_REGISTRY, ARCH_CONFIG_REGISTRY, register_model, register_model_architecture
 from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase, TransformerModel
 
-from ..modules.code_table import load_code_table
+from ..modules.code_table import load_code_table, read_code_table, shortlist_code
 from ..modules.codec import MixedRadixCodec, auto_head_sizes, parse_head_sizes, used_digits
 from ..modules.multihead_output import LAST_HEAD_CHOICES
 from ..modules.output_layer import HEADS, OutputLayer, head_class
@@ -77,6 +77,15 @@ class MHCEConfig(FairseqDataclass):
     )
     mhce_realloc_window: int = field(
         default=100, metadata={"help": "MHP: updates whose targets each re-allocation is computed from"}
+    )
+    mhce_shortlist: int = field(
+        default=0,
+        metadata={
+            "help": "MHP: the N most frequent target types (dictionary ids 0..N-1, specials included) get their "
+            "own output vectors in an (N+1)-way softmax whose last class is the tail; the other V-N types share "
+            "the tail's mass through the product of heads (the hybrid of Oda et al. 2017). Costs N+1 more "
+            "outputs per token; 0 = the plain product"
+        },
     )
     mhce_last_head: ChoiceEnum(LAST_HEAD_CHOICES) = field(
         default="per-token",
@@ -160,6 +169,13 @@ def build_head(cfg, input_dim: int, dictionary, embed_tokens=None) -> OutputLaye
             f"per-token parameters); this model is --mhce-method {cfg.mhce_method}. Drop it, or build a "
             f"learned table with scripts/build_codes.py (--mhce-code-table)."
         )
+    shortlist = int(getattr(cfg, "mhce_shortlist", None) or 0)
+    if shortlist and str(cfg.mhce_method) != "mhp":
+        raise ValueError(
+            f"--mhce-shortlist gives the most frequent tokens their own vectors beside the product of "
+            f"--mhce-method mhp; this model is --mhce-method {cfg.mhce_method} (whose per-token last head "
+            f"already gives every token its own vector). Drop --mhce-shortlist."
+        )
     vocab_size = len(dictionary)
     explicit = parse_head_sizes(cfg.mhce_head_sizes)
     sizes = explicit or cls.default_head_sizes(vocab_size, int(cfg.mhce_heads))
@@ -177,6 +193,25 @@ def build_head(cfg, input_dim: int, dictionary, embed_tokens=None) -> OutputLaye
     elif str(cfg.mhce_code_order) == "random":
         g = torch.Generator().manual_seed(int(cfg.mhce_code_seed))
         code = torch.randperm(vocab_size, generator=g)
+    if shortlist:
+        if not 1 <= shortlist <= vocab_size - 2:
+            raise ValueError(
+                f"--mhce-shortlist {shortlist}: the shortlist must hold between 1 and V - 2 = {vocab_size - 2} "
+                f"tokens (the target dictionary has V = {vocab_size}); leave it at 0 for the plain product"
+            )
+        # the product scores the tail on the codes [0, V - N); a table built
+        # with --shortlist N says which tokens are listed, one built without
+        # keeps its order on the tail (its groups shift)
+        table_short = int(read_code_table(cfg.mhce_code_table).get("meta", {}).get("shortlist", 0)) if code is not None and getattr(cfg, "mhce_code_table", None) else 0
+        base = torch.arange(vocab_size) if code is None else code
+        placed = base if table_short == shortlist else shortlist_code(base, shortlist)
+        if code is not None and not torch.equal(placed, base):
+            logger.warning(
+                f"the code table was not built for --mhce-shortlist {shortlist}: its tail tokens keep their order "
+                f"on the codes [0, {vocab_size - shortlist}), so its groups shift; build it with "
+                f"scripts/build_codes.py --shortlist {shortlist} for balanced groups"
+            )
+        code = placed
     codec = MixedRadixCodec(vocab_size, sizes, code)
     codec.pending_table = pending
     return cls.build(cfg, input_dim, codec, embed_tokens)

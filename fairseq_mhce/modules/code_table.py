@@ -221,6 +221,29 @@ def load_code_table(
     return torch.from_numpy(code).long()
 
 
+def shortlist_code(code, shortlist: int, listed=None) -> torch.Tensor:
+    """The code table of an MHP head with a shortlist of ``N`` tokens: the
+    ``listed`` token ids (default ``[0, N)``, a fairseq dictionary's most
+    frequent) get the codes ``[V - N, V)`` in the given order (the product
+    never scores them), every other token a code in ``[0, V - N)``, in the
+    order of its code in ``code``.  Idempotent: a table already laid out so
+    is returned unchanged."""
+    code = torch.as_tensor(code, dtype=torch.long).reshape(-1)
+    V, N = code.numel(), int(shortlist)
+    if not 0 <= N <= V:
+        raise ValueError(f"a shortlist of {N} tokens for a vocabulary of {V}")
+    listed = torch.arange(N) if listed is None else torch.as_tensor(listed, dtype=torch.long).reshape(-1)
+    on = torch.zeros(V, dtype=torch.bool)
+    on[listed] = True
+    if listed.numel() != N or int(on.sum()) != N:
+        raise ValueError(f"the shortlist must name {N} distinct token ids of [0, {V})")
+    out = torch.empty_like(code)
+    out[listed] = torch.arange(V - N, V)
+    rest = (~on).nonzero().squeeze(-1)
+    out[rest[code[rest].argsort()]] = torch.arange(V - N)
+    return out
+
+
 # --------------------------------------------------------------------------
 # grouping
 # --------------------------------------------------------------------------

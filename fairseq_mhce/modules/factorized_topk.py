@@ -94,6 +94,8 @@ def mhp_topk(
     min_token: int = 0,
     extra: Optional[torch.Tensor] = None,
     budget: int = 1 << 24,
+    lps: Optional[List[torch.Tensor]] = None,
+    offset: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Exact top-``k`` of a :class:`MultiHeadProduct` head, per row.
 
@@ -105,6 +107,9 @@ def mhp_topk(
         extra: (S,) token ids whose log-probabilities are also returned
         budget: most elements of the candidate product in one pass (rows are
             processed in chunks when it would be larger)
+        lps: the head's digit log-probs of ``x`` when already computed
+        offset: (N,) added to every value after ``- log Z`` (a shortlist
+            head's ``log p(tail | x)``), as the dense row adds it
     Returns:
         values (N, k) float32 log-probabilities, descending; tokens (N, k);
         extra_values (N, S) or None
@@ -114,9 +119,9 @@ def mhp_topk(
     H = len(sizes)
     strides: List[int] = list(codec.stride_list)
     _check_k(k, min_token, codec.vocab_size)
-    lps = [_no_nan(lp) for lp in head.digit_log_probs(x)]
+    lps = [_no_nan(lp) for lp in (head.digit_log_probs(x) if lps is None else lps)]
     lz = head.log_z(lps)
-    extra_values = _extra_values(head, x, extra, lps=lps)
+    extra_values = _extra_values(head, x, extra, lps=lps) if offset is None else None
     n = x.size(0)
     values = lps[0].new_empty(n, k)
     tokens = torch.empty(n, k, dtype=torch.long, device=x.device)
@@ -140,7 +145,10 @@ def mhp_topk(
             s = (s.unsqueeze(-1) + v.unsqueeze(-2)).flatten(1)
             codes = (codes.unsqueeze(-1) + (i * strides[h]).unsqueeze(-2)).flatten(1)
         tok = codec.token[codes]  # -1 for invalid codes
-        s = s.masked_fill(tok < max(min_token, 0), NEG_INF)
+        drop = tok < max(min_token, 0)
+        if head.shortlist:  # the shortlist's codes [T, V) are not the product's
+            drop |= codes >= head.tail_size
+        s = s.masked_fill(drop, NEG_INF)
         kv, ki = s.topk(k, dim=-1)
         kt = tok.gather(1, ki)
         tau = kv[:, -1]
@@ -178,7 +186,40 @@ def mhp_topk(
             pending = torch.cat([pending, rows[bad]])
     if lz is not None:
         values = _no_nan(values - lz.unsqueeze(-1))  # a row with no valid mass: lz = -inf
+    if offset is not None:
+        values = _no_nan(values + offset.unsqueeze(-1))
     return values, _distinct_padding(values, tokens, max(min_token, 0), codec.vocab_size), extra_values
+
+
+@torch.no_grad()
+def mhp_shortlist_topk(
+    head, x: torch.Tensor, k: int, min_token: int = 0, extra: Optional[torch.Tensor] = None, budget: int = 1 << 24
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Exact top-``k`` of an MHP head with a shortlist of ``S`` tokens (those
+    on the codes ``[T, V)``): the best of the shortlist's own top-``k`` and
+    the tail's product-key top-``k`` (:func:`mhp_topk` without the codes
+    ``>= T``, offset by ``log p(tail | x)``), each value computed as the
+    dense row computes it.  Arguments and returns as :func:`mhp_topk`."""
+    V, S, T = head.vocab_size, head.shortlist, head.tail_size
+    lo = max(min_token, 0)
+    _check_k(k, lo, V)
+    lps, short = head.parts(x)
+    short = _no_nan(short)
+    listed = head.codec.token[T:V]  # (S,) the shortlist's tokens, in class order
+    s_vals = short[:, :S].masked_fill(listed < lo, NEG_INF)
+    v, i = s_vals.topk(min(k, S), dim=-1)
+    vals, toks = [v], [listed[i]]
+    # the tail has at most T candidates; rows short of k end in -inf
+    v, t, _ = mhp_topk(head, x, min(k, T), lo, None, budget, lps=lps, offset=short[:, S])
+    vals.append(v)
+    toks.append(t)
+    v, t = torch.cat(vals, -1), torch.cat(toks, -1)
+    values, idx = v.topk(k, dim=-1)
+    tokens = t.gather(-1, idx)
+    extra_values = None
+    if extra is not None and extra.numel() > 0:
+        extra_values = _no_nan(head.token_log_probs(x, extra.unsqueeze(0).expand(x.size(0), -1), lps=lps, short=short))
+    return values, _distinct_padding(values, tokens, lo, V), extra_values
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ log-sum-exp over a product of heads loses the precision that beam scores need.
 
 import logging
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -39,13 +39,46 @@ class MultiHeadProduct(OutputLayer):
     ``log p(v|x) = sum_h log_softmax(W_h x + b_h)[d_h(v)] - log Z_valid(x)``,
     where ``Z_valid`` is the product distribution's mass on valid codes
     (``< V``), computed from the digits of ``V`` in ``O(sum C_h)``.
+
+    With a shortlist of ``N`` tokens (``--mhce-shortlist``; the hybrid of Oda
+    et al. 2017, and the head/tail split of adaptive softmax), the tokens on
+    the top codes ``[T, V)``, ``T = V - N``, get their own output vectors in
+    an ``(N + 1)``-way softmax ``s`` whose last class is "the tail"; the
+    other tokens (codes ``[0, T)``) share the tail's mass through the product:
+
+    * ``log p(u|x) = s[code(u) - T]`` for a shortlist token ``u``
+    * ``log p(v|x) = s[N] + sum_h lp_h[d_h(v)] - log Z_T(x)`` for the others
+
+    ``Z_T``, the product's mass on ``[0, T)``, has the same ``O(sum C_h)``
+    closed form.  The code table says which tokens are on the shortlist: the
+    model's default puts the dictionary's first ``N`` ids there (the most
+    frequent), ``scripts/build_codes.py --shortlist N`` the ``N`` most
+    frequent training targets.  Cost per token ``O((N + 1 + sum C_h) d)``.
     """
 
     def __init__(self, input_dim: int, codec: MixedRadixCodec, realloc_updates: Sequence[int] = (),
-                 realloc_window: int = 100):  # fmt: skip
+                 realloc_window: int = 100, shortlist: int = 0):  # fmt: skip
         super().__init__(input_dim, codec)
-        # one fused projection for all heads, split afterwards
-        self.proj = _init_linear(nn.Linear(input_dim, sum(codec.sizes)))
+        V = codec.vocab_size
+        self.shortlist = int(shortlist or 0)
+        if self.shortlist:
+            if not 1 <= self.shortlist <= V - 2:
+                raise ValueError(
+                    f"--mhce-shortlist {shortlist}: the shortlist must hold between 1 and V - 2 = {V - 2} tokens "
+                    f"(the target dictionary has V = {V}); leave it at 0 for the plain product"
+                )
+            if realloc_updates:
+                raise ValueError(
+                    "--mhce-realloc-updates cannot be combined with --mhce-shortlist (the re-allocation would "
+                    "move tokens between the shortlist and the tail); drop one of them"
+                )
+        # the product's valid codes: [0, T), T = V without a shortlist
+        self.tail_size = V - self.shortlist
+        self._has_invalid = codec.num_codes > self.tail_size
+        self._bound_digits = [(self.tail_size // p) % c for c, p in zip(codec.sizes, codec.stride_list)]
+        # one fused projection for all heads (and the shortlist), split afterwards
+        extra = self.shortlist + 1 if self.shortlist else 0
+        self.proj = _init_linear(nn.Linear(input_dim, sum(codec.sizes) + extra))
         # LightRNN-style re-allocation of the code table during training
         self.realloc_updates = sorted(int(u) for u in realloc_updates)
         self.realloc_window = int(realloc_window)
@@ -67,7 +100,8 @@ class MultiHeadProduct(OutputLayer):
     @classmethod
     def build(cls, cfg, input_dim, codec, embed_tokens=None):
         return cls(input_dim, codec, realloc_updates=parse_update_list(getattr(cfg, "mhce_realloc_updates", None)),
-                   realloc_window=int(getattr(cfg, "mhce_realloc_window", None) or 100))  # fmt: skip
+                   realloc_window=int(getattr(cfg, "mhce_realloc_window", None) or 100),
+                   shortlist=int(getattr(cfg, "mhce_shortlist", None) or 0))  # fmt: skip
 
     # -- re-allocation (LightRNN) ------------------------------------------
     def _collecting(self) -> bool:
@@ -127,17 +161,27 @@ class MultiHeadProduct(OutputLayer):
 
     def digit_log_probs(self, x: torch.Tensor) -> List[torch.Tensor]:
         """(N, d) -> list of H tensors (N, C_h), float32 log-softmax."""
+        return self.parts(x)[0]
+
+    def parts(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+        """(N, d) -> (the H digit log-softmaxes (N, C_h), the shortlist
+        log-softmax (N, S + 1) or None), float32, from one projection."""
         logits = self.proj(x).float()
-        return [F.log_softmax(z, dim=-1) for z in logits.split(self.sizes, dim=-1)]
+        if not self.shortlist:
+            return [F.log_softmax(z, dim=-1) for z in logits.split(self.sizes, dim=-1)], None
+        *zs, zs_short = logits.split(self.sizes + [self.shortlist + 1], dim=-1)
+        return [F.log_softmax(z, dim=-1) for z in zs], F.log_softmax(zs_short, dim=-1)
 
     def log_z(self, lps: List[torch.Tensor]) -> Optional[torch.Tensor]:
-        """(N,) log of the mass on codes < V, or None when every code is valid.
+        """(N,) log of the product's mass on its valid codes ``< T`` (``T =
+        V``, or the tail size with a shortlist), or None when every code is
+        valid.
 
-        Codes below V are: d_1 < v_1 (any suffix), or d_1 = v_1 and d_2 < v_2,
-        ... (big-endian comparison with V's digits v_h)."""
+        Codes below T are: d_1 < t_1 (any suffix), or d_1 = t_1 and d_2 < t_2,
+        ... (big-endian comparison with T's digits t_h)."""
         if not self._has_invalid:
             return None
-        vd = self.codec.vocab_digits()
+        vd = self._bound_digits
         terms = []
         prefix = lps[0].new_zeros(lps[0].shape[:-1])
         for h, lp in enumerate(lps):
@@ -156,34 +200,49 @@ class MultiHeadProduct(OutputLayer):
     def log_probs(self, x):
         """(N, d) -> (N, V): broadcast sum of the small head log-softmaxes,
         reordered from code to token order; no V x d matmul."""
-        lps = self.digit_log_probs(x)
+        lps, short = self.parts(x)
         out = self._joint(lps).index_select(-1, self.codec.code)
         lz = self.log_z(lps)
-        return out if lz is None else out - lz.unsqueeze(-1)
+        out = out if lz is None else out - lz.unsqueeze(-1)
+        if short is None:
+            return out
+        code, T = self.codec.code, self.tail_size
+        on_list = short.index_select(-1, (code - T).clamp(min=0))
+        return torch.where(code >= T, on_list, out + short[:, self.shortlist :])
 
     def topk(self, x, k, min_token=0, extra=None):
-        """Product-key search; see :func:`.factorized_topk.mhp_topk`."""
-        from .factorized_topk import mhp_topk
+        """Product-key search (:func:`.factorized_topk.mhp_topk`); with a
+        shortlist, merged with the shortlist's own top-k."""
+        from .factorized_topk import mhp_shortlist_topk, mhp_topk
 
+        if self.shortlist:
+            return mhp_shortlist_topk(self, x, k, min_token, extra)
         return mhp_topk(self, x, k, min_token, extra)
 
-    def token_log_probs(self, x, tokens, lps=None):
-        """(N, d), (N, K) token ids -> (N, K); ``lps``: this head's
-        :meth:`digit_log_probs` of ``x`` when already computed."""
-        lps = self.digit_log_probs(x) if lps is None else lps
+    def token_log_probs(self, x, tokens, lps=None, short=None):
+        """(N, d), (N, K) token ids -> (N, K); ``lps`` / ``short``: this
+        head's :meth:`parts` of ``x`` when already computed."""
+        if lps is None:
+            lps, short = self.parts(x)
         digits = self.codec.encode(tokens)  # (N, K, H)
         out = lps[0].gather(-1, digits[..., 0])
         for h in range(1, len(lps)):
             out = out + lps[h].gather(-1, digits[..., h])
         lz = self.log_z(lps)
-        return out if lz is None else out - lz.unsqueeze(-1)
+        out = out if lz is None else out - lz.unsqueeze(-1)
+        if not self.shortlist:
+            return out
+        c = self.codec.code[tokens] - self.tail_size  # >= 0 on the shortlist
+        return torch.where(c >= 0, short.gather(-1, c.clamp(min=0)), out + short[:, self.shortlist :])
 
     def loss(self, x, target, epsilon, smoothing="auto"):
-        """The exact NLL (sum of per-head NLLs plus ``log Z_valid``), smoothed
-        ``uniform`` over the V tokens (fairseq's; closed form from per-head
-        sums, the default) or ``per-head`` (each digit classifier over its own
-        classes).  Shapes: see :meth:`OutputLayer.loss`."""
-        lps = self.digit_log_probs(x)
+        """The exact NLL (sum of per-head NLLs plus ``log Z_valid``; with a
+        shortlist, the shortlist softmax's NLL or ``-s[N]`` plus the tail's),
+        smoothed ``uniform`` over the V tokens (fairseq's; closed form from
+        per-head sums, the default) or ``per-head`` (each digit classifier
+        over its own classes; not with a shortlist).  Shapes: see
+        :meth:`OutputLayer.loss`."""
+        lps, short = self.parts(x)
         if self.realloc_updates and self._collecting():
             self._collect(lps, target)
         digits = self.codec.encode(target)
@@ -193,18 +252,35 @@ class MultiHeadProduct(OutputLayer):
         if lz is not None:
             nll = nll + lz
         correct = torch.stack([lp.argmax(-1) == digits[:, h] for h, lp in enumerate(lps)], -1)
+        if short is not None:
+            n = self.shortlist
+            c = self.codec.code[target] - self.tail_size
+            in_short = c >= 0
+            s_cls = torch.where(in_short, c, torch.full_like(c, n))  # the tail class for a tail token
+            s_gold = short.gather(-1, s_cls.unsqueeze(-1)).squeeze(-1)
+            nll = torch.where(in_short, -s_gold, nll - s_gold)
+            s_arg = short.argmax(-1)
+            # a shortlist token is right when the shortlist's argmax is; a tail
+            # token when the argmax is "the tail" and every digit is right
+            correct = torch.where(in_short.unsqueeze(-1), (s_arg == s_cls).unsqueeze(-1).expand_as(correct),
+                                  correct & (s_arg == n).unsqueeze(-1))  # fmt: skip
         if epsilon == 0:
             return nll, nll, correct
         counts = self._digit_counts()
         if smoothing in ("auto", "uniform"):
-            # sum_v log p(v) = sum_h sum_j n_h[j] lp_h[j] - V log Z, with n_h[j]
-            # the number of valid codes whose h-th digit is j
+            # sum_v log p(v) = sum_h sum_j n_h[j] lp_h[j] - T log Z (+ the
+            # shortlist's sum and T s[N]), with n_h[j] the number of valid
+            # codes whose h-th digit is j
             smooth = -sum((lp * n).sum(-1) for lp, n in zip(lps, counts))
             if lz is not None:
-                smooth = smooth + self.vocab_size * lz
+                smooth = smooth + self.tail_size * lz
+            if short is not None:
+                smooth = smooth - short[:, : self.shortlist].sum(-1) - self.tail_size * short[:, self.shortlist]
             eps_i = epsilon / (self.vocab_size - 1)
             loss = (1.0 - epsilon - eps_i) * nll + eps_i * smooth
         elif smoothing == "per-head":
+            if short is not None:
+                raise ValueError("--mhce-label-smoothing per-head is not defined with --mhce-shortlist; use uniform")
             loss = 0
             for h, (lp, used) in enumerate(zip(lps, self.codec.used_digits())):
                 eps_h = epsilon / max(used - 1, 1)
@@ -217,13 +293,29 @@ class MultiHeadProduct(OutputLayer):
         return loss, nll, correct
 
     def _digit_counts(self) -> List[torch.Tensor]:
-        # derived from the codec; cached per device, never saved
+        """For each head, (C_h,) how many of the product's valid codes ``< T``
+        have digit j there; derived from the radix, cached per device."""
         cache = getattr(self, "_counts_cache", None)
         dev = self.codec.code.device
         if cache is None or cache[0].device != dev:
-            cache = [c.to(dev) for c in self.codec.digit_counts()]
+            valid = torch.arange(self.tail_size, device=dev)
+            digits = (valid.unsqueeze(-1) // self.codec.strides) % self.codec.head_sizes
+            cache = [torch.bincount(digits[:, h], minlength=c).float() for h, c in enumerate(self.sizes)]
             self._counts_cache = cache
         return cache
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        super().upgrade_state_dict_named(state_dict, name)
+        prefix = name + "." if name else ""
+        w = state_dict.get(prefix + "proj.weight")
+        if w is not None and w.size(0) != self.proj.weight.size(0):
+            extra = w.size(0) - sum(self.sizes)
+            theirs = extra - 1 if extra > 0 else 0
+            raise RuntimeError(
+                f"the checkpoint was trained with --mhce-shortlist {theirs}, this model has --mhce-shortlist "
+                f"{self.shortlist}; pass --mhce-shortlist {theirs} (or drop the override so the checkpoint's "
+                f"own settings are used)."
+            )
 
 
 LAST_HEAD_CHOICES = ["shared", "per-token"]
