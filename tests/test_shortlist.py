@@ -1,0 +1,237 @@
+"""MHP with a shortlist (``--mhce-shortlist N``): the listed tokens' own
+softmax beside the product, against a brute-force reference that scores
+every code; the exact top-k against the dense row; the code-table layout
+(model default and ``scripts/build_codes.py --shortlist``); the refusals; and
+real fairseq-train / fairseq-generate runs."""
+import itertools
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+import fairseq_mhce  # noqa: F401
+from fairseq_mhce.models.transformer_mhce import build_head
+from fairseq_mhce.modules import code_table as ct
+from fairseq_mhce.modules.codec import MixedRadixCodec, auto_head_sizes
+from fairseq_mhce.modules.multihead_output import MultiHeadProduct
+
+from .test_model_guards import cfg, dictionary
+from .utils import REPO, TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, hypotheses, make_copy_data
+
+sys.path.insert(0, str(REPO / "scripts"))
+import build_codes  # noqa: E402
+
+D = 8
+# (V, head sizes, shortlist size)
+CASES = [(16, [4, 4], 5), (13, [4, 4], 3), (29, [2, 3, 5], 7), (20, [3, 3, 3], 1), (17, [5, 4], 15)]
+
+
+def make_head(V, sizes, n, seed=0, listed="first"):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randperm(V, generator=g)
+    ids = None if listed == "first" else torch.randperm(V, generator=g)[:n]
+    codec = MixedRadixCodec(V, sizes, ct.shortlist_code(base, n, ids))
+    head = MultiHeadProduct(D, codec, shortlist=n)
+    with torch.no_grad():  # far from uniform
+        for p in head.parameters():
+            p.normal_(0, 1.0, generator=g)
+    return head
+
+
+def reference_log_probs(head, x):
+    """(N, V): the shortlist softmax for its tokens; for every other token
+    the tail's mass times the product of the heads' probabilities of its
+    digits, renormalized over the tail's codes, every code scored alone."""
+    codec, V, n = head.codec, head.vocab_size, head.shortlist
+    T = V - n
+    W, b = head.proj.weight.double(), head.proj.bias.double()
+    sizes, strides = codec.sizes, codec.stride_list
+    bounds = list(itertools.accumulate([0] + sizes + [n + 1]))
+    out = torch.full((x.size(0), V), float("nan"), dtype=torch.float64)
+    for r in range(x.size(0)):
+        logits = W @ x[r].double() + b
+        heads = [F.log_softmax(logits[bounds[h] : bounds[h + 1]], -1) for h in range(len(sizes))]
+        short = F.log_softmax(logits[bounds[-2] :], -1)
+        tail = {}
+        for digits in itertools.product(*[range(c) for c in sizes]):
+            c = sum(d * s for d, s in zip(digits, strides))
+            if c < T:
+                tail[c] = sum(heads[h][d] for h, d in enumerate(digits))
+        log_z = torch.logsumexp(torch.stack(list(tail.values())), 0)
+        for v in range(V):
+            c = int(codec.code[v])
+            out[r, v] = short[c - T] if c >= T else short[n] + tail[c] - log_z
+    return out
+
+
+@pytest.mark.parametrize("V,sizes,n", CASES)
+@pytest.mark.parametrize("listed", ["first", "random"])
+def test_log_probs_match_brute_force(V, sizes, n, listed):
+    head = make_head(V, sizes, n, listed=listed)
+    x = torch.randn(6, D)
+    ref = reference_log_probs(head, x)
+    dense = head.log_probs(x)
+    assert torch.allclose(dense.double(), ref, atol=1e-5)
+    assert torch.allclose(dense.logsumexp(-1), torch.zeros(6), atol=1e-5)  # normalized over V
+    toks = torch.randint(0, V, (6, 9))
+    assert torch.equal(head.token_log_probs(x, toks), dense.gather(-1, toks))
+
+
+@pytest.mark.parametrize("V,sizes,n", CASES)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_loss_is_fairseqs_label_smoothed_nll_of_the_dense_row(V, sizes, n, eps):
+    head = make_head(V, sizes, n, seed=3, listed="random")
+    x = torch.randn(40, D, requires_grad=True)
+    target = torch.randint(0, V, (40,))
+    loss, nll, correct = head.loss(x, target, eps)
+    ref_loss, ref_nll = label_smoothed_nll_loss(head.log_probs(x), target.unsqueeze(-1), eps, reduce=False)
+    assert torch.allclose(nll, ref_nll.squeeze(-1), atol=1e-5)
+    assert torch.allclose(loss, ref_loss.squeeze(-1), atol=1e-5)
+    # a token counts as correct when its own part's argmax picks it: the
+    # shortlist's for a listed token, "the tail" and every digit for the rest
+    lps, short = head.parts(x)
+    digits = head.codec.encode(target)
+    c = head.codec.code[target] - head.tail_size
+    listed_ok = short.argmax(-1) == c.clamp(min=0)
+    tail_ok = (short.argmax(-1) == n) & torch.stack([lp.argmax(-1) == digits[:, h] for h, lp in enumerate(lps)]).all(0)
+    assert torch.equal(correct.all(-1), torch.where(c >= 0, listed_ok, tail_ok))
+    loss.sum().backward()  # gradients reach the states through both parts
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("V,sizes,n", CASES)
+@pytest.mark.parametrize("listed", ["first", "random"])
+def test_factorized_topk_equals_the_dense_row(V, sizes, n, listed):
+    head = make_head(V, sizes, n, seed=5, listed=listed)
+    x = torch.randn(12, D) * 3
+    x[3] = float("nan")  # a NaN state: -inf scores, distinct padding tokens
+    dense = head.log_probs(x)
+    dense = dense.masked_fill(dense != dense, float("-inf"))
+    extra = torch.tensor([0, 2])
+    for k, min_token in [(1, 0), (3, 2), (V - 2, 2), (V, 0)]:
+        v, t, e = head.topk(x, k, min_token=min_token, extra=extra)
+        want = dense[:, min_token:].topk(k, dim=-1).values
+        assert torch.equal(v, want), (k, min_token)
+        assert torch.equal(dense.gather(-1, t)[[r for r in range(12) if r != 3]], v[[r for r in range(12) if r != 3]])
+        for r in range(12):  # distinct candidates, all >= min_token
+            assert len(set(t[r].tolist())) == k and int(t[r].min()) >= min_token
+        assert torch.equal(e, dense[:, extra])
+
+
+def test_shortlist_code_layout():
+    code = torch.randperm(30, generator=torch.Generator().manual_seed(1))
+    out = ct.shortlist_code(code, 6)
+    assert torch.equal(out[:6], torch.arange(24, 30)) and torch.equal(out.sort().values, torch.arange(30))
+    rest = out[6:]
+    assert torch.equal(rest.argsort(), code[6:].argsort())  # the tail keeps its order
+    assert torch.equal(ct.shortlist_code(out, 6), out)  # idempotent
+    listed = torch.tensor([0, 1, 2, 3, 17, 9])
+    out2 = ct.shortlist_code(code, 6, listed)
+    assert torch.equal(out2[listed], torch.arange(24, 30))
+    with pytest.raises(ValueError, match="6 distinct token ids"):
+        ct.shortlist_code(code, 6, torch.tensor([0, 1, 2, 3, 4, 4]))
+
+
+def test_refusals_and_the_models_default_table():
+    d = dictionary(40)
+    with pytest.raises(ValueError, match="this model is --mhce-method mhe.*Drop --mhce-shortlist"):
+        build_head(cfg(mhce_method="mhe", mhce_shortlist=8), 16, d)
+    for bad in (39, 40, -1):
+        with pytest.raises(ValueError, match="between 1 and V - 2 = 38"):
+            build_head(cfg(mhce_method="mhp", mhce_shortlist=bad), 16, d)
+    with pytest.raises(ValueError, match="cannot be combined with --mhce-shortlist"):
+        build_head(cfg(mhce_method="mhp", mhce_shortlist=8, mhce_realloc_updates="5"), 16, d)
+    head = build_head(cfg(mhce_method="mhp", mhce_shortlist=8), 16, d)
+    assert torch.equal(head.codec.code[:8], torch.arange(32, 40))  # the first ids: the most frequent
+    assert torch.equal(head.codec.code[8:], torch.arange(32))  # identity on the tail
+    assert head.proj.out_features == sum(head.sizes) + 9
+    with pytest.raises(ValueError, match="per-head is not defined with --mhce-shortlist"):
+        head.loss(torch.randn(3, 16), torch.tensor([1, 9, 20]), 0.1, smoothing="per-head")
+    rnd = build_head(cfg(mhce_method="mhp", mhce_shortlist=8, mhce_code_order="random"), 16, d)
+    assert torch.equal(rnd.codec.code[:8], torch.arange(32, 40)) and not torch.equal(rnd.codec.code[8:], torch.arange(32))
+    # a checkpoint of another shortlist size is named, not a size mismatch
+    state = {f"decoder.mhce_head.{k}": v for k, v in head.state_dict().items()}
+    other = build_head(cfg(mhce_method="mhp", mhce_shortlist=4), 16, d)
+    with pytest.raises(RuntimeError, match="trained with --mhce-shortlist 8, this model has --mhce-shortlist 4"):
+        other.upgrade_state_dict_named(state, "decoder.mhce_head")
+    plain = build_head(cfg(mhce_method="mhp"), 16, d)
+    with pytest.raises(RuntimeError, match="trained with --mhce-shortlist 8, this model has --mhce-shortlist 0"):
+        plain.upgrade_state_dict_named(state, "decoder.mhce_head")
+
+
+@pytest.fixture(scope="module")
+def databin(tmp_path_factory):
+    return make_copy_data(tmp_path_factory.mktemp("short"), n_train=300, n_valid=20, n_test=20, n_words=60)
+
+
+def test_build_codes_shortlist_lists_the_most_frequent_targets(databin, tmp_path, capsys, caplog):
+    import numpy as np
+    from fairseq.data import Dictionary, data_utils
+
+    d = Dictionary.load(str(databin / "dict.tgt.txt"))
+    V, S = len(d), 12
+    out = tmp_path / "short.json"
+    argv = ["--databin", str(databin), "--heads", "2", "--dim", "8", "--shortlist", str(S)]
+    assert build_codes.main(argv + ["--out", str(out)]) == 0
+    assert f"shortlist {S} (codes {V - S}..{V - 1}" in capsys.readouterr().out
+    again = tmp_path / "short2.json"
+    assert build_codes.main(argv + ["--out", str(again)]) == 0
+    assert again.read_bytes() == out.read_bytes()  # deterministic
+    sizes = auto_head_sizes(V, 2)
+    code = ct.load_code_table(out, V, sizes, list(d.symbols)).numpy()
+    assert sorted(code) == list(range(V)) and json.loads(out.read_text())["meta"]["shortlist"] == S
+    ds = data_utils.load_indexed_dataset(str(databin / "train.src-tgt.tgt"), d)
+    counts = np.bincount(np.concatenate([ds[i].numpy() for i in range(len(ds))]), minlength=V)
+    listed = np.flatnonzero(code >= V - S)
+    assert set(range(4)) <= set(listed)  # the specials
+    assert counts[listed[listed >= 4]].min() >= counts[np.setdiff1d(np.arange(4, V), listed)].max()
+    # the tail is grouped balanced on [0, V - S): every full group of the last head is full
+    tail = np.sort(code[code < V - S])
+    assert list(tail) == list(range(V - S))
+    # the model uses the table as it is (no re-layout, no warning)
+    caplog.clear()
+    head = build_head(cfg(mhce_method="mhp", mhce_shortlist=S, mhce_code_table=str(out)), 16, d)
+    assert np.array_equal(head.codec.code.numpy(), code) and "not built for --mhce-shortlist" not in caplog.text
+    # a table built without --shortlist is laid out for it, with a warning
+    plain = tmp_path / "plain.json"
+    assert build_codes.main(["--databin", str(databin), "--heads", "2", "--dim", "8", "--out", str(plain)]) == 0
+    head = build_head(cfg(mhce_method="mhp", mhce_shortlist=S, mhce_code_table=str(plain)), 16, d)
+    assert "not built for --mhce-shortlist 12" in caplog.text
+    assert torch.equal(head.codec.code[:S], torch.arange(V - S, V))
+    rc = build_codes.main(argv[:-1] + [str(V - 1), "--out", str(tmp_path / "bad.json")])
+    assert rc == 2 and "must lie between 1 and V - 2" in capsys.readouterr().err
+
+
+def test_fairseq_train_and_generate_with_a_shortlist(tmp_path):
+    data = make_copy_data(tmp_path / "copy", n_train=600, n_valid=40, n_test=20)
+    save = tmp_path / "ckpt"
+    cli(
+        "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer_mhce", "--mhce-method", "mhp",
+        "--mhce-shortlist", "12", *TINY_ARCH, "--criterion", "mhce_label_smoothed_cross_entropy",
+        "--label-smoothing", "0.1", *TRAIN_COMMON, "--max-update", "40", "--save-dir", save,
+    )  # fmt: skip
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert state["cfg"]["model"].mhce_shortlist == 12
+    V = state["model"]["decoder.mhce_head.codec.code"].numel()
+    assert torch.equal(state["model"]["decoder.mhce_head.codec.code"][:12], torch.arange(V - 12, V))
+    lines = {}
+    for mode in ("dense", "factorized"):
+        out = cli(
+            "fairseq-generate", data, "--user-dir", USER_DIR, "--task", "translation_mhce", "--mhce-search", mode,
+            "--path", save / "checkpoint_last.pt", "--beam", "4", "--nbest", "2", "--batch-size", "20",
+            "--required-batch-size-multiple", "1",
+        ).stdout  # fmt: skip
+        lines[mode] = [l for l in out.splitlines() if l[:2] in ("H-", "P-")]
+    assert len(hypotheses("\n".join(lines["dense"]))) == 20
+    assert lines["dense"] == lines["factorized"]
+    bad = cli(
+        "fairseq-generate", data, "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt",
+        "--model-overrides", "{'mhce_shortlist': 4}", "--batch-size", "20", check=False,
+    ).stdout  # fmt: skip
+    assert "trained with --mhce-shortlist 12, this model has --mhce-shortlist 4" in bad
