@@ -22,8 +22,8 @@
 # 7. MHP with a shortlist (--mhce-shortlist 1024 / 2048: the most frequent
 #    target types get their own output vectors beside the product) beside the
 #    softmax and MHP + PPMI at UPD updates, with a second seed of the softmax
-#    and of MHP + shortlist 1024 (table NAME_shortlist);
-# 8. the softmax and MHP + shortlist 1024 at LONG_UPD updates (table
+#    and of MHP + shortlist 1024 / 2048 (table NAME_shortlist);
+# 8. the softmax and MHP + shortlist 1024 / 2048 at LONG_UPD updates (table
 #    NAME_shortlist_LONG_UPD);
 # PHASES (comma-separated subset of updates,wallclock,long,realloc,shortlist,
 # shortlist_long; default
@@ -72,6 +72,7 @@ VARIANTS=(
   --variant "mhp-ppmi-short1024=mhp:--mhce-shortlist 1024 --mhce-code-table $CODES/ppmi_h2_short1024.json"
   --variant "mhp-ppmi-short1024-seed2=mhp:--mhce-shortlist 1024 --mhce-code-table $CODES/ppmi_h2_short1024.json --seed 2"
   --variant "mhp-ppmi-short2048=mhp:--mhce-shortlist 2048 --mhce-code-table $CODES/ppmi_h2_short2048.json"
+  --variant "mhp-ppmi-short2048-seed2=mhp:--mhce-shortlist 2048 --mhce-code-table $CODES/ppmi_h2_short2048.json --seed 2"
   --variant "mhp-ppmi-realloc1=mhp:--mhce-code-table $CODES/ppmi_h2.json --mhce-realloc-updates $(( UPD / 2 )) --mhce-realloc-window $(( UPD / 2 ))"
 )
 want() { [[ ",${PHASES:-updates,wallclock,long,realloc,shortlist,shortlist_long}," == *",$1,"* ]]; }
@@ -110,12 +111,12 @@ if want realloc; then
     --note "mhp-ppmi-realloc: --mhce-realloc-updates every 100 updates (window 100); mhp-ppmi-realloc1: once at update $(( UPD / 2 )) (window $(( UPD / 2 ))); both start from the PPMI table"
 fi
 if want shortlist; then
-  pair "${NAME}_shortlist" "$UPD" "$ARCH" "softmax,mhp-ppmi-short1024,softmax-seed2" \
+  pair "${NAME}_shortlist" "$UPD" "$ARCH" "softmax,mhp-ppmi-short1024,softmax-seed2,mhp-ppmi-short2048-seed2" \
     "mhp-ppmi,mhp-ppmi-short2048,mhp-short1024,mhp-ppmi-short1024-seed2" \
     --note "mhp-*short*: --mhce-shortlist N, the N most frequent target types with their own output vectors beside the product (codes: build_codes.py --shortlist N, which lists the N most frequent training targets; mhp-short1024: the model's default, the dictionary's first 1024 ids, identity order on the tail)"
 fi
 # the shortlist MHP against the softmax at the longer budget (its own table:
 # the committed NAME_LONG_UPD table keeps its runs)
 if want shortlist_long; then
-  pair "${NAME}_shortlist_${LONG_UPD}" "$LONG_UPD" "$ARCH" "softmax" "mhp-ppmi-short1024"
+  pair "${NAME}_shortlist_${LONG_UPD}" "$LONG_UPD" "$ARCH" "softmax" "mhp-ppmi-short1024,mhp-ppmi-short2048"
 fi

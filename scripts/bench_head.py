@@ -58,12 +58,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-METHODS = ["fairseq_ls", "softmax_ce", "adaptive", "mhp", "mhe", "mhe_pt", "mhs", "cce", "liger"]
+METHODS = ["fairseq_ls", "softmax_ce", "adaptive", "mhp", "mhp_sl", "mhe", "mhe_pt", "mhs", "cce", "liger"]
 LABELS = {
     "fairseq_ls": "fairseq label-smoothed",
     "softmax_ce": "full softmax CE",
     "adaptive": "adaptive softmax",
     "mhp": "MHP H2",
+    "mhp_sl": "MHP H2 + shortlist 1024",
     "mhe": "MHE H2",
     "mhe_pt": "MHE H2 per-token",
     "mhs": "MHS H2",
@@ -146,11 +147,18 @@ def build(method, V, d, device, dtype, heads):
 
     from fairseq_mhce.modules import MixedRadixCodec, head_class
 
-    name = {"mhe_pt": "mhe"}.get(method, method)
+    name = {"mhe_pt": "mhe", "mhp_sl": "mhp"}.get(method, method)
     cls = head_class(name)
     # the model's default sizes: balanced for MHP/MHE, 16-token groups for MHS
-    codec = MixedRadixCodec(V, cls.default_head_sizes(V, heads))
+    code = None
     kw = {"last_head": "per-token"} if method == "mhe_pt" else {}
+    if method == "mhp_sl":  # the model's default for V >= 4096: the first 1024 ids on the shortlist
+        from fairseq_mhce.modules.code_table import shortlist_code
+        from fairseq_mhce.modules.multihead_output import resolve_shortlist
+
+        kw = {"shortlist": resolve_shortlist(-1, V) or min(1024, V - 2)}
+        code = shortlist_code(torch.arange(V), kw["shortlist"])
+    codec = MixedRadixCodec(V, cls.default_head_sizes(V, heads), code)
     head = cls(d, codec, **kw).to(device)
     head.to(dtype)  # parameters; the codec's buffers stay integer
     head.train()

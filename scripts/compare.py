@@ -88,6 +88,7 @@ LABELS = {
     "mhp-ppmi-short1024": "MHP + shortlist 1024, PPMI codes",
     "mhp-ppmi-short2048": "MHP + shortlist 2048, PPMI codes",
     "mhp-ppmi-short1024-seed2": "MHP + shortlist 1024, PPMI codes (seed 2)",
+    "mhp-ppmi-short2048-seed2": "MHP + shortlist 2048, PPMI codes (seed 2)",
     "softmax-seed2": "softmax (seed 2)",
     "ceiling": "softmax body only (ceiling)",
 }

@@ -36,8 +36,10 @@
 # ADAPTIVE_CUTOFF (default: V/4,3V/4 of the target dictionary), VENV,
 # REUSE_SAVEDIR (1: skip the check of SAVEDIR's checkpoints above),
 # CODES (mhp/mhe: ppmi = build SAVEDIR/codes_ppmi_*.json from the training
-# targets with scripts/build_codes.py and train with it, the default;
-# identity = the model's own --mhce-code-order).
+# targets with scripts/build_codes.py and train with it, the default; for
+# mhp with --mhce-shortlist N (by default 1024 when V >= 4096) the table lists
+# the N most frequent training targets; identity = the model's own
+# --mhce-code-order).
 set -euo pipefail
 source "$(dirname "$0")/recipe_common.sh"
 recipe_setup train.sh fairseq-train "$@"  # sets METHOD DATABIN SAVEDIR REPO BIN SRC TGT
@@ -89,18 +91,26 @@ mkdir -p "$SAVEDIR"
 # model's own order, as does any --mhce-code-table / --mhce-code-order given.
 if [[ $METHOD == mhp || $METHOD == mhe ]] && [[ ${CODES:-ppmi} == ppmi ]] \
    && [[ " $* " != *" --mhce-code-table "* && " $* " != *" --mhce-code-order "* ]]; then
-  heads=${MHCE_HEADS:-2} sizes=
+  heads=${MHCE_HEADS:-2} sizes= short=-1
   prev=
   for a in "$@"; do
     [[ $prev == --mhce-heads ]] && heads=$a
     [[ $prev == --mhce-head-sizes ]] && sizes=$a
+    [[ $prev == --mhce-shortlist ]] && short=$a
     prev=$a
   done
-  CODE_TABLE=$SAVEDIR/codes_ppmi_${sizes:-h$heads}.json
+  # MHP's shortlist (--mhce-shortlist, default -1 = the model's auto rule):
+  # the table lists the most frequent training targets on its top codes
+  short_args=() short_tag=
+  if [[ $METHOD == mhp ]]; then
+    short=$("$BIN/python" -c "from fairseq_mhce.modules.multihead_output import resolve_shortlist as r; print(r($short, $V))")
+    [[ $short != 0 ]] && short_args=(--shortlist "$short") short_tag=_short$short
+  fi
+  CODE_TABLE=$SAVEDIR/codes_ppmi_${sizes:-h$heads}$short_tag.json
   if [ ! -f "$CODE_TABLE" ]; then
     if [ -n "$sizes" ]; then shape=(--head-sizes "$sizes"); else shape=(--heads "$heads"); fi
     "$BIN/python" "$REPO/scripts/build_codes.py" --databin "$DATABIN" --target-lang "$TGT" \
-      "${shape[@]}" --source ppmi --seed "${SEED:-1}" --out "$CODE_TABLE" >&2
+      "${shape[@]}" "${short_args[@]}" --source ppmi --seed "${SEED:-1}" --out "$CODE_TABLE" >&2
   fi
   M+=(--mhce-code-table "$CODE_TABLE")
 fi

@@ -141,7 +141,7 @@ def test_refusals_and_the_models_default_table():
     d = dictionary(40)
     with pytest.raises(ValueError, match="this model is --mhce-method mhe.*Drop --mhce-shortlist"):
         build_head(cfg(mhce_method="mhe", mhce_shortlist=8), 16, d)
-    for bad in (39, 40, -1):
+    for bad in (39, 40):
         with pytest.raises(ValueError, match="between 1 and V - 2 = 38"):
             build_head(cfg(mhce_method="mhp", mhce_shortlist=bad), 16, d)
     with pytest.raises(ValueError, match="cannot be combined with --mhce-shortlist"):
@@ -159,9 +159,28 @@ def test_refusals_and_the_models_default_table():
     other = build_head(cfg(mhce_method="mhp", mhce_shortlist=4), 16, d)
     with pytest.raises(RuntimeError, match="trained with --mhce-shortlist 8, this model has --mhce-shortlist 4"):
         other.upgrade_state_dict_named(state, "decoder.mhce_head")
-    plain = build_head(cfg(mhce_method="mhp"), 16, d)
+    plain = build_head(cfg(mhce_method="mhp"), 16, d)  # the default, -1: no shortlist below 4096 types
+    assert plain.shortlist == 0 and plain.proj.out_features == sum(plain.sizes)
     with pytest.raises(RuntimeError, match="trained with --mhce-shortlist 8, this model has --mhce-shortlist 0"):
         plain.upgrade_state_dict_named(state, "decoder.mhce_head")
+
+
+def test_default_shortlist_follows_the_vocabulary_and_old_configs_keep_none():
+    from fairseq_mhce.models.transformer_mhce import mhce_defaults
+    from fairseq_mhce.modules.multihead_output import resolve_shortlist
+
+    assert resolve_shortlist(-1, 4095) == 0 and resolve_shortlist(-1, 4096) == 1024
+    assert resolve_shortlist(None, 10**6) == 0 and resolve_shortlist(7, 50) == 7
+    big = build_head(cfg(mhce_method="mhp"), 16, dictionary(5000))
+    assert big.shortlist == 1024 and torch.equal(big.codec.code[:1024], torch.arange(5000 - 1024, 5000))
+    assert build_head(cfg(mhce_method="mhe"), 16, dictionary(5000)).codec.num_codes >= 5000  # mhe: no shortlist
+    old = cfg(mhce_method="mhp")
+    del old.mhce_shortlist  # a config saved before the option existed: the plain product it was trained with
+    mhce_defaults(old)
+    assert old.mhce_shortlist == 0
+    fresh = cfg(mhce_method="mhp")
+    mhce_defaults(fresh)
+    assert fresh.mhce_shortlist == -1
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase
 
 from ..modules.code_table import load_code_table, read_code_table, shortlist_code
 from ..modules.codec import MixedRadixCodec, auto_head_sizes, parse_head_sizes, used_digits
-from ..modules.multihead_output import LAST_HEAD_CHOICES
+from ..modules.multihead_output import LAST_HEAD_CHOICES, resolve_shortlist
 from ..modules.output_layer import HEADS, OutputLayer, head_class
 
 logger = logging.getLogger(__name__)
@@ -79,12 +79,14 @@ class MHCEConfig(FairseqDataclass):
         default=100, metadata={"help": "MHP: updates whose targets each re-allocation is computed from"}
     )
     mhce_shortlist: int = field(
-        default=0,
+        default=-1,
         metadata={
-            "help": "MHP: the N most frequent target types (dictionary ids 0..N-1, specials included) get their "
-            "own output vectors in an (N+1)-way softmax whose last class is the tail; the other V-N types share "
-            "the tail's mass through the product of heads (the hybrid of Oda et al. 2017). Costs N+1 more "
-            "outputs per token; 0 = the plain product"
+            "help": "MHP: N target types get their own output vectors in an (N+1)-way softmax whose last class "
+            "is the tail; the other V-N types share the tail's mass through the product of heads (the hybrid "
+            "of Oda et al. 2017; N+1 more outputs per token). Which types: the code table's top N codes (a "
+            "table from scripts/build_codes.py --shortlist N lists the most frequent training targets; "
+            "otherwise the dictionary's first N ids). -1 (default): 1024 when the target dictionary has "
+            ">= 4096 types, else 0; 0: the plain product. Ignored by mhe / mhs unless set > 0 (refused)"
         },
     )
     mhce_last_head: ChoiceEnum(LAST_HEAD_CHOICES) = field(
@@ -111,7 +113,7 @@ class MHCEConfig(FairseqDataclass):
 
 # settings whose default changed: a config saved before the field existed
 # (an older checkpoint) was trained with the old behaviour
-LEGACY_DEFAULTS = {"mhce_last_head": "shared"}
+LEGACY_DEFAULTS = {"mhce_last_head": "shared", "mhce_shortlist": 0}
 
 
 def mhce_defaults(args):
@@ -169,14 +171,15 @@ def build_head(cfg, input_dim: int, dictionary, embed_tokens=None) -> OutputLaye
             f"per-token parameters); this model is --mhce-method {cfg.mhce_method}. Drop it, or build a "
             f"learned table with scripts/build_codes.py (--mhce-code-table)."
         )
-    shortlist = int(getattr(cfg, "mhce_shortlist", None) or 0)
-    if shortlist and str(cfg.mhce_method) != "mhp":
+    vocab_size = len(dictionary)
+    requested = getattr(cfg, "mhce_shortlist", None)
+    shortlist = resolve_shortlist(requested, vocab_size) if str(cfg.mhce_method) == "mhp" else 0
+    if requested is not None and int(requested) > 0 and str(cfg.mhce_method) != "mhp":
         raise ValueError(
             f"--mhce-shortlist gives the most frequent tokens their own vectors beside the product of "
             f"--mhce-method mhp; this model is --mhce-method {cfg.mhce_method} (whose per-token last head "
             f"already gives every token its own vector). Drop --mhce-shortlist."
         )
-    vocab_size = len(dictionary)
     explicit = parse_head_sizes(cfg.mhce_head_sizes)
     sizes = explicit or cls.default_head_sizes(vocab_size, int(cfg.mhce_heads))
     check_head_sizes(sizes, vocab_size, explicit is not None)

@@ -32,6 +32,24 @@ def parse_update_list(spec) -> List[int]:
         raise ValueError(f"--mhce-realloc-updates: update numbers must be >= 1; got {spec!r}")
     return out
 
+# --mhce-shortlist -1 (the default): a 1024-token shortlist once the target
+# dictionary has 4096 types; the plain product below that, where the heads
+# are already small (results/compare_bible_spm8k_ablation_shortlist.md)
+AUTO_SHORTLIST, AUTO_SHORTLIST_MIN_VOCAB = 1024, 4096
+
+
+def resolve_shortlist(value, vocab_size: int) -> int:
+    """``--mhce-shortlist`` for a target dictionary of ``vocab_size`` types:
+    ``-1`` (auto) -> 1024 when ``V >= 4096``, else 0; ``None`` (a config
+    saved before the option existed) -> 0; anything else as given."""
+    if value is None:
+        return 0
+    value = int(value)
+    if value < 0:
+        return AUTO_SHORTLIST if vocab_size >= AUTO_SHORTLIST_MIN_VOCAB else 0
+    return value
+
+
 @register_head("mhp", 1)
 class MultiHeadProduct(OutputLayer):
     """MHP: ``H`` independent digit classifiers on the same state.
@@ -101,7 +119,7 @@ class MultiHeadProduct(OutputLayer):
     def build(cls, cfg, input_dim, codec, embed_tokens=None):
         return cls(input_dim, codec, realloc_updates=parse_update_list(getattr(cfg, "mhce_realloc_updates", None)),
                    realloc_window=int(getattr(cfg, "mhce_realloc_window", None) or 100),
-                   shortlist=int(getattr(cfg, "mhce_shortlist", None) or 0))  # fmt: skip
+                   shortlist=resolve_shortlist(getattr(cfg, "mhce_shortlist", None), codec.vocab_size))  # fmt: skip
 
     # -- re-allocation (LightRNN) ------------------------------------------
     def _collecting(self) -> bool:
