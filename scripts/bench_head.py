@@ -64,7 +64,7 @@ LABELS = {
     "softmax_ce": "full softmax CE",
     "adaptive": "adaptive softmax",
     "mhp": "MHP H2",
-    "mhp_sl": "MHP H2 + shortlist 1024",
+    "mhp_sl": "MHP H2 + shortlist 2048",
     "mhe": "MHE H2",
     "mhe_pt": "MHE H2 per-token",
     "mhs": "MHS H2",
@@ -152,11 +152,11 @@ def build(method, V, d, device, dtype, heads):
     # the model's default sizes: balanced for MHP/MHE, 16-token groups for MHS
     code = None
     kw = {"last_head": "per-token"} if method == "mhe_pt" else {}
-    if method == "mhp_sl":  # the model's default for V >= 4096: the first 1024 ids on the shortlist
+    if method == "mhp_sl":  # the model's default for V >= 4096: the first 2048 ids on the shortlist
         from fairseq_mhce.modules.code_table import shortlist_code
         from fairseq_mhce.modules.multihead_output import resolve_shortlist
 
-        kw = {"shortlist": resolve_shortlist(-1, V) or min(1024, V - 2)}
+        kw = {"shortlist": resolve_shortlist(-1, V) or min(2048, V - 2)}
         code = shortlist_code(torch.arange(V), kw["shortlist"])
     codec = MixedRadixCodec(V, cls.default_head_sizes(V, heads), code)
     head = cls(d, codec, **kw).to(device)

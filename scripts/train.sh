@@ -37,7 +37,7 @@
 # REUSE_SAVEDIR (1: skip the check of SAVEDIR's checkpoints above),
 # CODES (mhp/mhe: ppmi = build SAVEDIR/codes_ppmi_*.json from the training
 # targets with scripts/build_codes.py and train with it, the default; for
-# mhp with --mhce-shortlist N (by default 1024 when V >= 4096) the table lists
+# mhp with --mhce-shortlist N (by default 2048 when V >= 4096) the table lists
 # the N most frequent training targets; identity = the model's own
 # --mhce-code-order).
 set -euo pipefail

@@ -169,10 +169,10 @@ def test_default_shortlist_follows_the_vocabulary_and_old_configs_keep_none():
     from fairseq_mhce.models.transformer_mhce import mhce_defaults
     from fairseq_mhce.modules.multihead_output import resolve_shortlist
 
-    assert resolve_shortlist(-1, 4095) == 0 and resolve_shortlist(-1, 4096) == 1024
+    assert resolve_shortlist(-1, 4095) == 0 and resolve_shortlist(-1, 4096) == 2048
     assert resolve_shortlist(None, 10**6) == 0 and resolve_shortlist(7, 50) == 7
     big = build_head(cfg(mhce_method="mhp"), 16, dictionary(5000))
-    assert big.shortlist == 1024 and torch.equal(big.codec.code[:1024], torch.arange(5000 - 1024, 5000))
+    assert big.shortlist == 2048 and torch.equal(big.codec.code[:2048], torch.arange(5000 - 2048, 5000))
     assert build_head(cfg(mhce_method="mhe"), 16, dictionary(5000)).codec.num_codes >= 5000  # mhe: no shortlist
     old = cfg(mhce_method="mhp")
     del old.mhce_shortlist  # a config saved before the option existed: the plain product it was trained with

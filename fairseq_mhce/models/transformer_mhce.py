@@ -85,7 +85,7 @@ class MHCEConfig(FairseqDataclass):
             "is the tail; the other V-N types share the tail's mass through the product of heads (the hybrid "
             "of Oda et al. 2017; N+1 more outputs per token). Which types: the code table's top N codes (a "
             "table from scripts/build_codes.py --shortlist N lists the most frequent training targets; "
-            "otherwise the dictionary's first N ids). -1 (default): 1024 when the target dictionary has "
+            "otherwise the dictionary's first N ids). -1 (default): 2048 when the target dictionary has "
             ">= 4096 types, else 0; 0: the plain product. Ignored by mhe / mhs unless set > 0 (refused)"
         },
     )

@@ -32,15 +32,16 @@ def parse_update_list(spec) -> List[int]:
         raise ValueError(f"--mhce-realloc-updates: update numbers must be >= 1; got {spec!r}")
     return out
 
-# --mhce-shortlist -1 (the default): a 1024-token shortlist once the target
-# dictionary has 4096 types; the plain product below that, where the heads
-# are already small (results/compare_bible_spm8k_ablation_shortlist.md)
-AUTO_SHORTLIST, AUTO_SHORTLIST_MIN_VOCAB = 1024, 4096
+# --mhce-shortlist -1 (the default): a 2048-token shortlist once the target
+# dictionary has 4096 types (the best MHP of the Bible spm 8k ablation,
+# results/compare_bible_spm8k_ablation_shortlist*.md); the plain product
+# below that, where a shortlist would be half the vocabulary or more
+AUTO_SHORTLIST, AUTO_SHORTLIST_MIN_VOCAB = 2048, 4096
 
 
 def resolve_shortlist(value, vocab_size: int) -> int:
     """``--mhce-shortlist`` for a target dictionary of ``vocab_size`` types:
-    ``-1`` (auto) -> 1024 when ``V >= 4096``, else 0; ``None`` (a config
+    ``-1`` (auto) -> 2048 when ``V >= 4096``, else 0; ``None`` (a config
     saved before the option existed) -> 0; anything else as given."""
     if value is None:
         return 0
