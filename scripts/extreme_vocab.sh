@@ -35,9 +35,12 @@ CODES=$REPO/work/codes/multi_word_ppmi_h2.json
 
 HOURS=$("$PY" -c "print(round($MINUTES / 60, 4))")
 export WARMUP=${WARMUP:-100} ADAPTIVE_CUTOFF=${ADAPTIVE_CUTOFF:-20000,60000}
+# MHP_SHORTLIST: the committed tables (and their checkpoints, for
+# --extend-from) are the plain product, trained before MHP's default
+# shortlist; MHP_SHORTLIST=-1 gives the model's default (2048 at this V)
 "$PY" "$REPO/scripts/compare.py" --databin "$DATA" --name "$NAME" --methods "$METHODS" \
   --warmup "$WARMUP" --max-update 1000000 \
-  --variant "mhp=mhp:--mhce-code-table $CODES" --variant "mhe=mhe:--mhce-code-table $CODES" \
+  --variant "mhp=mhp:--mhce-code-table $CODES --mhce-shortlist ${MHP_SHORTLIST:-0}" --variant "mhe=mhe:--mhce-code-table $CODES" \
   --train-args "--stop-time-hours $HOURS --validate-interval-updates 100" \
   --generate-args "--max-len-a 1.2 --max-len-b 10" --speed-batches 4 --dense-subset test_en --reuse \
   --note "adaptive softmax cutoffs $ADAPTIVE_CUTOFF; MHP and MHE read the same PPMI code table ($CODES, built once)" \
