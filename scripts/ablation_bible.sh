@@ -25,8 +25,10 @@
 #    and of MHP + shortlist 1024 / 2048 (table NAME_shortlist);
 # 8. the softmax and MHP + shortlist 1024 / 2048 at LONG_UPD updates (table
 #    NAME_shortlist_LONG_UPD);
+# 9. the softmax and MHP + shortlist 2048 at equal wall-clock (WALL_MIN
+#    minutes each; table NAME_shortlist_wallclock);
 # PHASES (comma-separated subset of updates,wallclock,long,realloc,shortlist,
-# shortlist_long; default
+# shortlist_long,shortlist_wallclock; default
 # all) picks the phases to run;
 # each phase runs two compare.py processes (one thread each) side by side, then
 # the tables are rendered from all finished runs (results/compare_NAME*.md).
@@ -75,7 +77,7 @@ VARIANTS=(
   --variant "mhp-ppmi-short2048-seed2=mhp:--mhce-shortlist 2048 --mhce-code-table $CODES/ppmi_h2_short2048.json --seed 2"
   --variant "mhp-ppmi-realloc1=mhp:--mhce-code-table $CODES/ppmi_h2.json --mhce-realloc-updates $(( UPD / 2 )) --mhce-realloc-window $(( UPD / 2 ))"
 )
-want() { [[ ",${PHASES:-updates,wallclock,long,realloc,shortlist,shortlist_long}," == *",$1,"* ]]; }
+want() { [[ ",${PHASES:-updates,wallclock,long,realloc,shortlist,shortlist_long,shortlist_wallclock}," == *",$1,"* ]]; }
 export OMP_NUM_THREADS=1 SEARCH=${SEARCH:-factorized}
 pair() {  # pair NAME UPDATES TRAIN_ARGS METHODS_A METHODS_B: two compare.py processes side by side
   local name=$1 upd=$2 targs=$3 a=$4 b=$5
@@ -119,4 +121,10 @@ fi
 # the committed NAME_LONG_UPD table keeps its runs)
 if want shortlist_long; then
   pair "${NAME}_shortlist_${LONG_UPD}" "$LONG_UPD" "$ARCH" "softmax" "mhp-ppmi-short1024,mhp-ppmi-short2048"
+fi
+# the shortlist MHP against the softmax at equal wall-clock (its own table)
+if want shortlist_wallclock; then
+  pair "${NAME}_shortlist_wallclock" 1000000 "$ARCH --stop-time-hours $("$PY" -c "print(round($WALL_MIN / 60, 4))")" \
+    "softmax" "mhp-ppmi-short2048" \
+    --note "equal wall-clock: each trained for $WALL_MIN min (--stop-time-hours), the two side by side on the 2 cores (one thread each); the update cap 1000000 is never reached"
 fi
