@@ -227,12 +227,12 @@ def test_build_codes_shortlist_lists_the_most_frequent_targets(databin, tmp_path
 
 
 def test_fairseq_train_and_generate_with_a_shortlist(tmp_path):
-    data = make_copy_data(tmp_path / "copy", n_train=600, n_valid=40, n_test=20)
+    data = make_copy_data(tmp_path / "copy", n_train=400, n_valid=40, n_test=20)
     save = tmp_path / "ckpt"
     cli(
         "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer_mhce", "--mhce-method", "mhp",
         "--mhce-shortlist", "12", *TINY_ARCH, "--criterion", "mhce_label_smoothed_cross_entropy",
-        "--label-smoothing", "0.1", *TRAIN_COMMON, "--max-update", "40", "--save-dir", save,
+        "--label-smoothing", "0.1", *TRAIN_COMMON, "--max-update", "30", "--save-dir", save,
     )  # fmt: skip
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
@@ -249,8 +249,4 @@ def test_fairseq_train_and_generate_with_a_shortlist(tmp_path):
         lines[mode] = [l for l in out.splitlines() if l[:2] in ("H-", "P-")]
     assert len(hypotheses("\n".join(lines["dense"]))) == 20
     assert lines["dense"] == lines["factorized"]
-    bad = cli(
-        "fairseq-generate", data, "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt",
-        "--model-overrides", "{'mhce_shortlist': 4}", "--batch-size", "20", check=False,
-    ).stdout  # fmt: skip
-    assert "trained with --mhce-shortlist 12, this model has --mhce-shortlist 4" in bad
+    # (a checkpoint of another shortlist size: test_refusals_and_the_models_default_table)
