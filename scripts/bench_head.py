@@ -154,9 +154,9 @@ def build(method, V, d, device, dtype, heads):
     kw = {"last_head": "per-token"} if method == "mhe_pt" else {}
     if method == "mhp_sl":  # the model's default for V >= 4096: the first 2048 ids on the shortlist
         from fairseq_mhce.modules.code_table import shortlist_code
-        from fairseq_mhce.modules.multihead_output import resolve_shortlist
+        from fairseq_mhce.modules.multihead_output import AUTO_SHORTLIST
 
-        kw = {"shortlist": resolve_shortlist(-1, V) or min(2048, V - 2)}
+        kw = {"shortlist": min(AUTO_SHORTLIST, V - 2)}
         code = shortlist_code(torch.arange(V), kw["shortlist"])
     codec = MixedRadixCodec(V, cls.default_head_sizes(V, heads), code)
     head = cls(d, codec, **kw).to(device)

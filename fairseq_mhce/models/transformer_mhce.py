@@ -197,15 +197,12 @@ def build_head(cfg, input_dim: int, dictionary, embed_tokens=None) -> OutputLaye
         g = torch.Generator().manual_seed(int(cfg.mhce_code_seed))
         code = torch.randperm(vocab_size, generator=g)
     if shortlist:
-        if not 1 <= shortlist <= vocab_size - 2:
-            raise ValueError(
-                f"--mhce-shortlist {shortlist}: the shortlist must hold between 1 and V - 2 = {vocab_size - 2} "
-                f"tokens (the target dictionary has V = {vocab_size}); leave it at 0 for the plain product"
-            )
         # the product scores the tail on the codes [0, V - N); a table built
         # with --shortlist N says which tokens are listed, one built without
         # keeps its order on the tail (its groups shift)
-        table_short = int(read_code_table(cfg.mhce_code_table).get("meta", {}).get("shortlist", 0)) if code is not None and getattr(cfg, "mhce_code_table", None) else 0
+        table_short = 0
+        if code is not None and getattr(cfg, "mhce_code_table", None):
+            table_short = int(read_code_table(cfg.mhce_code_table).get("meta", {}).get("shortlist", 0))
         base = torch.arange(vocab_size) if code is None else code
         placed = base if table_short == shortlist else shortlist_code(base, shortlist)
         if code is not None and not torch.equal(placed, base):

@@ -135,15 +135,17 @@ class MixedRadixCodec(nn.Module):
         c = self.code[tokens]
         return c.unsqueeze(-1) // (self.strides * self.head_sizes)
 
-    def vocab_digits(self) -> List[int]:
-        """Digits of V itself (the first invalid code); only meaningful when
-        ``prod(C) > V``."""
-        return [(self.vocab_size // p) % c for c, p in zip(self.sizes, self.stride_list)]
+    def vocab_digits(self, bound: Optional[int] = None) -> List[int]:
+        """Digits of ``bound`` (default V, the first invalid code); only
+        meaningful when ``prod(C) > bound``."""
+        bound = self.vocab_size if bound is None else int(bound)
+        return [(bound // p) % c for c, p in zip(self.sizes, self.stride_list)]
 
-    def digit_counts(self) -> List[torch.Tensor]:
-        """For each head h, a (C_h,) tensor: how many valid codes have digit j
-        at head h.  Used for closed-form uniform label smoothing."""
-        valid = torch.arange(self.vocab_size, device=self.code.device)
+    def digit_counts(self, bound: Optional[int] = None) -> List[torch.Tensor]:
+        """For each head h, a (C_h,) tensor: how many of the codes below
+        ``bound`` (default V: the valid ones) have digit j at head h.  Used for
+        closed-form uniform label smoothing."""
+        valid = torch.arange(self.vocab_size if bound is None else int(bound), device=self.code.device)
         digits = (valid.unsqueeze(-1) // self.strides) % self.head_sizes
         return [torch.bincount(digits[:, h], minlength=c).to(torch.float) for h, c in enumerate(self.sizes)]
 

@@ -121,7 +121,7 @@ def mhp_topk(
     _check_k(k, min_token, codec.vocab_size)
     lps = [_no_nan(lp) for lp in (head.digit_log_probs(x) if lps is None else lps)]
     lz = head.log_z(lps)
-    extra_values = _extra_values(head, x, extra, lps=lps) if offset is None else None
+    extra_values = _extra_values(head, x, extra, lps=lps)
     n = x.size(0)
     values = lps[0].new_empty(n, k)
     tokens = torch.empty(n, k, dtype=torch.long, device=x.device)
@@ -216,9 +216,7 @@ def mhp_shortlist_topk(
     v, t = torch.cat(vals, -1), torch.cat(toks, -1)
     values, idx = v.topk(k, dim=-1)
     tokens = t.gather(-1, idx)
-    extra_values = None
-    if extra is not None and extra.numel() > 0:
-        extra_values = _no_nan(head.token_log_probs(x, extra.unsqueeze(0).expand(x.size(0), -1), lps=lps, short=short))
+    extra_values = _extra_values(head, x, extra, lps=lps, short=short)
     return values, _distinct_padding(values, tokens, lo, V), extra_values
 
 

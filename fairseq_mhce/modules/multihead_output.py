@@ -42,12 +42,18 @@ AUTO_SHORTLIST, AUTO_SHORTLIST_MIN_VOCAB = 2048, 4096
 def resolve_shortlist(value, vocab_size: int) -> int:
     """``--mhce-shortlist`` for a target dictionary of ``vocab_size`` types:
     ``-1`` (auto) -> 2048 when ``V >= 4096``, else 0; ``None`` (a config
-    saved before the option existed) -> 0; anything else as given."""
+    saved before the option existed) -> 0; anything else as given, if it
+    lies in ``[1, V - 2]`` (else ``ValueError``)."""
     if value is None:
         return 0
     value = int(value)
     if value < 0:
         return AUTO_SHORTLIST if vocab_size >= AUTO_SHORTLIST_MIN_VOCAB else 0
+    if value and not 1 <= value <= vocab_size - 2:
+        raise ValueError(
+            f"--mhce-shortlist {value}: the shortlist must hold between 1 and V - 2 = {vocab_size - 2} tokens "
+            f"(the target dictionary has V = {vocab_size}); leave it at 0 for the plain product"
+        )
     return value
 
 
@@ -78,23 +84,15 @@ class MultiHeadProduct(OutputLayer):
     def __init__(self, input_dim: int, codec: MixedRadixCodec, realloc_updates: Sequence[int] = (),
                  realloc_window: int = 100, shortlist: int = 0):  # fmt: skip
         super().__init__(input_dim, codec)
-        V = codec.vocab_size
-        self.shortlist = int(shortlist or 0)
-        if self.shortlist:
-            if not 1 <= self.shortlist <= V - 2:
-                raise ValueError(
-                    f"--mhce-shortlist {shortlist}: the shortlist must hold between 1 and V - 2 = {V - 2} tokens "
-                    f"(the target dictionary has V = {V}); leave it at 0 for the plain product"
-                )
-            if realloc_updates:
-                raise ValueError(
-                    "--mhce-realloc-updates cannot be combined with --mhce-shortlist (the re-allocation would "
-                    "move tokens between the shortlist and the tail); drop one of them"
-                )
+        self.shortlist = resolve_shortlist(shortlist, codec.vocab_size)
+        if self.shortlist and realloc_updates:
+            raise ValueError(
+                "--mhce-realloc-updates cannot be combined with --mhce-shortlist (the re-allocation would "
+                "move tokens between the shortlist and the tail); drop one of them"
+            )
         # the product's valid codes: [0, T), T = V without a shortlist
-        self.tail_size = V - self.shortlist
+        self.tail_size = codec.vocab_size - self.shortlist
         self._has_invalid = codec.num_codes > self.tail_size
-        self._bound_digits = [(self.tail_size // p) % c for c, p in zip(codec.sizes, codec.stride_list)]
         # one fused projection for all heads (and the shortlist), split afterwards
         extra = self.shortlist + 1 if self.shortlist else 0
         self.proj = _init_linear(nn.Linear(input_dim, sum(codec.sizes) + extra))
@@ -120,7 +118,7 @@ class MultiHeadProduct(OutputLayer):
     def build(cls, cfg, input_dim, codec, embed_tokens=None):
         return cls(input_dim, codec, realloc_updates=parse_update_list(getattr(cfg, "mhce_realloc_updates", None)),
                    realloc_window=int(getattr(cfg, "mhce_realloc_window", None) or 100),
-                   shortlist=resolve_shortlist(getattr(cfg, "mhce_shortlist", None), codec.vocab_size))  # fmt: skip
+                   shortlist=getattr(cfg, "mhce_shortlist", None))  # fmt: skip
 
     # -- re-allocation (LightRNN) ------------------------------------------
     def _collecting(self) -> bool:
@@ -200,7 +198,7 @@ class MultiHeadProduct(OutputLayer):
         ... (big-endian comparison with T's digits t_h)."""
         if not self._has_invalid:
             return None
-        vd = self._bound_digits
+        vd = self.codec.vocab_digits(self.tail_size)
         terms = []
         prefix = lps[0].new_zeros(lps[0].shape[:-1])
         for h, lp in enumerate(lps):
@@ -317,9 +315,7 @@ class MultiHeadProduct(OutputLayer):
         cache = getattr(self, "_counts_cache", None)
         dev = self.codec.code.device
         if cache is None or cache[0].device != dev:
-            valid = torch.arange(self.tail_size, device=dev)
-            digits = (valid.unsqueeze(-1) // self.codec.strides) % self.codec.head_sizes
-            cache = [torch.bincount(digits[:, h], minlength=c).float() for h, c in enumerate(self.sizes)]
+            cache = [c.to(dev) for c in self.codec.digit_counts(self.tail_size)]
             self._counts_cache = cache
         return cache
 
