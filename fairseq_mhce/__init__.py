@@ -74,3 +74,8 @@ def trust_fairseq_checkpoint_loading():
 trust_fairseq_checkpoint_loading()
 
 from . import criterions, models, modules, tasks  # noqa: E402,F401
+from .config import wrap_checkpoint_config_loading  # noqa: E402
+from .training_start import wrap_trainer_load_checkpoint  # noqa: E402
+
+wrap_checkpoint_config_loading()
+wrap_trainer_load_checkpoint()

@@ -24,8 +24,9 @@
 #          checkpoint_best.pt).
 #
 # The model is fairseq's transformer_iwslt_de_en (or its _mhce twin) sized for
-# a CPU: 3+3 layers, d 256, ffn 1024, 4 heads, no embedding sharing (a
-# multi-head output has no V x d matrix to tie, so no method ties).  Optimizer:
+# a CPU: 3+3 layers, d 256, ffn 1024, 4 heads, no embedding sharing unless
+# --share-decoder-input-output-embed is passed (every method but the plain
+# MHP product and the shared-last-head MHE can tie).  Optimizer:
 # adam (0.9, 0.98), lr 1e-3, inverse_sqrt with $WARMUP warm-up updates,
 # label smoothing 0.1, dropout $DROPOUT, max-tokens 4096.
 #
@@ -35,11 +36,10 @@
 # DROPOUT (0.1), MAX_TOKENS (4096), LR (1e-3), SEED (1), MHCE_HEADS (2),
 # ADAPTIVE_CUTOFF (default: V/4,3V/4 of the target dictionary), VENV,
 # REUSE_SAVEDIR (1: skip the check of SAVEDIR's checkpoints above),
-# CODES (mhp/mhe: ppmi = build SAVEDIR/codes_ppmi_*.json from the training
-# targets with scripts/build_codes.py and train with it, the default; for
-# mhp with --mhce-shortlist N (by default 2048 when V >= 4096) the table lists
-# the N most frequent training targets; identity = the model's own
-# --mhce-code-order).
+# CODES (mhp/mhe: ppmi = the model's automatic PPMI code table, built from
+# the training targets when training starts and cached in
+# SAVEDIR/mhce_code_table.json, the default; identity = --mhce-code-order
+# identity).
 set -euo pipefail
 source "$(dirname "$0")/recipe_common.sh"
 recipe_setup train.sh fairseq-train "$@"  # sets METHOD DATABIN SAVEDIR REPO BIN SRC TGT
@@ -82,37 +82,14 @@ case "$METHOD" in
     echo "train.sh: METHOD must be softmax, adaptive, mhp, mhe or mhs (got '$METHOD')" >&2; exit 2 ;;
 esac
 
-# before anything is written into SAVEDIR (the code table below, train.log)
+# before anything is written into SAVEDIR (train.log)
 savedir_guard train.sh "$SAVEDIR" "$DATABIN" "$V" -- "${COMMON[@]}" "${M[@]}" "$@"
 mkdir -p "$SAVEDIR"
-# MHP / MHE: a code table learned from the training targets (PPMI + SVD,
-# scripts/build_codes.py), the configuration that won the ablation
-# (results/compare_bible_spm8k_ablation.md); CODES=identity keeps the
-# model's own order, as does any --mhce-code-table / --mhce-code-order given.
-if [[ $METHOD == mhp || $METHOD == mhe ]] && [[ ${CODES:-ppmi} == ppmi ]] \
-   && [[ " $* " != *" --mhce-code-table "* && " $* " != *" --mhce-code-order "* ]]; then
-  heads=${MHCE_HEADS:-2} sizes= short=-1
-  prev=
-  for a in "$@"; do
-    [[ $prev == --mhce-heads ]] && heads=$a
-    [[ $prev == --mhce-head-sizes ]] && sizes=$a
-    [[ $prev == --mhce-shortlist ]] && short=$a
-    prev=$a
-  done
-  # MHP's shortlist (--mhce-shortlist, default -1 = the model's auto rule):
-  # the table lists the most frequent training targets on its top codes
-  short_args=() short_tag=
-  if [[ $METHOD == mhp ]]; then
-    short=$("$BIN/python" -c "from fairseq_mhce.modules.multihead_output import resolve_shortlist as r; print(r($short, $V))")
-    [[ $short != 0 ]] && short_args=(--shortlist "$short") short_tag=_short$short
-  fi
-  CODE_TABLE=$SAVEDIR/codes_ppmi_${sizes:-h$heads}$short_tag.json
-  if [ ! -f "$CODE_TABLE" ]; then
-    if [ -n "$sizes" ]; then shape=(--head-sizes "$sizes"); else shape=(--heads "$heads"); fi
-    "$BIN/python" "$REPO/scripts/build_codes.py" --databin "$DATABIN" --target-lang "$TGT" \
-      "${shape[@]}" "${short_args[@]}" --source ppmi --seed "${SEED:-1}" --out "$CODE_TABLE" >&2
-  fi
-  M+=(--mhce-code-table "$CODE_TABLE")
+# MHP / MHE: the model builds its own PPMI code table from the training
+# targets when training starts (--mhce-code-order auto, cached in SAVEDIR);
+# CODES=identity asks for the frequency order instead
+if [[ $METHOD == mhp || $METHOD == mhe ]] && [[ ${CODES:-ppmi} == identity ]]; then
+  M+=(--mhce-code-order identity)
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 echo "train.sh: $METHOD on $DATABIN ($SRC->$TGT, target V=$V) -> $SAVEDIR" >&2

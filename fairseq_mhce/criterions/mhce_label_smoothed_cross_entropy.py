@@ -48,11 +48,6 @@ def get_mhce_head(model) -> OutputLayer:
             "example transformer_iwslt_de_en_mhce), or --criterion "
             "label_smoothed_cross_entropy for a softmax model."
         )
-    if head.codec.pending_table is not None:
-        raise FileNotFoundError(
-            f"--mhce-code-table {head.codec.pending_table}: no such file. Write it with "
-            "scripts/build_codes.py (or drop the option to use --mhce-code-order)"
-        )
     return head
 
 

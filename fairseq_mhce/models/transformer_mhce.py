@@ -6,125 +6,26 @@ checkpoint alone (plus ``--user-dir``).  For each Transformer architecture in
 fairseq a ``<arch>_mhce`` twin is registered with the same hyperparameters.
 """
 
+import contextlib
+import contextvars
 import hashlib
 import logging
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import ARCH_MODEL_REGISTRY, ARCH_CONFIG_REGISTRY, register_model, register_model_architecture
 from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase, TransformerModel
 
+from ..config import MHCEConfig, MHCESettings, resolve_settings
 from ..modules.code_table import load_code_table, read_code_table, shortlist_code
 from ..modules.codec import MixedRadixCodec, auto_head_sizes, parse_head_sizes, used_digits
-from ..modules.multihead_output import LAST_HEAD_CHOICES, resolve_shortlist
-from ..modules.output_layer import HEADS, OutputLayer, head_class
+from ..modules.multihead_output import resolve_shortlist
+from ..modules.output_layer import OutputLayer, head_class
+from ..modules.tied_embedding import CodeOrderedEmbedding
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class MHCEConfig(FairseqDataclass):
-    mhce_method: ChoiceEnum(list(HEADS)) = field(
-        default="mhe",
-        metadata={
-            "help": "output layer: mhp (independent digit heads, product distribution), "
-            "mhe (heads in series, exact chain rule), mhs (full softmax trained on "
-            "sampled head-1 groups)"
-        },
-    )
-    mhce_heads: int = field(
-        default=2, metadata={"help": "number of heads H when --mhce-head-sizes is not given"}
-    )
-    mhce_head_sizes: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "comma-separated head sizes C_1,..,C_H (head 1 most significant); "
-            "their product must be >= the target dictionary size. Default: balanced "
-            "sizes with the smallest product >= V (mhp, mhe); ceil(V/16),16 for mhs"
-        },
-    )
-    mhce_code_order: ChoiceEnum(["identity", "random"]) = field(
-        default="identity",
-        metadata={
-            "help": "token id -> code permutation: identity (fairseq dictionaries are "
-            "sorted by frequency, so head 1 is a frequency band) or random (seeded "
-            "by --mhce-code-seed); saved in the checkpoint either way"
-        },
-    )
-    mhce_code_seed: int = field(default=1, metadata={"help": "seed of --mhce-code-order random"})
-    mhce_code_table: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "a code table file written by scripts/build_codes.py for this target "
-            "dictionary and these head sizes (overrides --mhce-code-order); read when the "
-            "model is first built and saved in the checkpoint, so decoding does not need it"
-        },
-    )
-    mhce_realloc_updates: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "MHP: comma-separated update numbers after which the code table is re-allocated "
-            "(LightRNN): every token moves to the code that minimizes the NLL of its training targets "
-            "of the last --mhce-realloc-window updates under the current heads (an exact assignment, "
-            "scipy); the heads keep their weights and the new table is saved in the checkpoint. "
-            "V <= 16384 (a dense V x V assignment)"
-        },
-    )
-    mhce_realloc_window: int = field(
-        default=100, metadata={"help": "MHP: updates whose targets each re-allocation is computed from"}
-    )
-    mhce_shortlist: int = field(
-        default=-1,
-        metadata={
-            "help": "MHP: N target types get their own output vectors in an (N+1)-way softmax whose last class "
-            "is the tail; the other V-N types share the tail's mass through the product of heads (the hybrid "
-            "of Oda et al. 2017; N+1 more outputs per token). Which types: the code table's top N codes (a "
-            "table from scripts/build_codes.py --shortlist N lists the most frequent training targets; "
-            "otherwise the dictionary's first N ids). -1 (default): 2048 when the target dictionary has "
-            ">= 4096 types, else 0; 0: the plain product. Ignored by mhe / mhs unless set > 0 (refused)"
-        },
-    )
-    mhce_last_head: ChoiceEnum(LAST_HEAD_CHOICES) = field(
-        default="per-token",
-        metadata={
-            "help": "MHE: the last head's output vectors: shared (one C_H x d matrix for every "
-            "prefix, told apart by a prefix embedding) or per-token (each token its own "
-            "vector, scored only within its prefix's group: V x d parameters, "
-            "O(sum C_h d) compute per target; the default: it closes most of the gap "
-            "to the softmax, results/compare_bible_spm8k_ablation.md)"
-        },
-    )
-    mhce_activation: ChoiceEnum(["gelu", "relu", "tanh"]) = field(
-        default="gelu", metadata={"help": "MHE: activation of x + E_h[prefix]"}
-    )
-    mhce_sample_groups: float = field(
-        default=0.25,
-        metadata={
-            "help": "MHS: head-1 groups scored per training step: a count (> 1) or a "
-            "fraction of all groups (<= 1); groups holding a target are always in"
-        },
-    )
-
-
-# settings whose default changed: a config saved before the field existed
-# (an older checkpoint) was trained with the old behaviour
-LEGACY_DEFAULTS = {"mhce_last_head": "shared", "mhce_shortlist": 0}
-
-
-def mhce_defaults(args):
-    """Fill the MHCE settings that an older config or a hydra config lacks."""
-    for name, fld in MHCEConfig.__dataclass_fields__.items():
-        if getattr(args, name, None) is None and name in LEGACY_DEFAULTS:
-            setattr(args, name, LEGACY_DEFAULTS[name])
-        elif getattr(args, name, None) is None and fld.default is not None:
-            setattr(args, name, fld.default)
-        elif not hasattr(args, name):
-            setattr(args, name, None)
 
 
 def max_useful_heads(vocab_size: int) -> int:
@@ -161,60 +62,61 @@ def check_head_sizes(sizes, vocab_size: int, explicit: bool):
             )
 
 
-def build_head(cfg, input_dim: int, dictionary, embed_tokens=None) -> OutputLayer:
-    """The output layer named by ``cfg.mhce_method``, with its codec (head
-    sizes, code table); ``embed_tokens`` is passed for tying (MHS only)."""
-    cls = head_class(cfg.mhce_method)
-    if getattr(cfg, "mhce_realloc_updates", None) and str(cfg.mhce_method) != "mhp":
-        raise ValueError(
-            f"--mhce-realloc-updates re-allocates the code table of --mhce-method mhp (whose heads have no "
-            f"per-token parameters); this model is --mhce-method {cfg.mhce_method}. Drop it, or build a "
-            f"learned table with scripts/build_codes.py (--mhce-code-table)."
+def layout_code(settings: MHCESettings, vocab_size: int, code, table_shortlist: int = 0):
+    """The codec's table for ``code`` (None: identity): with an MHP
+    shortlist, the listed tokens on the top codes (a table built for this
+    shortlist is used as is; another keeps its order on the tail)."""
+    shortlist = resolve_shortlist(settings.mhce_shortlist, vocab_size) if settings.mhce_method == "mhp" else 0
+    if not shortlist:
+        return code
+    base = torch.arange(vocab_size) if code is None else torch.as_tensor(code, dtype=torch.long)
+    placed = base if table_shortlist == shortlist else shortlist_code(base, shortlist)
+    if code is not None and not torch.equal(placed, base):
+        logger.warning(
+            f"the code table was not built for --mhce-shortlist {shortlist}: its tail tokens keep their order "
+            f"on the codes [0, {vocab_size - shortlist}), so its groups shift; build it with "
+            f"scripts/build_codes.py --shortlist {shortlist} for balanced groups"
         )
+    return placed
+
+
+def build_head(settings: MHCESettings, input_dim: int, dictionary, embed_tokens=None) -> OutputLayer:
+    """The output layer of ``settings`` (:func:`~fairseq_mhce.config.resolve_settings`)
+    with its codec (head sizes, code table); ``embed_tokens`` is the
+    decoder's input embedding when it is shared with the output.
+
+    The code table: a ``--mhce-code-table`` file is read now; ``random`` is
+    drawn now; ``ppmi`` (and a table file that does not exist yet) is left
+    pending on the codec and settled when training starts
+    (:mod:`fairseq_mhce.training_start`): from the checkpoint being resumed,
+    else built from the training data.  A checkpoint loaded for decoding
+    brings its own table in its state dict."""
+    cls = head_class(settings.mhce_method)
     vocab_size = len(dictionary)
-    requested = getattr(cfg, "mhce_shortlist", None)
-    shortlist = resolve_shortlist(requested, vocab_size) if str(cfg.mhce_method) == "mhp" else 0
-    if requested is not None and int(requested) > 0 and str(cfg.mhce_method) != "mhp":
-        raise ValueError(
-            f"--mhce-shortlist gives the most frequent tokens their own vectors beside the product of "
-            f"--mhce-method mhp; this model is --mhce-method {cfg.mhce_method} (whose per-token last head "
-            f"already gives every token its own vector). Drop --mhce-shortlist."
-        )
-    explicit = parse_head_sizes(cfg.mhce_head_sizes)
-    sizes = explicit or cls.default_head_sizes(vocab_size, int(cfg.mhce_heads))
+    if settings.mhce_method == "mhp":
+        resolve_shortlist(settings.mhce_shortlist, vocab_size)  # range check with V
+    explicit = parse_head_sizes(settings.mhce_head_sizes)
+    sizes = explicit or cls.default_head_sizes(vocab_size, settings.mhce_heads)
     check_head_sizes(sizes, vocab_size, explicit is not None)
-    code, pending = None, None
-    if getattr(cfg, "mhce_code_table", None):
-        path = str(cfg.mhce_code_table)
+    code, pending, table_short = None, None, 0
+    order = settings.code_order
+    if order == "table":
+        path = settings.mhce_code_table
         if os.path.exists(path):
             code = load_code_table(path, vocab_size, sizes, list(dictionary.symbols))
+            table_short = int((read_code_table(path).get("meta") or {}).get("shortlist", 0) or 0)
         else:
-            # a checkpoint being loaded brings its own table (state dict); a
-            # model trained from scratch needs the file: the criterion says so
-            logger.warning(f"--mhce-code-table {path} not found; the code table must come from a checkpoint")
-            pending = path
-    elif str(cfg.mhce_code_order) == "random":
-        g = torch.Generator().manual_seed(int(cfg.mhce_code_seed))
+            pending = ("table", path)
+    elif order == "random":
+        g = torch.Generator().manual_seed(settings.mhce_code_seed)
         code = torch.randperm(vocab_size, generator=g)
-    if shortlist:
-        # the product scores the tail on the codes [0, V - N); a table built
-        # with --shortlist N says which tokens are listed, one built without
-        # keeps its order on the tail (its groups shift)
-        table_short = 0
-        if code is not None and getattr(cfg, "mhce_code_table", None):
-            table_short = int(read_code_table(cfg.mhce_code_table).get("meta", {}).get("shortlist", 0))
-        base = torch.arange(vocab_size) if code is None else code
-        placed = base if table_short == shortlist else shortlist_code(base, shortlist)
-        if code is not None and not torch.equal(placed, base):
-            logger.warning(
-                f"the code table was not built for --mhce-shortlist {shortlist}: its tail tokens keep their order "
-                f"on the codes [0, {vocab_size - shortlist}), so its groups shift; build it with "
-                f"scripts/build_codes.py --shortlist {shortlist} for balanced groups"
-            )
-        code = placed
-    codec = MixedRadixCodec(vocab_size, sizes, code)
+    elif order == "ppmi":
+        pending = ("ppmi", None)
+    codec = MixedRadixCodec(vocab_size, sizes, layout_code(settings, vocab_size, code, table_short))
     codec.pending_table = pending
-    return cls.build(cfg, input_dim, codec, embed_tokens)
+    if embed_tokens is not None and not isinstance(embed_tokens, CodeOrderedEmbedding):
+        raise TypeError("a shared multi-head output needs the decoder embedding built by transformer_mhce")
+    return cls.build(settings, input_dim, codec, embed_tokens)
 
 
 def dictionary_fingerprint(dictionary) -> tuple:
@@ -236,13 +138,26 @@ class TransformerMHCEDecoder(TransformerDecoderBase):
     (training), which never needs the ``(B, T, V)`` logits.
     """
 
+    def __init__(self, cfg, dictionary, embed_tokens, no_encoder_attn=False, output_projection=None, settings=None):
+        # read by build_output_projection, which the base __init__ calls
+        object.__setattr__(self, "_mhce_settings", settings or resolve_settings(cfg))
+        super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn, output_projection)
+
     def build_output_projection(self, cfg, dictionary, embed_tokens):
         if getattr(cfg, "base_layers", 0):
             raise ValueError("--base-layers is not supported with a multi-head output")
         self.mhce_head = build_head(
-            cfg, self.output_embed_dim, dictionary, embed_tokens if self.share_input_output_embed else None
-        )
+            self._mhce_settings, self.output_embed_dim, dictionary,
+            embed_tokens if self.share_input_output_embed else None,
+        )  # fmt: skip
         self.output_projection = None  # every method's output layer is mhce_head (mhs: its proj)
+
+    def forward(self, prev_output_tokens, *args, **kwargs):
+        if self.training and self.mhce_head.codec.pending_table is not None:
+            from ..training_start import pending_table_error
+
+            raise RuntimeError(pending_table_error(self.mhce_head.codec.pending_table))
+        return super().forward(prev_output_tokens, *args, **kwargs)
 
     def output_layer(self, features):
         # the criterion and get_normalized_probs apply the head to the states
@@ -336,6 +251,35 @@ def check_criterion(name, method: str):
                        "states from forward(), not logits: it must score them through get_normalized_probs")
 
 
+# the settings of the model being built, for build_decoder: fairseq's legacy
+# build_model hands it a TransformerConfig.from_namespace(args), which drops
+# the keys of a hydra DictConfig that TransformerConfig does not know
+_BUILDING: contextvars.ContextVar = contextvars.ContextVar("mhce_building", default=None)
+
+
+@contextlib.contextmanager
+def _building(settings: MHCESettings):
+    token = _BUILDING.set(settings)
+    try:
+        yield
+    finally:
+        _BUILDING.reset(token)
+
+
+def fill_defaults(args) -> None:
+    """Write every ``mhce_*`` option's default into a config that lacks it
+    (the architecture functions call this), so that the config saved in the
+    checkpoint names the model completely."""
+    defaults = MHCEConfig()
+    for name in MHCEConfig.__dataclass_fields__:
+        try:
+            missing = getattr(args, name, None) is None
+        except Exception:  # a struct DictConfig without the key
+            missing = True
+        if missing:
+            setattr(args, name, getattr(defaults, name))
+
+
 @register_model("transformer_mhce")
 class TransformerMHCEModel(TransformerModel):
     """fairseq's Transformer (legacy argparse form) with an MHCE output layer."""
@@ -347,47 +291,37 @@ class TransformerMHCEModel(TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
-        mhce_defaults(args)
-        method = head_class(args.mhce_method).method
-        shared = getattr(args, "share_decoder_input_output_embed", False) or getattr(
-            args, "share_all_embeddings", False
-        )
-        if method != "mhs" and shared:
-            raise ValueError(
-                f"--share-decoder-input-output-embed / --share-all-embeddings tie the V x d "
-                f"output projection to the target embeddings, but --mhce-method {method} has "
-                f"no V x d output projection to tie. Drop the flag (the decoder then has its "
-                f"own input embeddings and a multi-head output), or use --mhce-method mhs, "
-                f"which keeps a full, tieable projection."
-            )
+        settings = resolve_settings(args)
         if getattr(args, "adaptive_softmax_cutoff", None):
             raise ValueError("--adaptive-softmax-cutoff and a multi-head output are two different output layers; use one")
-        check_criterion(getattr(args, "criterion", None), method)
-        model = super().build_model(args, task)
+        check_criterion(getattr(args, "criterion", None), settings.mhce_method)
+        if settings.seed is None:
+            # a hydra model config has no common.seed; fairseq seeds torch
+            # with it before building the model, so this draw follows it
+            settings.seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        with _building(settings):
+            model = super().build_model(args, task)
         model.decoder.set_dictionaries(task.source_dictionary, task.target_dictionary)
         return model
 
     @classmethod
+    def build_embedding(cls, args, dictionary, embed_dim, path=None):
+        # the same nn.Embedding, able to store its rows in code order when a
+        # per-token output layer shares it (CodeOrderedEmbedding.tie)
+        return CodeOrderedEmbedding.from_embedding(super().build_embedding(args, dictionary, embed_dim, path))
+
+    @classmethod
     def build_decoder(cls, args, tgt_dict, embed_tokens):
+        settings = _BUILDING.get() or resolve_settings(args)
         cfg = TransformerConfig.from_namespace(args)
-        # from_namespace keeps unknown keys of an argparse Namespace but drops
-        # those of a DictConfig (fairseq-hydra-train): carry ours over
-        for name in MHCEConfig.__dataclass_fields__:
-            setattr(cfg, name, getattr(args, name, None))
-        mhce_defaults(cfg)
-        if getattr(args, "seed", None) is not None:
-            cfg.seed = args.seed
-        elif getattr(cfg, "seed", None) is None:
-            # a hydra model config has no common.seed; fairseq seeds torch
-            # with it before building the model, so this draw follows it
-            cfg.seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        return TransformerMHCEDecoder(cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention)
+        return TransformerMHCEDecoder(cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention,
+                                      settings=settings)  # fmt: skip
 
 
 @register_model_architecture("transformer_mhce", "transformer_mhce")
 def transformer_mhce(args):
     ARCH_CONFIG_REGISTRY["transformer"](args)
-    mhce_defaults(args)
+    fill_defaults(args)
 
 
 def _register_twins():
@@ -402,7 +336,7 @@ def _register_twins():
 
         def twin(args, _base=ARCH_CONFIG_REGISTRY[arch]):
             _base(args)
-            mhce_defaults(args)
+            fill_defaults(args)
 
         twin.__name__ = name
         register_model_architecture("transformer_mhce", name)(twin)

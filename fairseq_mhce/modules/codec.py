@@ -106,6 +106,17 @@ class MixedRadixCodec(nn.Module):
         self.register_buffer("code", code)
         self.register_buffer("token", token)
 
+    def set_code(self, code) -> None:
+        """Replace the code table in place (same V and head sizes): the
+        buffers keep their identity and device, so modules that hold them
+        (a tied embedding, a DDP wrapper) see the new table."""
+        code = torch.as_tensor(code, dtype=torch.long).to(self.code.device)
+        if code.shape != (self.vocab_size,) or not torch.equal(code.sort().values, torch.arange(self.vocab_size, device=code.device)):
+            raise ValueError("the code table must be a permutation of [0, V)")
+        self.code.copy_(code)
+        self.token.fill_(-1)
+        self.token[code] = torch.arange(self.vocab_size, device=code.device)
+
     def used_digits(self) -> List[int]:
         """For each head h, how many of its C_h digits some valid code uses
         (codes 0..V-1 use the digits below ceil(V / stride_h)); python ints,

@@ -164,10 +164,9 @@ class MultiHeadSampling(OutputLayer):
         return [-(-vocab_size // MHS_GROUP_SIZE), MHS_GROUP_SIZE]
 
     @classmethod
-    def build(cls, cfg, input_dim, codec, embed_tokens=None):
-        sample = getattr(cfg, "mhce_sample_groups", None)
-        return cls(input_dim, codec, sample_groups=0.25 if sample is None else sample,
-                   seed=getattr(cfg, "seed", None),
+    def build(cls, settings, input_dim, codec, embed_tokens=None):
+        # tied: the embedding stays in token order (MHS's projection is a plain V x d softmax)
+        return cls(input_dim, codec, sample_groups=settings.mhce_sample_groups, seed=settings.seed,
                    tied_weight=None if embed_tokens is None else embed_tokens.weight)  # fmt: skip
 
     def set_num_updates(self, num_updates):

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .codec import MixedRadixCodec
-from .output_layer import NEG_INF, OutputLayer, _init_linear, register_head
+from .output_layer import NEG_INF, OutputLayer, _init_linear, register_head, tie_error
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +82,12 @@ class MultiHeadProduct(OutputLayer):
     """
 
     def __init__(self, input_dim: int, codec: MixedRadixCodec, realloc_updates: Sequence[int] = (),
-                 realloc_window: int = 100, shortlist: int = 0):  # fmt: skip
-        super().__init__(input_dim, codec)
-        self.shortlist = resolve_shortlist(shortlist, codec.vocab_size)
+                 realloc_window: int = 100, shortlist: int = 0, tied_embed=None):  # fmt: skip
+        shortlist = resolve_shortlist(shortlist, codec.vocab_size)
+        if tied_embed is not None and not shortlist:
+            raise ValueError(tie_error("--mhce-method mhp without a shortlist (--mhce-shortlist 0)"))
+        super().__init__(input_dim, codec, tied_embed)
+        self.shortlist = shortlist
         if self.shortlist and realloc_updates:
             raise ValueError(
                 "--mhce-realloc-updates cannot be combined with --mhce-shortlist (the re-allocation would "
@@ -93,9 +96,16 @@ class MultiHeadProduct(OutputLayer):
         # the product's valid codes: [0, T), T = V without a shortlist
         self.tail_size = codec.vocab_size - self.shortlist
         self._has_invalid = codec.num_codes > self.tail_size
-        # one fused projection for all heads (and the shortlist), split afterwards
-        extra = self.shortlist + 1 if self.shortlist else 0
+        # one fused projection for all heads (and the shortlist), split
+        # afterwards; tied, the listed tokens' vectors are the shared
+        # embedding's rows [T, V) (code order: one contiguous view) and the
+        # projection keeps the digit heads and the tail class
+        extra = 0
+        if self.shortlist:
+            extra = 1 if self.tied else self.shortlist + 1
         self.proj = _init_linear(nn.Linear(input_dim, sum(codec.sizes) + extra))
+        if self.tied:
+            self.short_bias = nn.Parameter(torch.zeros(self.shortlist))
         # LightRNN-style re-allocation of the code table during training
         self.realloc_updates = sorted(int(u) for u in realloc_updates)
         self.realloc_window = int(realloc_window)
@@ -115,10 +125,10 @@ class MultiHeadProduct(OutputLayer):
         self._realloc_stats: Optional[List[torch.Tensor]] = None  # (V, C_h) sums of -log p_h; not saved
 
     @classmethod
-    def build(cls, cfg, input_dim, codec, embed_tokens=None):
-        return cls(input_dim, codec, realloc_updates=parse_update_list(getattr(cfg, "mhce_realloc_updates", None)),
-                   realloc_window=int(getattr(cfg, "mhce_realloc_window", None) or 100),
-                   shortlist=getattr(cfg, "mhce_shortlist", None))  # fmt: skip
+    def build(cls, settings, input_dim, codec, embed_tokens=None):
+        return cls(input_dim, codec, realloc_updates=parse_update_list(settings.mhce_realloc_updates),
+                   realloc_window=settings.mhce_realloc_window, shortlist=settings.mhce_shortlist,
+                   tied_embed=embed_tokens)  # fmt: skip
 
     # -- re-allocation (LightRNN) ------------------------------------------
     def _collecting(self) -> bool:
@@ -186,7 +196,12 @@ class MultiHeadProduct(OutputLayer):
         logits = self.proj(x).float()
         if not self.shortlist:
             return [F.log_softmax(z, dim=-1) for z in logits.split(self.sizes, dim=-1)], None
-        *zs, zs_short = logits.split(self.sizes + [self.shortlist + 1], dim=-1)
+        if self.tied:
+            *zs, z_tail = logits.split(self.sizes + [1], dim=-1)
+            listed = self.tied_weight.narrow(0, self.tail_size, self.shortlist)  # (S, d) view
+            zs_short = torch.cat([F.linear(x, listed, self.short_bias).float(), z_tail], -1)
+        else:
+            *zs, zs_short = logits.split(self.sizes + [self.shortlist + 1], dim=-1)
         return [F.log_softmax(z, dim=-1) for z in zs], F.log_softmax(zs_short, dim=-1)
 
     def log_z(self, lps: List[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -323,9 +338,15 @@ class MultiHeadProduct(OutputLayer):
         super().upgrade_state_dict_named(state_dict, name)
         prefix = name + "." if name else ""
         w = state_dict.get(prefix + "proj.weight")
-        if w is not None and w.size(0) != self.proj.weight.size(0):
-            extra = w.size(0) - sum(self.sizes)
+        sb = state_dict.get(prefix + "short_bias")
+        mismatch = w is not None and w.size(0) != self.proj.weight.size(0)
+        if self.tied:  # the tail class only in proj; the shortlist size is short_bias's
+            theirs = 0 if sb is None else sb.numel()
+            mismatch = mismatch or theirs != self.shortlist
+        else:
+            extra = 0 if w is None else w.size(0) - sum(self.sizes)
             theirs = extra - 1 if extra > 0 else 0
+        if mismatch:
             raise RuntimeError(
                 f"the checkpoint was trained with --mhce-shortlist {theirs}, this model has --mhce-shortlist "
                 f"{self.shortlist}; pass --mhce-shortlist {theirs} (or drop the override so the checkpoint's "
@@ -333,38 +354,47 @@ class MultiHeadProduct(OutputLayer):
             )
 
 
-LAST_HEAD_CHOICES = ["shared", "per-token"]
+from ..config import LAST_HEAD_CHOICES  # noqa: E402  (one home: the option's choices)
 
 
-def grouped_logits(x: torch.Tensor, group: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``out[n] = weight[group[n]] @ x[n] + bias[group[n]]`` without the
-    ``(N, C, d)`` gathered rows.
+def grouped_logits(x: torch.Tensor, group: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, c: int) -> torch.Tensor:
+    """``out[n, j] = weight[group[n] c + j] @ x[n] + bias[group[n] c + j]``
+    without the ``(N, C, d)`` gathered rows.
 
     Rows are sorted by group and each group present is scored with one
-    ``(n_g, d) x (d, C)`` matmul against a view of its ``(C, d)`` block
-    (``unbind``: no copy, and one gradient buffer for the whole table in
-    backward).  Compute ``N C d`` with no padding; one host sync for the
+    ``(n_g, d) x (d, C)`` matmul against a view of its ``(C, d)`` block of
+    the flat table (``split``: no copy, and one gradient buffer for the
+    whole table in backward).  ``weight`` may end in a partial block (a
+    shared embedding has exactly V rows): the missing columns score
+    ``-inf``.  Compute ``N C d`` with no padding; one host sync for the
     group counts.
 
     Args:
-        x: (N, d); group: (N,) long in ``[0, G)``
-        weight: (G, C, d); bias: (G, C)
+        x: (N, d); group: (N,) long in ``[0, ceil(R / c))``
+        weight: (R, d); bias: (>= R,); c: the block (group) size
     Returns:
-        (N, C)
+        (N, c)
     """
-    n, c = x.size(0), weight.size(1)
+    n, rows = x.size(0), weight.size(0)
     if n == 0:
         return x.new_zeros(0, c)
     order = group.argsort(stable=True)
-    counts = torch.bincount(group, minlength=weight.size(0))
-    present = counts.nonzero().squeeze(-1)
-    sizes = counts.index_select(0, present).tolist()
+    counts = torch.bincount(group, minlength=-(-rows // c))
+    present = counts.nonzero().squeeze(-1).tolist()
+    sizes = counts[present].tolist()
     parts = x.index_select(0, order).split(sizes)
     if torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad):
-        ws, bs = weight.unbind(0), bias.unbind(0)
-        out_sorted = torch.cat([F.linear(xp, ws[g], bs[g]) for g, xp in zip(present.tolist(), parts)], 0)
+        ws, bs = weight.split(c), bias.split(c)
+        blocks = [(ws[g], bs[g]) for g in present]
     else:  # decoding: a few groups per step; no view per group of the whole table
-        out_sorted = torch.cat([F.linear(xp, weight[g], bias[g]) for g, xp in zip(present.tolist(), parts)], 0)
+        blocks = [(weight.narrow(0, g * c, min(c, rows - g * c)), bias.narrow(0, g * c, c)) for g in present]
+    outs = []
+    for (w, b), xp in zip(blocks, parts):
+        z = F.linear(xp, w, b[: w.size(0)])
+        if w.size(0) < c:  # the partial last block: codes past the table belong to no token
+            z = F.pad(z, (0, c - w.size(0)), value=NEG_INF)
+        outs.append(z)
+    out_sorted = torch.cat(outs, 0)
     return out_sorted.new_empty(n, c).index_copy(0, order, out_sorted)
 
 
@@ -394,10 +424,12 @@ class MultiHeadEmbedding(OutputLayer):
     """
 
     def __init__(self, input_dim: int, codec: MixedRadixCodec, activation: str = "gelu",
-                 last_head: str = "shared"):  # fmt: skip
-        super().__init__(input_dim, codec)
+                 last_head: str = "per-token", tied_embed=None):  # fmt: skip
         if last_head not in LAST_HEAD_CHOICES:
             raise ValueError(f"--mhce-last-head must be one of {LAST_HEAD_CHOICES}, got {last_head!r}")
+        if tied_embed is not None and last_head != "per-token":
+            raise ValueError(tie_error("--mhce-method mhe with --mhce-last-head shared"))
+        super().__init__(input_dim, codec, tied_embed)
         sizes = codec.sizes
         self.last_head = last_head
         self.per_token = last_head == "per-token"
@@ -412,14 +444,20 @@ class MultiHeadEmbedding(OutputLayer):
             # one row per code of the used last-level prefixes (row = code)
             self.num_last_prefixes = -(-codec.vocab_size // sizes[-1])
             rows = self.num_last_prefixes * sizes[-1]
-            self.token_vectors = nn.Parameter(torch.randn(rows, input_dim) * input_dim ** -0.5)
+            if not self.tied:  # tied: the shared embedding's rows (code order)
+                self.token_vectors = nn.Parameter(torch.randn(rows, input_dim) * input_dim ** -0.5)
             self.token_bias = nn.Parameter(torch.zeros(rows))
         self.activation = {"gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh}[activation]
 
     @classmethod
-    def build(cls, cfg, input_dim, codec, embed_tokens=None):
-        return cls(input_dim, codec, activation=str(getattr(cfg, "mhce_activation", "gelu")),
-                   last_head=str(getattr(cfg, "mhce_last_head", "shared")))  # fmt: skip
+    def build(cls, settings, input_dim, codec, embed_tokens=None):
+        return cls(input_dim, codec, activation=settings.mhce_activation, last_head=settings.mhce_last_head,
+                   tied_embed=embed_tokens)  # fmt: skip
+
+    def last_vectors(self) -> torch.Tensor:
+        """(R, d) the per-token last head's vectors, row = code: its own
+        table (R = ceil(V / C_H) C_H) or the shared embedding (R = V)."""
+        return self.tied_weight if self.tied else self.token_vectors
 
     def level_log_probs(self, h: int, x: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
         """Head h's log-probabilities given prefixes.
@@ -439,9 +477,7 @@ class MultiHeadEmbedding(OutputLayer):
             c = self.sizes[-1]
             p = prefix.reshape(-1).clamp(max=self.num_last_prefixes - 1)  # beyond: all invalid, masked
             xs = x.unsqueeze(1).expand(n, m, x.size(-1)).reshape(n * m, -1)
-            logits = grouped_logits(
-                xs, p, self.token_vectors.view(-1, c, self.input_dim), self.token_bias.view(-1, c)
-            ).view(n, m, c)
+            logits = grouped_logits(xs, p, self.last_vectors(), self.token_bias, c).view(n, m, c)
         else:
             hid = self.activation(x.unsqueeze(1) + self.prefix_embed[h - 1](prefix))
             logits = self.out[h](hid)
@@ -481,7 +517,11 @@ class MultiHeadEmbedding(OutputLayer):
     def _last_level_dense(self, x, num_prefixes: int):
         """Per-token last head for every prefix at once: (n, num_prefixes, C_H)."""
         c = self.sizes[-1]
-        logits = F.linear(x, self.token_vectors, self.token_bias).float().view(x.size(0), -1, c)
+        w = self.last_vectors()
+        logits = F.linear(x, w, self.token_bias[: w.size(0)]).float()
+        if w.size(0) % c:  # a shared embedding ends in a partial group: no token there
+            logits = F.pad(logits, (0, c - w.size(0) % c), value=NEG_INF)
+        logits = logits.view(x.size(0), -1, c)
         if num_prefixes > self.num_last_prefixes:  # prefixes past V: no valid code
             pad = logits.new_full((x.size(0), num_prefixes - self.num_last_prefixes, c), NEG_INF)
             logits = torch.cat([logits, pad], 1)
@@ -544,7 +584,7 @@ class MultiHeadEmbedding(OutputLayer):
     def upgrade_state_dict_named(self, state_dict, name):
         super().upgrade_state_dict_named(state_dict, name)
         prefix = name + "." if name else ""
-        ck_per_token = (prefix + "token_vectors") in state_dict
+        ck_per_token = (prefix + "token_vectors") in state_dict or (prefix + "token_bias") in state_dict
         if ck_per_token != self.per_token:
             ck = "per-token" if ck_per_token else "shared"
             raise RuntimeError(

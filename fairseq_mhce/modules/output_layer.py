@@ -47,6 +47,19 @@ def head_class(name) -> Type["OutputLayer"]:
     return cls
 
 
+TIEABLE = "--mhce-method mhe with --mhce-last-head per-token, or --mhce-method mhp with --mhce-shortlist N > 0, or mhs"
+
+
+def tie_error(what: str) -> str:
+    """The refusal of a shared input/output embedding for a layer without
+    per-token output vectors."""
+    return (
+        f"--share-decoder-input-output-embed / --share-all-embeddings share the decoder's input embedding "
+        f"with per-token output vectors, but {what} has none (its heads score digits, not tokens). "
+        f"Forms that can share: {TIEABLE}. Otherwise drop the flag."
+    )
+
+
 def method_of_id(method_id: int) -> str:
     return next((n for n, c in HEADS.items() if c.method_code == int(method_id)), "?")
 
@@ -67,12 +80,36 @@ class OutputLayer(nn.Module):
     method: str = ""
     method_code: int = 0  # saved as the buffer ``method_id``
 
-    def __init__(self, input_dim: int, codec: MixedRadixCodec):
+    def __init__(self, input_dim: int, codec: MixedRadixCodec, tied_embed=None):
         super().__init__()
         self.input_dim = input_dim
         self.codec = codec
         self.register_buffer("method_id", torch.tensor(self.method_code))
         self._has_invalid = codec.num_codes > codec.vocab_size
+        # a shared embedding (CodeOrderedEmbedding) is referenced, not owned:
+        # the decoder owns it, so the state dict holds it once
+        self._tied_embed = None
+        if tied_embed is not None:
+            if tied_embed.embedding_dim != input_dim:
+                raise ValueError(
+                    f"--share-decoder-input-output-embed: the decoder embedding has {tied_embed.embedding_dim} "
+                    f"dimensions, the output layer's input {input_dim}; set --decoder-output-dim equal to "
+                    f"--decoder-embed-dim"
+                )
+            tied_embed.tie(codec)
+            object.__setattr__(self, "_tied_embed", tied_embed)
+            # marks a tied checkpoint (loading one into an untied model, or
+            # the reverse, is a clear error)
+            self.register_buffer("tied_output", torch.tensor(1))
+
+    @property
+    def tied(self) -> bool:
+        return self._tied_embed is not None
+
+    @property
+    def tied_weight(self) -> torch.Tensor:
+        """(V, d) the shared embedding, rows in code order."""
+        return self._tied_embed.weight
 
     # -- construction ------------------------------------------------------
     @classmethod
@@ -81,9 +118,12 @@ class OutputLayer(nn.Module):
         return auto_head_sizes(vocab_size, num_heads)
 
     @classmethod
-    def build(cls, cfg, input_dim: int, codec: MixedRadixCodec, embed_tokens=None) -> "OutputLayer":
-        """The head for a ``transformer_mhce`` decoder config (``mhce_*``
-        fields); ``embed_tokens`` is the decoder's input embedding (for tying)."""
+    def build(cls, settings, input_dim: int, codec: MixedRadixCodec, embed_tokens=None) -> "OutputLayer":
+        """The layer for resolved settings (:class:`~fairseq_mhce.config.MHCESettings`);
+        ``embed_tokens`` is the decoder's input embedding when it is shared
+        with the output (``--share-decoder-input-output-embed``)."""
+        if embed_tokens is not None:
+            raise ValueError(tie_error(f"--mhce-method {cls.method}"))
         return cls(input_dim, codec)
 
     @property
@@ -148,6 +188,15 @@ class OutputLayer(nn.Module):
         whose head does not match this model into a clear error instead of a
         tensor size mismatch deep inside torch."""
         prefix = name + "." if name else ""
+        ck_tied = (prefix + "tied_output") in state_dict
+        if ck_tied != self.tied:
+            raise RuntimeError(
+                f"the checkpoint's output layer {'shares' if ck_tied else 'does not share'} the decoder's input "
+                f"embedding, this model's {'does' if self.tied else 'does not'}: "
+                + ("pass --share-decoder-input-output-embed (or --share-all-embeddings, as it was trained)"
+                   if ck_tied else "drop --share-decoder-input-output-embed / --share-all-embeddings")
+                + " (or drop the overrides so the checkpoint's own settings are used)."
+            )
         key = prefix + "codec.head_sizes"
         if key not in state_dict:
             raise RuntimeError(

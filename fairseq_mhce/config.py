@@ -1,0 +1,285 @@
+"""The model options of the plugin: one home for each ``mhce_*`` option's
+default, help and validation.
+
+Every entry point builds the output layer from :func:`resolve_settings` of
+the config it was given: ``fairseq-train`` (an ``argparse.Namespace``),
+``fairseq-hydra-train`` (an omegaconf ``DictConfig`` of the model), a
+checkpoint's saved config (``fairseq-generate``, the hub), and fairseq's
+``TransformerConfig``.  A key that a config lacks gets the default below;
+a checkpoint saved before an option existed gets :data:`LEGACY_DEFAULTS`
+instead, filled in when the checkpoint is read (:func:`fill_legacy_defaults`),
+so that it rebuilds the model it was trained as.
+"""
+
+import functools
+import math
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+
+METHODS = ["mhp", "mhe", "mhs"]
+CODE_ORDERS = ["auto", "ppmi", "identity", "random"]
+LAST_HEAD_CHOICES = ["shared", "per-token"]
+ACTIVATIONS = ["gelu", "relu", "tanh"]
+
+
+@dataclass
+class MHCEConfig(FairseqDataclass):
+    mhce_method: ChoiceEnum(METHODS) = field(
+        default="mhe",
+        metadata={
+            "help": "output layer: mhp (independent digit heads, product distribution), "
+            "mhe (heads in series, exact chain rule), mhs (full softmax trained on "
+            "sampled head-1 groups)"
+        },
+    )
+    mhce_heads: int = field(default=2, metadata={"help": "number of heads H when --mhce-head-sizes is not given"})
+    mhce_head_sizes: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "comma-separated head sizes C_1,..,C_H (head 1 most significant); "
+            "their product must be >= the target dictionary size. Default: balanced "
+            "sizes with the smallest product >= V (mhp, mhe); ceil(V/16),16 for mhs"
+        },
+    )
+    mhce_code_order: ChoiceEnum(CODE_ORDERS) = field(
+        default="auto",
+        metadata={
+            "help": "token id -> code table: ppmi (similar target tokens share prefixes: PPMI-SVD vectors of "
+            "the training targets, balanced grouping; built once when training starts from --save-dir's "
+            "cache or the task's training data, seeded by --mhce-code-seed), identity (fairseq dictionaries "
+            "are sorted by frequency, so head 1 is a frequency band), random (seeded by --mhce-code-seed); "
+            "auto: ppmi for mhp/mhe, identity for mhs. --mhce-code-table overrides it. Saved in the "
+            "checkpoint either way: decoding never rebuilds it"
+        },
+    )
+    mhce_code_seed: int = field(default=1, metadata={"help": "seed of the ppmi and random code tables"})
+    mhce_code_table: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "a code table file written by mhce-build-codes / scripts/build_codes.py for this target "
+            "dictionary and these head sizes (overrides --mhce-code-order); read when training starts and "
+            "saved in the checkpoint, so decoding does not need it"
+        },
+    )
+    mhce_realloc_updates: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "MHP: comma-separated update numbers after which the code table is re-allocated "
+            "(LightRNN): every token moves to the code that minimizes the NLL of its training targets "
+            "of the last --mhce-realloc-window updates under the current heads (an exact assignment, "
+            "scipy); the heads keep their weights and the new table is saved in the checkpoint. "
+            "V <= 16384 (a dense V x V assignment)"
+        },
+    )
+    mhce_realloc_window: int = field(
+        default=100, metadata={"help": "MHP: updates whose targets each re-allocation is computed from"}
+    )
+    mhce_shortlist: int = field(
+        default=-1,
+        metadata={
+            "help": "MHP: N target types get their own output vectors in an (N+1)-way softmax whose last class "
+            "is the tail; the other V-N types share the tail's mass through the product of heads (the hybrid "
+            "of Oda et al. 2017; N+1 more outputs per token). Which types: the code table's top N codes (the "
+            "ppmi table lists the N most frequent training targets there). -1 (default): 2048 when the target "
+            "dictionary has >= 4096 types, else 0; 0: the plain product. Refused by mhe / mhs unless 0 or -1"
+        },
+    )
+    mhce_last_head: ChoiceEnum(LAST_HEAD_CHOICES) = field(
+        default="per-token",
+        metadata={
+            "help": "MHE: the last head's output vectors: shared (one C_H x d matrix for every "
+            "prefix, told apart by a prefix embedding) or per-token (each token its own "
+            "vector, scored only within its prefix's group: V x d parameters, or the decoder's "
+            "input embedding with --share-decoder-input-output-embed; O(sum C_h d) compute per target)"
+        },
+    )
+    mhce_activation: ChoiceEnum(ACTIVATIONS) = field(
+        default="gelu", metadata={"help": "MHE: activation of x + E_h[prefix]"}
+    )
+    mhce_sample_groups: float = field(
+        default=0.25,
+        metadata={
+            "help": "MHS: head-1 groups scored per training step: a count (> 1) or a "
+            "fraction of all groups (<= 1); groups holding a target are always in"
+        },
+    )
+
+
+OPTION_NAMES = [f.name for f in fields(MHCEConfig) if f.name.startswith("mhce_")]
+
+# settings whose default changed: a checkpoint whose saved config predates
+# the option was trained with the old behaviour
+LEGACY_DEFAULTS = {"mhce_last_head": "shared", "mhce_shortlist": 0, "mhce_code_order": "identity"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _get(cfg, name):
+    """``cfg.name`` for a Namespace, a dataclass or a (struct) DictConfig;
+    None when absent."""
+    try:
+        return getattr(cfg, name, None)
+    except Exception:  # omegaconf struct mode raises on a missing key
+        return None
+
+
+def _choice(name, value, choices):
+    value = str(value)
+    if value not in choices:
+        raise ValueError(f"{_flag(name)} {value!r}: choose one of {', '.join(choices)}")
+    return value
+
+
+def _int(name, value, lo=None):
+    try:
+        out = int(value)
+        if isinstance(value, float) and out != value:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"{_flag(name)} must be an integer, got {value!r}")
+    if lo is not None and out < lo:
+        raise ValueError(f"{_flag(name)} must be >= {lo}, got {out}")
+    return out
+
+
+@dataclass
+class MHCESettings:
+    """The validated options of one model (the same names as :class:`MHCEConfig`)
+    plus the two fairseq settings the output layer needs."""
+
+    mhce_method: str
+    mhce_heads: int
+    mhce_head_sizes: Optional[str]
+    mhce_code_order: str
+    mhce_code_seed: int
+    mhce_code_table: Optional[str]
+    mhce_realloc_updates: Optional[str]
+    mhce_realloc_window: int
+    mhce_shortlist: int
+    mhce_last_head: str
+    mhce_activation: str
+    mhce_sample_groups: float
+    share_output: bool = False  # --share-decoder-input-output-embed / --share-all-embeddings
+    seed: Optional[int] = None
+
+    @property
+    def code_order(self) -> str:
+        """``auto`` resolved: ppmi for mhp/mhe, identity for mhs; ``table``
+        when --mhce-code-table is given."""
+        if self.mhce_code_table:
+            return "table"
+        if self.mhce_code_order == "auto":
+            return "identity" if self.mhce_method == "mhs" else "ppmi"
+        return self.mhce_code_order
+
+
+def resolve_settings(cfg) -> MHCESettings:
+    """Every ``mhce_*`` option of ``cfg`` with its default filled in and its
+    value checked (``ValueError`` naming the flag and what to pass).  Checks
+    that need the dictionary (head sizes against V) are the codec's."""
+    from .modules.codec import parse_head_sizes
+    from .modules.multihead_output import parse_update_list
+
+    defaults = MHCEConfig()
+    v = {}
+    for name in OPTION_NAMES:
+        value = _get(cfg, name)
+        v[name] = getattr(defaults, name) if value is None else value
+    v["mhce_method"] = _choice("mhce_method", v["mhce_method"], METHODS)
+    v["mhce_code_order"] = _choice("mhce_code_order", v["mhce_code_order"], CODE_ORDERS)
+    v["mhce_last_head"] = _choice("mhce_last_head", v["mhce_last_head"], LAST_HEAD_CHOICES)
+    v["mhce_activation"] = _choice("mhce_activation", v["mhce_activation"], ACTIVATIONS)
+    v["mhce_heads"] = _int("mhce_heads", v["mhce_heads"], lo=1)
+    v["mhce_code_seed"] = _int("mhce_code_seed", v["mhce_code_seed"])
+    v["mhce_realloc_window"] = _int("mhce_realloc_window", v["mhce_realloc_window"], lo=1)
+    v["mhce_shortlist"] = _int("mhce_shortlist", v["mhce_shortlist"])
+    if v["mhce_shortlist"] < -1:
+        raise ValueError(
+            f"--mhce-shortlist {v['mhce_shortlist']}: give a number of tokens (> 0), 0 for the plain product, "
+            f"or -1 for the automatic size"
+        )
+    try:
+        groups = float(v["mhce_sample_groups"])
+    except (TypeError, ValueError):
+        raise ValueError(f"--mhce-sample-groups must be a number, got {v['mhce_sample_groups']!r}")
+    if not groups > 0 or math.isinf(groups):
+        raise ValueError(f"--mhce-sample-groups must be > 0 (a count, or a fraction <= 1), got {groups}")
+    v["mhce_sample_groups"] = groups
+    sizes = v["mhce_head_sizes"]
+    if sizes is not None and not isinstance(sizes, str):  # a hydra list or a single int
+        sizes = ",".join(str(s) for s in (sizes if hasattr(sizes, "__iter__") else [sizes]))
+    v["mhce_head_sizes"] = None if sizes is None or str(sizes).strip() in ("", "None", "auto") else str(sizes)
+    parse_head_sizes(v["mhce_head_sizes"])  # raises on a malformed list
+    table = v["mhce_code_table"]
+    v["mhce_code_table"] = None if table is None or str(table).strip() in ("", "None") else str(table)
+    upd = v["mhce_realloc_updates"]
+    v["mhce_realloc_updates"] = None if upd is None or str(upd).strip() in ("", "None") else str(upd)
+    parse_update_list(v["mhce_realloc_updates"])  # raises on a malformed list
+    method = v["mhce_method"]
+    if v["mhce_shortlist"] > 0 and method != "mhp":
+        raise ValueError(
+            f"--mhce-shortlist gives the most frequent tokens their own vectors beside the product of "
+            f"--mhce-method mhp; this model is --mhce-method {method}"
+            + (" (whose per-token last head already gives every token its own vector)" if method == "mhe" else "")
+            + ". Drop --mhce-shortlist."
+        )
+    if v["mhce_realloc_updates"] and method != "mhp":
+        raise ValueError(
+            f"--mhce-realloc-updates re-allocates the code table of --mhce-method mhp (whose heads have no "
+            f"per-token parameters); this model is --mhce-method {method}. Drop it."
+        )
+    share = bool(_get(cfg, "share_decoder_input_output_embed") or _get(cfg, "share_all_embeddings"))
+    seed = _get(cfg, "seed")
+    return MHCESettings(**v, share_output=share, seed=None if seed is None else int(seed))
+
+
+def fill_legacy_defaults(model_cfg) -> None:
+    """A checkpoint's saved model config (DictConfig or Namespace) that
+    predates an option: set :data:`LEGACY_DEFAULTS` for its missing keys."""
+    if model_cfg is None:
+        return
+    for name, value in LEGACY_DEFAULTS.items():
+        if _get(model_cfg, name) is None:
+            try:
+                setattr(model_cfg, name, value)
+            except Exception:  # a struct DictConfig
+                from omegaconf import open_dict
+
+                with open_dict(model_cfg):
+                    setattr(model_cfg, name, value)
+
+
+def _is_mhce_model_cfg(model_cfg) -> bool:
+    name = str(_get(model_cfg, "_name") or _get(model_cfg, "arch") or "")
+    return name == "transformer_mhce" or name.endswith("_mhce")
+
+
+def wrap_checkpoint_config_loading() -> None:
+    """Patch ``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` (idempotent;
+    every checkpoint read of fairseq goes through it) so that the saved model
+    config of a multi-head checkpoint gets :data:`LEGACY_DEFAULTS` for the
+    options it predates."""
+    from fairseq import checkpoint_utils
+
+    orig = checkpoint_utils.load_checkpoint_to_cpu
+    if getattr(orig, "_mhce_legacy_defaults", False):
+        return
+
+    @functools.wraps(orig)
+    def load_checkpoint_to_cpu(*args, **kwargs):
+        state = orig(*args, **kwargs)
+        model_cfg = None
+        try:
+            model_cfg = state["cfg"]["model"]
+        except (KeyError, TypeError):
+            pass
+        if model_cfg is not None and _is_mhce_model_cfg(model_cfg):
+            fill_legacy_defaults(model_cfg)
+        return state
+
+    load_checkpoint_to_cpu._mhce_legacy_defaults = True
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu

@@ -1,0 +1,225 @@
+"""The code table of a model when training starts.
+
+fairseq builds the model before it knows whether a checkpoint will be
+restored, and a checkpoint loaded for decoding brings its own table (a
+buffer of the state dict).  So the model's table is settled where fairseq
+decides that, in ``Trainer.load_checkpoint`` (called once by
+``fairseq-train`` and ``fairseq-hydra-train`` before the first update, with
+the file it would restore):
+
+* a checkpoint is restored: its table is used (decoding and resuming never
+  rebuild it); a ``--mhce-code-table`` file that differs from it is refused,
+  naming both;
+* training starts from scratch: ``--mhce-code-order ppmi`` (the default of
+  MHP / MHE) gets the PPMI table of the task's training targets
+  (:func:`~fairseq_mhce.modules.ppmi_codes.ppmi_code_table`), read from
+  ``SAVE_DIR/mhce_code_table.json`` when that cache matches (dictionary, head
+  sizes, shortlist, seed, training data), else built and cached there (the
+  data-bin is never written).  Under DDP rank 0 builds it and broadcasts it.
+  A ``--mhce-code-table`` file that does not exist is an error here, before
+  the first update.
+"""
+
+import functools
+import logging
+import os
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+CACHE_NAME = "mhce_code_table.json"
+
+
+def pending_table_error(pending) -> str:
+    kind, path = pending
+    if kind == "table":
+        return (
+            f"--mhce-code-table {path}: no such file, and no checkpoint to resume brings a table. Write it "
+            f"with scripts/build_codes.py, fix the path, or drop the option (the default --mhce-code-order "
+            f"auto builds a PPMI table from the training data)"
+        )
+    return (
+        "the model's code table (--mhce-code-order ppmi) is built when fairseq-train starts "
+        "(Trainer.load_checkpoint) and was not: train with fairseq-train / fairseq-hydra-train, call "
+        "fairseq_mhce.training_start.settle_code_table(...) yourself, or pass --mhce-code-order identity"
+    )
+
+
+def _head_and_settings(model):
+    decoder = getattr(model, "decoder", None)
+    head = getattr(decoder, "mhce_head", None)
+    settings = getattr(decoder, "_mhce_settings", None)
+    return head, settings
+
+
+def _data_identity(path: str) -> dict:
+    st = os.stat(path)
+    return {"bytes": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
+def _cache_matches(obj: dict, want: dict) -> Optional[str]:
+    """None when the cached table ``obj`` is the one ``want`` describes,
+    else the first difference."""
+    meta = obj.get("meta") or {}
+    checks = [
+        ("vocab_size", obj.get("vocab_size"), want["vocab_size"]),
+        ("head sizes", [int(c) for c in obj.get("head_sizes", [])], want["head_sizes"]),
+        ("dictionary", obj.get("dictionary_sha1"), want["dictionary_sha1"]),
+        ("source", meta.get("source"), "ppmi"),
+        ("seed", meta.get("seed"), want["seed"]),
+        ("shortlist", int(meta.get("shortlist", 0) or 0), want["shortlist"]),
+        ("training data", meta.get("train_data"), want["train_data"]),
+    ]
+    for what, have, need in checks:
+        if have != need:
+            return f"{what} {have!r} != {need!r}"
+    return None
+
+
+def build_auto_table(head, seed: int, databin: str, src: str, tgt: str, split: str, dictionary,
+                     save_dir: Optional[str]) -> np.ndarray:  # fmt: skip
+    """The PPMI code table (V,) for ``head``'s codec and shortlist: from the
+    cache ``SAVE_DIR/mhce_code_table.json`` when it matches, else built from
+    ``DATABIN/SPLIT.SRC-TGT.TGT`` and cached (atomically; a failure to write
+    the cache is logged, not fatal).  Logs one line with the cost."""
+    from .modules import code_table as ct
+    from .modules.ppmi_codes import ppmi_code_table, training_targets
+
+    t0 = time.time()
+    symbols = ct.dictionary_symbols(dictionary)
+    prefix = os.path.join(databin, f"{split}.{src}-{tgt}.{tgt}")
+    if not os.path.isfile(prefix + ".bin"):
+        raise FileNotFoundError(
+            f"the automatic code table (--mhce-code-order ppmi) is built from the training targets "
+            f"{prefix}.{{bin,idx}}, which do not exist; pass --mhce-code-order identity (or a "
+            f"--mhce-code-table file)"
+        )
+    shortlist = int(getattr(head, "shortlist", 0) or 0)
+    want = {
+        "vocab_size": head.vocab_size,
+        "head_sizes": list(head.sizes),
+        "dictionary_sha1": ct.dictionary_sha1(symbols),
+        "seed": int(seed),
+        "shortlist": shortlist,
+        "train_data": {"path": os.path.abspath(prefix + ".bin"), **_data_identity(prefix + ".bin")},
+    }
+    cache = os.path.join(save_dir, CACHE_NAME) if save_dir else None
+    where = f"V={head.vocab_size}, head sizes {list(head.sizes)}" + (f", shortlist {shortlist}" if shortlist else "")
+    if cache and os.path.isfile(cache):
+        try:
+            obj = ct.read_code_table(cache)
+            why = _cache_matches(obj, want)
+            if why is None:
+                code = ct.load_code_table(cache, head.vocab_size, head.sizes, symbols).numpy()
+                logger.info(f"mhce: PPMI code table ({where}) reused from {cache} ({time.time() - t0:.1f} s)")
+                return code
+            logger.info(f"mhce: the cached code table {cache} does not match ({why}); rebuilding it")
+        except ValueError as e:
+            logger.info(f"mhce: the cached code table {cache} is unusable ({e}); rebuilding it")
+    seqs = training_targets(databin, src, tgt, dictionary, split)
+    code, _, meta = ppmi_code_table(seqs, head.vocab_size, head.sizes, seed=seed, shortlist=shortlist)
+    meta["train_data"] = want["train_data"]
+    cached = ""
+    if cache:
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+            tmp = f"{cache}.{os.getpid()}.tmp"
+            ct.save_code_table(tmp, code, head.sizes, symbols, meta)
+            os.replace(tmp, cache)  # the cache is the plugin's own file: replace it whole
+            cached = f", cached in {cache}"
+        except OSError as e:
+            logger.warning(f"mhce: could not cache the code table in {cache}: {e}")
+    logger.info(
+        f"mhce: PPMI code table ({where}) built from {prefix} ({meta['train_tokens']} target tokens, "
+        f"seed {seed}) in {time.time() - t0:.1f} s{cached}"
+    )
+    return code
+
+
+def install_code(head, code) -> None:
+    """Make ``code`` (V,) the table of ``head`` before training: the codec's
+    buffers in place, and a shared embedding's rows moved with it."""
+    code = torch.as_tensor(np.asarray(code), dtype=torch.long)
+    old = head.codec.code.clone()
+    head.codec.set_code(code)
+    if head.tied:
+        emb = head._tied_embed
+        with torch.no_grad():
+            token_order = emb.weight.data.index_select(0, old.to(emb.weight.device))
+            emb.weight.data.copy_(token_order.index_select(0, torch.argsort(head.codec.code)))
+    head.codec.pending_table = None
+
+
+def settle_code_table(model, task, save_dir: Optional[str], train_subset: str = "train",
+                      rank: int = 0, world_size: int = 1, group=None) -> None:  # fmt: skip
+    """Give a model that starts training from scratch its pending code table
+    (see the module docstring); a no-op for any other model."""
+    head, settings = _head_and_settings(model)
+    if head is None or head.codec.pending_table is None:
+        return
+    kind, _ = head.codec.pending_table
+    if kind == "table":
+        raise FileNotFoundError(pending_table_error(head.codec.pending_table))
+    from .models.transformer_mhce import layout_code
+
+    code = None
+    if rank == 0:
+        data = str(task.cfg.data).split(os.pathsep)[0]
+        code = build_auto_table(head, settings.mhce_code_seed, data, task.cfg.source_lang, task.cfg.target_lang,
+                                train_subset, task.target_dictionary, save_dir)  # fmt: skip
+    if world_size > 1:
+        from fairseq.distributed import utils as dist_utils
+
+        code = dist_utils.broadcast_object(code, src_rank=0, group=group)
+    code = layout_code(settings, head.vocab_size, torch.as_tensor(np.asarray(code)),
+                       head.shortlist if getattr(head, "shortlist", 0) else 0)  # fmt: skip
+    install_code(head, code)
+
+
+def check_resumed_table(head, settings, before: torch.Tensor, checkpoint: str) -> None:
+    """A run resumed with a ``--mhce-code-table`` file that differs from the
+    table of the checkpoint it resumes: refused, naming both."""
+    if settings is None or settings.code_order != "table" or settings.mhce_realloc_updates:
+        return
+    if before is None or torch.equal(before, head.codec.code.cpu()):
+        return
+    raise ValueError(
+        f"--mhce-code-table {settings.mhce_code_table} is not the code table of the checkpoint being resumed "
+        f"({checkpoint}): a run keeps the table it started with. Resume without --mhce-code-table (or with the "
+        f"file it was started with), or train with the new table in a new --save-dir."
+    )
+
+
+def wrap_trainer_load_checkpoint() -> None:
+    """Patch ``fairseq.trainer.Trainer.load_checkpoint`` (idempotent) to
+    settle the code table of a multi-head model before its first update."""
+    from fairseq.file_io import PathManager
+    from fairseq.trainer import Trainer
+
+    orig = Trainer.load_checkpoint
+    if getattr(orig, "_mhce_wrapped", False):
+        return
+
+    @functools.wraps(orig)
+    def load_checkpoint(self, filename, *args, **kwargs):
+        head, settings = _head_and_settings(self._model)
+        if head is None:
+            return orig(self, filename, *args, **kwargs)
+        if PathManager.isfile(filename):
+            before = None if head.codec.pending_table else head.codec.code.detach().cpu().clone()
+            out = orig(self, filename, *args, **kwargs)
+            check_resumed_table(head, settings, before, filename)
+            return out
+        settle_code_table(
+            self._model, self.task, self.cfg.checkpoint.save_dir if not self.cfg.checkpoint.no_save else None,
+            self.cfg.dataset.train_subset, self.data_parallel_rank, self.data_parallel_world_size,
+            self.data_parallel_process_group if self.data_parallel_world_size > 1 else None,
+        )  # fmt: skip
+        return orig(self, filename, *args, **kwargs)
+
+    load_checkpoint._mhce_wrapped = True
+    Trainer.load_checkpoint = load_checkpoint
