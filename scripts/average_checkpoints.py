@@ -22,7 +22,18 @@ that differ in their parameter names, shapes or dtypes, in such a buffer, or
 in the architecture / output-layer method of their saved config are an error
 that names the files and the key.  Everything but the parameters (config,
 optimizer state, ...) is copied from the first input, as fairseq's script
-does.  The inputs are only read; an existing ``--output`` is never
+does.
+
+Dictionaries: a plugin checkpoint records its dictionaries' fingerprint
+(``decoder.mhce_dict_fingerprint``), so two trained on different vocabularies
+are refused even when the sizes agree.  A plain fairseq checkpoint records no
+dictionary: inputs whose saved config (``cfg.task.data``) names different
+data-bins are refused when those data-bins' ``dict.*.txt`` differ (a warning
+when they cannot be read); inputs that name the same data-bin are taken to
+share its dictionary -- a data-bin rebuilt in place between them, with other
+words of the same count, cannot be detected.
+
+The inputs are only read; an existing ``--output`` is never
 overwritten.  Decode the result as any checkpoint (with ``--user-dir`` for a
 plugin architecture).
 """
@@ -96,7 +107,67 @@ def _model_identity(state):
     return arch, method
 
 
+FINGERPRINT_KEY = "decoder.mhce_dict_fingerprint"  # fairseq_mhce's record of its dictionaries
+
+
+def _dictionaries(state):
+    """(data-bin, {dict file name: its symbols in order, or None if unreadable})
+    of the data a plain fairseq checkpoint was trained on, from its saved
+    config (``cfg.task`` or the legacy ``args``: ``data``, ``source_lang``,
+    ``target_lang``); (None, {}) when the config names no data."""
+    task = _get(state.get("cfg"), "task") or state.get("args")
+    data = _get(task, "data")
+    if not data:
+        return None, {}
+    data = str(data).split(os.pathsep)[0]  # sharded data: fairseq reads the dictionaries from the first
+    langs = [x for x in (_get(task, "source_lang"), _get(task, "target_lang")) if x]
+    names = [f"dict.{x}.txt" for x in langs] if langs else (
+        sorted(n for n in os.listdir(data) if re.fullmatch(r"dict\..+\.txt", n)) if os.path.isdir(data) else [])
+    out = {}
+    for name in names:
+        try:
+            with open(os.path.join(data, name), encoding="utf-8") as f:
+                out[name] = [line.split(" ")[0].rstrip("\n") for line in f]
+        except (OSError, UnicodeDecodeError):
+            out[name] = None
+    return data, out
+
+
+def _check_same_dictionaries(first_path, first_state, path, state):
+    """Plain fairseq checkpoints store no dictionary: same-size dictionaries
+    give same-shape embeddings.  When the two saved configs name different
+    data-bins, their dict.*.txt files (if still there) must hold the same
+    symbols in the same order; plugin checkpoints carry their own fingerprint
+    (compared with the other integer buffers)."""
+    if FINGERPRINT_KEY in first_state["model"] or FINGERPRINT_KEY in state["model"]:
+        return
+    data_a, dicts_a = _dictionaries(first_state)
+    data_b, dicts_b = _dictionaries(state)
+    if data_a is None or data_b is None or os.path.realpath(data_a) == os.path.realpath(data_b):
+        return  # the same files now; what they held at training time is not recorded
+    unknown = []
+    for name in sorted(set(dicts_a) | set(dicts_b)):
+        a, b = dicts_a.get(name), dicts_b.get(name)
+        if a is None or b is None:
+            unknown.append(name)
+        elif a != b:
+            diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            raise AverageError(
+                f"{first_path} and {path} were trained with different dictionaries: {data_a}/{name} and "
+                f"{data_b}/{name} differ ({len(a)} vs {len(b)} lines; first difference at line {diff + 1}). "
+                "Same-shape embeddings of two vocabularies are different words; only checkpoints of one "
+                "run (one data-bin) can be averaged"
+            )
+    if unknown:
+        print(f"average_checkpoints.py: warning: {first_path} was trained on {data_a}, {path} on {data_b}; "
+              f"{', '.join(unknown)} cannot be read in both, so it is not known whether their dictionaries "
+              "are the same (only the parameter shapes were checked)", file=sys.stderr)
+
+
 def _describe_buffer_mismatch(key, a, b):
+    if key.endswith("mhce_dict_fingerprint"):
+        sides = [s for s, x, y in zip(("source", "target"), a.tolist(), b.tolist()) if x != y]
+        return f"the {' and '.join(sides)} dictionaries differ (the checkpoints' dictionary fingerprints)"
     if key.endswith("codec.head_sizes"):
         return f"the head sizes differ ({','.join(map(str, a.tolist()))} vs {','.join(map(str, b.tolist()))})"
     if key.endswith(("codec.code", "codec.token")):
@@ -138,6 +209,7 @@ def average_checkpoints(paths):
                 + f" but {first_path} of --arch {ident[0]}" + (f" --mhce-method {ident[1]}" if ident[1] else "")
                 + "; only checkpoints of one run (one architecture and output layer) can be averaged"
             )
+        _check_same_dictionaries(first_path, new_state, path, state)
         if set(params) != set(keys):
             missing = sorted(set(keys) - set(params))
             extra = sorted(set(params) - set(keys))
@@ -204,7 +276,12 @@ def save_new(state, output):
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        description="Average the parameters of fairseq checkpoints (plugin ones too) into a new checkpoint."
+        description="Average the parameters of fairseq checkpoints (plugin ones too) into a new checkpoint.",
+        epilog="Dictionaries: plugin checkpoints are compared by their dictionary fingerprint. Plain fairseq "
+               "checkpoints store no dictionary: when their saved configs name different data-bins, those "
+               "data-bins' dict.*.txt must match (a warning if they cannot be read); two checkpoints that name "
+               "the same data-bin are assumed to share it (a data-bin rebuilt in place in between cannot be "
+               "detected).",
     )
     p.add_argument("--inputs", required=True, nargs="+",
                    help="checkpoint files, or one directory with --num-update-checkpoints / --num-epoch-checkpoints")

@@ -40,6 +40,15 @@ the fairer default: every model sees the same batches, and wall time is then
 a result).  ``--stop-time-hours`` can be passed through ``--train-args``
 instead, for a same-wall-clock comparison.
 
+Nothing in ``--workdir`` is deleted: an existing non-empty ``WORKDIR/METHOD``
+is refused (exit 2, before anything runs) unless ``--reuse`` covers it
+(finished methods are kept; an unfinished one is renamed to
+``METHOD.unfinished-DATE`` and trained again) or it is a run this command
+continued from the same ``--extend-from`` before (fairseq resumes it).
+``--extend-from`` must exist and differ from ``--workdir``.  A failing
+``train.sh`` / ``translate.sh`` ends compare.py with its exit status and the
+last lines of its log (``WORKDIR/METHOD.train.out``, ``.translate.out``).
+
 Writes ``OUT/compare_NAME.md`` and ``.csv`` (and ``.json``), with the exact
 command and the machine.  Example::
 
@@ -78,6 +87,11 @@ LABELS = {
     "mhe-pt-ppmi-h3": "MHE per-token, PPMI codes, H=3",
     "mhe-pt-ckpt": "MHE per-token, codes from the softmax's output vectors",
     "mhe-pt-ppmi-seed2": "MHE per-token, PPMI codes (seed 2)",
+    "softmax-tied": "softmax, tied embeddings",
+    "softmax-tied-seed2": "softmax, tied embeddings (seed 2)",
+    "mhe-tied": "MHE per-token, tied, automatic PPMI codes",
+    "mhe-tied-seed2": "MHE per-token, tied, automatic PPMI codes (seed 2)",
+    "mhp-tied": "MHP + shortlist 2048, tied, automatic PPMI codes",
     "mhp-identity": "MHP, identity codes",
     "mhp-random": "MHP, random codes",
     "mhp-ppmi": "MHP, PPMI codes",
@@ -281,7 +295,7 @@ def extend_from(old: Path, savedir: Path) -> bool:
     is left as it was.  False when ``old`` has no checkpoint_last.pt."""
     if not (old / "checkpoint_last.pt").exists():
         return False
-    savedir.mkdir(parents=True)
+    savedir.mkdir(parents=True, exist_ok=True)  # absent or empty (plan_methods)
     for name in ("checkpoint_last.pt", "checkpoint_best.pt", "train.log", "peak_rss.json"):
         if (old / name).exists():
             shutil.copy2(old / name, savedir / name)
@@ -480,9 +494,32 @@ def machine_description() -> str:
 
 
 # -------------------------------------------------------------------- main
+class CompareError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+class StepFailed(subprocess.CalledProcessError):
+    """A recipe step (train.sh, translate.sh) exited non-zero; ``log_path``
+    holds its output, whose tail says why."""
+
+    def __init__(self, returncode, cmd, log_path=None, what=None):
+        super().__init__(returncode, cmd)
+        self.log_path, self.what = log_path, what
+
+    def report(self, lines: int = 25) -> str:
+        step = self.what or Path(str(self.cmd[0])).name
+        status = f"exit status {self.returncode}" if self.returncode > 0 else f"signal {-self.returncode}"
+        msg = f"{step} failed ({status})"
+        if self.log_path is not None and Path(self.log_path).exists():
+            tail = Path(self.log_path).read_text(errors="replace").rstrip().splitlines()[-lines:]
+            msg += f"; the last lines of its log {self.log_path}:\n" + "\n".join("    " + t for t in tail)
+        return msg + "\ncommand: " + " ".join(shlex.quote(str(c)) for c in self.cmd)
+
+
 def run(cmd, env, log_path=None):
     """Run ``cmd``; returns (wall seconds, peak RSS in bytes of it and its
-    descendants, ``machine_info.run_with_peak_rss``)."""
+    descendants, ``machine_info.run_with_peak_rss``).  A non-zero exit raises
+    :class:`StepFailed` (a ``CalledProcessError``) naming ``log_path``."""
     print("+ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
     t = time.time()
     f = open(log_path, "w") if log_path is not None else None
@@ -492,8 +529,68 @@ def run(cmd, env, log_path=None):
         if f:
             f.close()
     if proc.returncode:
-        raise subprocess.CalledProcessError(proc.returncode, [str(c) for c in cmd])
+        raise StepFailed(proc.returncode, [str(c) for c in cmd], log_path)
     return time.time() - t, peak
+
+
+def plan_methods(methods: list, workdir: Path, extend_old, reuse: bool) -> dict:
+    """What to do with each method's folder WORKDIR/METHOD, decided before
+    anything runs: {method: (action, detail)} with action one of
+
+    * ``reuse``: finished (train.log done + score.test.json) and ``--reuse``;
+    * ``resume``: a run this command continued from ``--extend-from`` before
+      (its ``extended_from.json`` names the same OLD_WORKDIR): fairseq resumes
+      it from its own checkpoint_last.pt;
+    * ``extend``: absent; starts as a copy of OLD_WORKDIR/METHOD;
+    * ``fresh``: absent (or an empty folder); trained from scratch;
+    * ``set_aside``: with ``--reuse``, an unfinished run: its folder (and its
+      WORKDIR/METHOD.*.out logs) is renamed to ``detail`` and the method is
+      trained from scratch.
+
+    No folder is ever deleted: an existing non-empty WORKDIR/METHOD that none
+    of these covers is a :class:`CompareError` naming ``--reuse`` /
+    ``--extend-from``."""
+    plan, refused = {}, []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for method in methods:
+        savedir = workdir / method
+        if savedir.exists() and not savedir.is_dir():
+            refused.append(f"{savedir} exists and is not a directory")
+            continue
+        used = savedir.is_dir() and any(savedir.iterdir())
+        log = savedir / "train.log"
+        done = (savedir / "score.test.json").exists() and log.exists() and "done training" in last_start(
+            log.read_text(errors="replace"))
+        if used and reuse and done:
+            plan[method] = ("reuse", None)
+        elif used and extend_old is not None and is_extended(savedir):
+            src = json.loads((savedir / EXTENDED).read_text()).get("from")
+            if Path(src).resolve() != (extend_old / method).resolve():
+                refused.append(f"{savedir} was continued from {src}, not from {extend_old / method}")
+            else:
+                plan[method] = ("resume", None)
+        elif used and reuse:
+            aside, n = workdir / f"{method}.unfinished-{stamp}", 1
+            while aside.exists():
+                n += 1
+                aside = workdir / f"{method}.unfinished-{stamp}-{n}"
+            plan[method] = ("set_aside", aside)
+        elif used:
+            what = sorted(p.name for p in savedir.iterdir())
+            shown = ", ".join(what[:6]) + (", ..." if len(what) > 6 else "")
+            refused.append(f"{savedir} exists and is not empty ({shown})")
+        elif extend_old is not None and (extend_old / method / "checkpoint_last.pt").exists():
+            plan[method] = ("extend", extend_old / method)
+        else:
+            plan[method] = ("fresh", None)
+    if refused:
+        raise CompareError(
+            "; ".join(refused) + ". compare.py never deletes a method's folder (checkpoints, logs, your files). "
+            "Pass --reuse to keep the finished methods there (an unfinished one is renamed to "
+            "METHOD.unfinished-DATE and trained again), --extend-from OLD_WORKDIR with a new --workdir to "
+            "continue OLD_WORKDIR's runs, or choose another --workdir (or move the folder away yourself)"
+        )
+    return plan
 
 
 def main(argv=None):
@@ -521,12 +618,16 @@ def main(argv=None):
                         "one, e.g. test_en, where the dense row is slow at large V); when not 'test', every "
                         "method is also decoded on it with its own path, for a same-sentences speed column")
     p.add_argument("--reuse", action="store_true",
-                   help="keep methods already finished in WORKDIR (train.log done + score.test.json)")
+                   help="keep methods already finished in WORKDIR (train.log done + score.test.json); an "
+                        "unfinished METHOD folder is renamed to METHOD.unfinished-DATE (nothing is deleted) "
+                        "and that method trained again. Without --reuse / --extend-from an existing non-empty "
+                        "WORKDIR/METHOD is refused")
     p.add_argument("--extend-from", default=None, metavar="OLD_WORKDIR",
-                   help="continue each method from OLD_WORKDIR/METHOD's checkpoint_last.pt (copied; OLD_WORKDIR "
-                        "is not changed) instead of from scratch: with --stop-time-hours, fairseq restores the "
-                        "training time already spent, so the budget counts the total; methods absent there "
-                        "train from scratch")
+                   help="continue each method from OLD_WORKDIR/METHOD's checkpoint_last.pt (copied into a new "
+                        "--workdir; OLD_WORKDIR is not changed and must exist and differ from --workdir) instead "
+                        "of from scratch: with --stop-time-hours, fairseq restores the training time already "
+                        "spent, so the budget counts the total; methods absent there train from scratch (said "
+                        "in the log)")
     p.add_argument("--tables-only", action="store_true", help="only re-render the tables from WORKDIR")
     p.add_argument("--note", action="append", default=[], help="extra note line for the table")
     p.add_argument("--measure-speed", nargs=3, metavar=("CKPTS_JSON", "DATABIN", "MAX_TOKENS"),
@@ -570,69 +671,128 @@ def main(argv=None):
     t_start = time.time()
 
     if not args.tables_only:
-        workdir.mkdir(parents=True, exist_ok=True)
-        for method in methods:
-            savedir = workdir / method
-            done = (savedir / "score.test.json").exists() and "done training" in last_start(
-                (savedir / "train.log").read_text(errors="replace") if (savedir / "train.log").exists() else "")
-            if args.reuse and done:
-                print(f"compare: reusing {savedir}", flush=True)
-                continue
-            # a continued run killed part-way resumes from its own checkpoint_last.pt (fairseq's resume)
-            resume = args.extend_from is not None and is_extended(savedir)
-            if savedir.exists() and not resume:
-                shutil.rmtree(savedir)
-            if args.extend_from is not None and not resume:
-                resume = extend_from(Path(args.extend_from).absolute() / method, savedir)
-            for stale in savedir.glob("*") if resume else []:  # decoded by the earlier budget's checkpoint
-                if stale.name.startswith(("score.", "hyp.", "generate-")):
-                    stale.unlink()
-            print(f"\n=== {method}: train ({args.max_update} updates"
-                  f"{', continued from ' + args.extend_from if resume else ''}) ===", flush=True)
-            base, v_extra = variants.get(method, (method, []))
-            _, peak = run([REPO / "scripts" / "train.sh", base, databin, savedir, "--max-update", args.max_update,
-                           *train_extra, *v_extra], env, log_path=workdir / f"{method}.train.out")
-            if resume and (savedir / "peak_rss.json").exists():  # the peak of all starts
-                peak = max(peak, json.loads((savedir / "peak_rss.json").read_text())["train_peak_rss_bytes"])
-            (savedir / "peak_rss.json").write_text(json.dumps({"train_peak_rss_bytes": peak}) + "\n")
-            print(f"=== {method}: translate + score ===", flush=True)
-            run([REPO / "scripts" / "translate.sh", base, databin, savedir, *shlex.split(args.generate_args)],
-                env, log_path=workdir / f"{method}.translate.out")
-            print((workdir / f"{method}.translate.out").read_text().strip().splitlines()[-5], flush=True)
+        try:
+            return_code = train_and_decode(args, methods, variants, workdir, databin, env, train_extra, max_tokens)
+        except CompareError as e:
+            print(f"compare.py: error: {e}", file=sys.stderr)
+            return 2
+        except StepFailed as e:
+            print(f"compare.py: error: {e.report()}", file=sys.stderr)
+            return e.returncode if 0 < e.returncode < 256 else 1
+        if return_code:
+            return return_code
+    return write_report(args, methods, workdir, databin, warmup, max_tokens, command, load_start, t_start)
 
-        sub = args.dense_subset
-        for method in methods:  # MHP / MHE: the dense row too (speed beside the factorized search)
-            base = variants.get(method, (method, []))[0]
-            savedir = workdir / method
-            if not (savedir / "score.test.json").exists():
-                continue
-            todo = [("", {})] if sub != "test" else []  # every method's own path on the subset
-            if base in ("mhp", "mhe"):
-                todo.append((".dense", {"SEARCH": "dense"}))
-            for tag, extra_env in todo:
-                if not (savedir / f"score.{sub}{tag}.json").exists():
-                    print(f"=== {method}: translate {sub}{' on the dense row' if tag else ''} ===", flush=True)
-                    run([REPO / "scripts" / "translate.sh", base, databin, savedir,
-                         *shlex.split(args.generate_args)], dict(env, SUBSET=sub, TAG=tag, **extra_env),
-                        log_path=workdir / f"{method}.translate.{sub}{tag}.out")
 
-        ckpts = {m: str(workdir / m / "checkpoint_last.pt") for m in methods
-                 if (workdir / m / "checkpoint_last.pt").exists()}
-        speed_path = workdir / "speed.json"
-        if args.speed_batches > 0 and speed_path.exists():  # timing of other methods or batch count: redo
-            old = json.loads(speed_path.read_text())
-            if set(old["tok_per_s"]) - {"softmax_body"} != set(ckpts) or old["batches"] != args.speed_batches:
-                speed_path.unlink()
-        if args.speed_batches > 0 and ckpts and not speed_path.exists():
-            print(f"=== step timing: {', '.join(ckpts)}{' + softmax body' if 'softmax' in ckpts else ''}, "
-                  f"{args.speed_batches} batches interleaved ===", flush=True)
-            out = subprocess.run(
-                [sys.executable, __file__, "--databin", str(databin), "--name", args.name,
-                 "--speed-batches", str(args.speed_batches),
-                 "--measure-speed", json.dumps(ckpts), str(databin), max_tokens],
-                env=env, check=True, stdout=subprocess.PIPE, text=True).stdout  # fmt: skip
-            speed_path.write_text(out.strip().splitlines()[-1] + "\n")
+def check_dirs(args, methods: list, variants: dict, workdir: Path) -> Path:
+    """Refusals that need no training (exit 2, nothing written): unknown
+    methods, a --workdir that is a file, a missing --extend-from or one equal
+    to --workdir.  Returns --extend-from as an absolute path (or None)."""
+    unknown = [m for m in methods if m not in DEFAULT_METHODS and m not in variants]
+    if unknown:
+        raise CompareError(f"--methods {','.join(unknown)}: unknown; choose from {','.join(DEFAULT_METHODS)} "
+                           "or a NAME given with --variant NAME=METHOD[:ARGS]")
+    if workdir.exists() and not workdir.is_dir():
+        raise CompareError(f"--workdir {workdir} exists and is not a directory")
+    if args.extend_from is None:
+        return None
+    old = Path(args.extend_from).absolute()
+    if not old.is_dir():
+        raise CompareError(
+            f"--extend-from {old}: no such directory; give the --workdir of the earlier compare.py run "
+            "whose METHOD/checkpoint_last.pt should be continued (without --extend-from every method "
+            "trains from scratch)")
+    if old.resolve() == workdir.resolve():
+        raise CompareError(
+            f"--extend-from {old} is --workdir itself; the runs there are kept as they are: give a new "
+            f"--workdir (e.g. {workdir}_more) and --extend-from {old} to continue them to a larger budget "
+            "(OLD_WORKDIR is copied, not changed)")
+    found = [m for m in methods if (old / m / "checkpoint_last.pt").exists()]
+    if not found:
+        raise CompareError(
+            f"--extend-from {old} holds no METHOD/checkpoint_last.pt for any of {','.join(methods)}; "
+            "is it the --workdir of an earlier compare.py run?")
+    return old
 
+
+def train_and_decode(args, methods, variants, workdir, databin, env, train_extra, max_tokens) -> int:
+    extend_old = check_dirs(args, methods, variants, workdir)
+    plan = plan_methods(methods, workdir, extend_old, args.reuse)  # before anything is written
+    workdir.mkdir(parents=True, exist_ok=True)
+    for method in methods:
+        savedir = workdir / method
+        action, detail = plan[method]
+        if action == "reuse":
+            print(f"compare: reusing {savedir}", flush=True)
+            continue
+        if action == "set_aside":
+            savedir.rename(detail)
+            for out in workdir.glob(f"{method}.*.out"):
+                out.rename(detail / out.name)
+            print(f"compare: {savedir} is an unfinished run (no 'done training' or no score.test.json); "
+                  f"moved to {detail}, {method} is trained from scratch", flush=True)
+        # a continued run killed part-way resumes from its own checkpoint_last.pt (fairseq's resume)
+        resume = action == "resume"
+        if action == "extend":
+            resume = extend_from(detail, savedir)
+        elif extend_old is not None and action != "resume":
+            print(f"compare: {extend_old / method} has no checkpoint_last.pt: {method} is trained from "
+                  f"scratch (the other methods continue from {extend_old})", flush=True)
+        for stale in savedir.glob("*") if resume else []:  # decoded by the earlier budget's checkpoint
+            if stale.name.startswith(("score.", "hyp.", "generate-")):
+                stale.unlink()
+        print(f"\n=== {method}: train ({args.max_update} updates"
+              f"{', continued from ' + args.extend_from if resume else ''}) ===", flush=True)
+        base, v_extra = variants.get(method, (method, []))
+        _, peak = run([REPO / "scripts" / "train.sh", base, databin, savedir, "--max-update", args.max_update,
+                       *train_extra, *v_extra], env, log_path=workdir / f"{method}.train.out")
+        if resume and (savedir / "peak_rss.json").exists():  # the peak of all starts
+            peak = max(peak, json.loads((savedir / "peak_rss.json").read_text())["train_peak_rss_bytes"])
+        (savedir / "peak_rss.json").write_text(json.dumps({"train_peak_rss_bytes": peak}) + "\n")
+        print(f"=== {method}: translate + score ===", flush=True)
+        run([REPO / "scripts" / "translate.sh", base, databin, savedir, *shlex.split(args.generate_args)],
+            env, log_path=workdir / f"{method}.translate.out")
+        print((workdir / f"{method}.translate.out").read_text().strip().splitlines()[-5], flush=True)
+
+    sub = args.dense_subset
+    for method in methods:  # MHP / MHE: the dense row too (speed beside the factorized search)
+        base = variants.get(method, (method, []))[0]
+        savedir = workdir / method
+        if not (savedir / "score.test.json").exists():
+            continue
+        todo = [("", {})] if sub != "test" else []  # every method's own path on the subset
+        if base in ("mhp", "mhe"):
+            todo.append((".dense", {"SEARCH": "dense"}))
+        for tag, extra_env in todo:
+            if not (savedir / f"score.{sub}{tag}.json").exists():
+                print(f"=== {method}: translate {sub}{' on the dense row' if tag else ''} ===", flush=True)
+                run([REPO / "scripts" / "translate.sh", base, databin, savedir,
+                     *shlex.split(args.generate_args)], dict(env, SUBSET=sub, TAG=tag, **extra_env),
+                    log_path=workdir / f"{method}.translate.{sub}{tag}.out")
+
+    ckpts = {m: str(workdir / m / "checkpoint_last.pt") for m in methods
+             if (workdir / m / "checkpoint_last.pt").exists()}
+    speed_path = workdir / "speed.json"
+    if args.speed_batches > 0 and speed_path.exists():  # timing of other methods or batch count: redo
+        old = json.loads(speed_path.read_text())
+        if set(old["tok_per_s"]) - {"softmax_body"} != set(ckpts) or old["batches"] != args.speed_batches:
+            speed_path.unlink()
+    if args.speed_batches > 0 and ckpts and not speed_path.exists():
+        print(f"=== step timing: {', '.join(ckpts)}{' + softmax body' if 'softmax' in ckpts else ''}, "
+              f"{args.speed_batches} batches interleaved ===", flush=True)
+        cmd = [sys.executable, __file__, "--databin", str(databin), "--name", args.name,
+               "--speed-batches", str(args.speed_batches),
+               "--measure-speed", json.dumps(ckpts), str(databin), max_tokens]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)  # its stderr: shown above
+        if proc.returncode:
+            raise StepFailed(proc.returncode, cmd, what="the interleaved step timing (--measure-speed)")
+        speed_path.write_text(proc.stdout.strip().splitlines()[-1] + "\n")
+    return 0
+
+
+def write_report(args, methods, workdir, databin, warmup, max_tokens, command, load_start, t_start) -> int:
+    """The tables (OUT/compare_NAME.{md,csv,json}), the valid-ppl plot and the
+    equal-wall-clock table from what WORKDIR holds."""
     rows = [collect(m, workdir / m, args.dense_subset) for m in methods if (workdir / m).exists()]
     info = json.loads((databin / "prepare_data.json").read_text()) if (databin / "prepare_data.json").exists() else {}
     for r in rows:  # one-to-many data: BLEU / chrF per target language too

@@ -30,7 +30,15 @@ the untokenized valid/test text under ``raw/`` (references for sacreBLEU) and
 A non-empty ``--destdir`` (or ``--workdir``) is never overwritten without
 ``--force``; everything is built in hidden sibling directories and renamed
 into place only once all steps succeeded, so a failed run leaves the previous
-data untouched and nothing half-written.
+data untouched and nothing half-written.  A ``--destdir`` or ``--workdir``
+that contains an input file is refused even with ``--force``.
+
+Inputs must be UTF-8 (otherwise: an error naming the file and line, exit 2).
+Lines end at ``\\n`` only (``\\r\\n`` too); a byte-order mark at the start of a
+line is removed and a carriage return inside a line becomes a space, so
+neither becomes a token nor splits a pair (the rest of the pipeline then reads
+cleaned copies).  Empty splits and pairs with an empty side are refused (see
+``--drop-empty``) before fairseq-preprocess runs.
 
 Example::
 
@@ -108,27 +116,72 @@ def build_parser() -> argparse.ArgumentParser:
 # input checks
 
 
+BOM = "\ufeff"
+BOM_BYTES = BOM.encode("utf-8")
+
+
+def clean_line(text: str) -> str:
+    """One input line as every step sees it: its newline (``\\n`` or ``\\r\\n``)
+    and a UTF-8 byte-order mark at its start removed (it would become a
+    dictionary token), any other carriage return made a space (Python's and
+    fairseq's universal newlines would split the line there, one pair
+    becoming two)."""
+    if text.endswith("\n"):
+        text = text[:-1]
+    if text.endswith("\r"):
+        text = text[:-1]
+    return text.lstrip(BOM).replace("\r", " ")
+
+
+def _decode(path, i: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}, line {i}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); "
+            "prepare_data.py reads UTF-8 text only: convert the file (e.g. iconv -f latin1 -t utf-8) and run again"
+        ) from None
+
+
+def iter_lines(path):
+    """The lines of a UTF-8 text file, split on ``\\n`` only and cleaned
+    (:func:`clean_line`).  A line that is not valid UTF-8 is a DataError
+    naming the file and the line."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            yield clean_line(_decode(path, i, raw))
+
+
+def scan_file(path: Path) -> tuple:
+    """(lines, needs cleaning): the line count as every later step sees it
+    (fairseq's binarizer reads the cleaned text), and whether the file holds a
+    carriage return or a byte-order mark, which the file as it is would carry
+    into sentencepiece training and the raw/ references.  Not valid UTF-8: a
+    DataError naming the line."""
+    n, dirty = 0, False
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            _decode(path, n, raw)
+            dirty = dirty or b"\r" in raw or BOM_BYTES in raw
+    return n, dirty
+
+
 def count_lines(path: Path) -> int:
-    # Read as text like fairseq's binarizer does, so the counts agree with it.
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for _ in f)
+    return scan_file(path)[0]
 
 
 def empty_pairs(paths) -> list[int]:
     """0-based numbers of the lines that are blank in any of the parallel files."""
-    handles = [open(p, encoding="utf-8") for p in paths]
-    try:
-        return [i for i, lines in enumerate(zip(*handles)) if any(not l.strip() for l in lines)]
-    finally:
-        for h in handles:
-            h.close()
+    return [i for i, lines in enumerate(zip(*(iter_lines(p) for p in paths))) if any(not l.strip() for l in lines)]
 
 
 def check_inputs(args) -> dict:
     """Validate arguments and files; return {split: (prefix, n_lines)}.
 
     Sets ``args.empty_pairs`` to {split: [0-based line numbers]} of the pairs
-    with an empty side (only non-empty lists; only with --drop-empty)."""
+    with an empty side (only non-empty lists; only with --drop-empty), and
+    ``args.needs_cleaning`` to the splits whose files hold a carriage return or
+    a byte-order mark (:func:`clean_line`; build() works on cleaned copies)."""
     if args.source_lang == args.target_lang:
         raise DataError(f"source and target language are both {args.source_lang!r}")
     if args.tokenizer == "spm" and args.vocab_size < MIN_VOCAB:
@@ -137,7 +190,7 @@ def check_inputs(args) -> dict:
         raise DataError(
             f"--vocab-size {args.vocab_size} is too small (minimum {MIN_VOCAB}, or 0 = all types)"
         )
-    splits, empties = {}, {}
+    splits, empties, dirty = {}, {}, set()
     for split, prefix in zip(SPLITS, (args.trainpref, args.validpref, args.testpref)):
         if prefix is None:
             continue
@@ -145,7 +198,7 @@ def check_inputs(args) -> dict:
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise DataError(f"{split} input file(s) not found: {', '.join(missing)}")
-        n_src, n_tgt = (count_lines(p) for p in paths)
+        (n_src, dirty_src), (n_tgt, dirty_tgt) = (scan_file(p) for p in paths)
         if n_src != n_tgt:
             raise DataError(
                 f"{split} files are not parallel: {paths[0]} has {n_src} lines "
@@ -153,6 +206,11 @@ def check_inputs(args) -> dict:
             )
         if split == "train" and n_src == 0:
             raise DataError(f"training set is empty: {paths[0]} and {paths[1]} have no lines")
+        if n_src == 0:  # fairseq-preprocess would write it, and training die on "cannot mmap an empty file"
+            raise DataError(
+                f"{split} set is empty: {paths[0]} and {paths[1]} have no lines; give files with at least one "
+                f"line pair, or leave out --{split}pref"
+            )
         # An empty source has nothing to translate and an empty reference
         # scores nothing; fairseq would binarize both without a word.
         empty = empty_pairs(paths)
@@ -162,11 +220,35 @@ def check_inputs(args) -> dict:
                 f"{split}: {len(empty)} line pair(s) of {paths[0]} / {paths[1]} have an empty side "
                 f"(line {shown}); remove them from both files, or pass --drop-empty to drop them"
             )
+        if len(empty) == n_src:
+            raise DataError(
+                f"{split}: every one of the {n_src} line pair(s) of {paths[0]} / {paths[1]} has an empty side; "
+                f"--drop-empty would leave nothing (give non-empty files, or leave out --{split}pref)"
+            )
         if empty:
             empties[split] = empty
+        if dirty_src or dirty_tgt:
+            dirty.add(split)
         splits[split] = (prefix, n_src)
     args.empty_pairs = empties
+    args.needs_cleaning = dirty
     return splits
+
+
+def check_inputs_outside(splits: dict, langs, outputs: dict) -> None:
+    """No input file may lie inside (at any depth) a directory this run
+    replaces (--destdir, --workdir): --force would delete the text being read."""
+    for what, out in outputs.items():
+        outs = {Path(out).absolute(), Path(out).resolve()}
+        for prefix, _ in splits.values():
+            for lang in langs:
+                path = Path(f"{prefix}.{lang}")
+                if any(o in p.parents for o in outs for p in (path.absolute(), path.resolve())):
+                    raise DataError(
+                        f"{what} {out} contains the input file {path}; replacing {what} (--force) would delete "
+                        f"it. Give a {what} outside the folders of the input files (or move the inputs out "
+                        f"of {out}); nothing was changed"
+                    )
 
 
 def check_output_dir(path: Path, what: str, force: bool) -> None:
@@ -184,8 +266,8 @@ def check_output_dir(path: Path, what: str, force: bool) -> None:
 
 
 def read_lines(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
+    """The cleaned lines of a UTF-8 file (:func:`iter_lines`)."""
+    return list(iter_lines(path))
 
 
 def write_lines(path: Path, lines) -> None:
@@ -295,18 +377,28 @@ def build(args, splits: dict, dest: Path, work: Path) -> dict:
     info: dict = {"tokenizer": args.tokenizer}
     splits = dict(splits)  # the caller's copy keeps naming the user's files
     dropped = getattr(args, "empty_pairs", {})
-    if dropped:  # --drop-empty: filtered copies of the inputs stand in for them from here on
+    dirty = getattr(args, "needs_cleaning", set())
+    if dropped or dirty:
+        # --drop-empty, or carriage returns / byte-order marks (clean_line): cleaned
+        # (and filtered) copies of the inputs stand in for them from here on
         (work / "input").mkdir()
-        for split, drop in dropped.items():
+        for split in [s for s in splits if s in dropped or s in dirty]:
             prefix, n = splits[split]
-            skip = set(drop)
+            skip = set(dropped.get(split, ()))
             for lang in langs:
-                kept = (l for i, l in enumerate(read_lines(Path(f"{prefix}.{lang}"))) if i not in skip)
+                kept = (l for i, l in enumerate(iter_lines(Path(f"{prefix}.{lang}"))) if i not in skip)
                 write_lines(work / "input" / f"{split}.{lang}", kept)
-            splits[split] = (str(work / "input" / split), n - len(drop))
-            print(f"| {split}: dropped {len(drop)} pair(s) with an empty side (--drop-empty)",
-                  file=sys.stderr, flush=True)
-        info["dropped_empty_pairs"] = {s: len(d) for s, d in dropped.items()}
+            splits[split] = (str(work / "input" / split), n - len(skip))
+            if skip:
+                print(f"| {split}: dropped {len(skip)} pair(s) with an empty side (--drop-empty)",
+                      file=sys.stderr, flush=True)
+            if split in dirty:
+                print(f"| {split}: byte-order marks removed, carriage returns inside lines made spaces "
+                      f"(line ends \\r\\n read as \\n)", file=sys.stderr, flush=True)
+        if dropped:
+            info["dropped_empty_pairs"] = {s: len(d) for s, d in dropped.items()}
+        if dirty:
+            info["cleaned_splits"] = sorted(dirty, key=SPLITS.index)
     info["lines"] = {s: n for s, (_, n) in splits.items()}
 
     # Untokenized references, so BLEU can be computed on detokenized output.
@@ -406,6 +498,7 @@ def run(args) -> dict:
     if work == dest or dest in work.parents or work in dest.parents:
         raise DataError(f"--workdir {work} and --destdir {dest} must not contain each other")
     splits = check_inputs(args)
+    check_inputs_outside(splits, (args.source_lang, args.target_lang), {"--destdir": dest, "--workdir": work})
     check_output_dir(dest, "--destdir", args.force)
     check_output_dir(work, "--workdir", args.force)
 
@@ -463,4 +556,5 @@ if __name__ == "__main__":
     try:
         main()
     except DataError as e:
-        sys.exit(f"prepare_data.py: error: {e}")
+        print(f"prepare_data.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
