@@ -27,9 +27,17 @@
 #    NAME_shortlist_LONG_UPD);
 # 9. the softmax and MHP + shortlist 2048 at equal wall-clock (WALL_MIN
 #    minutes each; table NAME_shortlist_wallclock);
+# 10. fairseq's IWSLT recipe form with tied embeddings
+#    (--share-decoder-input-output-embed) and the plugin's defaults (automatic
+#    PPMI codes, per-token MHE, MHP + shortlist 2048): the tied softmax and
+#    tied MHE (two seeds each) and tied MHP at LONG_UPD updates (table
+#    NAME_tied_LONG_UPD); run it on another data-bin with NAME=... for the
+#    second language pair;
+# 11. the tied softmax, tied MHE and tied MHP at equal wall-clock (WALL_MIN
+#    minutes each; table NAME_tied_wallclock);
 # PHASES (comma-separated subset of updates,wallclock,long,realloc,shortlist,
-# shortlist_long,shortlist_wallclock; default
-# all) picks the phases to run;
+# shortlist_long,shortlist_wallclock,tied,tied_wallclock; default: the first
+# nine) picks the phases to run;
 # each phase runs two compare.py processes (one thread each) side by side, then
 # the tables are rendered from all finished runs (results/compare_NAME*.md).
 # Resumable: finished runs are reused (compare.py --reuse).
@@ -49,10 +57,6 @@ if [ -z "${1:-}" ] && [ ! -f "$DATA/prepare_data.json" ]; then
     --vocab-size 8000 --joint --quiet
 fi
 codes() { [ -f "$CODES/$1" ] || "$PY" "$REPO/scripts/build_codes.py" --databin "$DATA" --seed 1 --out "$CODES/$1" "${@:2}"; }
-codes ppmi_h2.json --heads 2 --source ppmi
-codes ppmi_h3.json --heads 3 --source ppmi
-codes ppmi_h2_short1024.json --heads 2 --source ppmi --shortlist 1024
-codes ppmi_h2_short2048.json --heads 2 --source ppmi --shortlist 2048
 ARCH="--encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 128 --decoder-embed-dim 128 --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512 --max-tokens 2048 --lr 2e-3 --validate-interval-updates 100"
 PT="--mhce-last-head per-token"
 SH="--mhce-last-head shared"
@@ -75,9 +79,21 @@ VARIANTS=(
   --variant "mhp-ppmi-short1024-seed2=mhp:--mhce-shortlist 1024 --mhce-code-table $CODES/ppmi_h2_short1024.json --seed 2"
   --variant "mhp-ppmi-short2048=mhp:--mhce-shortlist 2048 --mhce-code-table $CODES/ppmi_h2_short2048.json"
   --variant "mhp-ppmi-short2048-seed2=mhp:--mhce-shortlist 2048 --mhce-code-table $CODES/ppmi_h2_short2048.json --seed 2"
+  --variant "softmax-tied=softmax:--share-decoder-input-output-embed"
+  --variant "softmax-tied-seed2=softmax:--share-decoder-input-output-embed --seed 2"
+  --variant "mhe-tied=mhe:--share-decoder-input-output-embed"
+  --variant "mhe-tied-seed2=mhe:--share-decoder-input-output-embed --seed 2"
+  --variant "mhp-tied=mhp:--share-decoder-input-output-embed"
   --variant "mhp-ppmi-realloc1=mhp:--mhce-code-table $CODES/ppmi_h2.json --mhce-realloc-updates $(( UPD / 2 )) --mhce-realloc-window $(( UPD / 2 ))"
 )
 want() { [[ ",${PHASES:-updates,wallclock,long,realloc,shortlist,shortlist_long,shortlist_wallclock}," == *",$1,"* ]]; }
+# the phases of the untied ablation build the offline tables (phase 1 needs them)
+if want updates || want realloc || want shortlist || want shortlist_long || want shortlist_wallclock || want long || want wallclock; then
+  codes ppmi_h2.json --heads 2 --source ppmi
+  codes ppmi_h3.json --heads 3 --source ppmi
+  codes ppmi_h2_short1024.json --heads 2 --source ppmi --shortlist 1024
+  codes ppmi_h2_short2048.json --heads 2 --source ppmi --shortlist 2048
+fi
 export OMP_NUM_THREADS=1 SEARCH=${SEARCH:-factorized}
 pair() {  # pair NAME UPDATES TRAIN_ARGS METHODS_A METHODS_B: two compare.py processes side by side
   local name=$1 upd=$2 targs=$3 a=$4 b=$5
@@ -121,6 +137,16 @@ fi
 # the committed NAME_LONG_UPD table keeps its runs)
 if want shortlist_long; then
   pair "${NAME}_shortlist_${LONG_UPD}" "$LONG_UPD" "$ARCH" "softmax" "mhp-ppmi-short1024,mhp-ppmi-short2048"
+fi
+# the IWSLT recipe form (tied embeddings) with the plugin's defaults
+if want tied; then
+  pair "${NAME}_tied_${LONG_UPD}" "$LONG_UPD" "$ARCH" "softmax-tied,mhe-tied-seed2" "softmax-tied-seed2,mhe-tied,mhp-tied" \
+    --note "every row ties the decoder's input and output embeddings (--share-decoder-input-output-embed, as fairseq's IWSLT'14 recipe); MHE / MHP with the plugin's defaults: automatic PPMI code table, per-token last head, MHP shortlist 2048"
+fi
+if want tied_wallclock; then
+  pair "${NAME}_tied_wallclock" 1000000 "$ARCH --stop-time-hours $("$PY" -c "print(round($WALL_MIN / 60, 4))")" \
+    "softmax-tied,mhp-tied" "mhe-tied" \
+    --note "equal wall-clock: each trained for $WALL_MIN min (--stop-time-hours), two at a time on the 2 cores (one thread each); every row ties the embeddings"
 fi
 # the shortlist MHP against the softmax at equal wall-clock (its own table)
 if want shortlist_wallclock; then

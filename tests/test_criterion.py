@@ -139,8 +139,8 @@ def test_criterion_with_softmax_model_is_a_clear_error():
 
 
 def test_shared_embeddings_refused_and_sizes_checked():
-    with pytest.raises(ValueError, match="no V x d output projection to tie"):
-        build("mhp", 2, ["--share-decoder-input-output-embed"])
+    with pytest.raises(ValueError, match="mhp without a shortlist.*Forms that can share"):
+        build("mhp", 2, ["--share-decoder-input-output-embed", "--mhce-shortlist", "0"])
     with pytest.raises(ValueError, match="below the vocabulary size"):
         build("mhe", 2, ["--mhce-head-sizes", "4,4"])
 

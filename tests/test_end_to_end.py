@@ -155,13 +155,14 @@ def test_bad_configurations_fail_clearly(trained, data, tmp_path):
         "--save-dir", tmp_path / "b", check=False,
     )  # fmt: skip
     assert r.returncode != 0 and "needs a model with a multi-head output layer" in r.stdout
-    # shared input/output embeddings have nothing to tie to
+    # the shared-last-head MHE has no per-token vectors to tie to
     r = cli(
         "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer_mhce", "--mhce-method", "mhe",
-        "--share-decoder-input-output-embed", *TINY_ARCH, "--criterion", "mhce_label_smoothed_cross_entropy",
+        "--mhce-last-head", "shared", "--share-decoder-input-output-embed", *TINY_ARCH,
+        "--criterion", "mhce_label_smoothed_cross_entropy",
         *TRAIN_COMMON, "--max-update", "1", "--save-dir", tmp_path / "c", check=False,
     )  # fmt: skip
-    assert r.returncode != 0 and "no V x d output projection to tie" in r.stdout
+    assert r.returncode != 0 and "last-head shared has none" in r.stdout
     # a checkpoint loaded into a model with other head sizes / another method
     ckpt = trained["mhp"][0] / "checkpoint_best.pt"
     before = ckpt.read_bytes()

@@ -49,7 +49,7 @@ def one_thread():
 def _head(method, V, sizes, scale, seed, random_code):
     torch.manual_seed(seed)
     codec = MixedRadixCodec(V, sizes, torch.randperm(V) if random_code else None)
-    head = MultiHeadProduct(16, codec) if method == "mhp" else MultiHeadEmbedding(16, codec)
+    head = MultiHeadProduct(16, codec) if method == "mhp" else MultiHeadEmbedding(16, codec, last_head="shared")
     with torch.no_grad():  # scale < 1: nearly uniform; scale > 1: peaky
         for p in head.parameters():
             p.mul_(scale)

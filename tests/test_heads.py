@@ -187,8 +187,10 @@ def test_code_table_option_reads_checks_and_defers_to_a_checkpoint(tmp_path):
     from fairseq.data import Dictionary
 
     from fairseq_mhce.criterions.mhce_label_smoothed_cross_entropy import get_mhce_head
+    from fairseq_mhce.config import resolve_settings
     from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_head
     from fairseq_mhce.modules.code_table import save_code_table
+    from fairseq_mhce.training_start import settle_code_table
 
     def dictionary(n):
         d = Dictionary()
@@ -215,9 +217,9 @@ def test_code_table_option_reads_checks_and_defers_to_a_checkpoint(tmp_path):
     cfg.mhce_head_sizes = "4,4"
     cfg.mhce_code_table = str(tmp_path / "gone.json")
     head = build_head(cfg, D, d)
-    model = Namespace(decoder=Namespace(mhce_head=head))
-    with pytest.raises(FileNotFoundError, match="gone.json"):
-        get_mhce_head(model)
+    model = Namespace(decoder=Namespace(mhce_head=head, _mhce_settings=resolve_settings(cfg)))
+    with pytest.raises(FileNotFoundError, match="gone.json: no such file"):
+        settle_code_table(model, None, None)  # training from scratch
     state = {f"h.{k}": v for k, v in make_head("mhe-pt", 16, [4, 4], order="random").state_dict().items()}
     head.upgrade_state_dict_named(state, "h")
     assert head.codec.pending_table is None and get_mhce_head(model) is head
@@ -245,7 +247,7 @@ def test_gradients_flow_to_every_mhe_head(method):
 def test_parameters_far_below_softmax():
     V, d = 32768, 512
     mhp = MultiHeadProduct(d, MixedRadixCodec(V, [256, 128]))
-    mhe = MultiHeadEmbedding(d, MixedRadixCodec(V, [256, 128]))
+    mhe = MultiHeadEmbedding(d, MixedRadixCodec(V, [256, 128]), last_head="shared")
     assert mhp.num_output_parameters() < V * d / 50
     assert mhe.num_output_parameters() < V * d / 25
     # per-token: a softmax's V x d (+ V biases), plus head 1
@@ -278,11 +280,13 @@ def test_last_head_default_and_legacy_configs():
     from fairseq import options
 
     import fairseq_mhce  # noqa: F401
-    from fairseq_mhce.models.transformer_mhce import mhce_defaults
+    from fairseq_mhce.config import fill_legacy_defaults, resolve_settings
 
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, ["/nonexistent", "--arch", "transformer_mhce", "--task", "translation"])
     assert args.mhce_last_head == "per-token"
     old = Namespace(mhce_method="mhe", mhce_heads=2)
-    mhce_defaults(old)
+    fill_legacy_defaults(old)  # a checkpoint's config that predates the options
     assert old.mhce_last_head == "shared" and old.mhce_code_order == "identity"
+    fresh = resolve_settings(Namespace(mhce_method="mhe"))  # a new config lacking the keys
+    assert fresh.mhce_last_head == "per-token" and fresh.code_order == "ppmi"

@@ -36,7 +36,10 @@ def dictionary(n):
 
 
 def cfg(**kw):
+    """A model config with the defaults, identity codes unless asked (the
+    automatic PPMI table needs training data; tests/test_auto_codes.py)."""
     c = Namespace(**{k: f.default for k, f in MHCEConfig.__dataclass_fields__.items()})
+    c.mhce_code_order = "identity"
     for k, v in kw.items():
         setattr(c, k, v)
     return c

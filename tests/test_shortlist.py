@@ -166,7 +166,7 @@ def test_refusals_and_the_models_default_table():
 
 
 def test_default_shortlist_follows_the_vocabulary_and_old_configs_keep_none():
-    from fairseq_mhce.models.transformer_mhce import mhce_defaults
+    from fairseq_mhce.config import fill_legacy_defaults, resolve_settings
     from fairseq_mhce.modules.multihead_output import resolve_shortlist
 
     assert resolve_shortlist(-1, 4095) == 0 and resolve_shortlist(-1, 4096) == 2048
@@ -176,11 +176,11 @@ def test_default_shortlist_follows_the_vocabulary_and_old_configs_keep_none():
     assert build_head(cfg(mhce_method="mhe"), 16, dictionary(5000)).codec.num_codes >= 5000  # mhe: no shortlist
     old = cfg(mhce_method="mhp")
     del old.mhce_shortlist  # a config saved before the option existed: the plain product it was trained with
-    mhce_defaults(old)
+    fill_legacy_defaults(old)
     assert old.mhce_shortlist == 0
     fresh = cfg(mhce_method="mhp")
-    mhce_defaults(fresh)
-    assert fresh.mhce_shortlist == -1
+    del fresh.mhce_shortlist  # a new (hydra) config without the key: today's default
+    assert resolve_settings(fresh).mhce_shortlist == -1
 
 
 @pytest.fixture(scope="module")

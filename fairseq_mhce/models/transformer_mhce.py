@@ -91,6 +91,8 @@ def build_head(settings: MHCESettings, input_dim: int, dictionary, embed_tokens=
     (:mod:`fairseq_mhce.training_start`): from the checkpoint being resumed,
     else built from the training data.  A checkpoint loaded for decoding
     brings its own table in its state dict."""
+    if not isinstance(settings, MHCESettings):
+        settings = resolve_settings(settings)
     cls = head_class(settings.mhce_method)
     vocab_size = len(dictionary)
     if settings.mhce_method == "mhp":
@@ -266,6 +268,14 @@ def _building(settings: MHCESettings):
         _BUILDING.reset(token)
 
 
+def _with_seed(settings: MHCESettings) -> MHCESettings:
+    if settings.seed is None:
+        # a hydra model config has no common.seed; fairseq seeds torch with
+        # it before building the model, so this draw follows it
+        settings.seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return settings
+
+
 def fill_defaults(args) -> None:
     """Write every ``mhce_*`` option's default into a config that lacks it
     (the architecture functions call this), so that the config saved in the
@@ -295,11 +305,7 @@ class TransformerMHCEModel(TransformerModel):
         if getattr(args, "adaptive_softmax_cutoff", None):
             raise ValueError("--adaptive-softmax-cutoff and a multi-head output are two different output layers; use one")
         check_criterion(getattr(args, "criterion", None), settings.mhce_method)
-        if settings.seed is None:
-            # a hydra model config has no common.seed; fairseq seeds torch
-            # with it before building the model, so this draw follows it
-            settings.seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        with _building(settings):
+        with _building(_with_seed(settings)):
             model = super().build_model(args, task)
         model.decoder.set_dictionaries(task.source_dictionary, task.target_dictionary)
         return model
@@ -312,7 +318,7 @@ class TransformerMHCEModel(TransformerModel):
 
     @classmethod
     def build_decoder(cls, args, tgt_dict, embed_tokens):
-        settings = _BUILDING.get() or resolve_settings(args)
+        settings = _BUILDING.get() or _with_seed(resolve_settings(args))
         cfg = TransformerConfig.from_namespace(args)
         return TransformerMHCEDecoder(cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention,
                                       settings=settings)  # fmt: skip

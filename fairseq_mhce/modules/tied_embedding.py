@@ -39,7 +39,9 @@ class CodeOrderedEmbedding(nn.Embedding):
     @classmethod
     def from_embedding(cls, emb: nn.Embedding) -> "CodeOrderedEmbedding":
         """The same parameter (not a copy) behind this class."""
-        out = cls(emb.num_embeddings, emb.embedding_dim, padding_idx=emb.padding_idx)
+        # _weight: no re-initialization, so fairseq's random stream (every
+        # later parameter's init) is the same as with a plain nn.Embedding
+        out = cls(emb.num_embeddings, emb.embedding_dim, padding_idx=emb.padding_idx, _weight=emb.weight.data)
         out.weight = emb.weight
         return out
 
