@@ -120,13 +120,12 @@ def detect_langs(databin, target_lang=None):
 
 def training_sequences(databin, src, tgt, dictionary):
     """The binarized training targets as a list of int arrays."""
-    from fairseq.data import data_utils
+    from fairseq_mhce.modules.ppmi_codes import training_targets
 
-    prefix = os.path.join(databin, f"train.{src}-{tgt}.{tgt}")
-    ds = data_utils.load_indexed_dataset(prefix, dictionary)
-    if ds is None:
-        raise UsageError(f"cannot read the training targets {prefix}.{{bin,idx}}")
-    return [ds[i].numpy() for i in range(len(ds))]
+    try:
+        return training_targets(databin, src, tgt, dictionary)
+    except FileNotFoundError as e:
+        raise UsageError(str(e))
 
 
 def main(argv=None):
@@ -147,6 +146,7 @@ def run(args, t0):
         raise UsageError(f"no data-bin directory {databin}")
     # (fairseq is imported only after the cheap checks)
     from fairseq_mhce.modules import code_table as ct
+    from fairseq_mhce.modules import ppmi_codes
     from fairseq_mhce.modules.codec import auto_head_sizes, parse_head_sizes
 
     src, tgt = detect_langs(databin, args.target_lang)
@@ -184,14 +184,20 @@ def run(args, t0):
     if seqs is not None:
         counts = np.bincount(np.concatenate(seqs).astype(np.int64), minlength=V) if seqs else np.zeros(V, int)
         unseen = np.flatnonzero(counts[4:] == 0) + 4
-        meta["unseen_types"] = int(unseen.size)
-        meta["unseen"] = args.unseen
+    S = args.shortlist
+    if S and not 1 <= S <= V - 2:
+        raise UsageError(f"--shortlist {S}: must lie between 1 and V - 2 = {V - 2} (V = {V})")
+    if S and counts is None:
+        raise UsageError(f"--shortlist needs the training targets train.SRC-{tgt}.{tgt}.idx in {databin}")
     if args.source == "ppmi":
-        n_tok = int(sum(len(s) for s in seqs))
-        vectors = ct.ppmi_svd_vectors(seqs, V, dim=args.dim, window=args.window, seed=args.seed)
-        meta.update(dim=int(vectors.shape[1]), window=args.window, train_tokens=n_tok,
-                    train_split=f"train.{src}-{tgt}.{tgt}")
-        what = f"ppmi (window {args.window}, dim {vectors.shape[1]}, {n_tok} training tokens)"
+        # the same implementation as the model's automatic table (--mhce-code-order ppmi)
+        code, vectors, m = ppmi_codes.ppmi_code_table(
+            seqs, V, sizes, seed=args.seed, shortlist=S, dim=args.dim, window=args.window,
+            unseen_last=args.unseen == "last",
+        )  # fmt: skip
+        meta.update(m)
+        meta["train_split"] = f"train.{src}-{tgt}.{tgt}"
+        what = f"ppmi (window {args.window}, dim {vectors.shape[1]}, {m['train_tokens']} training tokens)"
     else:
         if not args.checkpoint:
             raise UsageError("--source checkpoint needs --checkpoint PATH")
@@ -201,31 +207,10 @@ def run(args, t0):
             raise UsageError(str(e))
         meta.update(checkpoint=os.path.abspath(args.checkpoint), vectors=args.vectors)
         what = f"checkpoint {args.vectors} vectors ({vectors.shape[1]} dims)"
-    t1 = time.time()
-    last = unseen if (args.unseen == "last" and unseen is not None) else None
-    S = args.shortlist
-    if S:
-        if not 1 <= S <= V - 2:
-            raise UsageError(f"--shortlist {S}: must lie between 1 and V - 2 = {V - 2} (V = {V})")
-        # the shortlist: the specials, then the most frequent training
-        # targets (ties by id); the tail alone is grouped on [0, V - S)
-        if counts is None:
-            raise UsageError(f"--shortlist needs the training targets train.SRC-{tgt}.{tgt}.idx in {databin}")
-        nspec = min(4, S)
-        rank = np.lexsort((np.arange(V - 4), -counts[4:])) + 4
-        listed = np.concatenate([np.arange(nspec), rank[: S - nspec]])
-        rest = np.setdiff1d(np.arange(V), listed)  # sorted ids
-        pos = np.full(V, -1)
-        pos[rest] = np.arange(rest.size)
-        tail_last = None if last is None else pos[np.intersect1d(last, rest)]
-        tail = ct.balanced_codes(vectors[rest], sizes, seed=args.seed, fixed_first=4 - nspec, last=tail_last)
-        code = np.empty(V, dtype=np.int64)
-        code[listed] = np.arange(V - S, V)
-        code[rest] = tail
-        meta["shortlist"] = S
-        meta["shortlist_train_coverage"] = round(float(counts[listed].sum() / max(counts.sum(), 1)), 4)
-    else:
-        code = ct.balanced_codes(vectors, sizes, seed=args.seed, fixed_first=4, last=last)
+    if args.source != "ppmi":
+        code, m = ppmi_codes.codes_from_vectors(vectors, sizes, args.seed, counts, S, args.unseen == "last")
+        meta.update(m)
+    listed = ppmi_codes.shortlist_tokens(counts, S) if S else None
     t2 = time.time()
     skip = unseen if not S else np.union1d(listed, unseen if unseen is not None else []).astype(np.int64)
     learned = ct.digit_coherence(vectors, code, sizes, skip=skip)
@@ -244,7 +229,7 @@ def run(args, t0):
         f"{short_msg}"
         f"{'' if unseen is None else f'{unseen.size} types unseen in training ({args.unseen}); '}"
         f"mean within-digit cosine per head {fmt(learned)} (identity codes {fmt(identity)}); "
-        f"{time.time() - t0:.1f} s (vectors {t1 - t0:.1f} s, grouping {t2 - t1:.1f} s)"
+        f"{time.time() - t0:.1f} s (table {t2 - t0:.1f} s)"
     )
     return 0
 

@@ -74,7 +74,7 @@ def codes_from_vectors(
     if counts is not None:
         unseen = np.flatnonzero(counts[4:] == 0) + 4
         meta["unseen_types"] = int(unseen.size)
-        meta["unseen"] = "last" if unseen_last else "grouped"
+        meta["unseen"] = "last" if unseen_last else "cluster"  # build_codes.py --unseen
     last = unseen if (unseen_last and unseen is not None) else None
     if not shortlist:
         return ct.balanced_codes(vectors, sizes, seed=seed, fixed_first=4, last=last), meta
