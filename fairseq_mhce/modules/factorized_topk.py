@@ -6,8 +6,14 @@ Both routines return, for every row of ``x``, the ``k`` best tokens with id
 ``extra``) and their log-probabilities, computed with the same floating-point
 operations, in the same order, as the dense row of the head's ``log_probs``
 (MHP: ``((lp_1 + lp_2) + lp_3) - log Z``; MHE: ``((0 + lp_1) + lp_2) + lp_3``),
-so that a candidate's score equals its dense value (bit for bit for MHP; for
-MHE up to the BLAS blocking of the prefix batch).
+so that a candidate's score equals its dense value: bit for bit for MHP; for
+MHE up to float32 rounding, a few ulps (the dense row scores every prefix, or
+for a per-token last head every token vector, in one wide matmul, the search
+only the expanded ones, and BLAS rounds the two shapes differently).
+
+Ties: exactly equal scores (common when the decoder runs in bf16 / fp16) may
+be returned in any order, but the set is always a valid top-``k``: no digit or
+prefix is ranked twice (``tests/test_topk_ties.py``).
 
 * :func:`mhp_topk` (product-key search): the best sums of independent head
   scores lie in the product of each head's top-``m`` digits.  Invalid codes and
@@ -373,12 +379,18 @@ def _mhe2_topk(head, x, lp0, k: int, min_token: int, budget: int, first_width: O
         add = torch.minimum(need[rows], done[rows].clamp(min=1))
         width = int(add.max())
         reach = int((done[rows] + add).max())
-        if reach > width_sorted:  # extend the ranking: a wider top-k (ties keep no fixed order,
-            # but every rank beyond `done` is above tau, so finite and distinct from those before)
-            width_sorted = min(nfree, max(reach, 2 * width_sorted))
-            sv2, si2 = ranked.topk(width_sorted, dim=-1)
-            # the known ranks must not move: keep them, take the new ones after them
-            sv, si = torch.cat([sv, sv2[:, sv.size(1):]], 1), torch.cat([si, si2[:, si.size(1):]], 1)
+        if reach > width_sorted:
+            # extend the ranking with the best of the columns not ranked yet.  A
+            # wider top-k of all columns would not do: torch.topk orders tied
+            # values arbitrarily, so its ranks past the old width could repeat a
+            # digit already ranked and skip its tied partner (issue 24)
+            grow = min(nfree, max(reach, 2 * width_sorted)) - width_sorted
+            rest = ranked.scatter(1, si, NEG_INF)  # (n, F): ranked columns out
+            sv2, si2 = rest.topk(grow, dim=-1)
+            # every rank the loop expands is above tau, so finite: a column
+            # masked above (-inf) can only fill ranks that are never expanded
+            sv, si = torch.cat([sv, sv2], 1), torch.cat([si, si2], 1)
+            width_sorted += grow
         step = max(1, budget // (width * (c2 + d)))
         for a in range(0, rows.numel(), step):
             # the next `add` ranks of each row, padded to `width` (padding: -inf)
