@@ -17,6 +17,14 @@ as on torch < 2.6: a checkpoint passed to fairseq is trusted code, as it
 always was.  Every other ``torch.load`` in the process keeps torch's default;
 no environment variable is set.  ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` still
 forces ``weights_only=True`` everywhere (torch gives it precedence).
+
+Also while the plugin is imported (:mod:`.checkpoint_io`, :mod:`.clean_exit`):
+fairseq's copies of a saved checkpoint (``checkpoint_best.pt`` ->
+``checkpoint_last.pt``, ...) are atomic; an empty or truncated checkpoint is
+reported as such, naming the newest intact one to resume from; and fairseq's
+background batch-loading threads are stopped at exit, so a finished run exits
+0 instead of aborting in them (``terminate called without an active
+exception``, status 134).
 """
 import types
 
@@ -79,3 +87,9 @@ from .training_start import wrap_trainer_load_checkpoint  # noqa: E402
 
 wrap_checkpoint_config_loading()
 wrap_trainer_load_checkpoint()
+
+from . import checkpoint_io, clean_exit  # noqa: E402
+
+checkpoint_io.make_checkpoint_copies_atomic()
+checkpoint_io.explain_unreadable_checkpoints()
+clean_exit.register()

@@ -1,0 +1,205 @@
+"""Checkpoint files that a kill cannot leave half-written, and a clear error
+for one that is.
+
+fairseq writes the first checkpoint of a save (for instance
+``checkpoint_best.pt``) atomically, to ``NAME.tmp`` then renamed, but copies it
+to the others (``checkpoint_last.pt``, ``checkpointN.pt``, ...) with a plain
+``shutil.copyfile`` (``fairseq.file_io.PathManager.copy``): a kill, a full
+disk or a crash during that copy leaves an empty or truncated
+``checkpoint_last.pt``, and the next ``fairseq-train`` in that ``--save-dir``
+dies on it with an ``EOFError`` / zip traceback.
+
+While the plugin is imported:
+
+* :func:`make_checkpoint_copies_atomic`: ``fairseq.checkpoint_utils`` (only
+  that module) sees a ``PathManager`` whose ``copy`` writes a temporary file
+  in the destination's folder, fsyncs it, and renames it over the
+  destination (``os.replace``): the destination holds either its old content
+  or the whole new one, never a part.
+* :func:`explain_unreadable_checkpoints`: when fairseq cannot read a
+  checkpoint that is empty or truncated, the error says so and names the
+  newest intact checkpoint of the same folder to resume from
+  (``--restore-file``) or decode with (``--path``).  Nothing is written or
+  removed.
+"""
+
+import functools
+import os
+import shutil
+import tempfile
+import zipfile
+from typing import List, Optional
+
+COPY_CHUNK = 1 << 20
+
+
+class UnreadableCheckpointError(RuntimeError):
+    """A checkpoint file is empty or truncated (an interrupted save or copy)."""
+
+
+# -- atomic copies -------------------------------------------------------------
+
+
+def _copy_contents(fsrc, fdst):
+    """Copy every byte of the open file ``fsrc`` to the open file ``fdst``."""
+    shutil.copyfileobj(fsrc, fdst, COPY_CHUNK)
+
+
+def _fsync_dir(path: str):
+    """Make a rename in ``path`` durable (best effort: not every file system
+    lets a folder be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_copy(src_path: str, dst_path: str) -> str:
+    """Copy ``src_path`` to ``dst_path`` so that ``dst_path`` never holds a
+    partial copy: the bytes go to a temporary file beside ``dst_path``
+    (fsynced), which then replaces it in one rename.  On any error the
+    temporary file is removed and ``dst_path`` is untouched.  Returns
+    ``dst_path`` (as ``shutil.copyfile`` does)."""
+    folder = os.path.dirname(os.path.abspath(dst_path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(dst_path) + ".", suffix=".tmp")
+    try:
+        with open(src_path, "rb") as fsrc, os.fdopen(fd, "wb") as fdst:
+            _copy_contents(fsrc, fdst)
+            fdst.flush()
+            os.fsync(fdst.fileno())
+        shutil.copymode(src_path, tmp)  # mkstemp makes it 0600; keep the mode fairseq's file has
+        os.replace(tmp, dst_path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+    return dst_path
+
+
+class _AtomicCopyPathManager:
+    """fairseq's ``PathManager`` as seen by ``fairseq.checkpoint_utils``:
+    every attribute is fairseq's, except that ``copy`` between local paths is
+    :func:`atomic_copy` (remote paths, handled by iopath, are passed on)."""
+
+    fairseq_mhce_atomic_copy = True
+
+    def __init__(self, path_manager):
+        self._pm = path_manager
+
+    def __getattr__(self, name):
+        return getattr(self._pm, name)
+
+    def copy(self, src_path: str, dst_path: str, overwrite: bool = False):
+        if self._pm.path_requires_pathmanager(src_path) or self._pm.path_requires_pathmanager(dst_path):
+            return self._pm.copy(src_path, dst_path, overwrite=overwrite)
+        return atomic_copy(src_path, dst_path)
+
+
+def make_checkpoint_copies_atomic():
+    """Point ``fairseq.checkpoint_utils.PathManager`` at
+    :class:`_AtomicCopyPathManager` (idempotent)."""
+    from fairseq import checkpoint_utils
+
+    current = checkpoint_utils.PathManager
+    if not getattr(current, "fairseq_mhce_atomic_copy", False):
+        checkpoint_utils.PathManager = _AtomicCopyPathManager(current)
+
+
+# -- unreadable checkpoints ------------------------------------------------------
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """Why the checkpoint file ``path`` cannot be a whole torch checkpoint
+    ("is empty (0 bytes)", "is truncated or not a checkpoint ..."), or None
+    when it looks whole.  Cheap: reads the zip archive's directory (at the
+    end of the file, so a truncated file has none), not the tensors."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if size == 0:
+        return "is empty (0 bytes)"
+    try:
+        with zipfile.ZipFile(path) as z:
+            if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist()):
+                return f"is not a torch checkpoint ({size} bytes, a zip archive without data.pkl)"
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return f"is truncated or not a checkpoint ({size} bytes, no complete torch zip archive)"
+    return None
+
+
+def intact_checkpoints(folder: str, exclude: str = "") -> List[str]:
+    """The checkpoints ``checkpoint*.pt`` of ``folder`` that look whole,
+    newest (modification time) first, ``exclude`` left out."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    skip = os.path.abspath(exclude) if exclude else None
+    found = []
+    for name in names:
+        p = os.path.join(folder, name)
+        if not (name.startswith("checkpoint") and name.endswith(".pt")) or os.path.abspath(p) == skip:
+            continue
+        if os.path.isfile(p) and checkpoint_problem(p) is None:
+            found.append((os.path.getmtime(p), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def unreadable_message(path: str, problem: str) -> str:
+    """The error for an unreadable checkpoint: what is wrong, what to do."""
+    folder = os.path.dirname(os.path.abspath(path))
+    intact = intact_checkpoints(folder, exclude=path)
+    msg = (
+        f"checkpoint {path} {problem}: it cannot be loaded. An interrupted save or copy (a kill, a full disk) "
+        f"leaves a file like this."
+    )
+    if intact:
+        others = f" (other intact ones: {', '.join(os.path.basename(p) for p in intact[1:4])})" if intact[1:] else ""
+        msg += (
+            f" The newest intact checkpoint in {folder} is {intact[0]}{others}: resume training from it "
+            f"with --restore-file {intact[0]} (or decode with --path {intact[0]}). Do not just remove the "
+            f"broken file: a run that starts from scratch in this folder overwrites the intact checkpoints."
+        )
+    else:
+        msg += (
+            f" {folder} holds no other intact checkpoint: restore the file from a backup, or remove it to "
+            f"train from scratch."
+        )
+    return msg
+
+
+def explain_unreadable_checkpoints():
+    """Wrap ``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` (idempotent;
+    every checkpoint fairseq reads goes through it: resume, generate,
+    interactive, hub) so that an empty or truncated file raises
+    :class:`UnreadableCheckpointError` with :func:`unreadable_message`
+    instead of ``EOFError`` / a zip error.  Other errors pass unchanged."""
+    from fairseq import checkpoint_utils
+
+    orig = checkpoint_utils.load_checkpoint_to_cpu
+    if getattr(orig, "_mhce_unreadable", False):
+        return
+
+    @functools.wraps(orig)
+    def load_checkpoint_to_cpu(path, *args, **kwargs):
+        try:
+            return orig(path, *args, **kwargs)
+        except Exception as e:
+            local = checkpoint_utils.PathManager.get_local_path(path)
+            problem = checkpoint_problem(local) if isinstance(local, str) and os.path.isfile(local) else None
+            if problem is None:
+                raise
+            raise UnreadableCheckpointError(unreadable_message(path, problem)) from e
+
+    load_checkpoint_to_cpu._mhce_unreadable = True
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu

@@ -1,0 +1,81 @@
+"""A finished training run exits 0 (issue 24, item 10).
+
+fairseq's batch prefetcher (``fairseq.data.iterators.BackgroundConsumer``) is a
+daemon thread still pulling batches when ``--max-update`` ends the run; if it
+is inside a torch call when Python finalizes, the process aborts with
+``terminate called without an active exception`` (status 134) after the
+checkpoint was written.  The plugin stops those threads at exit
+(:mod:`fairseq_mhce.clean_exit`).
+"""
+import subprocess
+import sys
+
+import pytest
+
+from .utils import USER_DIR, cli, make_copy_data
+
+pytestmark = pytest.mark.e2e
+
+# fairseq's own prefetch thread over a source that is always inside a torch
+# call (a matmul releases the GIL), and an exit after the first batch: the
+# race of a real run, made certain
+PROBE = """
+import sys
+import torch
+from fairseq.data.iterators import BufferedIterator
+if sys.argv[1] == "plugin":
+    import fairseq_mhce  # noqa: F401
+a = torch.randn(600, 600)
+class Slow:
+    def __len__(self):
+        return 10000
+    def __iter__(self):
+        for _ in range(10000):
+            yield a.mm(a).mm(a)
+it = BufferedIterator(20, Slow())
+next(it)
+print("exiting with the prefetch thread inside torch", flush=True)
+sys.exit(0)
+"""
+
+
+def probe(tmp_path, mode):
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    return subprocess.run([sys.executable, str(script), mode], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": ""})  # fmt: skip
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 14), reason="Python 3.14 no longer ends daemon threads at exit")
+def test_prefetch_thread_inside_torch_at_exit(tmp_path):
+    control = probe(tmp_path, "none")
+    # without the plugin: the abort the issue saw (so this probe reproduces it)
+    assert control.returncode in (-6, 134) and "terminate called without an active exception" in control.stdout, (
+        control.returncode, control.stdout[-2000:])  # fmt: skip
+    for _ in range(2):
+        p = probe(tmp_path, "plugin")
+        assert p.returncode == 0, (p.returncode, p.stdout[-2000:])
+        assert "terminate called" not in p.stdout
+
+
+def test_tiny_training_exits_zero_every_time(tmp_path):
+    """The issue's repro shape (an _mhce arch, 1+1 layers, d 32, --max-update
+    3, the plugin's criterion), four runs in a row, each must exit 0."""
+    data = make_copy_data(tmp_path / "data", n_train=600, n_valid=20, n_test=20, n_words=300)
+    statuses = []
+    for i in range(4):
+        p = cli(
+            "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer_iwslt_de_en_mhce",
+            "--mhce-method", "mhp" if i % 2 == 0 else "mhe", "--mhce-code-order", "identity",
+            "--encoder-layers", "1", "--decoder-layers", "1",
+            "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+            "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
+            "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+            "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "500", "--max-update", "3",
+            "--criterion", "mhce_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+            "--disable-validation", "--no-progress-bar", "--save-dir", tmp_path / f"ck{i}",
+            check=False,
+        )  # fmt: skip
+        assert "done training" in p.stdout, p.stdout[-3000:]
+        statuses.append((p.returncode, "terminate called" in p.stdout))
+    assert statuses == [(0, False)] * 4, statuses
