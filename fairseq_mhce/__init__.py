@@ -93,3 +93,4 @@ from . import checkpoint_io, clean_exit  # noqa: E402
 checkpoint_io.make_checkpoint_copies_atomic()
 checkpoint_io.explain_unreadable_checkpoints()
 clean_exit.register()
+tasks.translation_mhce.adopt_translation_checkpoints_on_load()

@@ -7,12 +7,13 @@ is inside a torch call when Python finalizes, the process aborts with
 checkpoint was written.  The plugin stops those threads at exit
 (:mod:`fairseq_mhce.clean_exit`).
 """
+import os
 import subprocess
 import sys
 
 import pytest
 
-from .utils import USER_DIR, cli, make_copy_data
+from .utils import REPO, USER_DIR, cli, make_copy_data
 
 pytestmark = pytest.mark.e2e
 
@@ -42,8 +43,10 @@ sys.exit(0)
 def probe(tmp_path, mode):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
+    # this checkout's plugin, one thread (the matmuls only need to be running)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, str(script), mode], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": ""})  # fmt: skip
+                          text=True, timeout=120, env=env)  # fmt: skip
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 14), reason="Python 3.14 no longer ends daemon threads at exit")

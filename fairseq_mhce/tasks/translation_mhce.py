@@ -221,3 +221,86 @@ class TranslationMHCETask(TranslationTask):
         return mhce_search.build_generator(
             self, models, args, seq_gen_cls, extra_gen_cls_kwargs, prefix_allowed_tokens_fn, dense_builder=dense
         )
+
+
+# ----------------------------------------------------------------------
+# checkpoints of a multi-head model trained with --task translation
+# ----------------------------------------------------------------------
+def _cfg_get(cfg, key):
+    """``cfg[key]`` of a DictConfig / dict, ``cfg.key`` of a Namespace; None when absent."""
+    if cfg is None:
+        return None
+    if isinstance(cfg, dict) or hasattr(cfg, "keys"):
+        try:
+            return cfg.get(key)
+        except Exception:  # omegaconf struct mode on a missing key
+            return None
+    return getattr(cfg, key, None)
+
+
+def adopt_translation_checkpoint(state: dict, arg_overrides=None) -> bool:
+    """Make a loaded checkpoint ``state`` of a multi-head model whose saved
+    task is fairseq's ``translation`` name ``translation_mhce`` instead (its
+    superset: the same data, training and dense search, plus the input
+    repairs and ``mhce_search``), so that the hub API
+    (``TransformerModel.from_pretrained(..., user_dir=...)``, which sets up
+    the checkpoint's own task) repairs empty and over-long inputs as
+    ``fairseq-interactive --task translation_mhce`` does.
+
+    Left alone: a caller that chose the task (a ``task`` override), a
+    checkpoint of another task or model.  An ``mhce_search`` override (which
+    fairseq drops, as ``translation`` has no such key) is applied.  Callers
+    that pass their own task (``fairseq-generate``, ``fairseq-interactive``,
+    a resumed ``fairseq-train``) never use the saved task.  Returns whether
+    the state was changed."""
+    from omegaconf import open_dict
+
+    from ..config import _is_mhce_model_cfg
+
+    overrides = arg_overrides or {}
+    if "task" in overrides:
+        return False
+    cfg, args = state.get("cfg"), state.get("args")
+    if args is not None:  # a pre-hydra checkpoint: the Namespace is the config
+        if getattr(args, "task", None) != "translation" or not _is_mhce_model_cfg(args):
+            return False
+        args.task = "translation_mhce"
+        if "mhce_search" in overrides:
+            args.mhce_search = overrides["mhce_search"]
+        return True
+    task_cfg = _cfg_get(cfg, "task")
+    if task_cfg is None or _cfg_get(task_cfg, "_name") != "translation":
+        return False
+    if not _is_mhce_model_cfg(_cfg_get(cfg, "model")):
+        return False
+    with open_dict(task_cfg):
+        task_cfg["_name"] = "translation_mhce"
+        if "mhce_search" in overrides:
+            task_cfg["mhce_search"] = overrides["mhce_search"]
+    return True
+
+
+def adopt_translation_checkpoints_on_load():
+    """Wrap ``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` (idempotent)
+    with :func:`adopt_translation_checkpoint`."""
+    import functools
+
+    from fairseq import checkpoint_utils
+
+    orig = checkpoint_utils.load_checkpoint_to_cpu
+    if getattr(orig, "_mhce_adopt_task", False):
+        return
+
+    @functools.wraps(orig)
+    def load_checkpoint_to_cpu(path, arg_overrides=None, *args, **kwargs):
+        state = orig(path, arg_overrides, *args, **kwargs)
+        if adopt_translation_checkpoint(state, arg_overrides):
+            logger.info(
+                f"{path}: a multi-head model trained with --task translation is loaded with its task as "
+                f"translation_mhce (fairseq's translation plus the plugin's input repairs and --mhce-search); "
+                f"pass task={{'_name': 'translation'}} to from_pretrained to keep fairseq's own"
+            )
+        return state
+
+    load_checkpoint_to_cpu._mhce_adopt_task = True
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
