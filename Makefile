@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test test-fast extreme-vocab clean-work
+.PHONY: install run test test-fast lint coverage extreme-vocab clean-work
 
 install:
 	VENV=$(VENV) bash scripts/install.sh
@@ -13,6 +13,16 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+# ruff (pyproject.toml): lint and format check, as .ci/run does
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# the suite under coverage, line coverage of the plugin package
+coverage: install
+	$(PY) -m coverage run --source fairseq_mhce -m pytest -q
+	$(PY) -m coverage report
 
 # unit tests only (no fairseq CLI runs): seconds
 test-fast: install
