@@ -16,8 +16,8 @@ feeds it a *compact* row of width ``S + K`` (``K = 2*beam``):
 * columns ``S ..`` hold the hypothesis's exact top-``K`` ordinary tokens, found
   through the heads (:mod:`fairseq_mhce.modules.factorized_topk`) with the same
   operations as the dense row, so scores are the dense scores: bit for bit
-  for MHP, up to float32 rounding for MHE (a few ulps: its dense row scores
-  every prefix in one wide matmul, the search only the expanded prefixes).
+  for MHP, up to float32 rounding for MHE (a few ulps: the dense row and the
+  search score prefixes in matmuls of other shapes).
 
 The only hooks: :class:`FactorizedEnsembleModel` (``forward_decoder`` returns
 the compact row and remembers the candidates' token ids) and

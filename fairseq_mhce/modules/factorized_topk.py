@@ -7,9 +7,11 @@ Both routines return, for every row of ``x``, the ``k`` best tokens with id
 operations, in the same order, as the dense row of the head's ``log_probs``
 (MHP: ``((lp_1 + lp_2) + lp_3) - log Z``; MHE: ``((0 + lp_1) + lp_2) + lp_3``),
 so that a candidate's score equals its dense value: bit for bit for MHP; for
-MHE up to float32 rounding, a few ulps (the dense row scores every prefix, or
-for a per-token last head every token vector, in one wide matmul, the search
-only the expanded ones, and BLAS rounds the two shapes differently).
+MHE up to float32 rounding, a few ulps of the larger of the score and the
+heads' logits (the dense row and the search score prefixes in matmuls of
+other shapes: the search's prefix batches and row chunks, and for the
+per-token last head one ``V x d`` matmul against one per group; BLAS rounds
+them differently).
 
 Ties: exactly equal scores (common when the decoder runs in bf16 / fp16) may
 be returned in any order, but the set is always a valid top-``k``: no digit or

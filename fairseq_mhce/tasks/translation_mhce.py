@@ -4,13 +4,15 @@ beam search for models with a multi-head output.
 ``--mhce-search dense`` (default) is fairseq's own generator on the full
 ``(hypotheses x V)`` row; ``--mhce-search factorized`` gets each hypothesis's
 exact top candidates from the heads (:mod:`fairseq_mhce.search`) and returns
-the same hypotheses and scores: bit for bit for MHP; for MHE equal up to
-float32 rounding, because the dense row scores every prefix in one wide matmul
-and the search only the prefixes it expands, and the two round differently (a
-few ulps: up to 2 ulps, 3e-5 at ``|score|`` about 180, measured for a
-per-token three-head MHE with large parameters).  Two MHE hypotheses whose
-scores differ by less than that may come out in the other order.  Options that
-need the full row (sampling,
+the same hypotheses and scores.  Scores are bit for bit the dense ones for
+MHP; for MHE they are equal up to float32 rounding, a few ulps of the larger
+of the score and the heads' logits: the dense row and the search score the
+prefixes in matmuls of other shapes (the search's batches and row chunks; for
+the per-token last head, one ``V x d`` matmul against one per group), which
+round differently (measured: up to 1.1e-5 with logits of magnitude ~300;
+3e-5 at ``|score|`` about 180 for a per-token three-head model with large
+parameters, issue 24).  Two hypotheses whose scores differ by less than that
+may come out in the other order.  Options that need the full row (sampling,
 ``--prefix-size``, constraints, n-gram blocking, LM fusion, ensembles, other
 search strategies, softmax / MHS models) fall back to the dense search with an
 INFO log line.  Everything else (training, ``--eval-bleu``, datasets) is
@@ -58,7 +60,7 @@ class TranslationMHCEConfig(TranslationConfig):
         metadata={
             "help": "beam search for multi-head output models: dense (fairseq's, on the full "
             "V-wide row) or factorized (exact top candidates from the heads, no V-wide "
-            "row; same hypotheses and scores, for MHE up to float32 rounding: a few ulps). "
+            "row; same hypotheses and scores, for MHE up to float32 rounding). "
             "Options that need the full row fall back "
             "to dense with a log line"
         },
