@@ -26,8 +26,8 @@ background batch-loading threads are stopped at exit, so a finished run exits
 0 instead of aborting in them (``terminate called without an active
 exception``, status 134).
 """
-import types
 
+import types
 
 __version__ = "0.1.0"
 

@@ -226,9 +226,7 @@ class FactorizedSequenceGenerator(SequenceGenerator):
         candidates = _Candidates()
         s = num_special_columns(tgt_dict)
         ensemble = FactorizedEnsembleModel(models, s, 0, candidates)
-        super().__init__(
-            ensemble, tgt_dict, search_strategy=FactorizedBeamSearch(tgt_dict, candidates), **kwargs
-        )
+        super().__init__(ensemble, tgt_dict, search_strategy=FactorizedBeamSearch(tgt_dict, candidates), **kwargs)
         if self.token_indices_to_suppress is not None and bool((self.token_indices_to_suppress >= s).any()):
             raise ValueError("tokens_to_suppress beyond the special symbols need the dense search")
         self.dense_vocab_size = self.vocab_size

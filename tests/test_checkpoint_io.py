@@ -9,15 +9,16 @@ file renamed over the destination (:mod:`fairseq_mhce.checkpoint_io`), and an
 empty or truncated checkpoint gets a message naming the intact one to resume
 from, with every file of the save dir left as it was.
 """
+
 import os
 import signal
 
 import pytest
 import torch
-
-import fairseq_mhce  # noqa: F401  (patches fairseq.checkpoint_utils)
 from fairseq import checkpoint_utils
 from fairseq.file_io import PathManager as FairseqPathManager
+
+import fairseq_mhce  # noqa: F401  (patches fairseq.checkpoint_utils)
 from fairseq_mhce import checkpoint_io
 
 from .utils import USER_DIR, cli, make_copy_data, tree_hashes

@@ -7,6 +7,7 @@ is inside a torch call when Python finalizes, the process aborts with
 checkpoint was written.  The plugin stops those threads at exit
 (:mod:`fairseq_mhce.clean_exit`).
 """
+
 import os
 import subprocess
 import sys

@@ -8,6 +8,7 @@ were a sentence and an over-long one raised fairseq's exception.  The plugin
 now loads such a checkpoint with ``translation_mhce`` (fairseq's translation
 plus the repairs and ``mhce_search``), unless the caller names a task.
 """
+
 import logging
 
 import pytest

@@ -14,6 +14,7 @@ must match bit for bit; MHE within its documented float32 rounding (a few
 ulps of the largest score or logit: the dense row and the search score
 prefixes in matmuls of other shapes), about 1e-5 of the defect's size.
 """
+
 import pytest
 import torch
 

@@ -84,8 +84,10 @@ def _distinct_padding(values: torch.Tensor, tokens: torch.Tensor, min_token: int
 
 def _check_k(k: int, min_token: int, vocab_size: int):
     if k > vocab_size - max(min_token, 0):
-        raise ValueError(f"top-{k} asked of {vocab_size - max(min_token, 0)} candidate tokens (V={vocab_size}, "
-                         f"min_token={min_token}): use a smaller beam")
+        raise ValueError(
+            f"top-{k} asked of {vocab_size - max(min_token, 0)} candidate tokens (V={vocab_size}, "
+            f"min_token={min_token}): use a smaller beam"
+        )
 
 
 def _chunk(pending: torch.Tensor, per_row: int, budget: int) -> int:

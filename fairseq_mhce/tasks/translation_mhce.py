@@ -193,7 +193,11 @@ class TranslationMHCETask(TranslationTask):
         if keep.numel() > 0:
 
             def rows(t):
-                return t.index_select(0, keep.to(t.device)) if torch.is_tensor(t) and t.dim() > 0 and t.size(0) == bsz else t
+                return (
+                    t.index_select(0, keep.to(t.device))
+                    if torch.is_tensor(t) and t.dim() > 0 and t.size(0) == bsz
+                    else t
+                )
 
             sub = {k: rows(v) for k, v in sample.items() if k != "net_input"}
             sub["net_input"] = {k: rows(v) for k, v in net_input.items()}
@@ -213,9 +217,7 @@ class TranslationMHCETask(TranslationTask):
     # ------------------------------------------------------------------
     # generator
     # ------------------------------------------------------------------
-    def build_generator(
-        self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, prefix_allowed_tokens_fn=None
-    ):
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, prefix_allowed_tokens_fn=None):
         mhce_search.check_sampling_options(args)
         dense = super().build_generator
         if self.search_mode(args) == "dense":
