@@ -187,11 +187,44 @@ def check_resumed_table(head, settings, before: torch.Tensor, checkpoint: str) -
         return
     if before is None or torch.equal(before, head.codec.code.cpu()):
         return
+    new = settings.mhce_code_table
+    old = _started_with(checkpoint)
+    if old is None:
+        started = "its config does not say which table it was started with"
+    elif old.startswith("--mhce-code-table ") and os.path.abspath(old.split(" ", 1)[1]) == os.path.abspath(new):
+        started = f"it was started with {old}, whose content has changed since"
+    else:
+        started = f"it was started with {old}"
     raise ValueError(
-        f"--mhce-code-table {settings.mhce_code_table} is not the code table of the checkpoint being resumed "
-        f"({checkpoint}): a run keeps the table it started with. Resume without --mhce-code-table (or with the "
-        f"file it was started with), or train with the new table in a new --save-dir."
+        f"--mhce-code-table {new} is not the code table of the checkpoint being resumed ({checkpoint}; "
+        f"{started}): a run keeps the table it started with. Resume without --mhce-code-table (the checkpoint "
+        f"brings its table), or train with the new table in a new --save-dir."
     )
+
+
+def _started_with(checkpoint: str) -> Optional[str]:
+    """How the checkpoint's saved config chose its code table
+    (``--mhce-code-table PATH`` or ``--mhce-code-order ORDER``); None when
+    it cannot be read.  Only called to word a refusal."""
+    try:
+        from fairseq.file_io import PathManager
+
+        with PathManager.open(checkpoint, "rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=False)
+        cfg = state.get("cfg") or {}
+        model = cfg.get("model") if hasattr(cfg, "get") else None
+        if model is None:
+            model = state.get("args")
+        if model is None:
+            return None
+        get = model.get if hasattr(model, "get") else (lambda k, d=None: getattr(model, k, d))
+        table = get("mhce_code_table", None)
+        if table not in (None, "", "None"):
+            return f"--mhce-code-table {table}"
+        order = get("mhce_code_order", None)
+        return f"--mhce-code-order {order}" if order not in (None, "") else None
+    except Exception:  # a best effort: the refusal stands without it
+        return None
 
 
 def wrap_trainer_load_checkpoint() -> None:

@@ -15,8 +15,13 @@ Token vectors (``--source``):
     to ``--dim`` dimensions.  Needs nothing but the data-bin.
 ``checkpoint``
     A trained fairseq model's vectors (``--checkpoint PATH``): ``--vectors
-    output`` (default) the per-token output projection (a softmax or MHS
-    model), ``--vectors input`` the decoder's input embedding (any model).
+    output`` (default) the per-token output vectors (a softmax or MHS
+    model's projection, a per-token MHE model's last head, a tied model's
+    shared embedding), ``--vectors input`` the decoder's input embedding
+    (any model); always in token order.  The checkpoint must have been
+    trained with the data-bin's target dictionary (the plugin's dictionary
+    fingerprint, else the dictionary of the data-bin its config names; a
+    warning when neither can be checked).
 
 Types that never occur in the training targets (the source-only pieces of
 a joint dictionary) get the highest codes by default (``--unseen last``), so
@@ -31,15 +36,19 @@ Example::
     python scripts/build_codes.py --databin work/bible-de-en/bin --heads 2 \\
         --source ppmi --out work/codes/ppmi_h2.json
 
-Exit status 2 with a message on bad input (missing data-bin or dictionary,
-head sizes too small, existing --out, unusable checkpoint).
+Exit status 2 with a one-line message on bad input (missing data-bin or
+dictionary, truncated training data, head sizes too small or heads that
+would always predict 0, --dim / --window below 1, existing --out, a
+truncated checkpoint or one of another dictionary).
 """
 import argparse
+import gc
 import glob
 import json
 import math
 import os
 import re
+import struct
 import sys
 import time
 
@@ -122,10 +131,100 @@ def training_sequences(databin, src, tgt, dictionary):
     """The binarized training targets as a list of int arrays."""
     from fairseq_mhce.modules.ppmi_codes import training_targets
 
+    prefix = os.path.join(databin, f"train.{src}-{tgt}.{tgt}")
+    why = None
+    # fairseq's half-built dataset objects complain from their destructors
+    # about a damaged file ("Exception ignored in ... __del__"): the one
+    # message below says it
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
     try:
-        return training_targets(databin, src, tgt, dictionary)
-    except FileNotFoundError as e:
-        raise UsageError(str(e))
+        try:
+            seqs = training_targets(databin, src, tgt, dictionary)
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
+        except (ValueError, AssertionError, OSError, EOFError, IndexError, struct.error) as e:  # a truncated .bin / .idx
+            why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        if why is not None:
+            gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    if why is not None:
+        raise UsageError(
+            f"cannot read the training targets {prefix}.{{bin,idx}} ({why}): the files are truncated or damaged "
+            f"(an interrupted fairseq-preprocess or copy?); binarize the data again"
+        )
+    V = len(dictionary)
+    flat = np.concatenate(seqs) if len(seqs) else np.zeros(0, np.int64)
+    if flat.size and (int(flat.min()) < 0 or int(flat.max()) >= V):
+        raise UsageError(
+            f"the training targets {prefix}.bin hold token ids outside [0, {V}) of "
+            f"{os.path.join(databin, f'dict.{tgt}.txt')} (largest {int(flat.max())}): they were binarized with "
+            f"another dictionary; binarize the data again"
+        )
+    return seqs
+
+
+def _cfg_get(cfg, name):
+    """``cfg[name]`` / ``cfg.name`` of a saved config (dict, DictConfig or
+    Namespace); None when absent."""
+    if cfg is None:
+        return None
+    try:
+        return cfg.get(name) if hasattr(cfg, "get") else getattr(cfg, name, None)
+    except Exception:
+        return None
+
+
+def check_checkpoint_dictionary(ckpt, path, dictionary, dict_path, tgt):
+    """Refuse a checkpoint trained with another target dictionary than
+    ``dict_path`` (its vectors would be the wrong words' vectors): by the
+    plugin's dictionary fingerprint when the checkpoint has one, else by the
+    ``dict.TGT.txt`` of the data-bin its config names (``cfg.task.data``)
+    when that exists; else a warning that it cannot be checked."""
+    from fairseq_mhce.models.transformer_mhce import FINGERPRINT_KEY, dictionary_fingerprint
+    from fairseq_mhce.modules import code_table as ct
+
+    state = ct.checkpoint_state(ckpt, path)
+    fp = state.get(f"decoder.{FINGERPRINT_KEY}")
+    if fp is not None:
+        try:
+            saved = tuple(int(x) for x in fp.reshape(2, 2)[1].tolist())  # [[src size, hash], [tgt size, hash]]
+        except Exception:
+            raise UsageError(f"--checkpoint {path}: its decoder.{FINGERPRINT_KEY} is damaged (expected 2 x 2 numbers)") from None
+        mine = tuple(int(x) for x in dictionary_fingerprint(dictionary))
+        if saved != mine:
+            raise UsageError(
+                f"--checkpoint {path} was trained with another target dictionary than {dict_path} "
+                f"({saved[0]} symbols there, {mine[0]} here"
+                + (", same size but other symbols or another order" if saved[0] == mine[0] else "")
+                + "): its vectors would belong to other words. Pass the data-bin the checkpoint was trained on "
+                "(--databin), or a checkpoint trained on this one"
+            )
+        return
+    cfg = _cfg_get(ckpt, "cfg") if isinstance(ckpt, dict) else None
+    task = _cfg_get(cfg, "task") or (_cfg_get(ckpt, "args") if isinstance(ckpt, dict) else None)
+    data = _cfg_get(task, "data")
+    lang = _cfg_get(task, "target_lang") or tgt
+    theirs = os.path.join(str(data).split(os.pathsep)[0], f"dict.{lang}.txt") if data else None
+    if theirs is None or not os.path.isfile(theirs):
+        print(
+            f"build_codes.py: warning: cannot check that --checkpoint {path} was trained with the dictionary "
+            f"{dict_path}: it holds no dictionary fingerprint (a plain fairseq checkpoint, or one of an older fairseq_mhce) and "
+            + (f"the dictionary of the data-bin its config names ({theirs}) does not exist" if theirs
+               else "its config names no data-bin")
+            + "; make sure it was trained on this data-bin",
+            file=sys.stderr,
+        )  # fmt: skip
+        return
+    if os.path.realpath(theirs) == os.path.realpath(dict_path):
+        return
+    if ct.dictionary_symbols(theirs) != ct.dictionary_symbols(dictionary):
+        raise UsageError(
+            f"--checkpoint {path} was trained on the data-bin {data} (its config), whose target dictionary {theirs} "
+            f"is not {dict_path}: its vectors would belong to other words. Pass the data-bin the checkpoint was "
+            f"trained on (--databin), or a checkpoint trained on this one"
+        )
 
 
 def main(argv=None):
@@ -144,7 +243,11 @@ def run(args, t0):
         raise UsageError(f"--out {args.out} already exists; a code table is never overwritten")
     if not os.path.isdir(databin):
         raise UsageError(f"no data-bin directory {databin}")
+    for flag, value, what in (("--dim", args.dim, "SVD dimensions"), ("--window", args.window, "co-occurrence window")):
+        if value < 1:
+            raise UsageError(f"{flag} {value}: the {what} must be >= 1")
     # (fairseq is imported only after the cheap checks)
+    from fairseq_mhce.models.transformer_mhce import check_head_sizes
     from fairseq_mhce.modules import code_table as ct
     from fairseq_mhce.modules import ppmi_codes
     from fairseq_mhce.modules.codec import auto_head_sizes, parse_head_sizes
@@ -155,15 +258,20 @@ def run(args, t0):
         raise UsageError(f"no target dictionary {dict_path}")
     from fairseq.data import Dictionary
 
-    dictionary = Dictionary.load(dict_path)
+    try:
+        dictionary = Dictionary.load(dict_path)
+    except Exception as e:  # a damaged dict.txt
+        raise UsageError(f"cannot read the target dictionary {dict_path} ({type(e).__name__}: {e})") from None
     symbols = ct.dictionary_symbols(dictionary)
     V = len(symbols)
     try:
-        sizes = parse_head_sizes(args.head_sizes)
+        sizes = parse_head_sizes(args.head_sizes, flag="--head-sizes")
         if sizes is None:
-            sizes = auto_head_sizes(V, 2 if args.heads is None else args.heads)
+            sizes = auto_head_sizes(V, 2 if args.heads is None else args.heads, flag="--heads")
+            # the model refuses balanced sizes with a head that always predicts digit 0
+            check_head_sizes(sizes, V, explicit=False)
     except ValueError as e:
-        raise UsageError(str(e))
+        raise UsageError(str(e).replace("--mhce-heads", "--heads")) from None
     if math.prod(sizes) < V:
         raise UsageError(
             f"the product of the head sizes {sizes} is {math.prod(sizes)}, below the target "
@@ -202,9 +310,11 @@ def run(args, t0):
         if not args.checkpoint:
             raise UsageError("--source checkpoint needs --checkpoint PATH")
         try:
-            vectors = ct.checkpoint_vectors(args.checkpoint, args.vectors, vocab_size=V)
+            ckpt = ct.read_checkpoint(args.checkpoint)
+            check_checkpoint_dictionary(ckpt, args.checkpoint, dictionary, dict_path, tgt)
+            vectors = ct.checkpoint_vectors(args.checkpoint, args.vectors, vocab_size=V, ckpt=ckpt)
         except ValueError as e:
-            raise UsageError(str(e))
+            raise UsageError(str(e)) from None
         meta.update(checkpoint=os.path.abspath(args.checkpoint), vectors=args.vectors)
         what = f"checkpoint {args.vectors} vectors ({vectors.shape[1]} dims)"
     if args.source != "ppmi":
@@ -220,7 +330,7 @@ def run(args, t0):
     try:
         ct.save_code_table(args.out, code, sizes, symbols, meta)
     except FileExistsError as e:
-        raise UsageError(str(e))
+        raise UsageError(str(e)) from None
     short_msg = (f"shortlist {S} (codes {V - S}..{V - 1}, {meta['shortlist_train_coverage']:.1%} of the "
                  f"training targets); ") if S else ""
     fmt = lambda xs: "[" + ", ".join(f"{x:.3f}" for x in xs) + "]"  # noqa: E731

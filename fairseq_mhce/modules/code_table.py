@@ -156,8 +156,59 @@ def save_code_table(
             os.unlink(tmp)
 
 
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
+
+
+def _is_int(value) -> bool:
+    """A JSON integer (``60``, or ``60.0``; not ``true``, not ``"60"``)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def _field_error(path: str, field: str, what: str, value) -> ValueError:
+    return ValueError(
+        f"the code table {path}: field {field!r} must be {what}, got {_short(value)}; the file is damaged or "
+        f"was edited by hand: rebuild it with scripts/build_codes.py"
+    )
+
+
+def _check_fields(path: str, obj: Dict) -> None:
+    """Types of the fields of a code table; ``meta`` null becomes ``{}``."""
+    vocab_size = obj["vocab_size"]
+    if not _is_int(vocab_size) or vocab_size < 1:
+        raise _field_error(path, "vocab_size", "a positive integer (the target dictionary size)", vocab_size)
+    obj["vocab_size"] = int(vocab_size)
+    sizes = obj["head_sizes"]
+    if not isinstance(sizes, list) or not sizes or not all(_is_int(c) and c >= 1 for c in sizes):
+        raise _field_error(path, "head_sizes", "a list of positive integers (one size per head)", sizes)
+    obj["head_sizes"] = [int(c) for c in sizes]
+    code = obj["code"]
+    if not isinstance(code, list):
+        raise _field_error(path, "code", "a list of integers (the code of each token id)", code)
+    bad = next((i for i, c in enumerate(code) if not _is_int(c)), None)
+    if bad is not None:
+        raise _field_error(path, "code", f"a list of integers (the code of each token id); entry {bad}", code[bad])
+    sha = obj.get("dictionary_sha1")
+    if sha is not None and not isinstance(sha, str):
+        raise _field_error(path, "dictionary_sha1", "a string (sha1 of the dictionary)", sha)
+    meta = obj.get("meta")
+    if meta is None:
+        obj["meta"] = meta = {}
+    if not isinstance(meta, dict):
+        raise _field_error(path, "meta", "an object (how the table was built) or null", meta)
+    shortlist = meta.get("shortlist")
+    if shortlist is not None and not (_is_int(shortlist) and shortlist >= 0):
+        raise _field_error(path, "meta.shortlist", "a non-negative integer (the MHP shortlist it was built for)",
+                           shortlist)  # fmt: skip
+
+
 def read_code_table(path) -> Dict:
-    """The parsed JSON of a code table file (format checked, nothing else)."""
+    """The parsed JSON of a code table file: format and field types checked
+    (``ValueError`` naming the file and the field), ``meta`` always an
+    object; nothing is compared with a model here."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"no code table file {path} (build one with scripts/build_codes.py)")
@@ -165,7 +216,7 @@ def read_code_table(path) -> Dict:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a code table (not JSON: {e}); build one with scripts/build_codes.py")
+        raise ValueError(f"{path} is not a code table (not JSON: {e}); build one with scripts/build_codes.py") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"{path} is not a code table (no \"format\": \"{FORMAT}\"); build one with scripts/build_codes.py")
     if obj.get("version") != VERSION:
@@ -173,6 +224,7 @@ def read_code_table(path) -> Dict:
     for key in ("vocab_size", "head_sizes", "code"):
         if key not in obj:
             raise ValueError(f"{path} is not a complete code table (no {key!r})")
+    _check_fields(path, obj)
     return obj
 
 
@@ -216,7 +268,7 @@ def load_code_table(
     try:
         code = np.asarray(obj["code"], dtype=np.int64).reshape(-1)
     except (TypeError, ValueError):
-        raise ValueError(f"{path}: \"code\" is not a list of integers")
+        raise ValueError(f"the code table {path}: field 'code' is not a list of integers") from None
     _check_code(code, vocab_size, f"the code table {path}")
     return torch.from_numpy(code).long()
 
@@ -659,9 +711,52 @@ OUTPUT_KEYS = (
     "decoder.mhce_head.output_projection.weight",
 )
 INPUT_KEYS = ("decoder.embed_tokens.weight",)
+CODE_KEY = "decoder.mhce_head.codec.code"  # (V,) token id -> code
+TOKEN_VECTORS_KEY = "decoder.mhce_head.token_vectors"  # per-token MHE, rows in code order
+TIED_KEY = "decoder.mhce_head.tied_output"  # the decoder embedding is the output, rows in code order
 
 
-def checkpoint_vectors(path, which: str = "output", vocab_size: Optional[int] = None) -> np.ndarray:
+def read_checkpoint(path) -> Dict:
+    """A fairseq checkpoint loaded on the CPU (a trusted file: fairseq
+    checkpoints are pickles).  ``ValueError`` naming the file when it is
+    missing, unreadable (truncated: an interrupted save or copy) or not a
+    fairseq checkpoint."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint file {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, a text file, an empty file, ...
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"cannot read the checkpoint {path} ({type(e).__name__}{': ' + why if why else ''}): it is truncated "
+            f"(an interrupted save or copy) or not a fairseq checkpoint; pass a complete checkpoint_*.pt"
+        ) from None
+    checkpoint_state(ckpt, path)
+    return ckpt
+
+
+def checkpoint_state(ckpt, path) -> Dict:
+    """The model state dict of a loaded checkpoint (``ValueError`` when it
+    has none)."""
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{os.fspath(path)} is not a fairseq checkpoint (no 'model' state dict)")
+    return state
+
+
+def _token_order(w: np.ndarray, code, key: str, path: str) -> np.ndarray:
+    """(R, d) rows in code order -> (V, d) rows in token order."""
+    code = np.asarray(code.cpu() if torch.is_tensor(code) else code, dtype=np.int64).reshape(-1)
+    if code.size == 0 or code.min() < 0 or code.max() >= w.shape[0]:
+        raise ValueError(
+            f"{path}: {key} has {w.shape[0]} rows, fewer than the codes of {CODE_KEY} need "
+            f"({int(code.max()) + 1 if code.size else 0}): a damaged checkpoint"
+        )
+    return w[code]
+
+
+def checkpoint_vectors(path, which: str = "output", vocab_size: Optional[int] = None, ckpt=None) -> np.ndarray:
     """(V, d) token vectors from a fairseq checkpoint.
 
     ``which="output"``: the per-token output vectors (a softmax model's
@@ -669,21 +764,32 @@ def checkpoint_vectors(path, which: str = "output", vocab_size: Optional[int] = 
     with shared input/output embeddings the decoder's embedding); ``"input"``:
     ``decoder.embed_tokens.weight`` (any model).  ``vocab_size``, when given,
     must be the number of rows (an MHP/MHE head's ``sum(C_h) x d`` projection
-    is not a per-token table)."""
+    is not a per-token table).
+
+    A plugin checkpoint keeps some tables in *code order* (row ``code[v]`` is
+    token ``v``; ``decoder.mhce_head.codec.code`` gives ``code``): a per-token
+    MHE head's ``decoder.mhce_head.token_vectors`` (rows past ``V`` are
+    padding) and, when the output is tied (``decoder.mhce_head.tied_output``),
+    the decoder's embedding.  Those are returned in token order.
+
+    ``ckpt``: the checkpoint already loaded by :func:`read_checkpoint` (else
+    ``path`` is read)."""
     path = os.fspath(path)
     if which not in ("output", "input"):
         raise ValueError(f"which must be 'output' or 'input', got {which!r}")
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint file {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except TypeError:  # pragma: no cover - old torch without weights_only
-        ckpt = torch.load(path, map_location="cpu")
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} is not a fairseq checkpoint (no 'model' state dict)")
+    if ckpt is None:
+        ckpt = read_checkpoint(path)
+    state = checkpoint_state(ckpt, path)
+    code = state.get(CODE_KEY)
+    code_ordered = set()
     keys = list(INPUT_KEYS) if which == "input" else list(OUTPUT_KEYS)
-    if which == "output" and _shares_decoder_embed(ckpt):
+    if code is not None:
+        if which == "output":
+            keys.append(TOKEN_VECTORS_KEY)  # per-token MHE's last head
+        code_ordered.add(TOKEN_VECTORS_KEY)
+        if TIED_KEY in state:  # the decoder's embedding, shared with the output layer
+            code_ordered.add(INPUT_KEYS[0])
+    if which == "output" and (_shares_decoder_embed(ckpt) or TIED_KEY in state):
         keys += list(INPUT_KEYS)  # tied: the embedding is the output projection
     for key in keys:
         if key not in state:
@@ -692,16 +798,20 @@ def checkpoint_vectors(path, which: str = "output", vocab_size: Optional[int] = 
         w = w.detach().float().cpu().numpy() if torch.is_tensor(w) else np.asarray(w, dtype=np.float64)
         if w.ndim != 2:
             continue
+        if key in code_ordered:
+            w = _token_order(w, code, key, path)
         if vocab_size is not None and w.shape[0] != int(vocab_size):
             if key == "decoder.mhce_head.proj.weight":
                 continue  # an MHP/MHE head: sum(C_h) rows, not one per token
             raise ValueError(
-                f"{path}: {key} has {w.shape[0]} rows, the target dictionary has {int(vocab_size)} types "
-                f"(a checkpoint of another data-bin?)"
+                f"{path}: {key} has {w.shape[0]} {'tokens' if key in code_ordered else 'rows'}, the target "
+                f"dictionary has {int(vocab_size)} types (a checkpoint of another data-bin?)"
             )
         return w.astype(np.float64)
-    weights = sorted(k for k, v in state.items() if k.endswith("weight") and getattr(v, "ndim", 0) == 2)
-    hint = " (an MHP/MHE model has no per-token output vectors: use --vectors input)" if which == "output" else ""
+    weights = sorted(k for k, v in state.items() if getattr(v, "ndim", 0) == 2
+                     and (k.endswith("weight") or k == TOKEN_VECTORS_KEY))  # fmt: skip
+    hint = (" (an MHP model, or an MHE model with --mhce-last-head shared, has no per-token output vectors: "
+            "use --vectors input)") if which == "output" else ""  # fmt: skip
     raise ValueError(
         f"{path}: no {which} token vectors: none of {keys} with one row per token{hint}; "
         f"its 2-d weights are: {', '.join(weights[:40])}{' ...' if len(weights) > 40 else ''}"

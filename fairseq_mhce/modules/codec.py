@@ -17,13 +17,14 @@ import torch
 import torch.nn as nn
 
 
-def auto_head_sizes(vocab_size: int, num_heads: int) -> List[int]:
+def auto_head_sizes(vocab_size: int, num_heads: int, flag: str = "--mhce-heads") -> List[int]:
     """Balanced head sizes (differing by at most one) with the smallest product
-    ``>= vocab_size``; larger sizes first."""
+    ``>= vocab_size``; larger sizes first.  ``flag``: the option that gave
+    ``num_heads``, for the error message."""
     if vocab_size < 2:
         raise ValueError(f"vocabulary size must be >= 2, got {vocab_size}")
     if num_heads < 1:
-        raise ValueError(f"--mhce-heads must be >= 1, got {num_heads}")
+        raise ValueError(f"{flag} must be >= 1, got {num_heads}")
     # integer H-th root: b**H <= V < (b+1)**H (float root may be off by one)
     b = int(round(vocab_size ** (1.0 / num_heads)))
     while b ** num_heads > vocab_size:
@@ -48,18 +49,17 @@ def used_digits(head_sizes: Sequence[int], vocab_size: int) -> List[int]:
     return [min(c, -(-vocab_size // s)) for c, s in zip(head_sizes, strides)]
 
 
-def parse_head_sizes(spec: Optional[str]) -> Optional[List[int]]:
-    """``"128,256"`` -> ``[128, 256]``; empty / None -> None (automatic)."""
+def parse_head_sizes(spec: Optional[str], flag: str = "--mhce-head-sizes") -> Optional[List[int]]:
+    """``"128,256"`` -> ``[128, 256]``; empty / None -> None (automatic).
+    ``flag``: the option that gave ``spec``, for the error message."""
     if spec is None or str(spec).strip() in ("", "None", "auto"):
         return None
     try:
         sizes = [int(s) for s in str(spec).replace(" ", "").split(",") if s]
     except ValueError:
-        raise ValueError(
-            f"--mhce-head-sizes must be comma-separated integers such as 128,256; got {spec!r}"
-        )
+        raise ValueError(f"{flag} must be comma-separated integers such as 128,256; got {spec!r}") from None
     if not sizes or any(s < 2 for s in sizes):
-        raise ValueError(f"--mhce-head-sizes: every head needs at least 2 classes; got {spec!r}")
+        raise ValueError(f"{flag}: every head needs at least 2 classes; got {spec!r}")
     return sizes
 
 
