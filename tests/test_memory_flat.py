@@ -33,6 +33,7 @@ from fairseq.data import Dictionary
 from fairseq_mhce.criterions.mhce_label_smoothed_cross_entropy import (
     MHCELabelSmoothedCrossEntropyCriterion,
 )
+from fairseq_mhce.modules.tied_embedding import CodeOrderedEmbedding
 from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_head
 
 V = 256_000  # fairseq's 4 specials + 255,996 words; 506 x 506 heads, with invalid codes
@@ -102,11 +103,14 @@ class _StatesModel(nn.Module):
         return sample["target"]
 
 
-def make_head(dictionary, method, last_head="per-token"):
+def make_head(dictionary, method, last_head="per-token", tied=False):
+    """The model's head; ``tied``: sharing a decoder input embedding
+    (``--share-decoder-input-output-embed``), returned as well."""
     cfg = Namespace(**{k: f.default for k, f in MHCEConfig.__dataclass_fields__.items()})
     cfg.mhce_method, cfg.mhce_last_head = method, last_head
     torch.manual_seed(0)
-    return build_head(cfg, D, dictionary)
+    emb = CodeOrderedEmbedding(len(dictionary), D, padding_idx=dictionary.pad()) if tied else None
+    return build_head(cfg, D, dictionary, emb), emb
 
 
 def make_sample(dictionary):
@@ -120,11 +124,13 @@ def make_sample(dictionary):
 
 
 @pytest.mark.parametrize(
-    "method,last_head", [("mhp", "per-token"), ("mhe", "per-token"), ("mhe", "shared")],
-    ids=["mhp", "mhe-per-token", "mhe-shared"],
-)
-def test_criterion_step_builds_no_n_by_v_tensor(dictionary, method, last_head):
-    head = make_head(dictionary, method, last_head)
+    "method,last_head,tied",
+    [("mhp", "per-token", False), ("mhe", "per-token", False), ("mhe", "shared", False),
+     ("mhp", "per-token", True), ("mhe", "per-token", True)],
+    ids=["mhp", "mhe-per-token", "mhe-shared", "mhp-tied", "mhe-per-token-tied"],
+)  # fmt: skip
+def test_criterion_step_builds_no_n_by_v_tensor(dictionary, method, last_head, tied):
+    head, emb = make_head(dictionary, method, last_head, tied)
     assert head.codec.sizes == [506, 506] and head._has_invalid  # 506^2 = 256,036 codes > V
     if method == "mhe":
         assert head.per_token == (last_head == "per-token")
@@ -142,12 +148,14 @@ def test_criterion_step_builds_no_n_by_v_tensor(dictionary, method, last_head):
     assert any("backward" in name for name, _, _ in rec.outputs), "no backward op recorded"
     assert states.grad is not None and torch.isfinite(states.grad).all()
     assert all(p.grad is not None for p in head.parameters())
+    if tied:  # the output's gradient reaches the shared embedding
+        assert emb.weight.grad is not None and emb.weight.grad.abs().sum() > 0
 
     name, shape, numel = rec.largest()
     assert numel < N * V, f"{method}/{last_head}: {name} returned {shape}, {numel:,} >= N*V"
     # activations only: leave out tensors of a parameter's size (their
     # gradients, the unbind/stack of the per-token table in backward)
-    params = {p.numel() for p in head.parameters()}
+    params = {p.numel() for p in head.parameters()} | ({emb.weight.numel()} if tied else set())
     name, shape, numel = rec.largest(exclude_numel=params)
     # O(N * (sum C_h + S + 1 + d)), S = MHP's default shortlist (2048 at
     # this V): a few percent of N * V
