@@ -14,4 +14,13 @@ setup(
     # Loose on purpose: exact versions live in constraints.txt.  fairseq itself
     # is installed by scripts/install.sh with --no-deps --no-build-isolation.
     install_requires=["torch", "numpy<2", "sentencepiece", "sacrebleu>=2", "sacremoses"],
+    # the package's tools (fairseq_mhce/cli/): each main(argv=None) returns the exit status
+    entry_points={
+        "console_scripts": [
+            "mhce-build-codes = fairseq_mhce.cli.build_codes:main",
+            "mhce-average-checkpoints = fairseq_mhce.cli.average_checkpoints:main",
+            "mhce-export = fairseq_mhce.cli.export:main",
+            "mhce-prepare-data = fairseq_mhce.cli.prepare_data:main",
+        ]
+    },
 )

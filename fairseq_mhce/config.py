@@ -58,7 +58,7 @@ class MHCEConfig(FairseqDataclass):
     mhce_code_table: Optional[str] = field(
         default=None,
         metadata={
-            "help": "a code table file written by mhce-build-codes / scripts/build_codes.py for this target "
+            "help": "a code table file written by mhce-build-codes for this target "
             "dictionary and these head sizes (overrides --mhce-code-order); read when training starts and "
             "saved in the checkpoint, so decoding does not need it"
         },
@@ -140,7 +140,7 @@ def _int(name, value, lo=None):
         if isinstance(value, float) and out != value:
             raise ValueError
     except (TypeError, ValueError):
-        raise ValueError(f"{_flag(name)} must be an integer, got {value!r}")
+        raise ValueError(f"{_flag(name)} must be an integer, got {value!r}") from None
     if lo is not None and out < lo:
         raise ValueError(f"{_flag(name)} must be >= {lo}, got {out}")
     return out
@@ -205,7 +205,7 @@ def resolve_settings(cfg) -> MHCESettings:
     try:
         groups = float(v["mhce_sample_groups"])
     except (TypeError, ValueError):
-        raise ValueError(f"--mhce-sample-groups must be a number, got {v['mhce_sample_groups']!r}")
+        raise ValueError(f"--mhce-sample-groups must be a number, got {v['mhce_sample_groups']!r}") from None
     if not groups > 0 or math.isinf(groups):
         raise ValueError(f"--mhce-sample-groups must be > 0 (a count, or a fraction <= 1), got {groups}")
     v["mhce_sample_groups"] = groups

@@ -39,7 +39,7 @@ def pending_table_error(pending) -> str:
     if kind == "table":
         return (
             f"--mhce-code-table {path}: no such file, and no checkpoint to resume brings a table. Write it "
-            f"with scripts/build_codes.py, fix the path, or drop the option (the default --mhce-code-order "
+            f"with mhce-build-codes, fix the path, or drop the option (the default --mhce-code-order "
             f"auto builds a PPMI table from the training data)"
         )
     return (

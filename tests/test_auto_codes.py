@@ -1,27 +1,24 @@
 """The automatic PPMI code table (``--mhce-code-order auto``/``ppmi``): the
-same table as ``scripts/build_codes.py --source ppmi`` for the same data and
+same table as ``mhce-build-codes --source ppmi`` for the same data and
 seed; built once and cached in the save directory, reused when the cache
 matches, rebuilt (never used) when it does not; the data-bin is never
 written; identical on two gloo ranks (rank 0 builds, the other receives)."""
 import json
 import os
-import subprocess
-import sys
 from argparse import Namespace
 
 import numpy as np
 import pytest
 import torch
-
-import fairseq_mhce  # noqa: F401
 from fairseq.data import Dictionary
 
+import fairseq_mhce  # noqa: F401
 from fairseq_mhce.config import resolve_settings
 from fairseq_mhce.models.transformer_mhce import build_head
 from fairseq_mhce.modules import code_table as ct
 from fairseq_mhce.training_start import CACHE_NAME, settle_code_table
 
-from .utils import REPO, make_copy_data, tree_hashes
+from .utils import cli, make_copy_data, tree_hashes
 
 pytestmark = pytest.mark.e2e  # fairseq-preprocess builds the data-bin
 
@@ -49,8 +46,7 @@ def test_auto_table_is_build_codes_table_and_is_cached(databin, tmp_path, method
     assert head.codec.pending_table is None and tree_hashes(databin) == before  # data-bin never written
     out = tmp_path / "codes.json"
     args = ["--databin", databin, "--seed", "1", "--out", out, "--head-sizes", ",".join(map(str, head.sizes))]
-    subprocess.run([sys.executable, REPO / "scripts" / "build_codes.py", *map(str, args)]
-                   + (["--shortlist", str(shortlist)] if shortlist else []), check=True, capture_output=True)  # fmt: skip
+    cli("mhce-build-codes", *args, *(["--shortlist", shortlist] if shortlist else []))
     offline = np.asarray(json.loads(out.read_text())["code"])
     assert np.array_equal(head.codec.code.numpy(), offline)
     cache = save / CACHE_NAME

@@ -1,26 +1,21 @@
-"""Learned code tables: fairseq_mhce/modules/code_table.py and scripts/build_codes.py.
+"""Learned code tables: fairseq_mhce/modules/code_table.py and mhce-build-codes
+(fairseq_mhce/cli/build_codes.py).
 
-Fast (one tiny fairseq-preprocess run, one subprocess of the script); the
+Fast (one tiny fairseq-preprocess run, one run of the console script); the
 grouping runs on synthetic vectors of a few dozen tokens.
 """
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from fairseq_mhce.cli import build_codes
 from fairseq_mhce.modules import code_table as ct
 from fairseq_mhce.modules.codec import MixedRadixCodec, auto_head_sizes
 
-from .utils import make_copy_data
-
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-import build_codes  # noqa: E402
+from .utils import cli, make_copy_data
 
 
 def strides(sizes):
@@ -316,9 +311,8 @@ def test_cli_refusals(databin, tmp_path, capsys):
     assert rc == 2 and "no data-bin" in capsys.readouterr().err
     rc = build_codes.main(["--databin", str(databin), "--target-lang", "xx", "--out", str(out)])
     assert rc == 2 and "no target dictionary" in capsys.readouterr().err
-    # an existing --out is left alone, also when run as a script
+    # an existing --out is left alone, also by the console script
     out.write_text("keep")
-    p = subprocess.run([sys.executable, str(SCRIPTS / "build_codes.py"), "--databin", str(databin), "--out", str(out)],
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    p = cli("mhce-build-codes", "--databin", databin, "--out", out, check=False)
     assert p.returncode == 2 and "already exists" in p.stdout, p.stdout
     assert out.read_text() == "keep"

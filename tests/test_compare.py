@@ -1,15 +1,18 @@
 """scripts/compare.py's helpers that need no training: per-language scores of
-a one-to-many test set and the peak-RSS measurement of a child process."""
+a one-to-many test set and the peak-RSS measurement of a child process.
+
+compare.py is a program in scripts/, loaded from its file by
+tests/script_modules.py (with its sibling machine_info.py)."""
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import sacrebleu
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import compare  # noqa: E402
+from . import script_modules
+
+compare = script_modules.load("compare")
 
 
 def _databin(tmp_path, tags, refs, hyps):

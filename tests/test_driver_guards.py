@@ -1,16 +1,16 @@
 """The experiment and data drivers refuse what would lose or silently change a
 user's files (issue 24, items 3, 5, 6, 7, 9, 12, 13), through the real
-scripts and without training:
+scripts and console scripts, without training:
 
 * scripts/compare.py: a missing --extend-from, or one equal to --workdir, is
   refused; methods absent from --extend-from are said to train from scratch;
   an existing method folder is never deleted (refused, or with --reuse an
   unfinished one set aside); train.sh's refusal is shown, not a traceback;
-* scripts/prepare_data.py: a byte-order mark is no token and a stray carriage
+* mhce-prepare-data: a byte-order mark is no token and a stray carriage
   return splits no pair; --destdir / --workdir holding an input is refused even
   with --force; non-UTF-8 input names its file and line; empty valid / test
   splits are refused before fairseq-preprocess;
-* scripts/average_checkpoints.py: plain fairseq checkpoints trained on two
+* mhce-average-checkpoints: plain fairseq checkpoints trained on two
   different dictionaries of one size are refused.
 
 Every refusal checks the sha256 of every user file before and after.
@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from .utils import REPO, tree_hashes
+from .utils import BIN, REPO, tree_hashes
 
 SCRIPTS = REPO / "scripts"
 
@@ -32,6 +32,13 @@ def script(name, *args, cwd=None):
         [sys.executable, str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True, cwd=cwd,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
     )  # fmt: skip
+
+
+def tool(name, *args):
+    """One of the package's console scripts (mhce-*), as ``script``."""
+    return subprocess.run(
+        [str(BIN / name), *map(str, args)], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
 
 
 # ------------------------------------------------------------------ compare.py
@@ -156,14 +163,14 @@ def test_compare_shows_train_sh_refusal_not_a_traceback(tmp_path):
     assert tree_hashes(databin) == before
 
 
-# ------------------------------------------------------------- prepare_data.py
+# ----------------------------------------------------------- mhce-prepare-data
 def write(path, data: bytes):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
 
 
 def words_argv(prefix, dest, *extra):
-    """prepare_data.py with the word-level tokenizer (no sentencepiece training)."""
+    """mhce-prepare-data with the word-level tokenizer (no sentencepiece training)."""
     return ["-s", "de", "-t", "en", "--trainpref", prefix, "--destdir", dest, "--tokenizer", "moses-word",
             "--vocab-size", "0", "--workers", "1", "--quiet", *extra]
 
@@ -182,7 +189,7 @@ def test_prepare_data_byte_order_mark_and_carriage_returns(tmp_path):
     write(tmp_path / "text" / "train.en", "\ufeff".encode() + "\r\n".join(tgt).encode() + b"\r\n")
     before = tree_hashes(tmp_path / "text")
     prefix = tmp_path / "text" / "train"
-    p = script("prepare_data.py", *words_argv(prefix, tmp_path / "bin", "--validpref", prefix))
+    p = tool("mhce-prepare-data", *words_argv(prefix, tmp_path / "bin", "--validpref", prefix))
     assert p.returncode == 0, p.stderr
     assert tree_hashes(tmp_path / "text") == before  # the inputs are only read
     info = json.loads((tmp_path / "bin" / "prepare_data.json").read_text())
@@ -200,7 +207,7 @@ def test_prepare_data_byte_order_mark_and_carriage_returns(tmp_path):
     src[9] = "x\ry"
     write(tmp_path / "one" / "train.de", "\n".join(src).encode() + b"\n")
     write(tmp_path / "one" / "train.en", "\n".join(tgt).encode() + b"\n")
-    p = script("prepare_data.py", *words_argv(tmp_path / "one" / "train", tmp_path / "bin2"))
+    p = tool("mhce-prepare-data", *words_argv(tmp_path / "one" / "train", tmp_path / "bin2"))
     assert p.returncode == 0, p.stderr
     assert json.loads((tmp_path / "bin2" / "prepare_data.json").read_text())["lines"] == {"train": len(src)}
 
@@ -220,7 +227,7 @@ def test_prepare_data_force_refuses_a_destdir_holding_the_inputs(tmp_path):
         ["--destdir", tmp_path / "bin", "--workdir", tmp_path / "corpus"],  # the work folder
     ):
         argv = words_argv(prefix, tmp_path / "bin", "--force")
-        p = script("prepare_data.py", *argv, *extra)
+        p = tool("mhce-prepare-data", *argv, *extra)
         assert p.returncode == 2, p.stdout + p.stderr
         assert "contains the input file" in p.stderr and str(prefix) + ".de" in p.stderr
         assert "Traceback" not in p.stderr
@@ -233,7 +240,7 @@ def test_prepare_data_non_utf8_names_file_and_line(tmp_path):
     write(tmp_path / "train.de", ("\n".join(lines[:2]) + "\n").encode() + b"Gr\xfc\xdfe\n")  # latin-1, line 3
     write(tmp_path / "train.en", ("\n".join(lines[:3]) + "\n").encode())
     before = tree_hashes(tmp_path)
-    p = script("prepare_data.py", *words_argv(tmp_path / "train", tmp_path / "bin"))
+    p = tool("mhce-prepare-data", *words_argv(tmp_path / "train", tmp_path / "bin"))
     assert p.returncode == 2, p.stdout + p.stderr
     assert f"{tmp_path / 'train.de'}, line 3: not valid UTF-8" in p.stderr
     assert "Traceback" not in p.stderr
@@ -250,19 +257,19 @@ def test_prepare_data_refuses_an_empty_split(tmp_path, split):
         write(tmp_path / f"{split}.{lang}", b"")
         write(tmp_path / f"blank.{lang}", b"\n\n")
     before = tree_hashes(tmp_path)
-    p = script("prepare_data.py", *words_argv(tmp_path / "train", tmp_path / "bin", f"--{split}pref",
+    p = tool("mhce-prepare-data", *words_argv(tmp_path / "train", tmp_path / "bin", f"--{split}pref",
                                               tmp_path / split))
     assert p.returncode == 2, p.stdout + p.stderr
     assert f"{split} set is empty" in p.stderr and f"--{split}pref" in p.stderr and "Traceback" not in p.stderr
     # only blank pairs: --drop-empty would leave the split empty
-    p = script("prepare_data.py", *words_argv(tmp_path / "train", tmp_path / "bin", f"--{split}pref",
+    p = tool("mhce-prepare-data", *words_argv(tmp_path / "train", tmp_path / "bin", f"--{split}pref",
                                               tmp_path / "blank", "--drop-empty"))
     assert p.returncode == 2, p.stdout + p.stderr
     assert "--drop-empty would leave nothing" in p.stderr
     assert tree_hashes(tmp_path) == before and not (tmp_path / "bin").exists()
 
 
-# ------------------------------------------------------ average_checkpoints.py
+# ---------------------------------------------------- mhce-average-checkpoints
 def plain_checkpoint(path, databin, seed):
     """A checkpoint laid out as fairseq's (cfg as a plain dict, as
     checkpoint_utils.save_state writes it) of a stock transformer."""
@@ -293,13 +300,13 @@ def test_average_refuses_plain_checkpoints_of_two_same_size_dictionaries(tmp_pat
     a = plain_checkpoint(tmp_path / "a.pt", tmp_path / "bin_a", 1)
     b = plain_checkpoint(tmp_path / "b.pt", tmp_path / "bin_b", 2)
     before = tree_hashes(tmp_path)
-    p = script("average_checkpoints.py", "--inputs", a, b, "--output", tmp_path / "avg.pt")
+    p = tool("mhce-average-checkpoints", "--inputs", a, b, "--output", tmp_path / "avg.pt")
     assert p.returncode == 2, p.stdout + p.stderr
     assert f"{a} and {b} were trained with different dictionaries" in p.stderr
     assert f"{tmp_path / 'bin_a'}/dict.src.txt" in p.stderr and "Traceback" not in p.stderr
     assert tree_hashes(tmp_path) == before and not (tmp_path / "avg.pt").exists()
     # the same dictionary in another folder (a copied data-bin) is fine
     c = plain_checkpoint(tmp_path / "c.pt", tmp_path / "bin_a_copy", 3)
-    p = script("average_checkpoints.py", "--inputs", a, c, "--output", tmp_path / "avg.pt")
+    p = tool("mhce-average-checkpoints", "--inputs", a, c, "--output", tmp_path / "avg.pt")
     assert p.returncode == 0, p.stdout + p.stderr
     assert (tmp_path / "avg.pt").exists() and "warning" not in p.stderr

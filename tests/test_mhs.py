@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
-from fairseq_mhce.modules.mhs import MultiHeadSampling, draw_groups, group_budget, num_groups
 from fairseq_mhce.modules.codec import MixedRadixCodec
+from fairseq_mhce.modules.mhs import MultiHeadSampling, draw_groups, group_budget, num_groups
 
-from .utils import BIN, REPO, TINY_ARCH, TRAIN_COMMON, USER_DIR, bleu_of, cli, hypotheses, make_copy_data
+from .utils import BIN, TINY_ARCH, TRAIN_COMMON, USER_DIR, bleu_of, cli, hypotheses, make_copy_data
 
 D = 8
 # (V, head sizes, random code order): exact products, invalid codes (a
@@ -67,7 +67,7 @@ def test_full_budget_equals_full_softmax_loss_and_gradients(V, sizes, random_ord
     # the layer's loss (which short-cuts a full budget to the plain softmax) and the
     # gather path itself, scoring every group in code order
     G = num_groups(dec.codec)
-    for loss, nll, correct in (
+    for loss, nll, correct in (  # noqa: B007  (the last one is checked below)
         dec.loss(x, t, eps),
         dec.sampled_softmax_loss(x, t, eps, G, dec.generator())[:3],
     ):
@@ -221,14 +221,14 @@ def validate(data, ckpt, plugin=True):
 @pytest.mark.e2e
 def test_cli_copy_task_bleu_and_plain_transformer_export(mhs_run, copy_data, tmp_path):
     ckpt, log = mhs_run
-    valid = [l for l in log.splitlines() if "| valid |" in l]
+    valid = [line for line in log.splitlines() if "| valid |" in line]
     assert valid and "acc_h1" in valid[-1] and "ppl" in valid[-1]
     out = generate(copy_data, ckpt, "--scoring", "sacrebleu")
     assert bleu_of(out) > 90, out[-500:]
 
     # export to a plain fairseq transformer; never overwrites
     plain = tmp_path / "plain.pt"
-    export = [sys.executable, str(REPO / "scripts" / "export_plain_transformer.py")]
+    export = [str(BIN / "mhce-export")]
     subprocess.run([*export, str(ckpt), str(plain)], check=True, capture_output=True)
     again = subprocess.run([*export, str(ckpt), str(plain)], capture_output=True, text=True)
     assert again.returncode != 0 and "refusing to overwrite" in again.stderr
@@ -263,7 +263,7 @@ def test_export_refuses_multi_head_checkpoints(tmp_path):
     src = tmp_path / "mhp.pt"
     torch.save(state, src)
     p = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "export_plain_transformer.py"), str(src), str(tmp_path / "out.pt")],
+        [str(BIN / "mhce-export"), str(src), str(tmp_path / "out.pt")],
         capture_output=True,
         text=True,
     )

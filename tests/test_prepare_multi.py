@@ -13,17 +13,18 @@ import json
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-import prepare_bible  # noqa: E402
-import prepare_bible_multi as multi  # noqa: E402
+from fairseq_mhce.cli import word_split
+from fairseq_mhce.cli.prepare_data import DataError
 
-from .utils import tree_hashes  # noqa: E402
-from prepare_data import DataError  # noqa: E402
+from . import script_modules
+from .script_modules import SCRIPTS
+from .utils import tree_hashes
+
+prepare_bible = script_modules.load("prepare_bible")
+multi = script_modules.load("prepare_bible_multi")
 
 LIMIT, VALID, TEST = 300, 30, 30
 SMALL_TARGETS = "it,en,ru,tr"  # Latin and Cyrillic, with and without cleaning rules
@@ -153,9 +154,9 @@ def test_split_disjoint_across_all_targets(text14, db):
     # no held-out sentence occurs verbatim in train, on either side, in any language
     for lang in ["de", *DEFAULT_14]:
         side = "de" if lang == "de" else "mul"
-        texts = {name: {t for t, (_, l, _) in zip(read_lines(dest / "text" / f"{name}.{side}"),
+        texts = {name: {t for t, (_, code, _) in zip(read_lines(dest / "text" / f"{name}.{side}"),
                                                   (r for r in rows if r[0] == name))
-                        if side == "de" or l == lang} for name in SPLITS}
+                        if side == "de" or code == lang} for name in SPLITS}
         assert not texts["train"] & (texts["valid"] | texts["test"]), lang
 
 
@@ -218,13 +219,13 @@ def test_refuses_existing_destdir_leaving_it_byte_identical(text14, tmp_path):
 def test_word_split_is_reversible():
     for s in ['Denn also, hat "Gott" die Welt.', "O’na iman (edenlerin) hiçbiri...", "first-fruits — a",
               "»Sia la luce!«. E la luce fu.", "l'abisso; 3:16", "Đức Chúa Trời yêu thương thế gian,"]:
-        toks = multi.tokenize(s)
-        assert multi.detokenize(" ".join(toks)) == s
+        toks = word_split.tokenize(s)
+        assert word_split.detokenize(" ".join(toks)) == s
         # the words are exactly the plain split's; joiners only on punctuation
-        plain = multi.WORD_RE.findall(s)
-        assert [t.replace(multi.JOINER, "") for t in toks] == plain
-        assert all(multi.JOINER not in t for t in toks if multi.is_word(t))
-    assert multi.tokenize("him, and") == ["him", multi.JOINER + ",", "and"]
+        plain = word_split.WORD_RE.findall(s)
+        assert [t.replace(word_split.JOINER, "") for t in toks] == plain
+        assert all(word_split.JOINER not in t for t in toks if word_split.is_word(t))
+    assert word_split.tokenize("him, and") == ["him", word_split.JOINER + ",", "and"]
 
 
 # ------------------------------------------------------------------ data-bins (fairseq-preprocess)
@@ -243,7 +244,7 @@ def test_word_vocabulary_as_reported(word_bin):
     assert info["target_types"]["all"] == len(counts)
     assert info["target_types"]["kept"] == info["vocab_size"] == len(kept)
     assert info["target_types"]["seen_at_least_2"] == len(kept)
-    assert info["target_types"]["words"] == sum(1 for w in counts if multi.is_word(w))
+    assert info["target_types"]["words"] == sum(1 for w in counts if word_split.is_word(w))
     assert info["train_tokens"]["target"] == sum(counts.values())
     # most frequent first, like fairseq's own dictionaries
     assert [d.count[i] for i in range(4, len(d))] == sorted((d.count[i] for i in range(4, len(d))), reverse=True)
@@ -255,7 +256,7 @@ def test_word_vocabulary_as_reported(word_bin):
     for name in ("train", "test_ru"):
         folder = "text" if name in SPLITS else "raw"
         for tok, raw in zip(read_lines(dest / "tok" / f"{name}.mul"), read_lines(dest / folder / f"{name}.mul")):
-            assert multi.detokenize(tok) == raw
+            assert word_split.detokenize(tok) == raw
     meta = json.loads((dest / "prepare_data.json").read_text())
     assert meta["target_lang"] == "mul" and meta["source_lang"] == "de" and meta["tokenizer"] == "word"
     assert meta["test_subsets"] == {f"test_{c}": c for c in SMALL_TARGETS.split(",")}

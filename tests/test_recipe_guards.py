@@ -6,7 +6,7 @@ scripts on tiny copy data:
 * scripts/train.sh refuses a SAVEDIR holding another run's checkpoints
   (another method, head sizes, data-bin) before anything is written, unless
   REUSE_SAVEDIR=1;
-* scripts/average_checkpoints.py averages plugin checkpoints (code table and
+* mhce-average-checkpoints averages plugin checkpoints (code table and
   other integer buffers unchanged), the average decodes, and mismatches or an
   existing --output are errors that change nothing.
 """
@@ -14,12 +14,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from .utils import REPO, USER_DIR, cli, hypotheses, make_copy_data, tree_hashes
+from .utils import BIN, REPO, USER_DIR, cli, hypotheses, make_copy_data, tree_hashes
 
 pytestmark = pytest.mark.e2e
 
@@ -48,7 +47,7 @@ def script(name, *args, env=None):
 
 def average(*args):
     return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "average_checkpoints.py"), *map(str, args)],
+        [str(BIN / "mhce-average-checkpoints"), *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )  # fmt: skip
 

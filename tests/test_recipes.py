@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from . import script_modules
 from .utils import BIN, REPO, USER_DIR, cli, make_copy_data
 
 pytestmark = pytest.mark.e2e
@@ -102,7 +103,7 @@ def test_train_and_translate_print_bleu(runs, data, method):
     hyps = (save / "hyp.test.tgt").read_text().splitlines()
     assert len(hyps) == len(refs) == 53  # 53: not a multiple of fairseq's batch-size multiple 8
     gen = (save / "generate-test.txt").read_text()
-    by_id = {int(l.split("\t")[0][2:]): l.split("\t")[2] for l in gen.splitlines() if l.startswith("D-")}
+    by_id = {int(x.split("\t")[0][2:]): x.split("\t")[2] for x in gen.splitlines() if x.startswith("D-")}
     assert hyps == [by_id[i] for i in range(len(refs))]
     score = json.loads((save / "score.test.json").read_text())
     assert 0 <= score["bleu"] <= 100 and score["decoding"]["sentences"] == 53
@@ -204,9 +205,7 @@ def test_compare_extend_from_continues_a_finished_run(runs, data, tmp_path):
 
 
 def compare_row(work, method):
-    sys.path.insert(0, str(REPO / "scripts"))
-    import compare
-
+    compare = script_modules.load("compare")  # scripts/compare.py, loaded from its file
     return compare.collect(method, work / method)
 
 
@@ -234,4 +233,4 @@ def test_hydra_config_accepted_by_fairseq_hydra_train(data, tmp_path, config):
         "fairseq-generate", data, "--user-dir", USER_DIR, "--path", save / "checkpoint_best.pt",
         "--beam", "2", "--batch-size", "16", "--required-batch-size-multiple", "1",
     ).stdout  # fmt: skip
-    assert len([l for l in out.splitlines() if l.startswith("H-")]) == 53
+    assert len([x for x in out.splitlines() if x.startswith("H-")]) == 53

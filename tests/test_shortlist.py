@@ -1,13 +1,11 @@
 """MHP with a shortlist (``--mhce-shortlist N``): the listed tokens' own
 softmax beside the product, against a brute-force reference that scores
 every code; the exact top-k against the dense row; the code-table layout
-(model default and ``scripts/build_codes.py --shortlist``); the refusals; and
+(model default and ``mhce-build-codes --shortlist``); the refusals; and
 real fairseq-train / fairseq-generate runs."""
 import itertools
 import json
-import math
 import os
-import sys
 
 import pytest
 import torch
@@ -15,16 +13,14 @@ import torch.nn.functional as F
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
 import fairseq_mhce  # noqa: F401
+from fairseq_mhce.cli import build_codes
 from fairseq_mhce.models.transformer_mhce import build_head
 from fairseq_mhce.modules import code_table as ct
 from fairseq_mhce.modules.codec import MixedRadixCodec, auto_head_sizes
 from fairseq_mhce.modules.multihead_output import MultiHeadProduct
 
 from .test_model_guards import cfg, dictionary
-from .utils import REPO, TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, hypotheses, make_copy_data
-
-sys.path.insert(0, str(REPO / "scripts"))
-import build_codes  # noqa: E402
+from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, hypotheses, make_copy_data
 
 D = 8
 # (V, head sizes, shortlist size)
@@ -248,7 +244,7 @@ def test_fairseq_train_and_generate_with_a_shortlist(tmp_path):
             "--path", save / "checkpoint_last.pt", "--beam", "4", "--nbest", "2", "--batch-size", "20",
             "--required-batch-size-multiple", "1",
         ).stdout  # fmt: skip
-        lines[mode] = [l for l in out.splitlines() if l[:2] in ("H-", "P-")]
+        lines[mode] = [line for line in out.splitlines() if line[:2] in ("H-", "P-")]
     assert len(hypotheses("\n".join(lines["dense"]))) == 20
     assert lines["dense"] == lines["factorized"]
     # (a checkpoint of another shortlist size: test_refusals_and_the_models_default_table)

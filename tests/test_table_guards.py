@@ -5,11 +5,11 @@ CLIs where the item is about one:
   and writes nothing (item 1);
 * a mistyped ``--mhce-code-table`` path is refused before training with the
   stock and the plugin's criterion, exit 1, a one-line reason (item 2);
-* ``scripts/build_codes.py --source checkpoint`` refuses a checkpoint of
+* ``mhce-build-codes --source checkpoint`` refuses a checkpoint of
   another dictionary of the same size (item 3);
-* ``--mhce-shortlist -5``, ``build_codes.py --window 0`` / ``--dim 0`` are
+* ``--mhce-shortlist -5``, ``mhce-build-codes --window 0`` / ``--dim 0`` are
   refused (item 6);
-* ``build_codes.py`` exits 2 with one line (no traceback) on truncated or
+* ``mhce-build-codes`` exits 2 with one line (no traceback) on truncated or
   foreign files, names its own flags, refuses useless heads, and reads a
   per-token MHE checkpoint's vectors in token order (item 11);
 * malformed code-table fields name the file and the field (item 14).
@@ -20,52 +20,35 @@ checkpoints) byte-identical.  Tiny data, a few updates per run.
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from fairseq_mhce.cli import build_codes as build_codes_cli
 from fairseq_mhce.modules import code_table as ct
 
 from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, make_copy_data, tree_hashes
 
 pytestmark = pytest.mark.e2e
 
-BUILD_CODES = Path(__file__).resolve().parent.parent / "scripts" / "build_codes.py"
-
-
 def build_codes(*args, script=True):
-    """scripts/build_codes.py: (exit status, stdout+stderr).  ``script``: as
-    a user runs it (a process of its own); else its ``main`` in this process
-    (the same code, without the seconds of a fresh fairseq import)."""
+    """mhce-build-codes: (exit status, stdout+stderr).  ``script``: as a user
+    runs it (the console script, a process of its own); else its ``main`` in
+    this process (the same code, without the seconds of a fresh fairseq
+    import)."""
     args = [str(a) for a in args]
     if not script:
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            rc = _build_codes_module().main(args)
+            rc = build_codes_cli.main(args)
         return rc, out.getvalue()
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    p = subprocess.run([sys.executable, str(BUILD_CODES), *args], stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    p = cli("mhce-build-codes", *args, check=False, env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     return p.returncode, p.stdout
-
-
-def _build_codes_module():
-    if "build_codes" not in sys.modules:  # (tests/test_build_codes.py may have imported it)
-        spec = importlib.util.spec_from_file_location("build_codes", BUILD_CODES)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules["build_codes"] = module
-    return sys.modules["build_codes"]
 
 
 def train(data, save, *extra, updates=2, criterion="mhce_label_smoothed_cross_entropy", arch="transformer_mhce"):
@@ -235,7 +218,7 @@ def one_line_refusal(rc, text, *needles):
     assert rc == 2, text
     assert "Traceback" not in text and "Exception ignored" not in text, text
     line = last_line(text)
-    assert line.startswith("build_codes.py: error: "), text
+    assert line.startswith("mhce-build-codes: error: "), text
     for n in needles:
         assert n in line, (n, line)
     return line

@@ -15,7 +15,7 @@ import os
 
 import torch
 from fairseq.dataclass.utils import gen_parser_from_dataclass
-from fairseq.models import ARCH_MODEL_REGISTRY, ARCH_CONFIG_REGISTRY, register_model, register_model_architecture
+from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY, register_model, register_model_architecture
 from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase, TransformerModel
 
 from ..config import MHCEConfig, MHCESettings, resolve_settings
@@ -75,7 +75,7 @@ def layout_code(settings: MHCESettings, vocab_size: int, code, table_shortlist: 
         logger.warning(
             f"the code table was not built for --mhce-shortlist {shortlist}: its tail tokens keep their order "
             f"on the codes [0, {vocab_size - shortlist}), so its groups shift; build it with "
-            f"scripts/build_codes.py --shortlist {shortlist} for balanced groups"
+            f"mhce-build-codes --shortlist {shortlist} for balanced groups"
         )
     return placed
 

@@ -27,7 +27,9 @@ def parse_update_list(spec) -> List[int]:
     try:
         out = sorted({int(u) for u in str(spec).replace(" ", "").split(",") if u})
     except ValueError:
-        raise ValueError(f"--mhce-realloc-updates must be comma-separated update numbers such as 300,600; got {spec!r}")
+        raise ValueError(
+            f"--mhce-realloc-updates must be comma-separated update numbers such as 300,600; got {spec!r}"
+        ) from None
     if any(u < 1 for u in out):
         raise ValueError(f"--mhce-realloc-updates: update numbers must be >= 1; got {spec!r}")
     return out
@@ -77,7 +79,7 @@ class MultiHeadProduct(OutputLayer):
     ``Z_T``, the product's mass on ``[0, T)``, has the same ``O(sum C_h)``
     closed form.  The code table says which tokens are on the shortlist: the
     model's default puts the dictionary's first ``N`` ids there (the most
-    frequent), ``scripts/build_codes.py --shortlist N`` the ``N`` most
+    frequent), ``mhce-build-codes --shortlist N`` the ``N`` most
     frequent training targets.  Cost per token ``O((N + 1 + sum C_h) d)``.
     """
 
@@ -116,7 +118,7 @@ class MultiHeadProduct(OutputLayer):
                 raise ValueError(
                     f"--mhce-realloc-updates solves a dense V x V assignment; the target dictionary has "
                     f"{codec.vocab_size} types, above {REALLOC_MAX_VOCAB}. Drop it and use a table from "
-                    f"scripts/build_codes.py (--mhce-code-table) at this vocabulary size."
+                    f"mhce-build-codes (--mhce-code-table) at this vocabulary size."
                 )
             if self.realloc_window < 1:
                 raise ValueError(f"--mhce-realloc-window must be >= 1, got {realloc_window}")

@@ -1,5 +1,5 @@
 """The learned code table of a data-bin, in one implementation for both of
-its users: ``scripts/build_codes.py`` (a file, for inspection or other
+its users: ``mhce-build-codes`` (a file, for inspection or other
 vector sources) and the model's automatic table (``--mhce-code-order ppmi``,
 the default for MHP / MHE, built when training starts).
 
@@ -74,7 +74,7 @@ def codes_from_vectors(
     if counts is not None:
         unseen = np.flatnonzero(counts[4:] == 0) + 4
         meta["unseen_types"] = int(unseen.size)
-        meta["unseen"] = "last" if unseen_last else "cluster"  # build_codes.py --unseen
+        meta["unseen"] = "last" if unseen_last else "cluster"  # mhce-build-codes --unseen
     last = unseen if (unseen_last and unseen is not None) else None
     if not shortlist:
         return ct.balanced_codes(vectors, sizes, seed=seed, fixed_first=4, last=last), meta

@@ -1,10 +1,9 @@
-#!/usr/bin/env python
 """Rewrite an MHS checkpoint as a plain fairseq ``transformer`` checkpoint.
 
 An ``--mhce-method mhs`` model is an ordinary Transformer (its output layer
 ``decoder.mhce_head`` holds a ``V x d`` projection, ``proj``, and decodes
 with the full softmax) plus the codec that defined the sampled groups in
-training.  This script drops everything plugin-specific so that stock
+training.  ``mhce-export`` drops everything plugin-specific so that stock
 fairseq loads the result without ``--user-dir``:
 
 * state dict: ``decoder.mhce_head.proj.weight`` becomes fairseq's
@@ -21,12 +20,12 @@ fairseq loads the result without ``--user-dir``:
 
 Usage::
 
-    python scripts/export_plain_transformer.py checkpoints/checkpoint_best.pt plain.pt
+    mhce-export checkpoints/checkpoint_best.pt plain.pt
     TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 fairseq-generate data-bin --path plain.pt ...
 
 (stock fairseq on torch >= 2.6 needs ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``
 to load any checkpoint; the plugin sets it itself when imported).  The
-output must be a new file: the script refuses to overwrite anything.
+output must be a new file: the command refuses to overwrite anything.
 MHP / MHE checkpoints cannot be exported: they have no ``V x d`` projection.
 """
 
@@ -34,7 +33,6 @@ import argparse
 import os
 import pickle
 import sys
-from argparse import Namespace
 
 import torch
 
@@ -43,7 +41,8 @@ PLAIN_CRITERION_CLASS = "LabelSmoothedCrossEntropyCriterion"
 PLUGIN_CRITERIA = {"mhce_label_smoothed_cross_entropy": PLAIN_CRITERION}
 HEAD_PREFIX = "decoder.mhce_head."
 LEGACY_CODEC_PREFIX = "decoder.mhs_codec."
-MHS_METHOD_ID = 3  # fairseq_mhce.modules.mhs.MultiHeadSampling.method_code (no plugin import here)
+MHS_METHOD_ID = 3  # fairseq_mhce.modules.mhs.MultiHeadSampling.method_code
+PROG = "mhce-export"
 
 
 def _get(obj, key, default=None):
@@ -156,7 +155,7 @@ def export(state: dict) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("input", help="an --mhce-method mhs checkpoint (.pt)")
     p.add_argument("output", help="the plain transformer checkpoint to write (must not exist)")
     p.add_argument(

@@ -1,13 +1,12 @@
-#!/usr/bin/env python3
 """Average the parameters of several fairseq checkpoints into a new one.
 
 fairseq's own ``scripts/average_checkpoints.py`` is not in its pip wheel; this
-one takes the same options and also handles the plugin's checkpoints
-(``--user-dir fairseq_mhce``)::
+one (the console script ``mhce-average-checkpoints``) takes the same options
+and also handles the plugin's checkpoints (``--user-dir fairseq_mhce``)::
 
-    python scripts/average_checkpoints.py --inputs A.pt B.pt C.pt --output avg.pt
-    python scripts/average_checkpoints.py --inputs SAVEDIR --num-update-checkpoints 5 --output avg.pt
-    python scripts/average_checkpoints.py --inputs SAVEDIR --num-epoch-checkpoints 5 --output avg.pt
+    mhce-average-checkpoints --inputs A.pt B.pt C.pt --output avg.pt
+    mhce-average-checkpoints --inputs SAVEDIR --num-update-checkpoints 5 --output avg.pt
+    mhce-average-checkpoints --inputs SAVEDIR --num-epoch-checkpoints 5 --output avg.pt
 
 ``--num-update-checkpoints N`` takes the N newest ``checkpoint_E_U.pt`` of
 SAVEDIR (written with ``--save-interval-updates``; keep them with
@@ -45,6 +44,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+PROG = "mhce-average-checkpoints"
 
 
 class AverageError(Exception):
@@ -87,7 +88,7 @@ def _load(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise AverageError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:300]})")
+        raise AverageError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise AverageError(f"{path} is not a fairseq checkpoint (no 'model' state dict)")
     return state
@@ -159,7 +160,7 @@ def _check_same_dictionaries(first_path, first_state, path, state):
                 "run (one data-bin) can be averaged"
             )
     if unknown:
-        print(f"average_checkpoints.py: warning: {first_path} was trained on {data_a}, {path} on {data_b}; "
+        print(f"{PROG}: warning: {first_path} was trained on {data_a}, {path} on {data_b}; "
               f"{', '.join(unknown)} cannot be read in both, so it is not known whether their dictionaries "
               "are the same (only the parameter shapes were checked)", file=sys.stderr)
 
@@ -264,10 +265,10 @@ def save_new(state, output):
         try:
             os.link(tmp, out)  # fails if out exists
         except FileExistsError:
-            raise AverageError(f"{out} appeared while saving; it is not overwritten")
+            raise AverageError(f"{out} appeared while saving; it is not overwritten") from None
         except OSError:  # a file system without hard links
             if out.exists():
-                raise AverageError(f"{out} appeared while saving; it is not overwritten")
+                raise AverageError(f"{out} appeared while saving; it is not overwritten") from None
             os.rename(tmp, out)
     finally:
         if tmp.exists():
@@ -276,6 +277,7 @@ def save_new(state, output):
 
 def main(argv=None):
     p = argparse.ArgumentParser(
+        prog=PROG,
         description="Average the parameters of fairseq checkpoints (plugin ones too) into a new checkpoint.",
         epilog="Dictionaries: plugin checkpoints are compared by their dictionary fingerprint. Plain fairseq "
                "checkpoints store no dictionary: when their saved configs name different data-bins, those "
@@ -306,7 +308,7 @@ def main(argv=None):
         elif any(os.path.isdir(x) for x in paths):
             raise AverageError("--inputs is a directory: give --num-update-checkpoints N or --num-epoch-checkpoints N")
         if len(set(map(os.path.realpath, paths))) < len(paths):
-            print("average_checkpoints.py: warning: a checkpoint is given more than once "
+            print(f"{PROG}: warning: a checkpoint is given more than once "
                   "(it gets that much more weight)", file=sys.stderr)
         out = Path(args.output)
         if out.exists() or out.is_symlink():  # before the (slow) loading
@@ -315,7 +317,7 @@ def main(argv=None):
         state = average_checkpoints(paths)
         save_new(state, out)
     except AverageError as e:
-        print(f"average_checkpoints.py: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote the average of {len(paths)} checkpoints to {out}")
     return 0

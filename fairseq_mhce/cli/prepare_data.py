@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Turn a plain-text parallel corpus into a fairseq data-bin.
 
 Input files follow fairseq-preprocess's naming: ``PREFIX.SRC`` / ``PREFIX.TGT``
@@ -42,9 +41,13 @@ cleaned copies).  Empty splits and pairs with an empty side are refused (see
 
 Example::
 
-    python scripts/prepare_data.py --source-lang de --target-lang en \\
+    mhce-prepare-data --source-lang de --target-lang en \\
         --trainpref text/train --validpref text/valid --testpref text/test \\
         --destdir work/bin --vocab-size 8000 --joint --workers 4
+
+From Python, :func:`prepare` takes the same arguments and returns the
+summary (it raises :class:`DataError` on bad input); :func:`main` is the
+command (exit status 2 and one line on bad input).
 """
 from __future__ import annotations
 
@@ -64,6 +67,7 @@ SPLITS = ("train", "valid", "test")
 # not appear in a dictionary file or fairseq would index them twice.
 FAIRSEQ_SPECIALS = {"<s>", "<pad>", "</s>", "<unk>"}
 MIN_VOCAB = 10
+PROG = "mhce-prepare-data"
 
 
 class DataError(Exception):
@@ -72,6 +76,7 @@ class DataError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        prog=PROG,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -139,7 +144,7 @@ def _decode(path, i: int, raw: bytes) -> str:
     except UnicodeDecodeError as e:
         raise DataError(
             f"{path}, line {i}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); "
-            "prepare_data.py reads UTF-8 text only: convert the file (e.g. iconv -f latin1 -t utf-8) and run again"
+            f"{PROG} reads UTF-8 text only: convert the file (e.g. iconv -f latin1 -t utf-8) and run again"
         ) from None
 
 
@@ -172,7 +177,7 @@ def count_lines(path: Path) -> int:
 
 def empty_pairs(paths) -> list[int]:
     """0-based numbers of the lines that are blank in any of the parallel files."""
-    return [i for i, lines in enumerate(zip(*(iter_lines(p) for p in paths))) if any(not l.strip() for l in lines)]
+    return [i for i, lines in enumerate(zip(*(iter_lines(p) for p in paths))) if any(not line.strip() for line in lines)]
 
 
 def check_inputs(args) -> dict:
@@ -386,7 +391,7 @@ def build(args, splits: dict, dest: Path, work: Path) -> dict:
             prefix, n = splits[split]
             skip = set(dropped.get(split, ()))
             for lang in langs:
-                kept = (l for i, l in enumerate(iter_lines(Path(f"{prefix}.{lang}"))) if i not in skip)
+                kept = (line for i, line in enumerate(iter_lines(Path(f"{prefix}.{lang}"))) if i not in skip)
                 write_lines(work / "input" / f"{split}.{lang}", kept)
             splits[split] = (str(work / "input" / split), n - len(skip))
             if skip:
@@ -533,7 +538,7 @@ def report(info: dict, dest: Path, work: Path) -> None:
     print(f"data-bin:       {dest}")
     print(f"tokenized text: {work}")
     print("lines:          " + ", ".join(f"{s} {n}" for s, n in info["lines"].items()))
-    print("dictionaries:   " + ", ".join(f"dict.{l}.txt {n}" for l, n in info["dict_sizes"].items())
+    print("dictionaries:   " + ", ".join(f"dict.{lang}.txt {n}" for lang, n in info["dict_sizes"].items())
           + " symbols (with fairseq's <s> <pad> </s> <unk>)")
     if (dest / "raw").is_dir() and any((dest / "raw").iterdir()):
         print(f"references:     {dest / 'raw'} (untokenized, for sacreBLEU)")
@@ -547,14 +552,21 @@ def report(info: dict, dest: Path, work: Path) -> None:
     print(f"took {info['seconds']} s")
 
 
-def main(argv=None) -> dict:
-    """Parse ``argv`` (default: sys.argv) and run; raises DataError on bad input."""
+def prepare(argv=None) -> dict:
+    """Parse ``argv`` (default: sys.argv) and run; return the summary, raise
+    DataError on bad input."""
     return run(build_parser().parse_args(argv))
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    """The command: :func:`prepare`; exit status 2 and one line on bad input."""
     try:
-        main()
+        prepare(argv)
     except DataError as e:
-        print(f"prepare_data.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
