@@ -3,6 +3,7 @@ same table as ``mhce-build-codes --source ppmi`` for the same data and
 seed; built once and cached in the save directory, reused when the cache
 matches, rebuilt (never used) when it does not; the data-bin is never
 written; identical on two gloo ranks (rank 0 builds, the other receives)."""
+
 import json
 import os
 from argparse import Namespace

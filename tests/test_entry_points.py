@@ -2,6 +2,7 @@
 documented flags, ``fairseq-hydra-train`` with ``configs/*.yaml`` (and
 overrides), ``scripts/train.sh`` and the hub; bad values are refused on the
 hydra path as on the command line."""
+
 import pytest
 import torch
 
@@ -32,7 +33,7 @@ def data(tmp_path_factory):
 def signature(state: dict) -> dict:
     """What defines the output layer: its tensors' names and shapes, the
     method, head sizes and code table, and whether it is tied."""
-    head = {k[len("decoder.mhce_head."):]: v for k, v in state.items() if k.startswith("decoder.mhce_head.")}
+    head = {k[len("decoder.mhce_head.") :]: v for k, v in state.items() if k.startswith("decoder.mhce_head.")}
     return {
         "shapes": {k: tuple(v.shape) for k, v in head.items()},
         "method": int(head["method_id"]),

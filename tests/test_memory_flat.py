@@ -16,6 +16,7 @@ a parameter's element count out.  The contrast (fairseq's
 ``label_smoothed_nll_loss`` on an ``(N, V)`` projection under the same
 recorder) shows that the recorder does see such a tensor when one is built.
 """
+
 from __future__ import annotations
 
 from argparse import Namespace
@@ -24,17 +25,17 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+from fairseq.data import Dictionary
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import fairseq_mhce  # noqa: F401  (registers the plugin)
-from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
-from fairseq.data import Dictionary
 from fairseq_mhce.criterions.mhce_label_smoothed_cross_entropy import (
     MHCELabelSmoothedCrossEntropyCriterion,
 )
-from fairseq_mhce.modules.tied_embedding import CodeOrderedEmbedding
 from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_head
+from fairseq_mhce.modules.tied_embedding import CodeOrderedEmbedding
 
 V = 256_000  # fairseq's 4 specials + 255,996 words; 506 x 506 heads, with invalid codes
 N = 512  # target tokens (non-padding) in the batch

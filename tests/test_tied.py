@@ -4,6 +4,7 @@ against a brute-force reference built from the embedding matrix itself
 (token order, every token scored alone); tying is one parameter; the
 factorized top-k equals the dense row; forms without per-token vectors are
 refused."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,5 +153,7 @@ def test_untied_checkpoint_into_tied_model_is_a_clear_error():
     untied = MultiHeadEmbedding(D, MixedRadixCodec(16, [4, 4]), last_head="per-token")
     with pytest.raises(RuntimeError, match="does not share.*drop --share-decoder-input-output-embed"):
         tied.upgrade_state_dict_named(dict(untied.state_dict()), "")
-    with pytest.raises(RuntimeError, match="shares the decoder's input embedding.*pass --share-decoder-input-output-embed"):
+    with pytest.raises(
+        RuntimeError, match="shares the decoder's input embedding.*pass --share-decoder-input-output-embed"
+    ):
         untied.upgrade_state_dict_named(dict(tied.state_dict()), "")

@@ -3,6 +3,7 @@
 fairseq's own ``tests/`` helpers are not in its wheel, so the plugin keeps
 these.
 """
+
 import hashlib
 import os
 import random
@@ -105,5 +106,8 @@ def tree_hashes(path) -> dict:
     path = Path(path)
     if path.is_file():
         return {"": hashlib.sha256(path.read_bytes()).hexdigest()}
-    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }

@@ -205,7 +205,7 @@ class TransformerMHCEDecoder(TransformerDecoderBase):
         self._check_dictionaries(state_dict, p + FINGERPRINT_KEY)
         legacy_mhs = [k for k in state_dict if k.startswith(p + "mhs_codec.")]
         for k in legacy_mhs:
-            state_dict[p + "mhce_head.codec." + k[len(p + "mhs_codec."):]] = state_dict.pop(k)
+            state_dict[p + "mhce_head.codec." + k[len(p + "mhs_codec.") :]] = state_dict.pop(k)
         if legacy_mhs:
             state_dict[p + "mhce_head.method_id"] = torch.tensor(head_class("mhs").method_code)
         proj = state_dict.pop(p + "output_projection.weight", None)
@@ -249,8 +249,10 @@ def check_criterion(name, method: str):
             f"(or {', '.join(sorted(DENSE_CRITERIA))}, which build the full row)."
         )
     if cls is not None:
-        logger.warning(f"--criterion {name} is not a fairseq criterion; the {method} decoder returns (B, T, d) "
-                       "states from forward(), not logits: it must score them through get_normalized_probs")
+        logger.warning(
+            f"--criterion {name} is not a fairseq criterion; the {method} decoder returns (B, T, d) "
+            "states from forward(), not logits: it must score them through get_normalized_probs"
+        )
 
 
 # the settings of the model being built, for build_decoder: fairseq's legacy
@@ -303,7 +305,9 @@ class TransformerMHCEModel(TransformerModel):
     def build_model(cls, args, task):
         settings = resolve_settings(args)
         if getattr(args, "adaptive_softmax_cutoff", None):
-            raise ValueError("--adaptive-softmax-cutoff and a multi-head output are two different output layers; use one")
+            raise ValueError(
+                "--adaptive-softmax-cutoff and a multi-head output are two different output layers; use one"
+            )
         check_criterion(getattr(args, "criterion", None), settings.mhce_method)
         with _building(_with_seed(settings)):
             model = super().build_model(args, task)

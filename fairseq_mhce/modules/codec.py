@@ -27,7 +27,7 @@ def auto_head_sizes(vocab_size: int, num_heads: int, flag: str = "--mhce-heads")
         raise ValueError(f"{flag} must be >= 1, got {num_heads}")
     # integer H-th root: b**H <= V < (b+1)**H (float root may be off by one)
     b = int(round(vocab_size ** (1.0 / num_heads)))
-    while b ** num_heads > vocab_size:
+    while b**num_heads > vocab_size:
         b -= 1
     while (b + 1) ** num_heads <= vocab_size:
         b += 1
@@ -45,7 +45,7 @@ def auto_head_sizes(vocab_size: int, num_heads: int, flag: str = "--mhce-heads")
 def used_digits(head_sizes: Sequence[int], vocab_size: int) -> List[int]:
     """For each head h, how many of its C_h digits some code ``< vocab_size``
     uses (the digits below ``ceil(V / stride_h)``)."""
-    strides = [math.prod(head_sizes[h + 1:]) for h in range(len(head_sizes))]
+    strides = [math.prod(head_sizes[h + 1 :]) for h in range(len(head_sizes))]
     return [min(c, -(-vocab_size // s)) for c, s in zip(head_sizes, strides)]
 
 
@@ -85,7 +85,7 @@ class MixedRadixCodec(nn.Module):
                 f"--mhce-head-sizes (product >= {vocab_size}) or leave them out to choose "
                 f"balanced sizes from --mhce-heads."
             )
-        strides = [math.prod(head_sizes[h + 1:]) for h in range(len(head_sizes))]
+        strides = [math.prod(head_sizes[h + 1 :]) for h in range(len(head_sizes))]
         if code is None:
             code = torch.arange(vocab_size)
         code = torch.as_tensor(code, dtype=torch.long)
@@ -111,7 +111,9 @@ class MixedRadixCodec(nn.Module):
         buffers keep their identity and device, so modules that hold them
         (a tied embedding, a DDP wrapper) see the new table."""
         code = torch.as_tensor(code, dtype=torch.long).to(self.code.device)
-        if code.shape != (self.vocab_size,) or not torch.equal(code.sort().values, torch.arange(self.vocab_size, device=code.device)):
+        if code.shape != (self.vocab_size,) or not torch.equal(
+            code.sort().values, torch.arange(self.vocab_size, device=code.device)
+        ):
             raise ValueError("the code table must be a permutation of [0, V)")
         self.code.copy_(code)
         self.token.fill_(-1)
@@ -163,7 +165,9 @@ class MixedRadixCodec(nn.Module):
     def valid_digit_mask(self, h: int, prefix: torch.Tensor) -> torch.Tensor:
         """(*) prefix indices of head h -> (*, C_h) bool: digit j is allowed
         iff some valid code starts with (prefix, j)."""
-        first_code = (prefix.unsqueeze(-1) * self.sizes[h] + torch.arange(self.sizes[h], device=prefix.device)) * self.stride_list[h]
+        first_code = (
+            prefix.unsqueeze(-1) * self.sizes[h] + torch.arange(self.sizes[h], device=prefix.device)
+        ) * self.stride_list[h]
         return first_code < self.vocab_size
 
     def extra_repr(self) -> str:

@@ -151,7 +151,7 @@ class MultiHeadSampling(OutputLayer):
                 )
             self.proj.weight = tied_weight
         else:
-            nn.init.normal_(self.proj.weight, mean=0.0, std=input_dim ** -0.5)  # as fairseq
+            nn.init.normal_(self.proj.weight, mean=0.0, std=input_dim**-0.5)  # as fairseq
         self.sample_groups = float(sample_groups)
         self.seed = 1 if seed is None else int(seed)
         self.num_updates = 0

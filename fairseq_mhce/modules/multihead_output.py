@@ -34,6 +34,7 @@ def parse_update_list(spec) -> List[int]:
         raise ValueError(f"--mhce-realloc-updates: update numbers must be >= 1; got {spec!r}")
     return out
 
+
 # --mhce-shortlist -1 (the default): a 2048-token shortlist once the target
 # dictionary has 4096 types (the best MHP of the Bible spm 8k ablation,
 # results/compare_bible_spm8k_ablation_shortlist*.md); the plain product
@@ -359,7 +360,9 @@ class MultiHeadProduct(OutputLayer):
 from ..config import LAST_HEAD_CHOICES  # noqa: E402  (one home: the option's choices)
 
 
-def grouped_logits(x: torch.Tensor, group: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, c: int) -> torch.Tensor:
+def grouped_logits(
+    x: torch.Tensor, group: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, c: int
+) -> torch.Tensor:
     """``out[n, j] = weight[group[n] c + j] @ x[n] + bias[group[n] c + j]``
     without the ``(N, C, d)`` gathered rows.
 
@@ -437,17 +440,15 @@ class MultiHeadEmbedding(OutputLayer):
         self.per_token = last_head == "per-token"
         n_shared = len(sizes) - 1 if self.per_token else len(sizes)
         self.out = nn.ModuleList([_init_linear(nn.Linear(input_dim, c)) for c in sizes[:n_shared]])
-        self.prefix_embed = nn.ModuleList(
-            [nn.Embedding(math.prod(sizes[:h]), input_dim) for h in range(1, n_shared)]
-        )
+        self.prefix_embed = nn.ModuleList([nn.Embedding(math.prod(sizes[:h]), input_dim) for h in range(1, n_shared)])
         for e in self.prefix_embed:
-            nn.init.normal_(e.weight, mean=0.0, std=input_dim ** -0.5)
+            nn.init.normal_(e.weight, mean=0.0, std=input_dim**-0.5)
         if self.per_token:
             # one row per code of the used last-level prefixes (row = code)
             self.num_last_prefixes = -(-codec.vocab_size // sizes[-1])
             rows = self.num_last_prefixes * sizes[-1]
             if not self.tied:  # tied: the shared embedding's rows (code order)
-                self.token_vectors = nn.Parameter(torch.randn(rows, input_dim) * input_dim ** -0.5)
+                self.token_vectors = nn.Parameter(torch.randn(rows, input_dim) * input_dim**-0.5)
             self.token_bias = nn.Parameter(torch.zeros(rows))
         self.activation = {"gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh}[activation]
 

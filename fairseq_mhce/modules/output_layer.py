@@ -66,7 +66,7 @@ def method_of_id(method_id: int) -> str:
 
 def _init_linear(linear: nn.Linear) -> nn.Linear:
     # same scale as fairseq's output projection (normal, std d^-0.5)
-    nn.init.normal_(linear.weight, mean=0.0, std=linear.in_features ** -0.5)
+    nn.init.normal_(linear.weight, mean=0.0, std=linear.in_features**-0.5)
     if linear.bias is not None:
         nn.init.zeros_(linear.bias)
     return linear
@@ -193,8 +193,11 @@ class OutputLayer(nn.Module):
             raise RuntimeError(
                 f"the checkpoint's output layer {'shares' if ck_tied else 'does not share'} the decoder's input "
                 f"embedding, this model's {'does' if self.tied else 'does not'}: "
-                + ("pass --share-decoder-input-output-embed (or --share-all-embeddings, as it was trained)"
-                   if ck_tied else "drop --share-decoder-input-output-embed / --share-all-embeddings")
+                + (
+                    "pass --share-decoder-input-output-embed (or --share-all-embeddings, as it was trained)"
+                    if ck_tied
+                    else "drop --share-decoder-input-output-embed / --share-all-embeddings"
+                )
                 + " (or drop the overrides so the checkpoint's own settings are used)."
             )
         key = prefix + "codec.head_sizes"

@@ -45,7 +45,9 @@ def _flat_tokens(ds, sizes: np.ndarray) -> np.ndarray:
     if inner is not None and hasattr(ds, "_index"):  # MMapIndexedDataset: one view of the data
         dtype = ds._index.dtype
         start = int(ds._index._pointers[0]) // np.dtype(dtype).itemsize
-        return np.frombuffer(inner, dtype=dtype, count=int(sizes.sum()), offset=start * np.dtype(dtype).itemsize).astype(np.int64)
+        return np.frombuffer(
+            inner, dtype=dtype, count=int(sizes.sum()), offset=start * np.dtype(dtype).itemsize
+        ).astype(np.int64)
     return np.concatenate([ds[i].numpy() for i in range(len(ds))]).astype(np.int64)
 
 
@@ -117,5 +119,7 @@ def ppmi_code_table(
     counts = np.bincount(toks, minlength=V)
     vectors = ct.ppmi_svd_vectors(seqs, V, dim=dim, window=window, seed=seed)
     code, meta = codes_from_vectors(vectors, sizes, seed, counts, shortlist, unseen_last)
-    meta.update(source="ppmi", seed=int(seed), dim=int(vectors.shape[1]), window=int(window), train_tokens=int(toks.size))
+    meta.update(
+        source="ppmi", seed=int(seed), dim=int(vectors.shape[1]), window=int(window), train_tokens=int(toks.size)
+    )
     return code, vectors, meta
