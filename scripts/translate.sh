@@ -36,7 +36,7 @@ WORD_JOINER=0
 if ls "$DATABIN"/spm*.model >/dev/null 2>&1; then
   DETOK=(--post-process sentencepiece)
 elif grep -q '"tokenizer": "word"' "$DATABIN/prepare_data.json" 2>/dev/null; then
-  DETOK=()  # prepare_bible_multi.py's word split: undone below (its joiners)
+  DETOK=()  # prepare_bible_multi.py's word split (fairseq_mhce/cli/word_split.py): undone below (its joiners)
   WORD_JOINER=1
 else
   DETOK=(--tokenizer moses)  # its languages are --source-lang / --target-lang
@@ -62,49 +62,8 @@ echo "translate.sh: $METHOD $CKPT on $SUBSET, beam 5" >&2
 wait  # for tee
 grep -E '^Generate' "$GEN" | sed 's/^/fairseq (tokenized; not the score below): /' >&2 || true
 
-WORD_JOINER=$WORD_JOINER REPO=$REPO "$PY" - "$GEN" "$GLOG" "$REF" "$SAVEDIR/hyp.$SUBSET$TAG.$TGT" "$SAVEDIR/score.$SUBSET$TAG.json" "$METHOD" "$CKPT" <<'EOF'
-import json, os, re, sys
-import sacrebleu
-gen, glog, ref_path, hyp_path, json_path, method, ckpt = sys.argv[1:]
-detok = lambda t: t
-if os.environ.get("WORD_JOINER") == "1":
-    sys.path.insert(0, os.path.join(os.environ["REPO"], "scripts"))
-    from prepare_bible_multi import detokenize as detok
-hyps = {}
-speed = None
-for line in open(gen, encoding="utf-8"):
-    if line.startswith("D-"):  # detokenized hypothesis, best first per id
-        sid, _score, *text = line.rstrip("\n").split("\t")
-        hyps.setdefault(int(sid[2:]), detok(text[0]) if text else "")
-for line in open(glog, encoding="utf-8", errors="replace"):
-    m = re.search(r"Translated ([\d,]+) sentences .* in ([\d.]+)s \(([\d.]+) sentences/s, ([\d.]+) tokens/s\)", line)
-    if m:
-        speed = {"sentences": int(m.group(1).replace(",", "")), "seconds": float(m.group(2)),
-                 "sentences_per_s": float(m.group(3)), "tokens_per_s": float(m.group(4))}
-refs = [l.rstrip("\n") for l in open(ref_path, encoding="utf-8")]
-missing = [i for i in range(len(refs)) if i not in hyps]
-if missing or len(hyps) != len(refs):
-    sys.exit(f"translate.sh: {len(hyps)} hypotheses for {len(refs)} references "
-             f"(first missing id: {missing[:1]}); was a line skipped?")
-out = [hyps[i] for i in range(len(refs))]
-with open(hyp_path, "w", encoding="utf-8") as f:
-    f.write("\n".join(out) + "\n")
-bleu = sacrebleu.metrics.BLEU()
-chrf = sacrebleu.metrics.CHRF()
-b = bleu.corpus_score(out, [refs])
-c = chrf.corpus_score(out, [refs])
-res = {"method": method, "checkpoint": ckpt, "hypotheses": hyp_path, "reference": ref_path,
-       "bleu": round(b.score, 2), "bleu_signature": str(bleu.get_signature()), "bleu_detail": str(b),
-       "chrf": round(c.score, 2), "chrf_signature": str(chrf.get_signature()), "decoding": speed,
-       "search": "factorized" if "--mhce-search" in open(glog, encoding="utf-8", errors="replace").read() else "dense"}
-with open(json_path, "w", encoding="utf-8") as f:
-    json.dump(res, f, indent=2)
-    f.write("\n")
-print(f"BLEU: {b}  ({res['bleu_signature']})")
-print(f"chrF: {c}  ({res['chrf_signature']})")
-if speed:
-    print(f"decoding: {speed['sentences']} sentences in {speed['seconds']} s, "
-          f"{speed['sentences_per_s']} sentences/s (beam 5)")
-print(f"hypotheses: {hyp_path}")
-print(f"score:      {json_path}")
-EOF
+# hypotheses in test order, sacreBLEU BLEU + chrF into score.SUBSET.json:
+# fairseq_mhce/cli/recipe_checks.py (score), run by its path (no plugin import)
+SCORE=("$REPO/fairseq_mhce/cli/recipe_checks.py" score)
+if [ "$WORD_JOINER" = 1 ]; then SCORE+=(--word-joiner); fi
+"$PY" "${SCORE[@]}" "$GEN" "$GLOG" "$REF" "$SAVEDIR/hyp.$SUBSET$TAG.$TGT" "$SAVEDIR/score.$SUBSET$TAG.json" "$METHOD" "$CKPT"
