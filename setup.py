@@ -3,6 +3,7 @@
 Versions are pinned in ``constraints.txt``; ``scripts/install.sh`` installs
 the whole stack (fairseq needs special flags on Python 3.11, see README).
 """
+
 from setuptools import find_packages, setup
 
 setup(

@@ -42,6 +42,7 @@ and memory against V, log-log).  ``--quick``: V in {8k, 32k}.
     python scripts/bench_head.py --quick           # < 2 min on a 2-core CPU
     python scripts/bench_head.py --device cuda --dtype bf16 --tokens 8192 --dim 1024
 """
+
 from __future__ import annotations
 
 import argparse
@@ -171,7 +172,6 @@ def build(method, V, d, device, dtype, heads):
     return [head], step
 
 
-
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -188,7 +188,7 @@ def run_one(method, V, N, d, device, dtype_name, heads, warmup, repeats, max_sec
     mods, step = build(method, V, d, device, dtype, heads)
     g = torch.Generator().manual_seed(seed)
     ranks = torch.arange(1, V + 1, dtype=torch.float64)
-    probs = (1.0 / ranks)
+    probs = 1.0 / ranks
     probs[:4] = 0  # fairseq's <s> <pad> </s> <unk> are never targets here
     target = torch.multinomial(probs / probs.sum(), N, replacement=True, generator=g).to(device)
     x = (torch.randn(N, d, generator=g) * d**-0.5).to(device, dtype).requires_grad_(True)
@@ -265,9 +265,13 @@ def write_outputs(results, args, out: Path, command: str, notes):
             r = by.get((m, v))
             cells.append("–" if r is None else f"{r['ms']:.1f} / {r['peak_mib']:.0f}")
         lines.append(f"| {v:,} | " + " | ".join(cells) + " |")
-    lines += ["", f"Speed-up over {LABELS[BASELINE]} (time ratio, same run) and memory ratio:", "",
-              "| V | " + " | ".join(LABELS[m] for m in methods if m != BASELINE) + " |",
-              "|---|" + "---|" * (len(methods) - 1)]
+    lines += [
+        "",
+        f"Speed-up over {LABELS[BASELINE]} (time ratio, same run) and memory ratio:",
+        "",
+        "| V | " + " | ".join(LABELS[m] for m in methods if m != BASELINE) + " |",
+        "|---|" + "---|" * (len(methods) - 1),
+    ]
     for v in vs:
         base = by.get((BASELINE, v))
         cells = []
@@ -281,19 +285,26 @@ def write_outputs(results, args, out: Path, command: str, notes):
                 mem = base["peak_mib"] / r["peak_mib"] if r["peak_mib"] > 0 else float("inf")
                 cells.append(f"{base['ms'] / r['ms']:.1f}x / {mem:.0f}x less")
         lines.append(f"| {v:,} | " + " | ".join(cells) + " |")
-    lines += ["", "Output-layer parameters:", "",
-              "| V | " + " | ".join(LABELS[m] for m in methods) + " |",
-              "|---|" + "---|" * len(methods)]
+    lines += [
+        "",
+        "Output-layer parameters:",
+        "",
+        "| V | " + " | ".join(LABELS[m] for m in methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
     for v in vs:
-        lines.append(f"| {v:,} | " + " | ".join(
-            "–" if (m, v) not in by else f"{by[(m, v)]['params']:,}" for m in methods) + " |")
+        lines.append(
+            f"| {v:,} | " + " | ".join("–" if (m, v) not in by else f"{by[(m, v)]['params']:,}" for m in methods) + " |"
+        )
     lines += [""] + [f"- {n}" for n in notes["lines"]]
     (out.with_suffix(".md")).write_text("\n".join(lines) + "\n")
     with open(out.with_suffix(".csv"), "w") as f:
         f.write("method,V,ms,ms_min,repeats,peak_mib,params,threads\n")
         for r in results:
-            f.write(f"{r['method']},{r['V']},{r['ms']:.3f},{r['ms_min']:.3f},{r['repeats']},"
-                    f"{r['peak_mib']:.1f},{r['params']},{r['threads']}\n")
+            f.write(
+                f"{r['method']},{r['V']},{r['ms']:.3f},{r['ms_min']:.3f},{r['repeats']},"
+                f"{r['peak_mib']:.1f},{r['params']},{r['threads']}\n"
+            )
     (out.with_suffix(".json")).write_text(json.dumps({"results": results, "command": command}, indent=2) + "\n")
 
     try:
@@ -330,8 +341,9 @@ def write_outputs(results, args, out: Path, command: str, notes):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--vocab", default="8192,32768,131072,262144", help="comma-separated V")
     p.add_argument("--quick", action="store_true", help="V in 8192,32768 only")
     p.add_argument("--tokens", type=int, default=None, help="target tokens N (default 2048 CPU, 8192 GPU)")
@@ -358,8 +370,18 @@ def main(argv=None):
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
     if args.one:
-        r = run_one(args.one[0], int(args.one[1]), args.tokens, args.dim, args.device, args.dtype,
-                    args.heads, args.warmup, args.repeats, args.max_seconds)
+        r = run_one(
+            args.one[0],
+            int(args.one[1]),
+            args.tokens,
+            args.dim,
+            args.device,
+            args.dtype,
+            args.heads,
+            args.warmup,
+            args.repeats,
+            args.max_seconds,
+        )
         print("RESULT " + json.dumps(r))
         return 0
 
@@ -388,21 +410,28 @@ def main(argv=None):
                 continue
             r = json.loads(line[0][7:])
             results.append(r)
-            print(f"{LABELS[m]:>24} V={v:>7,}: {r['ms']:9.1f} ms  {r['peak_mib']:8.0f} MiB  "
-                  f"({r['repeats']} repeats)", flush=True)
+            print(
+                f"{LABELS[m]:>24} V={v:>7,}: {r['ms']:9.1f} ms  {r['peak_mib']:8.0f} MiB  " f"({r['repeats']} repeats)",
+                flush=True,
+            )
     notes = {
         "load_start": load_start,
         "load_end": os.getloadavg()[0],
         "lines": [
             "each (method, V) in a fresh process; median over the timed repeats after "
             f"{args.warmup} warm-up step(s); targets Zipf(1) over the ids",
-            "memory: " + ("torch.cuda.max_memory_allocated above the allocation before the first step"
-                          if gpu else "peak RSS (ru_maxrss) above the RSS before the first step "
-                          "(includes the gradient buffers; module, inputs and imports excluded)"),
+            "memory: "
+            + (
+                "torch.cuda.max_memory_allocated above the allocation before the first step"
+                if gpu
+                else "peak RSS (ru_maxrss) above the RSS before the first step "
+                "(includes the gradient buffers; module, inputs and imports excluded)"
+            ),
             "adaptive softmax: cutoffs V/4, 3V/4 (as scripts/train.sh), factor 4, adaptive_loss (no "
             "label smoothing); MHP/MHE: balanced H=2 head sizes (auto_head_sizes), eps 0.1; MHS: the model's default groups of 16 tokens ([ceil(V/16), 16]), samples "
             "0.25 of the head-1 groups (plus every group holding a target)",
-        ] + skipped,
+        ]
+        + skipped,
     }
     write_outputs(results, args, Path(args.out), command, notes)
     print("\n" + Path(args.out).with_suffix(".md").read_text())

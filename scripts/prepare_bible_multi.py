@@ -93,6 +93,7 @@ Example::
     python scripts/prepare_bible_multi.py --destdir work/bible-multi-spm --tokenizer spm --vocab-size 128000
     python scripts/prepare_bible_multi.py --detokenize < hyp.tok > hyp.txt
 """
+
 from __future__ import annotations
 
 import argparse
@@ -237,7 +238,8 @@ def load_corpus(db: Path, source: str, targets: list[str], max_words: int, limit
             if keys:  # the cleaning counts of the verses read, as for the targets
                 src = read_translation(con, source, stats, keys[-1])
         stats[f"{source}: dropped, more than {max_words} words"] = sum(
-            1 for t in src.values() if max_words and len(t.split()) > max_words)
+            1 for t in src.values() if max_words and len(t.split()) > max_words
+        )
         texts = {source: {k: src[k] for k in keys}}
         last = keys[-1] if keys else None
         for code in targets:
@@ -268,8 +270,12 @@ def make_pairs(split_keys: dict, texts: dict, source: str, targets: list[str]) -
     """{split: [(lang, key, tagged source, target)]}, in language blocks."""
     out = {}
     for name, keys in split_keys.items():
-        out[name] = [(code, k, f"{tag(code)} {texts[source][k]}", texts[code][k])
-                     for code in targets for k in keys if k in texts[code]]
+        out[name] = [
+            (code, k, f"{tag(code)} {texts[source][k]}", texts[code][k])
+            for code in targets
+            for k in keys
+            if k in texts[code]
+        ]
     return out
 
 
@@ -289,8 +295,9 @@ def relabel(stats: collections.Counter, codes) -> dict:
 
 def refuse_existing(path: Path, what: str) -> None:
     if path.exists() and not (path.is_dir() and not any(path.iterdir())):
-        raise DataError(f"{what} {path} exists; it is never overwritten (it is left untouched): "
-                        "remove it or choose another")
+        raise DataError(
+            f"{what} {path} exists; it is never overwritten (it is left untouched): " "remove it or choose another"
+        )
 
 
 def write_text(tmp: Path, pairs: dict, src_sfx: str, targets: list[str]) -> dict:
@@ -343,8 +350,10 @@ def tokenize_word(args, subsets: dict, tok: Path, src_sfx: str, tags: list[str],
         src_counts.setdefault(t, 0)
     specials = prepare_data.FAIRSEQ_SPECIALS
     n_src = write_dict(tok / "dict.src.txt", src_counts, lambda s, c: s not in specials)
-    ranked = sorted(((s, c) for s, c in tgt_counts.items() if c >= args.min_count and s not in specials),
-                    key=lambda x: (-x[1], x[0]))
+    ranked = sorted(
+        ((s, c) for s, c in tgt_counts.items() if c >= args.min_count and s not in specials),
+        key=lambda x: (-x[1], x[0]),
+    )
     if args.vocab_size:
         ranked = ranked[: args.vocab_size]
     keep = {s for s, _ in ranked}
@@ -352,8 +361,10 @@ def tokenize_word(args, subsets: dict, tok: Path, src_sfx: str, tags: list[str],
     tokens = sum(tgt_counts.values())
     kept_tokens = sum(tgt_counts[s] for s in keep)
     info["target_types"] = {
-        "all": len(tgt_counts), "words": sum(1 for s in tgt_counts if is_word(s)),
-        "kept": n_tgt, "kept_words": sum(1 for s in keep if is_word(s)),
+        "all": len(tgt_counts),
+        "words": sum(1 for s in tgt_counts if is_word(s)),
+        "kept": n_tgt,
+        "kept_words": sum(1 for s in keep if is_word(s)),
         f"seen_at_least_{args.min_count}": sum(1 for c in tgt_counts.values() if c >= args.min_count),
     }
     info["train_tokens"] = {"target": tokens, "source": sum(src_counts.values())}
@@ -373,10 +384,16 @@ def train_spm(inputs: Path, model_prefix: Path, args, tags: list[str]) -> Path:
     spm.set_random_generator_seed(args.seed)
     try:
         spm.SentencePieceTrainer.train(
-            input=str(inputs), model_prefix=str(model_prefix), vocab_size=args.vocab_size,
-            model_type=args.model_type, character_coverage=args.character_coverage,
-            input_sentence_size=args.spm_max_sentences, shuffle_input_sentence=True,
-            user_defined_symbols=tags, num_threads=args.workers, minloglevel=2,
+            input=str(inputs),
+            model_prefix=str(model_prefix),
+            vocab_size=args.vocab_size,
+            model_type=args.model_type,
+            character_coverage=args.character_coverage,
+            input_sentence_size=args.spm_max_sentences,
+            shuffle_input_sentence=True,
+            user_defined_symbols=tags,
+            num_threads=args.workers,
+            minloglevel=2,
         )
     except (RuntimeError, OSError) as e:
         raise DataError(f"sentencepiece training on {inputs} failed: {e}") from e
@@ -396,8 +413,11 @@ def tokenize_spm(args, subsets: dict, tok: Path, dest: Path, src_sfx: str, tags:
     prepare_data.write_lines(train_in, lines)
     t0 = time.time()
     model = train_spm(train_in, tok / "spm", args, tags)
-    print(f"| trained spm.model ({args.vocab_size} pieces) on {len(lines)} lines "
-          f"({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    print(
+        f"| trained spm.model ({args.vocab_size} pieces) on {len(lines)} lines " f"({time.time() - t0:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
     shutil.copyfile(model, dest / "spm.model")
     sp = spm.SentencePieceProcessor(model_file=str(model))
     counts = collections.Counter()
@@ -415,10 +435,26 @@ def tokenize_spm(args, subsets: dict, tok: Path, dest: Path, src_sfx: str, tags:
 def binarize(args, subsets: dict, tmp: Path, srcdict: Path, tgtdict: Path, src_sfx: str, targets) -> None:
     tok = tmp / "tok"
     tests = ["test"] + [f"test_{c}" for c in targets]
-    pre = ["--source-lang", src_sfx, "--target-lang", TARGET_SUFFIX, "--destdir", str(tmp),
-           "--workers", str(args.workers), "--srcdict", str(srcdict), "--tgtdict", str(tgtdict),
-           "--trainpref", str(tok / "train"), "--validpref", str(tok / "valid"),
-           "--testpref", ",".join(str(tok / t) for t in tests)]
+    pre = [
+        "--source-lang",
+        src_sfx,
+        "--target-lang",
+        TARGET_SUFFIX,
+        "--destdir",
+        str(tmp),
+        "--workers",
+        str(args.workers),
+        "--srcdict",
+        str(srcdict),
+        "--tgtdict",
+        str(tgtdict),
+        "--trainpref",
+        str(tok / "train"),
+        "--validpref",
+        str(tok / "valid"),
+        "--testpref",
+        ",".join(str(tok / t) for t in tests),
+    ]
     prepare_data.run_preprocess(pre, args.quiet)
     # fairseq names the extra test prefixes test1, test2, ...: name them by language
     pair = f"{src_sfx}-{TARGET_SUFFIX}"
@@ -445,27 +481,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1, help="seed of the split (and of spm)")
     p.add_argument("--valid-size", type=int, default=300, help="verses in valid (x targets = pairs)")
     p.add_argument("--test-size", type=int, default=500, help="verses in test (x targets = pairs)")
-    p.add_argument("--max-words", type=int, default=150,
-                   help="drop pairs with a side longer than this many words (0 = keep all)")
-    p.add_argument("--limit", type=int, default=0,
-                   help="use only the first N usable source verses in Bible order (0 = all)")
-    p.add_argument("--text-only", action="store_true",
-                   help="stop after text/ and raw/ (no tokenization, no fairseq-preprocess)")
+    p.add_argument(
+        "--max-words", type=int, default=150, help="drop pairs with a side longer than this many words (0 = keep all)"
+    )
+    p.add_argument(
+        "--limit", type=int, default=0, help="use only the first N usable source verses in Bible order (0 = all)"
+    )
+    p.add_argument(
+        "--text-only", action="store_true", help="stop after text/ and raw/ (no tokenization, no fairseq-preprocess)"
+    )
     p.add_argument("--tokenizer", choices=("word", "spm"), default="word")
-    p.add_argument("--min-count", type=int, default=2,
-                   help="word: keep target types seen at least this often in train")
-    p.add_argument("--vocab-size", type=int, default=0,
-                   help="spm: pieces (required); word: keep at most this many target types (0 = all)")
+    p.add_argument("--min-count", type=int, default=2, help="word: keep target types seen at least this often in train")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=0,
+        help="spm: pieces (required); word: keep at most this many target types (0 = all)",
+    )
     p.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"), help="spm model type")
-    p.add_argument("--character-coverage", type=float, default=1.0,
-                   help="spm; 1.0 suits alphabetic scripts, 0.9995 with zh/ja")
-    p.add_argument("--spm-max-sentences", type=int, default=2_000_000,
-                   help="spm input_sentence_size: training lines sampled (0 = all)")
-    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
-                   help="processes for spm and fairseq-preprocess")
+    p.add_argument(
+        "--character-coverage", type=float, default=1.0, help="spm; 1.0 suits alphabetic scripts, 0.9995 with zh/ja"
+    )
+    p.add_argument(
+        "--spm-max-sentences",
+        type=int,
+        default=2_000_000,
+        help="spm input_sentence_size: training lines sampled (0 = all)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, min(8, os.cpu_count() or 1)),
+        help="processes for spm and fairseq-preprocess",
+    )
     p.add_argument("--quiet", action="store_true", help="hide fairseq-preprocess's log")
-    p.add_argument("--detokenize", action="store_true",
-                   help="only undo --tokenizer word's split: stdin -> stdout, line by line")
+    p.add_argument(
+        "--detokenize", action="store_true", help="only undo --tokenizer word's split: stdin -> stdout, line by line"
+    )
     return p
 
 
@@ -479,8 +531,10 @@ def check_args(args) -> None:
     if args.tokenizer == "word":
         spaceless = [c for c in [args.source, *args.target_codes] if c in NO_SPACES]
         if spaceless:
-            raise DataError(f"{', '.join(spaceless)}: written without spaces between words, the word "
-                            "split does not apply; use --tokenizer spm --character-coverage 0.9995")
+            raise DataError(
+                f"{', '.join(spaceless)}: written without spaces between words, the word "
+                "split does not apply; use --tokenizer spm --character-coverage 0.9995"
+            )
 
 
 def main(argv=None) -> dict:
@@ -514,16 +568,22 @@ def main(argv=None) -> dict:
     pairs = make_pairs(split_keys, texts, source, targets)
 
     info = {
-        "tokenizer": args.tokenizer, "source_lang": src_sfx, "target_lang": TARGET_SUFFIX,
-        "joint": args.tokenizer == "spm", "vocab_size": args.vocab_size,
+        "tokenizer": args.tokenizer,
+        "source_lang": src_sfx,
+        "target_lang": TARGET_SUFFIX,
+        "joint": args.tokenizer == "spm",
+        "vocab_size": args.vocab_size,
         "source": {"code": source, "bbName": TRANSLATIONS[source][0], "name": TRANSLATIONS[source][1]},
-        "targets": {c: {"bbName": TRANSLATIONS[c][0], "name": TRANSLATIONS[c][1], "tag": tag(c)}
-                    for c in targets},
-        "db": str(db), "seed": args.seed, "limit": args.limit, "max_words": args.max_words,
+        "targets": {c: {"bbName": TRANSLATIONS[c][0], "name": TRANSLATIONS[c][1], "tag": tag(c)} for c in targets},
+        "db": str(db),
+        "seed": args.seed,
+        "limit": args.limit,
+        "max_words": args.max_words,
         "verses": {name: len(k) for name, k in split_keys.items()},
         "lines": {name: len(rows) for name, rows in pairs.items()},
-        "lines_per_target": {name: {c: sum(1 for r in rows if r[0] == c) for c in targets}
-                             for name, rows in pairs.items()},
+        "lines_per_target": {
+            name: {c: sum(1 for r in rows if r[0] == c) for c in targets} for name, rows in pairs.items()
+        },
         "test_subsets": {f"test_{c}": c for c in targets},
         "cleaning": relabel(stats, [source, *targets]),
     }
@@ -549,8 +609,7 @@ def main(argv=None) -> dict:
             t1 = time.time()
             binarize(args, subsets, tmp, srcdict, tgtdict, src_sfx, targets)
             timing["fairseq-preprocess"] = time.time() - t1
-            info["dict_sizes"] = {s: prepare_data.dict_size(tmp / f"dict.{s}.txt")
-                                  for s in (src_sfx, TARGET_SUFFIX)}
+            info["dict_sizes"] = {s: prepare_data.dict_size(tmp / f"dict.{s}.txt") for s in (src_sfx, TARGET_SUFFIX)}
         with open(tmp / "prepare_data.json", "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2, sort_keys=True, ensure_ascii=False)
             f.write("\n")
@@ -566,8 +625,10 @@ def main(argv=None) -> dict:
 
 
 def report(info: dict, dest: Path) -> None:
-    print(f"corpus: {info['db']}: {info['source']['code']} ({info['source']['bbName']}) -> "
-          + ", ".join(f"{c} ({v['bbName']})" for c, v in info["targets"].items()))
+    print(
+        f"corpus: {info['db']}: {info['source']['code']} ({info['source']['bbName']}) -> "
+        + ", ".join(f"{c} ({v['bbName']})" for c, v in info["targets"].items())
+    )
     for name, count in info["cleaning"].items():
         print(f"  {name}: {count}")
     for name in SPLITS:
@@ -575,18 +636,26 @@ def report(info: dict, dest: Path) -> None:
     print("test pairs per target: " + ", ".join(f"{c} {n}" for c, n in info["lines_per_target"]["test"].items()))
     print(f"data-bin: {dest}" + (" (text only)" if info.get("text_only") else ""))
     if "dict_sizes" in info:
-        print("dictionaries: " + ", ".join(f"dict.{s}.txt {n}" for s, n in info["dict_sizes"].items())
-              + " symbols (with fairseq's 4)")
+        print(
+            "dictionaries: "
+            + ", ".join(f"dict.{s}.txt {n}" for s, n in info["dict_sizes"].items())
+            + " symbols (with fairseq's 4)"
+        )
     if "target_types" in info:
         ty, tk = info["target_types"], info["train_tokens"]
-        print(f"target types in train: {ty['all']:,} ({ty['words']:,} words), kept (>= {info['min_count']}"
-              f"{', at most ' + str(info['max_types']) if info['max_types'] else ''}): {ty['kept']:,}; train target tokens "
-              f"{tk['target']:,} (unk {100 * info['train_target_unk_rate']:.2f} %, test unk "
-              f"{100 * info['test_target_unk_rate']:.2f} %); source types {info['source_types']:,}")
+        print(
+            f"target types in train: {ty['all']:,} ({ty['words']:,} words), kept (>= {info['min_count']}"
+            f"{', at most ' + str(info['max_types']) if info['max_types'] else ''}): {ty['kept']:,}; train target tokens "
+            f"{tk['target']:,} (unk {100 * info['train_target_unk_rate']:.2f} %, test unk "
+            f"{100 * info['test_target_unk_rate']:.2f} %); source types {info['source_types']:,}"
+        )
     if not info.get("text_only"):
         print(f"per-target test sets: --gen-subset test_LANG, references raw/test_LANG.{TARGET_SUFFIX}")
-    print(f"prepare_bible_multi.py: done in {info['seconds']} s ("
-          + ", ".join(f"{k} {v} s" for k, v in info["timing"].items()) + ")")
+    print(
+        f"prepare_bible_multi.py: done in {info['seconds']} s ("
+        + ", ".join(f"{k} {v} s" for k, v in info["timing"].items())
+        + ")"
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 Fast (one tiny fairseq-preprocess run, one run of the console script); the
 grouping runs on synthetic vectors of a few dozen tokens.
 """
+
 import json
 import math
 
@@ -19,7 +20,7 @@ from .utils import cli, make_copy_data
 
 
 def strides(sizes):
-    return [math.prod(sizes[h + 1:]) for h in range(len(sizes))]
+    return [math.prod(sizes[h + 1 :]) for h in range(len(sizes))]
 
 
 def check_balanced(code, V, sizes, nfix=4):

@@ -3,6 +3,7 @@ a one-to-many test set and the peak-RSS measurement of a child process.
 
 compare.py is a program in scripts/, loaded from its file by
 tests/script_modules.py (with its sibling machine_info.py)."""
+
 import statistics
 import subprocess
 import sys

@@ -5,6 +5,7 @@ sentencepiece vocabulary, so the whole file takes a few seconds; only two
 fairseq-preprocess subprocesses are started.  Everything is written under
 pytest's tmp_path.
 """
+
 from __future__ import annotations
 
 import collections
@@ -27,8 +28,20 @@ SPLITS = ("train", "valid", "test")
 
 
 def bible_argv(outdir, seed=1, *extra):
-    return ["--outdir", str(outdir), "--limit", str(LIMIT), "--valid-size", str(VALID),
-            "--test-size", str(TEST), "--seed", str(seed), "--text-only", *extra]
+    return [
+        "--outdir",
+        str(outdir),
+        "--limit",
+        str(LIMIT),
+        "--valid-size",
+        str(VALID),
+        "--test-size",
+        str(TEST),
+        "--seed",
+        str(seed),
+        "--text-only",
+        *extra,
+    ]
 
 
 def read_lines(path):
@@ -48,8 +61,7 @@ def read_splits(textdir):
 
 def snapshot(directory):
     """{relative path: bytes} of every file below directory."""
-    return {p.relative_to(directory): p.read_bytes()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def write_parallel(prefix, src_lines, tgt_lines, src="de", tgt="en"):
@@ -74,12 +86,28 @@ def text(tmp_path_factory):
 def databin(text):
     """A joint-spm data-bin built from ``text`` by mhce-prepare-data."""
     dest = text.parent / "bin"
-    prepare_data.prepare([
-        "-s", "de", "-t", "en", "--trainpref", str(text / "train"),
-        "--validpref", str(text / "valid"), "--testpref", str(text / "test"),
-        "--destdir", str(dest), "--vocab-size", str(VOCAB), "--joint", "--workers", "2",
-        "--quiet",
-    ])
+    prepare_data.prepare(
+        [
+            "-s",
+            "de",
+            "-t",
+            "en",
+            "--trainpref",
+            str(text / "train"),
+            "--validpref",
+            str(text / "valid"),
+            "--testpref",
+            str(text / "test"),
+            "--destdir",
+            str(dest),
+            "--vocab-size",
+            str(VOCAB),
+            "--joint",
+            "--workers",
+            "2",
+            "--quiet",
+        ]
+    )
     return dest
 
 
@@ -88,8 +116,7 @@ def databin(text):
 
 def test_split_sizes_and_line_counts(text):
     keys = read_splits(text)
-    assert {k: len(v) for k, v in keys.items()} == {
-        "train": LIMIT - VALID - TEST, "valid": VALID, "test": TEST}
+    assert {k: len(v) for k, v in keys.items()} == {"train": LIMIT - VALID - TEST, "valid": VALID, "test": TEST}
     for name in SPLITS:
         for lang in ("de", "en"):
             assert len(read_lines(text / f"{name}.{lang}")) == len(keys[name])
@@ -120,8 +147,8 @@ def test_alignment_matches_db(text, db):
             key = keys[name][i]
             for bible, lines in (("e", de), ("4", en)):
                 (raw,) = con.execute(
-                    "SELECT vText FROM bible WHERE bbName=? AND bNumber=? AND cNumber=? "
-                    "AND vNumber=?", (bible, *key)).fetchone()
+                    "SELECT vText FROM bible WHERE bbName=? AND bNumber=? AND cNumber=? " "AND vNumber=?", (bible, *key)
+                ).fetchone()
                 assert lines[i] == prepare_bible.clean_verse(raw, bible, key), (name, i, key)
                 checked += 1
     con.close()
@@ -131,8 +158,7 @@ def test_alignment_matches_db(text, db):
         if (1, 1, 1) in keys[name]:
             i = keys[name].index((1, 1, 1))
             assert read_lines(text / f"{name}.de")[i] == "Im Anfang schuf Gott die Himmel und die Erde."
-            assert read_lines(text / f"{name}.en")[i] == (
-                "In the beginning God created the heavens and the earth.")
+            assert read_lines(text / f"{name}.en")[i] == ("In the beginning God created the heavens and the earth.")
 
 
 def test_no_sentence_shared_between_train_and_heldout(text):
@@ -198,8 +224,7 @@ def test_databin_loads_in_fairseq(databin, text):
     assert sp.get_piece_size() == VOCAB
     for name in SPLITS:
         for lang in ("de", "en"):
-            ds = data_utils.load_indexed_dataset(
-                str(databin / f"{name}.de-en.{lang}"), dicts[lang])
+            ds = data_utils.load_indexed_dataset(str(databin / f"{name}.de-en.{lang}"), dicts[lang])
             lines = read_lines(text / f"{name}.{lang}")
             assert ds is not None and len(ds) == len(lines)
             for i in (0, len(lines) - 1):
@@ -209,16 +234,15 @@ def test_databin_loads_in_fairseq(databin, text):
                 assert sp.decode(dicts[lang].string(ds[i]).split()) == lines[i]
     for name in ("valid", "test"):
         for lang in ("de", "en"):
-            assert (databin / "raw" / f"{name}.{lang}").read_bytes() == (
-                text / f"{name}.{lang}").read_bytes()
+            assert (databin / "raw" / f"{name}.{lang}").read_bytes() == (text / f"{name}.{lang}").read_bytes()
     # Built in a temporary sibling and renamed: nothing left behind.
     assert sorted(p.name for p in databin.parent.iterdir()) == ["bin", "bin-spm", "text"]
 
 
 def test_spm_training_is_deterministic(text, tmp_path):
     args = prepare_data.build_parser().parse_args(
-        ["-s", "de", "-t", "en", "--trainpref", "x", "--destdir", "y",
-         "--vocab-size", str(VOCAB), "--workers", "2"])
+        ["-s", "de", "-t", "en", "--trainpref", "x", "--destdir", "y", "--vocab-size", str(VOCAB), "--workers", "2"]
+    )
     for i in range(2):
         prepare_data.train_spm([text / "train.de", text / "train.en"], tmp_path / f"m{i}", args)
     # Same pieces with the same scores (the .model bytes differ: they record model_prefix).
@@ -227,10 +251,27 @@ def test_spm_training_is_deterministic(text, tmp_path):
 
 def test_moses_word_vocabulary(text, tmp_path):
     dest = tmp_path / "words"
-    info = prepare_data.prepare([
-        "-s", "de", "-t", "en", "--trainpref", str(text / "train"),
-        "--testpref", str(text / "test"), "--destdir", str(dest),
-        "--tokenizer", "moses-word", "--vocab-size", "0", "--workers", "1", "--quiet"])
+    info = prepare_data.prepare(
+        [
+            "-s",
+            "de",
+            "-t",
+            "en",
+            "--trainpref",
+            str(text / "train"),
+            "--testpref",
+            str(text / "test"),
+            "--destdir",
+            str(dest),
+            "--tokenizer",
+            "moses-word",
+            "--vocab-size",
+            "0",
+            "--workers",
+            "1",
+            "--quiet",
+        ]
+    )
     tokenized = read_lines(tmp_path / "words-tok" / "train.en")
     types = {w for line in tokenized for w in line.split()}
     # vocab-size 0 keeps every type (+ fairseq's 4 specials, padded to a multiple of 8).
@@ -242,8 +283,20 @@ def test_moses_word_vocabulary(text, tmp_path):
 
 
 def data_argv(tmp_path, prefix, *extra):
-    return ["-s", "de", "-t", "en", "--trainpref", str(prefix),
-            "--destdir", str(tmp_path / "bin"), "--vocab-size", "20", "--quiet", *extra]
+    return [
+        "-s",
+        "de",
+        "-t",
+        "en",
+        "--trainpref",
+        str(prefix),
+        "--destdir",
+        str(tmp_path / "bin"),
+        "--vocab-size",
+        "20",
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_mismatched_line_counts(tmp_path):
@@ -262,8 +315,7 @@ def test_missing_empty_and_bad_vocab(tmp_path):
     write_parallel(tmp_path / "ok", ["a b"], ["c d"])
     with pytest.raises(DataError, match="too small"):
         prepare_data.prepare(data_argv(tmp_path, tmp_path / "ok", "--vocab-size", "9"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["empty.de", "empty.en", "ok.de", "ok.en"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["empty.de", "empty.en", "ok.de", "ok.en"])
 
 
 def test_empty_lines_are_an_error_or_dropped(tmp_path, text):
@@ -273,8 +325,24 @@ def test_empty_lines_are_an_error_or_dropped(tmp_path, text):
     tsrc, ttgt = read_lines(text / "test.de"), read_lines(text / "test.en")
     tsrc[0] = ""
     write_parallel(tmp_path / "test", tsrc, ttgt)
-    argv = ["-s", "de", "-t", "en", "--trainpref", str(tmp_path / "train"), "--testpref", str(tmp_path / "test"),
-            "--destdir", str(tmp_path / "bin"), "--vocab-size", str(VOCAB), "--joint", "--workers", "1", "--quiet"]
+    argv = [
+        "-s",
+        "de",
+        "-t",
+        "en",
+        "--trainpref",
+        str(tmp_path / "train"),
+        "--testpref",
+        str(tmp_path / "test"),
+        "--destdir",
+        str(tmp_path / "bin"),
+        "--vocab-size",
+        str(VOCAB),
+        "--joint",
+        "--workers",
+        "1",
+        "--quiet",
+    ]
     with pytest.raises(DataError, match=r"train: 2 line pair\(s\) .* empty side \(line 3, 7\).*--drop-empty"):
         prepare_data.prepare(argv)
     assert not (tmp_path / "bin").exists()

@@ -15,6 +15,7 @@ scripts and console scripts, without training:
 
 Every refusal checks the sha256 of every user file before and after.
 """
+
 import json
 import os
 import subprocess
@@ -60,16 +61,29 @@ def fake_run(savedir, finished=False, extra=()):
     log = "===== train.sh start 2025-01-01 00:00:00 UTC: train.sh =====\n| train_inner | epoch 001\n"
     (savedir / "train.log").write_text(log + ("done training in 12.0 seconds\n" if finished else ""))
     if finished:
-        (savedir / "score.test.json").write_text(json.dumps({"bleu": 1.0, "chrf": 2.0, "bleu_signature": "s",
-                                                             "chrf_signature": "c"}) + "\n")
+        (savedir / "score.test.json").write_text(
+            json.dumps({"bleu": 1.0, "chrf": 2.0, "bleu_signature": "s", "chrf_signature": "c"}) + "\n"
+        )
     for name in extra:
         (savedir / name).write_text(f"the user's {name}\n")
     return savedir
 
 
 def compare(tmp_path, databin, *args):
-    return script("compare.py", "--databin", databin, "--name", "t", "--out", tmp_path / "out",
-                  "--speed-batches", "0", "--max-update", "2", *args)
+    return script(
+        "compare.py",
+        "--databin",
+        databin,
+        "--name",
+        "t",
+        "--out",
+        tmp_path / "out",
+        "--speed-batches",
+        "0",
+        "--max-update",
+        "2",
+        *args,
+    )
 
 
 def test_compare_extend_from_missing_dir_is_refused(tmp_path):
@@ -92,8 +106,9 @@ def test_compare_extend_from_says_which_methods_train_from_scratch(tmp_path):
     fake_run(old / "mhp", finished=True)
     before = tree_hashes(old)
     p = compare(tmp_path, databin, "--workdir", tmp_path / "wd", "--extend-from", old, "--methods", "softmax,mhp")
-    assert f"compare: {old / 'softmax'} has no checkpoint_last.pt: softmax is trained from scratch" in p.stdout, \
+    assert f"compare: {old / 'softmax'} has no checkpoint_last.pt: softmax is trained from scratch" in p.stdout, (
         p.stdout + p.stderr
+    )
     assert p.returncode == 2  # then train.sh refuses the fake data-bin (item 13's message)
     assert tree_hashes(old) == before
 
@@ -171,8 +186,24 @@ def write(path, data: bytes):
 
 def words_argv(prefix, dest, *extra):
     """mhce-prepare-data with the word-level tokenizer (no sentencepiece training)."""
-    return ["-s", "de", "-t", "en", "--trainpref", prefix, "--destdir", dest, "--tokenizer", "moses-word",
-            "--vocab-size", "0", "--workers", "1", "--quiet", *extra]
+    return [
+        "-s",
+        "de",
+        "-t",
+        "en",
+        "--trainpref",
+        prefix,
+        "--destdir",
+        dest,
+        "--tokenizer",
+        "moses-word",
+        "--vocab-size",
+        "0",
+        "--workers",
+        "1",
+        "--quiet",
+        *extra,
+    ]
 
 
 def corpus(n=30):
@@ -257,13 +288,14 @@ def test_prepare_data_refuses_an_empty_split(tmp_path, split):
         write(tmp_path / f"{split}.{lang}", b"")
         write(tmp_path / f"blank.{lang}", b"\n\n")
     before = tree_hashes(tmp_path)
-    p = tool("mhce-prepare-data", *words_argv(tmp_path / "train", tmp_path / "bin", f"--{split}pref",
-                                              tmp_path / split))
+    p = tool("mhce-prepare-data", *words_argv(tmp_path / "train", tmp_path / "bin", f"--{split}pref", tmp_path / split))
     assert p.returncode == 2, p.stdout + p.stderr
     assert f"{split} set is empty" in p.stderr and f"--{split}pref" in p.stderr and "Traceback" not in p.stderr
     # only blank pairs: --drop-empty would leave the split empty
-    p = tool("mhce-prepare-data", *words_argv(tmp_path / "train", tmp_path / "bin", f"--{split}pref",
-                                              tmp_path / "blank", "--drop-empty"))
+    p = tool(
+        "mhce-prepare-data",
+        *words_argv(tmp_path / "train", tmp_path / "bin", f"--{split}pref", tmp_path / "blank", "--drop-empty"),
+    )
     assert p.returncode == 2, p.stdout + p.stderr
     assert "--drop-empty would leave nothing" in p.stderr
     assert tree_hashes(tmp_path) == before and not (tmp_path / "bin").exists()

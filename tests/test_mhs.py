@@ -1,6 +1,7 @@
 """MHS (full softmax trained on sampled head-1 groups): the loss against
 fairseq's label-smoothed full softmax, the sampling rules, and the real CLIs
 (copy task, export to a plain Transformer, two-process DDP on CPU)."""
+
 import os
 import re
 import socket
@@ -234,8 +235,14 @@ def test_cli_copy_task_bleu_and_plain_transformer_export(mhs_run, copy_data, tmp
     assert again.returncode != 0 and "refusing to overwrite" in again.stderr
     state = torch.load(plain, map_location="cpu", weights_only=False)
     assert state["cfg"]["model"].arch == state["cfg"]["model"]._name == "transformer"
-    assert not any("mhce_head" in k or "mhs_codec" in k for k in state["model"]) and "decoder.output_projection.weight" in state["model"]
-    assert state["cfg"]["common"]["user_dir"] is None and state["cfg"]["criterion"]["_name"] == "label_smoothed_cross_entropy"
+    assert (
+        not any("mhce_head" in k or "mhs_codec" in k for k in state["model"])
+        and "decoder.output_projection.weight" in state["model"]
+    )
+    assert (
+        state["cfg"]["common"]["user_dir"] is None
+        and state["cfg"]["criterion"]["_name"] == "label_smoothed_cross_entropy"
+    )
     same = subprocess.run([*export, str(ckpt), str(ckpt)], capture_output=True, text=True)
     assert same.returncode != 0 and ckpt.stat().st_size > 0
 
@@ -328,10 +335,25 @@ def test_ddp_two_processes_match_single_process(tmp_path_factory):
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", CPU_DDP_LAUNCHER, *common, "--distributed-world-size", "2",
-             "--distributed-backend", "gloo", "--distributed-init-method", f"tcp://localhost:{port}",
-             "--distributed-no-spawn", "--distributed-rank", str(rank)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            [
+                sys.executable,
+                "-c",
+                CPU_DDP_LAUNCHER,
+                *common,
+                "--distributed-world-size",
+                "2",
+                "--distributed-backend",
+                "gloo",
+                "--distributed-init-method",
+                f"tcp://localhost:{port}",
+                "--distributed-no-spawn",
+                "--distributed-rank",
+                str(rank),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
         )  # fmt: skip
         for rank in (0, 1)
     ]

@@ -6,6 +6,7 @@ data-bins through fairseq-preprocess (word-level twice for determinism, a
 capped word vocabulary, and joint sentencepiece).  Everything is written under
 pytest's tmp_path.
 """
+
 from __future__ import annotations
 
 import collections
@@ -34,8 +35,22 @@ SPM_VOCAB = 400
 
 
 def argv(dest, *extra, seed=1):
-    return ["--destdir", str(dest), "--limit", str(LIMIT), "--valid-size", str(VALID),
-            "--test-size", str(TEST), "--seed", str(seed), "--workers", "1", "--quiet", *extra]
+    return [
+        "--destdir",
+        str(dest),
+        "--limit",
+        str(LIMIT),
+        "--valid-size",
+        str(VALID),
+        "--test-size",
+        str(TEST),
+        "--seed",
+        str(seed),
+        "--workers",
+        "1",
+        "--quiet",
+        *extra,
+    ]
 
 
 def read_lines(path):
@@ -52,8 +67,11 @@ def read_splits(dest):
 
 def snapshot(directory, skip=("preprocess.log",)):
     """{relative path: bytes}; fairseq's preprocess.log names the directories."""
-    return {str(p.relative_to(directory)): p.read_bytes()
-            for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in skip}
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +84,10 @@ def db():
 
 def db_verse(con, code, key):
     """The verse as the script should have it: the raw row, cleaned."""
-    row = con.execute("SELECT vText FROM bible WHERE bbName = ? AND bNumber = ? AND cNumber = ? "
-                      "AND vNumber = ?", (multi.TRANSLATIONS[code][0], *key)).fetchone()
+    row = con.execute(
+        "SELECT vText FROM bible WHERE bbName = ? AND bNumber = ? AND cNumber = ? " "AND vNumber = ?",
+        (multi.TRANSLATIONS[code][0], *key),
+    ).fetchone()
     return multi.clean(row[0], code, key, collections.Counter())
 
 
@@ -154,9 +174,16 @@ def test_split_disjoint_across_all_targets(text14, db):
     # no held-out sentence occurs verbatim in train, on either side, in any language
     for lang in ["de", *DEFAULT_14]:
         side = "de" if lang == "de" else "mul"
-        texts = {name: {t for t, (_, code, _) in zip(read_lines(dest / "text" / f"{name}.{side}"),
-                                                  (r for r in rows if r[0] == name))
-                        if side == "de" or code == lang} for name in SPLITS}
+        texts = {
+            name: {
+                t
+                for t, (_, code, _) in zip(
+                    read_lines(dest / "text" / f"{name}.{side}"), (r for r in rows if r[0] == name)
+                )
+                if side == "de" or code == lang
+            }
+            for name in SPLITS
+        }
         assert not texts["train"] & (texts["valid"] | texts["test"]), lang
 
 
@@ -184,16 +211,26 @@ def test_seed_changes_the_split_and_limit_holds(text14, tmp_path):
 
 def test_unknown_code_names_the_available_ones(tmp_path):
     for flags in (["--targets", "it,xx"], ["--source", "xx"]):
-        with pytest.raises(DataError, match=r"unknown translation code 'xx'; available: it \(1: Italian.*"
-                                            r"en \(4: English, World English Bible"):
+        with pytest.raises(
+            DataError,
+            match=r"unknown translation code 'xx'; available: it \(1: Italian.*"
+            r"en \(4: English, World English Bible",
+        ):
             multi.main(argv(tmp_path / "d", *flags))
     assert not (tmp_path / "d").exists() and not list(tmp_path.iterdir())
-    res = subprocess.run([sys.executable, str(SCRIPTS / "prepare_bible_multi.py"),
-                          *argv(tmp_path / "d", "--targets", "xx")], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, str(SCRIPTS / "prepare_bible_multi.py"), *argv(tmp_path / "d", "--targets", "xx")],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "unknown translation code 'xx'; available: it (1: " in res.stderr
-    for bad, msg in ((["--targets", "en,en"], "more than once"), (["--targets", "de"], "also a target"),
-                     (["--targets", "zh"], "without spaces"), (["--tokenizer", "spm"], "needs --vocab-size")):
+    for bad, msg in (
+        (["--targets", "en,en"], "more than once"),
+        (["--targets", "de"], "also a target"),
+        (["--targets", "zh"], "without spaces"),
+        (["--tokenizer", "spm"], "needs --vocab-size"),
+    ):
         with pytest.raises(DataError, match=msg):
             multi.main(argv(tmp_path / "d", *bad))
     assert not list(tmp_path.iterdir())
@@ -217,8 +254,14 @@ def test_refuses_existing_destdir_leaving_it_byte_identical(text14, tmp_path):
 
 
 def test_word_split_is_reversible():
-    for s in ['Denn also, hat "Gott" die Welt.', "O’na iman (edenlerin) hiçbiri...", "first-fruits — a",
-              "»Sia la luce!«. E la luce fu.", "l'abisso; 3:16", "Đức Chúa Trời yêu thương thế gian,"]:
+    for s in [
+        'Denn also, hat "Gott" die Welt.',
+        "O’na iman (edenlerin) hiçbiri...",
+        "first-fruits — a",
+        "»Sia la luce!«. E la luce fu.",
+        "l'abisso; 3:16",
+        "Đức Chúa Trời yêu thương thế gian,",
+    ]:
         toks = word_split.tokenize(s)
         assert word_split.detokenize(" ".join(toks)) == s
         # the words are exactly the plain split's; joiners only on punctuation
@@ -279,7 +322,7 @@ def test_word_databin_loads_with_tags_and_per_language_tests(word_bin):
         if name in SPLITS:
             langs = [lang for s, lang, _ in rows if s == name]
         else:
-            langs = [name[len("test_"):]] * len(src)
+            langs = [name[len("test_") :]] * len(src)
         for i in range(len(src)):
             assert dsrc[src[i][0]] == f"<2{langs[i]}>"  # the tag is the first source token
         for i in (0, len(src) - 1):

@@ -10,6 +10,7 @@ scripts on tiny copy data:
   other integer buffers unchanged), the average decodes, and mismatches or an
   existing --output are errors that change nothing.
 """
+
 import os
 import re
 import shutil
@@ -94,11 +95,14 @@ def test_train_log_is_appended_on_resume(mhe_run, data, tmp_path):
     assert p.returncode == 0, p.stdout[-4000:]
     log = (save / "train.log").read_text()
     assert log.startswith(first), "the first start's log was not kept"
-    second = log[len(first):]
+    second = log[len(first) :]
     assert second.startswith(START) and log.count("\n" + START) == 1
     head = second.splitlines()[0]
-    assert re.match(rf"{START}\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d .*: \S*scripts/train.sh mhe {re.escape(str(data))} "
-                    rf"{re.escape(str(save))} --max-update 14 ", head), head
+    assert re.match(
+        rf"{START}\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d .*: \S*scripts/train.sh mhe {re.escape(str(data))} "
+        rf"{re.escape(str(save))} --max-update 14 ",
+        head,
+    ), head
     assert second.splitlines()[1].startswith("# fairseq-train: ") and "--max-update 14" in second.splitlines()[1]
     # the same run resumed (the guard let it through) and finished
     assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 12 updates\)", second), second[-3000:]
@@ -197,7 +201,9 @@ def test_average_last_three_update_checkpoints_decodes(mhe_run, data, tmp_path):
             assert torch.allclose(v.double(), mean, rtol=1e-5, atol=1e-7), k
         else:  # code table, head sizes, method_id, ...: identical to every input
             assert all(torch.equal(v, s[k]) for s in states), k
-    assert n_float > 10 and not torch.equal(avg["decoder.embed_tokens.weight"], states[0]["decoder.embed_tokens.weight"])
+    assert n_float > 10 and not torch.equal(
+        avg["decoder.embed_tokens.weight"], states[0]["decoder.embed_tokens.weight"]
+    )
     gen = cli(
         "fairseq-generate", data, "--user-dir", USER_DIR, "--path", out, "--beam", "2",
         "--batch-size", "16", "--required-batch-size-multiple", "1", "--max-len-a", "0", "--max-len-b", "12",

@@ -1,6 +1,7 @@
 """The recipes on tiny copy data, with the real tools: scripts/train.sh +
 scripts/translate.sh for every output layer, scripts/compare.py's tables
 from those runs, and a configs/ file through the real fairseq-hydra-train."""
+
 import csv
 import json
 import os
@@ -80,8 +81,14 @@ def test_recipes_explain_bad_input(data, tmp_path):
     p = script("translate.sh", "mhe", data, tmp_path / "save", check=False)
     assert p.returncode == 2 and "no checkpoint" in p.stdout
     # no fairseq in VENV nor on PATH
-    p = script("train.sh", "mhe", data, tmp_path / "save", check=False,
-               env={"VENV": str(tmp_path / "novenv"), "PATH": "/usr/bin:/bin"})
+    p = script(
+        "train.sh",
+        "mhe",
+        data,
+        tmp_path / "save",
+        check=False,
+        env={"VENV": str(tmp_path / "novenv"), "PATH": "/usr/bin:/bin"},
+    )
     assert p.returncode == 2 and "fairseq-train is neither in" in p.stdout and "make install" in p.stdout
     assert not (tmp_path / "save").exists()  # nothing was created by a failed call
 

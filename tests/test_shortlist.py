@@ -3,6 +3,7 @@ softmax beside the product, against a brute-force reference that scores
 every code; the exact top-k against the dense row; the code-table layout
 (model default and ``mhce-build-codes --shortlist``); the refusals; and
 real fairseq-train / fairseq-generate runs."""
+
 import itertools
 import json
 import os
@@ -149,7 +150,9 @@ def test_refusals_and_the_models_default_table():
     with pytest.raises(ValueError, match="per-head is not defined with --mhce-shortlist"):
         head.loss(torch.randn(3, 16), torch.tensor([1, 9, 20]), 0.1, smoothing="per-head")
     rnd = build_head(cfg(mhce_method="mhp", mhce_shortlist=8, mhce_code_order="random"), 16, d)
-    assert torch.equal(rnd.codec.code[:8], torch.arange(32, 40)) and not torch.equal(rnd.codec.code[8:], torch.arange(32))
+    assert torch.equal(rnd.codec.code[:8], torch.arange(32, 40)) and not torch.equal(
+        rnd.codec.code[8:], torch.arange(32)
+    )
     # a checkpoint of another shortlist size is named, not a size mismatch
     state = {f"decoder.mhce_head.{k}": v for k, v in head.state_dict().items()}
     other = build_head(cfg(mhce_method="mhp", mhce_shortlist=4), 16, d)

@@ -36,6 +36,7 @@ from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, make_copy_data, tree_
 
 pytestmark = pytest.mark.e2e
 
+
 def build_codes(*args, script=True):
     """mhce-build-codes: (exit status, stdout+stderr).  ``script``: as a user
     runs it (the console script, a process of its own); else its ``main`` in

@@ -36,6 +36,7 @@ The inputs are only read; an existing ``--output`` is never
 overwritten.  Decode the result as any checkpoint (with ``--user-dir`` for a
 plugin architecture).
 """
+
 import argparse
 import collections
 import os
@@ -76,8 +77,11 @@ def checkpoint_paths(inputs, num, update_based, upper_bound=None):
             + (f" at or below {upper_bound}" if upper_bound is not None else "")
             + f" but {num} were asked for"
             + ("" if not found else f": {', '.join(n for _, n in sorted(found))}")
-            + (" (train with --save-interval-updates N --keep-interval-updates K)" if update_based else
-               " (train without --no-epoch-checkpoints, with --keep-last-epochs K)")
+            + (
+                " (train with --save-interval-updates N --keep-interval-updates K)"
+                if update_based
+                else " (train without --no-epoch-checkpoints, with --keep-last-epochs K)"
+            )
         )
     return [os.path.join(folder, name) for _, name in sorted(found, reverse=True)[:num]]
 
@@ -122,8 +126,11 @@ def _dictionaries(state):
         return None, {}
     data = str(data).split(os.pathsep)[0]  # sharded data: fairseq reads the dictionaries from the first
     langs = [x for x in (_get(task, "source_lang"), _get(task, "target_lang")) if x]
-    names = [f"dict.{x}.txt" for x in langs] if langs else (
-        sorted(n for n in os.listdir(data) if re.fullmatch(r"dict\..+\.txt", n)) if os.path.isdir(data) else [])
+    names = (
+        [f"dict.{x}.txt" for x in langs]
+        if langs
+        else (sorted(n for n in os.listdir(data) if re.fullmatch(r"dict\..+\.txt", n)) if os.path.isdir(data) else [])
+    )
     out = {}
     for name in names:
         try:
@@ -160,9 +167,12 @@ def _check_same_dictionaries(first_path, first_state, path, state):
                 "run (one data-bin) can be averaged"
             )
     if unknown:
-        print(f"{PROG}: warning: {first_path} was trained on {data_a}, {path} on {data_b}; "
-              f"{', '.join(unknown)} cannot be read in both, so it is not known whether their dictionaries "
-              "are the same (only the parameter shapes were checked)", file=sys.stderr)
+        print(
+            f"{PROG}: warning: {first_path} was trained on {data_a}, {path} on {data_b}; "
+            f"{', '.join(unknown)} cannot be read in both, so it is not known whether their dictionaries "
+            "are the same (only the parameter shapes were checked)",
+            file=sys.stderr,
+        )
 
 
 def _describe_buffer_mismatch(key, a, b):
@@ -206,8 +216,10 @@ def average_checkpoints(paths):
         other = _model_identity(state)
         if other != ident:
             raise AverageError(
-                f"{path} is a model of --arch {other[0]}" + (f" --mhce-method {other[1]}" if other[1] else "")
-                + f" but {first_path} of --arch {ident[0]}" + (f" --mhce-method {ident[1]}" if ident[1] else "")
+                f"{path} is a model of --arch {other[0]}"
+                + (f" --mhce-method {other[1]}" if other[1] else "")
+                + f" but {first_path} of --arch {ident[0]}"
+                + (f" --mhce-method {ident[1]}" if ident[1] else "")
                 + "; only checkpoints of one run (one architecture and output layer) can be averaged"
             )
         _check_same_dictionaries(first_path, new_state, path, state)
@@ -280,25 +292,44 @@ def main(argv=None):
         prog=PROG,
         description="Average the parameters of fairseq checkpoints (plugin ones too) into a new checkpoint.",
         epilog="Dictionaries: plugin checkpoints are compared by their dictionary fingerprint. Plain fairseq "
-               "checkpoints store no dictionary: when their saved configs name different data-bins, those "
-               "data-bins' dict.*.txt must match (a warning if they cannot be read); two checkpoints that name "
-               "the same data-bin are assumed to share it (a data-bin rebuilt in place in between cannot be "
-               "detected).",
+        "checkpoints store no dictionary: when their saved configs name different data-bins, those "
+        "data-bins' dict.*.txt must match (a warning if they cannot be read); two checkpoints that name "
+        "the same data-bin are assumed to share it (a data-bin rebuilt in place in between cannot be "
+        "detected).",
     )
-    p.add_argument("--inputs", required=True, nargs="+",
-                   help="checkpoint files, or one directory with --num-update-checkpoints / --num-epoch-checkpoints")
+    p.add_argument(
+        "--inputs",
+        required=True,
+        nargs="+",
+        help="checkpoint files, or one directory with --num-update-checkpoints / --num-epoch-checkpoints",
+    )
     p.add_argument("--output", required=True, metavar="FILE", help="the averaged checkpoint (must not exist)")
     num = p.add_mutually_exclusive_group()
-    num.add_argument("--num-update-checkpoints", type=int, metavar="N",
-                     help="average the N newest checkpoint_EPOCH_UPDATE.pt in the --inputs directory")
-    num.add_argument("--num-epoch-checkpoints", type=int, metavar="N",
-                     help="average the N newest checkpointEPOCH.pt in the --inputs directory")
-    p.add_argument("--checkpoint-upper-bound", type=int, metavar="K",
-                   help="with --num-*-checkpoints: only checkpoints of update (epoch) <= K")
+    num.add_argument(
+        "--num-update-checkpoints",
+        type=int,
+        metavar="N",
+        help="average the N newest checkpoint_EPOCH_UPDATE.pt in the --inputs directory",
+    )
+    num.add_argument(
+        "--num-epoch-checkpoints",
+        type=int,
+        metavar="N",
+        help="average the N newest checkpointEPOCH.pt in the --inputs directory",
+    )
+    p.add_argument(
+        "--checkpoint-upper-bound",
+        type=int,
+        metavar="K",
+        help="with --num-*-checkpoints: only checkpoints of update (epoch) <= K",
+    )
     args = p.parse_args(argv)
     try:
-        if args.checkpoint_upper_bound is not None and args.num_update_checkpoints is None \
-                and args.num_epoch_checkpoints is None:
+        if (
+            args.checkpoint_upper_bound is not None
+            and args.num_update_checkpoints is None
+            and args.num_epoch_checkpoints is None
+        ):
             raise AverageError("--checkpoint-upper-bound needs --num-update-checkpoints or --num-epoch-checkpoints")
         paths = list(args.inputs)
         if args.num_update_checkpoints is not None:
@@ -308,8 +339,10 @@ def main(argv=None):
         elif any(os.path.isdir(x) for x in paths):
             raise AverageError("--inputs is a directory: give --num-update-checkpoints N or --num-epoch-checkpoints N")
         if len(set(map(os.path.realpath, paths))) < len(paths):
-            print(f"{PROG}: warning: a checkpoint is given more than once "
-                  "(it gets that much more weight)", file=sys.stderr)
+            print(
+                f"{PROG}: warning: a checkpoint is given more than once " "(it gets that much more weight)",
+                file=sys.stderr,
+            )
         out = Path(args.output)
         if out.exists() or out.is_symlink():  # before the (slow) loading
             raise AverageError(f"{out} exists; it is not overwritten (choose another --output or remove it)")

@@ -42,6 +42,7 @@ dictionary, truncated training data, head sizes too small or heads that
 would always predict 0, --dim / --window below 1, existing --out, a
 truncated checkpoint or one of another dictionary).
 """
+
 import argparse
 import gc
 import glob
@@ -74,20 +75,29 @@ def parse_args(argv=None):
     p.add_argument("--target-lang", default=None, help="target language (default: from the data-bin)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--head-sizes", default=None, help="comma-separated head sizes, e.g. 90,90 (product >= V)")
-    g.add_argument("--heads", type=int, default=None, help="number of heads; balanced sizes as the model's --mhce-heads (default 2)")
+    g.add_argument(
+        "--heads",
+        type=int,
+        default=None,
+        help="number of heads; balanced sizes as the model's --mhce-heads (default 2)",
+    )
     p.add_argument("--source", choices=("ppmi", "checkpoint"), default="ppmi", help="where the token vectors come from")
     p.add_argument("--checkpoint", default=None, help="fairseq checkpoint for --source checkpoint")
     p.add_argument("--vectors", choices=("output", "input"), default="output", help="which checkpoint vectors")
     p.add_argument("--dim", type=int, default=64, help="ppmi: SVD dimensions")
     p.add_argument("--window", type=int, default=2, help="ppmi: co-occurrence window (each side)")
     p.add_argument(
-        "--unseen", choices=("last", "cluster"), default="last",
+        "--unseen",
+        choices=("last", "cluster"),
+        default="last",
         help="types that never occur in the training targets (e.g. source-only pieces of a joint "
         "dictionary): 'last' gives them the highest codes, so they fill groups of their own; "
         "'cluster' groups them like the others",
     )
     p.add_argument(
-        "--shortlist", type=int, default=0,
+        "--shortlist",
+        type=int,
+        default=0,
         help="for an MHP model with --mhce-shortlist N: the N most frequent types (ids 0..N-1) get the codes "
         "V-N..V-1 and the other types are grouped, balanced, on the codes 0..V-N-1",
     )
@@ -144,7 +154,14 @@ def training_sequences(databin, src, tgt, dictionary):
             seqs = training_targets(databin, src, tgt, dictionary)
         except FileNotFoundError as e:
             raise UsageError(str(e)) from None
-        except (ValueError, AssertionError, OSError, EOFError, IndexError, struct.error) as e:  # a truncated .bin / .idx
+        except (
+            ValueError,
+            AssertionError,
+            OSError,
+            EOFError,
+            IndexError,
+            struct.error,
+        ) as e:  # a truncated .bin / .idx
             why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
         if why is not None:
             gc.collect()
@@ -192,7 +209,9 @@ def check_checkpoint_dictionary(ckpt, path, dictionary, dict_path, tgt):
         try:
             saved = tuple(int(x) for x in fp.reshape(2, 2)[1].tolist())  # [[src size, hash], [tgt size, hash]]
         except Exception:
-            raise UsageError(f"--checkpoint {path}: its decoder.{FINGERPRINT_KEY} is damaged (expected 2 x 2 numbers)") from None
+            raise UsageError(
+                f"--checkpoint {path}: its decoder.{FINGERPRINT_KEY} is damaged (expected 2 x 2 numbers)"
+            ) from None
         mine = tuple(int(x) for x in dictionary_fingerprint(dictionary))
         if saved != mine:
             raise UsageError(
@@ -332,8 +351,14 @@ def run(args, t0):
         ct.save_code_table(args.out, code, sizes, symbols, meta)
     except FileExistsError as e:
         raise UsageError(str(e)) from None
-    short_msg = (f"shortlist {S} (codes {V - S}..{V - 1}, {meta['shortlist_train_coverage']:.1%} of the "
-                 f"training targets); ") if S else ""
+    short_msg = (
+        (
+            f"shortlist {S} (codes {V - S}..{V - 1}, {meta['shortlist_train_coverage']:.1%} of the "
+            f"training targets); "
+        )
+        if S
+        else ""
+    )
     fmt = lambda xs: "[" + ", ".join(f"{x:.3f}" for x in xs) + "]"  # noqa: E731
     print(
         f"wrote {args.out}: V={V} head sizes {sizes} from {what}, seed {args.seed}; "

@@ -125,7 +125,9 @@ def export(state: dict) -> dict:
         model["decoder.output_projection.weight"] = proj
     if "decoder.output_projection.weight" not in model:
         raise ValueError("no V x d projection (decoder.mhce_head.proj.weight) in the checkpoint: not an MHS model")
-    for k in [k for k in model if k.startswith((HEAD_PREFIX, LEGACY_CODEC_PREFIX)) or k == "decoder.mhce_dict_fingerprint"]:
+    for k in [
+        k for k in model if k.startswith((HEAD_PREFIX, LEGACY_CODEC_PREFIX)) or k == "decoder.mhce_dict_fingerprint"
+    ]:
         del model[k]
 
     cfg = state.get("cfg")

@@ -49,6 +49,7 @@ From Python, :func:`prepare` takes the same arguments and returns the
 summary (it raises :class:`DataError` on bad input); :func:`main` is the
 command (exit status 2 and one line on bad input).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,26 +94,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tokenizer", choices=("spm", "moses-word"), default="spm")
     p.add_argument(
-        "--vocab-size", type=int, default=8000,
+        "--vocab-size",
+        type=int,
+        default=8000,
         help="spm: pieces per model; moses-word: types kept per side (0 = all)",
     )
-    p.add_argument("--joint", action="store_true",
-                   help="one vocabulary (and spm model) shared by source and target")
-    p.add_argument("--model-type", default="unigram",
-                   choices=("unigram", "bpe", "char", "word"), help="spm model type")
-    p.add_argument("--character-coverage", type=float, default=1.0,
-                   help="spm; 1.0 suits alphabetic scripts, 0.9995 CJK")
-    p.add_argument("--spm-max-sentences", type=int, default=2_000_000,
-                   help="spm input_sentence_size: sentences sampled for training (0 = all)")
-    p.add_argument("--seed", type=int, default=1,
-                   help="seed of spm's sentence sampling, for reproducible models")
-    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
-                   help="processes for tokenization and fairseq-preprocess")
-    p.add_argument("--force", action="store_true",
-                   help="replace a non-empty DESTDIR / WORKDIR")
-    p.add_argument("--drop-empty", action="store_true",
-                   help="drop line pairs whose source or target is empty (after stripping white "
-                   "space) from every split; without it such pairs are an error")
+    p.add_argument("--joint", action="store_true", help="one vocabulary (and spm model) shared by source and target")
+    p.add_argument("--model-type", default="unigram", choices=("unigram", "bpe", "char", "word"), help="spm model type")
+    p.add_argument(
+        "--character-coverage", type=float, default=1.0, help="spm; 1.0 suits alphabetic scripts, 0.9995 CJK"
+    )
+    p.add_argument(
+        "--spm-max-sentences",
+        type=int,
+        default=2_000_000,
+        help="spm input_sentence_size: sentences sampled for training (0 = all)",
+    )
+    p.add_argument("--seed", type=int, default=1, help="seed of spm's sentence sampling, for reproducible models")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, min(8, os.cpu_count() or 1)),
+        help="processes for tokenization and fairseq-preprocess",
+    )
+    p.add_argument("--force", action="store_true", help="replace a non-empty DESTDIR / WORKDIR")
+    p.add_argument(
+        "--drop-empty",
+        action="store_true",
+        help="drop line pairs whose source or target is empty (after stripping white "
+        "space) from every split; without it such pairs are an error",
+    )
     p.add_argument("--quiet", action="store_true", help="hide fairseq-preprocess's log")
     return p
 
@@ -177,7 +188,9 @@ def count_lines(path: Path) -> int:
 
 def empty_pairs(paths) -> list[int]:
     """0-based numbers of the lines that are blank in any of the parallel files."""
-    return [i for i, lines in enumerate(zip(*(iter_lines(p) for p in paths))) if any(not line.strip() for line in lines)]
+    return [
+        i for i, lines in enumerate(zip(*(iter_lines(p) for p in paths))) if any(not line.strip() for line in lines)
+    ]
 
 
 def check_inputs(args) -> dict:
@@ -192,9 +205,7 @@ def check_inputs(args) -> dict:
     if args.tokenizer == "spm" and args.vocab_size < MIN_VOCAB:
         raise DataError(f"--vocab-size {args.vocab_size} is too small (minimum {MIN_VOCAB})")
     if args.tokenizer == "moses-word" and (0 < args.vocab_size < MIN_VOCAB or args.vocab_size < 0):
-        raise DataError(
-            f"--vocab-size {args.vocab_size} is too small (minimum {MIN_VOCAB}, or 0 = all types)"
-        )
+        raise DataError(f"--vocab-size {args.vocab_size} is too small (minimum {MIN_VOCAB}, or 0 = all types)")
     splits, empties, dirty = {}, {}, set()
     for split, prefix in zip(SPLITS, (args.trainpref, args.validpref, args.testpref)):
         if prefix is None:
@@ -206,8 +217,7 @@ def check_inputs(args) -> dict:
         (n_src, dirty_src), (n_tgt, dirty_tgt) = (scan_file(p) for p in paths)
         if n_src != n_tgt:
             raise DataError(
-                f"{split} files are not parallel: {paths[0]} has {n_src} lines "
-                f"but {paths[1]} has {n_tgt}"
+                f"{split} files are not parallel: {paths[0]} has {n_src} lines " f"but {paths[1]} has {n_tgt}"
             )
         if split == "train" and n_src == 0:
             raise DataError(f"training set is empty: {paths[0]} and {paths[1]} have no lines")
@@ -260,10 +270,7 @@ def check_output_dir(path: Path, what: str, force: bool) -> None:
     if path.exists() and not path.is_dir():
         raise DataError(f"{what} {path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not force:
-        raise DataError(
-            f"{what} {path} exists and is not empty; pass --force to replace it "
-            "(it is left untouched)"
-        )
+        raise DataError(f"{what} {path} exists and is not empty; pass --force to replace it " "(it is left untouched)")
 
 
 # --------------------------------------------------------------------------
@@ -345,7 +352,7 @@ def _moses_tokenize_chunk(job):
 def moses_tokenize(src: Path, dst: Path, lang: str, workers: int) -> None:
     lines = read_lines(src)
     chunk = 2000
-    jobs = [(lang, lines[i:i + chunk]) for i in range(0, len(lines), chunk)]
+    jobs = [(lang, lines[i : i + chunk]) for i in range(0, len(lines), chunk)]
     if workers > 1 and len(jobs) > 1:
         import multiprocessing
 
@@ -395,11 +402,18 @@ def build(args, splits: dict, dest: Path, work: Path) -> dict:
                 write_lines(work / "input" / f"{split}.{lang}", kept)
             splits[split] = (str(work / "input" / split), n - len(skip))
             if skip:
-                print(f"| {split}: dropped {len(skip)} pair(s) with an empty side (--drop-empty)",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"| {split}: dropped {len(skip)} pair(s) with an empty side (--drop-empty)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if split in dirty:
-                print(f"| {split}: byte-order marks removed, carriage returns inside lines made spaces "
-                      f"(line ends \\r\\n read as \\n)", file=sys.stderr, flush=True)
+                print(
+                    f"| {split}: byte-order marks removed, carriage returns inside lines made spaces "
+                    f"(line ends \\r\\n read as \\n)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if dropped:
             info["dropped_empty_pairs"] = {s: len(d) for s, d in dropped.items()}
         if dirty:
@@ -414,8 +428,20 @@ def build(args, splits: dict, dest: Path, work: Path) -> dict:
             for lang in langs:
                 shutil.copyfile(f"{splits[split][0]}.{lang}", raw / f"{split}.{lang}")
 
-    pre = ["--source-lang", src, "--target-lang", tgt, "--destdir", str(dest),
-           "--workers", str(args.workers), "--thresholdsrc", "0", "--thresholdtgt", "0"]
+    pre = [
+        "--source-lang",
+        src,
+        "--target-lang",
+        tgt,
+        "--destdir",
+        str(dest),
+        "--workers",
+        str(args.workers),
+        "--thresholdsrc",
+        "0",
+        "--thresholdtgt",
+        "0",
+    ]
     for split in splits:
         pre += [f"--{split}pref", str(work / split)]
     if args.joint:
@@ -429,29 +455,27 @@ def build(args, splits: dict, dest: Path, work: Path) -> dict:
         for name, group in groups.items():
             t0 = time.time()
             model = train_spm([train_files[lang] for lang in group], work / name, args)
-            print(f"| trained {name}.model on {'+'.join(group)} ({time.time() - t0:.1f} s)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"| trained {name}.model on {'+'.join(group)} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True
+            )
             shutil.copyfile(model, dest / model.name)
             models[name] = model
             counts = collections.Counter()
             for lang in group:
                 for split, (prefix, _) in splits.items():
-                    c = spm_encode(model, Path(f"{prefix}.{lang}"), work / f"{split}.{lang}",
-                                   args.workers)
+                    c = spm_encode(model, Path(f"{prefix}.{lang}"), work / f"{split}.{lang}", args.workers)
                     if split == "train":
                         counts.update(c)
             write_fairseq_dict(work / f"{name}.vocab", counts, work / f"{name}.dict.txt")
         if args.joint:
             pre += ["--srcdict", str(work / "spm.dict.txt")]
         else:
-            pre += ["--srcdict", str(work / f"spm.{src}.dict.txt"),
-                    "--tgtdict", str(work / f"spm.{tgt}.dict.txt")]
+            pre += ["--srcdict", str(work / f"spm.{src}.dict.txt"), "--tgtdict", str(work / f"spm.{tgt}.dict.txt")]
         info["spm_models"] = sorted(m.name for m in models.values())
     else:
         for split, (prefix, _) in splits.items():
             for lang in langs:
-                moses_tokenize(Path(f"{prefix}.{lang}"), work / f"{split}.{lang}", lang,
-                               args.workers)
+                moses_tokenize(Path(f"{prefix}.{lang}"), work / f"{split}.{lang}", lang, args.workers)
         n = str(args.vocab_size if args.vocab_size > 0 else -1)
         pre += ["--nwordssrc", n, "--nwordstgt", n]
 
@@ -514,8 +538,11 @@ def run(args) -> dict:
         tmp_dest, tmp_work = tmps
         info = build(args, splits, tmp_dest, tmp_work)
         info.update(
-            source_lang=args.source_lang, target_lang=args.target_lang, joint=args.joint,
-            vocab_size=args.vocab_size, workdir=str(work),
+            source_lang=args.source_lang,
+            target_lang=args.target_lang,
+            joint=args.joint,
+            vocab_size=args.vocab_size,
+            workdir=str(work),
             inputs={s: p for s, (p, _) in splits.items()},
         )
         with open(tmp_dest / "prepare_data.json", "w", encoding="utf-8") as f:
@@ -538,15 +565,20 @@ def report(info: dict, dest: Path, work: Path) -> None:
     print(f"data-bin:       {dest}")
     print(f"tokenized text: {work}")
     print("lines:          " + ", ".join(f"{s} {n}" for s, n in info["lines"].items()))
-    print("dictionaries:   " + ", ".join(f"dict.{lang}.txt {n}" for lang, n in info["dict_sizes"].items())
-          + " symbols (with fairseq's <s> <pad> </s> <unk>)")
+    print(
+        "dictionaries:   "
+        + ", ".join(f"dict.{lang}.txt {n}" for lang, n in info["dict_sizes"].items())
+        + " symbols (with fairseq's <s> <pad> </s> <unk>)"
+    )
     if (dest / "raw").is_dir() and any((dest / "raw").iterdir()):
         print(f"references:     {dest / 'raw'} (untokenized, for sacreBLEU)")
     if info["tokenizer"] == "spm":
         model = dest / ("spm.model" if info["joint"] else f"spm.{tgt}.model")
         print(f"spm models:     {', '.join(str(dest / m) for m in info['spm_models'])}")
-        print(f"decode with:    fairseq-generate {dest} -s {src} -t {tgt} "
-              f"--bpe sentencepiece --sentencepiece-model {model} ...")
+        print(
+            f"decode with:    fairseq-generate {dest} -s {src} -t {tgt} "
+            f"--bpe sentencepiece --sentencepiece-model {model} ..."
+        )
     else:
         print(f"decode with:    fairseq-generate {dest} -s {src} -t {tgt} --tokenizer moses ...")
     print(f"took {info['seconds']} s")
