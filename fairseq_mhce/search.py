@@ -72,8 +72,9 @@ def check_sampling_options(args):
             )
 
 
-def unsupported_reason(models, args, tgt_dict, seq_gen_cls=None, extra_gen_cls_kwargs=None,
-                       prefix_allowed_tokens_fn=None) -> Optional[str]:  # fmt: skip
+def unsupported_reason(
+    models, args, tgt_dict, seq_gen_cls=None, extra_gen_cls_kwargs=None, prefix_allowed_tokens_fn=None
+) -> Optional[str]:
     """Why these models / generation options need the dense ``V``-wide row
     (None when the factorized search gives the same result)."""
     g = lambda name, default=None: getattr(args, name, default)  # noqa: E731
@@ -189,8 +190,15 @@ class FactorizedBeamSearch(search.BeamSearch):
         self.candidates = candidates
         self.compact = True
 
-    def step(self, step: int, lprobs, scores: Optional[Tensor], prev_output_tokens: Optional[Tensor] = None,
-             original_batch_idxs: Optional[Tensor] = None, candidate_multiple: int = 2):  # fmt: skip
+    def step(
+        self,
+        step: int,
+        lprobs,
+        scores: Optional[Tensor],
+        prev_output_tokens: Optional[Tensor] = None,
+        original_batch_idxs: Optional[Tensor] = None,
+        candidate_multiple: int = 2,
+    ):
         cand_scores, cols, beams = super().step(
             step, lprobs, scores, prev_output_tokens, original_batch_idxs, candidate_multiple
         )
@@ -243,8 +251,13 @@ class FactorizedSequenceGenerator(SequenceGenerator):
         self.search.compact = on
         self.vocab_size = self.model.num_special + self.model.k if on else self.dense_vocab_size
 
-    def _generate(self, sample, prefix_tokens: Optional[Tensor] = None, constraints: Optional[Tensor] = None,
-                  bos_token: Optional[int] = None):  # fmt: skip
+    def _generate(
+        self,
+        sample,
+        prefix_tokens: Optional[Tensor] = None,
+        constraints: Optional[Tensor] = None,
+        bos_token: Optional[int] = None,
+    ):
         if prefix_tokens is None and constraints is None:
             return super()._generate(sample, prefix_tokens, constraints, bos_token)
         if not self._warned:
@@ -260,8 +273,9 @@ class FactorizedSequenceGenerator(SequenceGenerator):
             self._set_compact(True)
 
 
-def build_generator(task, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, prefix_allowed_tokens_fn=None,
-                    dense_builder=None):  # fmt: skip
+def build_generator(
+    task, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, prefix_allowed_tokens_fn=None, dense_builder=None
+):
     """A factorized generator for ``models`` when every requested option
     allows it, else ``dense_builder(...)`` (fairseq's own generator), with
     an INFO line saying which and why."""

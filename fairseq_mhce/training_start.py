@@ -80,8 +80,9 @@ def _cache_matches(obj: dict, want: dict) -> Optional[str]:
     return None
 
 
-def build_auto_table(head, seed: int, databin: str, src: str, tgt: str, split: str, dictionary,
-                     save_dir: Optional[str]) -> np.ndarray:  # fmt: skip
+def build_auto_table(
+    head, seed: int, databin: str, src: str, tgt: str, split: str, dictionary, save_dir: Optional[str]
+) -> np.ndarray:
     """The PPMI code table (V,) for ``head``'s codec and shortlist: from the
     cache ``SAVE_DIR/mhce_code_table.json`` when it matches, else built from
     ``DATABIN/SPLIT.SRC-TGT.TGT`` and cached (atomically; a failure to write
@@ -154,8 +155,9 @@ def install_code(head, code) -> None:
     head.codec.pending_table = None
 
 
-def settle_code_table(model, task, save_dir: Optional[str], train_subset: str = "train",
-                      rank: int = 0, world_size: int = 1, group=None) -> None:  # fmt: skip
+def settle_code_table(
+    model, task, save_dir: Optional[str], train_subset: str = "train", rank: int = 0, world_size: int = 1, group=None
+) -> None:
     """Give a model that starts training from scratch its pending code table
     (see the module docstring); a no-op for any other model."""
     head, settings = _head_and_settings(model)
@@ -169,14 +171,26 @@ def settle_code_table(model, task, save_dir: Optional[str], train_subset: str = 
     code = None
     if rank == 0:
         data = str(task.cfg.data).split(os.pathsep)[0]
-        code = build_auto_table(head, settings.mhce_code_seed, data, task.cfg.source_lang, task.cfg.target_lang,
-                                train_subset, task.target_dictionary, save_dir)  # fmt: skip
+        code = build_auto_table(
+            head,
+            settings.mhce_code_seed,
+            data,
+            task.cfg.source_lang,
+            task.cfg.target_lang,
+            train_subset,
+            task.target_dictionary,
+            save_dir,
+        )
     if world_size > 1:
         from fairseq.distributed import utils as dist_utils
 
         code = dist_utils.broadcast_object(code, src_rank=0, group=group)
-    code = layout_code(settings, head.vocab_size, torch.as_tensor(np.asarray(code)),
-                       head.shortlist if getattr(head, "shortlist", 0) else 0)  # fmt: skip
+    code = layout_code(
+        settings,
+        head.vocab_size,
+        torch.as_tensor(np.asarray(code)),
+        head.shortlist if getattr(head, "shortlist", 0) else 0,
+    )
     install_code(head, code)
 
 
@@ -248,10 +262,14 @@ def wrap_trainer_load_checkpoint() -> None:
             check_resumed_table(head, settings, before, filename)
             return out
         settle_code_table(
-            self._model, self.task, self.cfg.checkpoint.save_dir if not self.cfg.checkpoint.no_save else None,
-            self.cfg.dataset.train_subset, self.data_parallel_rank, self.data_parallel_world_size,
+            self._model,
+            self.task,
+            self.cfg.checkpoint.save_dir if not self.cfg.checkpoint.no_save else None,
+            self.cfg.dataset.train_subset,
+            self.data_parallel_rank,
+            self.data_parallel_world_size,
             self.data_parallel_process_group if self.data_parallel_world_size > 1 else None,
-        )  # fmt: skip
+        )
         return orig(self, filename, *args, **kwargs)
 
     load_checkpoint._mhce_wrapped = True

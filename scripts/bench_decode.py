@@ -44,9 +44,9 @@ Usage::
 Writes ``results.md``, ``results.json`` and ``decode_speed.png`` to ``--out``
 (default ``bench/decode``).
 """
+
 import argparse
 import json
-import math
 import os
 import random
 import re
@@ -96,10 +96,25 @@ def make_databin(root: Path, tgt_vocab: int, n_sent: int, src_len: int, tgt_len:
     (text / "test.tgt").write_text("\n".join(tgt) + "\n")
     dest = root / "bin"
     run_cli(
-        ["fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt", "--testpref", text / "test",
-         "--srcdict", text / "dict.src.txt", "--tgtdict", text / "dict.tgt.txt", "--destdir", dest,
-         "--workers", "1"], threads,
-    )  # fmt: skip
+        [
+            "fairseq-preprocess",
+            "--source-lang",
+            "src",
+            "--target-lang",
+            "tgt",
+            "--testpref",
+            text / "test",
+            "--srcdict",
+            text / "dict.src.txt",
+            "--tgtdict",
+            text / "dict.tgt.txt",
+            "--destdir",
+            dest,
+            "--workers",
+            "1",
+        ],
+        threads,
+    )
     return dest
 
 
@@ -113,8 +128,9 @@ def run_cli(argv, threads, check=True):
     # 2-thread decode 10-30x slower (measured here); it costs little alone.
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY=OMP_WAIT_POLICY)
     # the peak through a small wrapper: this script holds big models while it builds them
-    p, peak = run_with_peak_rss([BIN / argv[0], *argv[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=env)
+    p, peak = run_with_peak_rss(
+        [BIN / argv[0], *argv[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     if check and p.returncode != 0:
         raise RuntimeError(f"{argv[0]} failed ({p.returncode}):\n{p.stdout[-3000:]}")
     return p.stdout, peak / 2**20
@@ -152,9 +168,13 @@ def build_checkpoint(databin: Path, path: Path, arch: str, method, heads: int, h
         "model": model.state_dict(),
         "criterion": None,
         "optimizer_history": [
-            {"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam",
-             "lr_scheduler_state": {"best": None}, "num_updates": 0}
-        ],  # fmt: skip
+            {
+                "criterion_name": "CrossEntropyCriterion",
+                "optimizer_name": "Adam",
+                "lr_scheduler_state": {"best": None},
+                "num_updates": 0,
+            }
+        ],
         "task_state": {},
         "extra_state": {"metrics": {}, "previous_training_time": 0},
         "last_optimizer_state": None,
@@ -220,11 +240,19 @@ def main():
     ap.add_argument("--src-len", type=int, default=20)
     ap.add_argument("--tgt-len", type=int, default=20, help="every hypothesis has exactly this many tokens")
     ap.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of each fairseq-generate")
-    ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE"],
-                    help="OMP_WAIT_POLICY of each fairseq-generate (see run_cli)")
+    ap.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        choices=["PASSIVE", "ACTIVE"],
+        help="OMP_WAIT_POLICY of each fairseq-generate (see run_cli)",
+    )
     ap.add_argument("--repeat", type=int, default=None, help="runs of each variant, best kept (default 3, --quick 1)")
-    ap.add_argument("--repeat-under", type=float, default=20.0,
-                    help="only variants whose generation took less than this (s) are repeated")
+    ap.add_argument(
+        "--repeat-under",
+        type=float,
+        default=20.0,
+        help="only variants whose generation took less than this (s) are repeated",
+    )
     ap.add_argument("--variants", default=None, help="comma-separated subset of " + ",".join(v[0] for v in VARIANTS))
     ap.add_argument("--out", default=str(REPO / "bench" / "decode"))
     ap.add_argument("--workdir", default=None, help="where data-bins and checkpoints go (default: a temp dir)")
@@ -279,8 +307,13 @@ def main():
                     runs.setdefault(name, []).append(r)
             for name, method, _ in [("ceiling", "ceiling", "dense")] + variants:
                 best = max(runs[name], key=lambda r: r["sent_per_s"])
-                r = dict(best, V=V, variant=name, all_sent_per_s=[x["sent_per_s"] for x in runs[name]],
-                         peak_rss_mib=max(x["peak_rss_mib"] for x in runs[name]))  # fmt: skip
+                r = dict(
+                    best,
+                    V=V,
+                    variant=name,
+                    all_sent_per_s=[x["sent_per_s"] for x in runs[name]],
+                    peak_rss_mib=max(x["peak_rss_mib"] for x in runs[name]),
+                )
                 if name != "ceiling":
                     r.update(params=params[method], head=stats[method])
                 results["rows"].append(r)
@@ -335,9 +368,11 @@ def report(results, out: Path, args):
             f, d = by.get((V, f"{m}-factorized")), by.get((V, f"{m}-dense"))
             if f:
                 frac = f["sent_per_s"] / ceil
-                checks.append(f"{fmt_v(V)} {m}: factorized at {100 * frac:.0f}% of the ceiling"
-                              + (" (>= 80%)" if frac >= 0.8 else " (BELOW the 80% target)")
-                              + (f", {f['sent_per_s'] / d['sent_per_s']:.2f}x the dense path" if d else ""))  # fmt: skip
+                checks.append(
+                    f"{fmt_v(V)} {m}: factorized at {100 * frac:.0f}% of the ceiling"
+                    + (" (>= 80%)" if frac >= 0.8 else " (BELOW the 80% target)")
+                    + (f", {f['sent_per_s'] / d['sent_per_s']:.2f}x the dense path" if d else "")
+                )
     if checks:
         lines += ["", "Target checks:", ""] + [f"- {c}" for c in checks]
     table = "\n".join(lines)

@@ -222,10 +222,15 @@ def run_one(method, V, N, d, device, dtype_name, heads, warmup, repeats, max_sec
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     return {
-        "method": method, "V": V, "ms": 1000 * statistics.median(times), "repeats": len(times),
-        "ms_min": 1000 * min(times), "peak_mib": max(0, peak) / 2**20, "params": n_params,
+        "method": method,
+        "V": V,
+        "ms": 1000 * statistics.median(times),
+        "repeats": len(times),
+        "ms_min": 1000 * min(times),
+        "peak_mib": max(0, peak) / 2**20,
+        "params": n_params,
         "threads": torch.get_num_threads(),
-    }  # fmt: skip
+    }
 
 
 # ----------------------------------------------------------------- driver

@@ -55,13 +55,13 @@ command and the machine.  Example::
     python scripts/compare.py --databin work/bible-de-en/bin --name bible_spm8k \\
         --max-update 600 --warmup 200
 """
+
 from __future__ import annotations
 
 import argparse
 import csv
 import json
 import os
-from machine_info import cpu_name, run_with_peak_rss  # scripts/machine_info.py (this directory is on sys.path)
 import re
 import shlex
 import shutil
@@ -70,6 +70,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine_info import cpu_name, run_with_peak_rss  # scripts/machine_info.py (this directory is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_METHODS = ["softmax", "adaptive", "mhp", "mhe", "mhs"]
@@ -135,7 +137,7 @@ def last_start(text: str) -> str:
     """The part of a train.sh log written by its latest start (train.sh appends
     one '===== train.sh start ...' line per start; older logs have none)."""
     i = text.rfind("\n" + TRAIN_SH_START)
-    return text[i + 1:] if i >= 0 else text
+    return text[i + 1 :] if i >= 0 else text
 
 
 def starts(text: str) -> list:
@@ -185,7 +187,7 @@ def valid_curve(text: str, all_starts: bool = False) -> list:
         return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() if m else None
 
     out, offset = [], 0.0
-    for part in (starts(text) if all_starts else [last_start(text)]):
+    for part in starts(text) if all_starts else [last_start(text)]:
         t0, t_last = None, None
         for line in part.splitlines():
             if t0 is None and "begin training epoch" in line:
@@ -242,9 +244,7 @@ def output_layer_params(ckpt: Path) -> int:
 
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     state = torch.load(str(ckpt), map_location="cpu", weights_only=False)["model"]
-    return sum(
-        t.numel() for k, t in state.items() if k.startswith(OUTPUT_PREFIXES) and torch.is_floating_point(t)
-    )
+    return sum(t.numel() for k, t in state.items() if k.startswith(OUTPUT_PREFIXES) and torch.is_floating_point(t))
 
 
 def collect(method: str, savedir: Path, dense_subset: str = "test") -> dict:
@@ -256,8 +256,9 @@ def collect(method: str, savedir: Path, dense_subset: str = "test") -> dict:
     score = savedir / "score.test.json"
     if score.exists():
         s = json.loads(score.read_text())
-        row.update(bleu=s["bleu"], chrf=s["chrf"], bleu_signature=s["bleu_signature"],
-                   chrf_signature=s["chrf_signature"])
+        row.update(
+            bleu=s["bleu"], chrf=s["chrf"], bleu_signature=s["bleu_signature"], chrf_signature=s["chrf_signature"]
+        )
         if s.get("decoding"):
             row["decode_sent_per_s"] = s["decoding"]["sentences_per_s"]
     dense = savedir / f"score.{dense_subset}.dense.json"
@@ -325,11 +326,16 @@ def per_language_scores(databin: Path, savedir: Path, src: str, tgt: str) -> dic
     for tag in sorted(set(tags)):
         idx = [i for i, t in enumerate(tags) if t == tag]
         h, r = [hyps[i] for i in idx], [[refs[i] for i in idx]]
-        out[tag[2:-1]] = {"lines": len(idx), "bleu": round(sacrebleu.corpus_bleu(h, r).score, 2),
-                          "chrf": round(sacrebleu.corpus_chrf(h, r).score, 2)}
-    out["average"] = {"lines": len(tags),
-                      "bleu": round(statistics.mean(v["bleu"] for v in out.values()), 2),
-                      "chrf": round(statistics.mean(v["chrf"] for v in out.values()), 2)}
+        out[tag[2:-1]] = {
+            "lines": len(idx),
+            "bleu": round(sacrebleu.corpus_bleu(h, r).score, 2),
+            "chrf": round(sacrebleu.corpus_chrf(h, r).score, 2),
+        }
+    out["average"] = {
+        "lines": len(tags),
+        "bleu": round(statistics.mean(v["bleu"] for v in out.values()), 2),
+        "chrf": round(statistics.mean(v["chrf"] for v in out.values()), 2),
+    }
     return out
 
 
@@ -337,13 +343,21 @@ def per_language_table(rows: list, key: str, title: str) -> list:
     langs = sorted({k for r in rows for k in r.get("per_language", {})} - {"average"})
     if not langs:
         return []
-    md = ["", f"### {title} per target language (sacreBLEU on each language's test verses)", "",
-          "| method | average | " + " | ".join(langs) + " |", "|" + "---|" * (len(langs) + 2)]
+    md = [
+        "",
+        f"### {title} per target language (sacreBLEU on each language's test verses)",
+        "",
+        "| method | average | " + " | ".join(langs) + " |",
+        "|" + "---|" * (len(langs) + 2),
+    ]
     for r in rows:
         pl = r.get("per_language")
         if pl:
-            md.append(f"| {LABELS.get(r['method'], r['method'])} | **{pl['average'][key]:.2f}** | "
-                      + " | ".join(f"{pl[lang][key]:.2f}" if lang in pl else "–" for lang in langs) + " |")
+            md.append(
+                f"| {LABELS.get(r['method'], r['method'])} | **{pl['average'][key]:.2f}** | "
+                + " | ".join(f"{pl[lang][key]:.2f}" if lang in pl else "–" for lang in langs)
+                + " |"
+            )
     return md
 
 
@@ -353,9 +367,10 @@ def measure_speed(ckpts: dict, databin: str, n_batches: int, max_tokens: int) ->
     methods), plus the softmax model's body-only step: relative speeds that
     load drift on a shared machine cannot skew.  Runs in a subprocess."""
     sys.path.insert(0, str(REPO))
-    import fairseq_mhce  # noqa: F401
     import torch
     from fairseq import checkpoint_utils, utils
+
+    import fairseq_mhce  # noqa: F401
 
     runs = {}
     for m, ckpt in ckpts.items():
@@ -367,10 +382,12 @@ def measure_speed(ckpts: dict, databin: str, n_batches: int, max_tokens: int) ->
     task = first[3]
     task.load_dataset("train")
     itr = task.get_batch_iterator(
-        dataset=task.dataset("train"), max_tokens=max_tokens,
+        dataset=task.dataset("train"),
+        max_tokens=max_tokens,
         max_positions=utils.resolve_max_positions(task.max_positions(), first[0].max_positions()),
-        ignore_invalid_inputs=True, seed=1,
-    ).next_epoch_itr(shuffle=True)  # fmt: skip
+        ignore_invalid_inputs=True,
+        seed=1,
+    ).next_epoch_itr(shuffle=True)
     batches = [next(itr) for _ in range(n_batches + 1)]
 
     def step(name, sample):
@@ -397,8 +414,13 @@ def measure_speed(ckpts: dict, databin: str, n_batches: int, max_tokens: int) ->
         k = i % len(names)
         for name in names[k:] + names[:k]:
             secs[name] += step(name, sample)
-    return {"batches": n_batches, "tokens": tokens, "threads": torch.get_num_threads(),
-            "seconds": secs, "tok_per_s": {n: tokens / t for n, t in secs.items()}}
+    return {
+        "batches": n_batches,
+        "tokens": tokens,
+        "threads": torch.get_num_threads(),
+        "seconds": secs,
+        "tok_per_s": {n: tokens / t for n, t in secs.items()},
+    }
 
 
 # ----------------------------------------------------------------- tables
@@ -559,8 +581,11 @@ def plan_methods(methods: list, workdir: Path, extend_old, reuse: bool) -> dict:
             continue
         used = savedir.is_dir() and any(savedir.iterdir())
         log = savedir / "train.log"
-        done = (savedir / "score.test.json").exists() and log.exists() and "done training" in last_start(
-            log.read_text(errors="replace"))
+        done = (
+            (savedir / "score.test.json").exists()
+            and log.exists()
+            and "done training" in last_start(log.read_text(errors="replace"))
+        )
         if used and reuse and done:
             plan[method] = ("reuse", None)
         elif used and extend_old is not None and is_extended(savedir):
@@ -594,44 +619,62 @@ def plan_methods(methods: list, workdir: Path, extend_old, reuse: bool) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--databin", required=True, help="fairseq data-bin with raw/test.TGT")
     p.add_argument("--name", required=True, help="table name: OUT/compare_NAME.{md,csv}")
-    p.add_argument("--methods", default=None,
-                   help="comma-separated subset of " + ",".join(DEFAULT_METHODS))
-    p.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD[:ARGS]",
-                   help="a named configuration of a method with extra fairseq-train args, e.g. "
-                        "'mhe-pt=mhe:--mhce-last-head per-token'; NAME can then be used in --methods "
-                        "(repeatable)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(DEFAULT_METHODS))
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=METHOD[:ARGS]",
+        help="a named configuration of a method with extra fairseq-train args, e.g. "
+        "'mhe-pt=mhe:--mhce-last-head per-token'; NAME can then be used in --methods "
+        "(repeatable)",
+    )
     p.add_argument("--max-update", type=int, default=600, help="the budget: updates per method")
     p.add_argument("--warmup", type=int, default=None, help="warm-up updates (default: max-update / 3)")
     p.add_argument("--train-args", default="", help="extra fairseq-train args for every method (quoted)")
     p.add_argument("--generate-args", default="", help="extra fairseq-generate args (quoted)")
     p.add_argument("--workdir", default=None, help="checkpoints and logs; default work/compare/NAME")
     p.add_argument("--out", default=str(REPO / "results"), help="where the tables go")
-    p.add_argument("--speed-batches", type=int, default=12,
-                   help="real batches for the interleaved in-process step timing of all methods and of the "
-                        "softmax body alone (the ceiling); 0: skip")
-    p.add_argument("--dense-subset", default="test",
-                   help="the split MHP / MHE are decoded on a second time on fairseq's dense row (a smaller "
-                        "one, e.g. test_en, where the dense row is slow at large V); when not 'test', every "
-                        "method is also decoded on it with its own path, for a same-sentences speed column")
-    p.add_argument("--reuse", action="store_true",
-                   help="keep methods already finished in WORKDIR (train.log done + score.test.json); an "
-                        "unfinished METHOD folder is renamed to METHOD.unfinished-DATE (nothing is deleted) "
-                        "and that method trained again. Without --reuse / --extend-from an existing non-empty "
-                        "WORKDIR/METHOD is refused")
-    p.add_argument("--extend-from", default=None, metavar="OLD_WORKDIR",
-                   help="continue each method from OLD_WORKDIR/METHOD's checkpoint_last.pt (copied into a new "
-                        "--workdir; OLD_WORKDIR is not changed and must exist and differ from --workdir) instead "
-                        "of from scratch: with --stop-time-hours, fairseq restores the training time already "
-                        "spent, so the budget counts the total; methods absent there train from scratch (said "
-                        "in the log)")
+    p.add_argument(
+        "--speed-batches",
+        type=int,
+        default=12,
+        help="real batches for the interleaved in-process step timing of all methods and of the "
+        "softmax body alone (the ceiling); 0: skip",
+    )
+    p.add_argument(
+        "--dense-subset",
+        default="test",
+        help="the split MHP / MHE are decoded on a second time on fairseq's dense row (a smaller "
+        "one, e.g. test_en, where the dense row is slow at large V); when not 'test', every "
+        "method is also decoded on it with its own path, for a same-sentences speed column",
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep methods already finished in WORKDIR (train.log done + score.test.json); an "
+        "unfinished METHOD folder is renamed to METHOD.unfinished-DATE (nothing is deleted) "
+        "and that method trained again. Without --reuse / --extend-from an existing non-empty "
+        "WORKDIR/METHOD is refused",
+    )
+    p.add_argument(
+        "--extend-from",
+        default=None,
+        metavar="OLD_WORKDIR",
+        help="continue each method from OLD_WORKDIR/METHOD's checkpoint_last.pt (copied into a new "
+        "--workdir; OLD_WORKDIR is not changed and must exist and differ from --workdir) instead "
+        "of from scratch: with --stop-time-hours, fairseq restores the training time already "
+        "spent, so the budget counts the total; methods absent there train from scratch (said "
+        "in the log)",
+    )
     p.add_argument("--tables-only", action="store_true", help="only re-render the tables from WORKDIR")
     p.add_argument("--note", action="append", default=[], help="extra note line for the table")
-    p.add_argument("--measure-speed", nargs=3, metavar=("CKPTS_JSON", "DATABIN", "MAX_TOKENS"),
-                   help=argparse.SUPPRESS)
+    p.add_argument("--measure-speed", nargs=3, metavar=("CKPTS_JSON", "DATABIN", "MAX_TOKENS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.measure_speed:
@@ -659,7 +702,7 @@ def main(argv=None):
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     os.environ["OMP_NUM_THREADS"] = env["OMP_NUM_THREADS"]
     argv_shown, skip = [], False
-    for a in (argv if argv is not None else sys.argv[1:]):  # notes are printed as notes
+    for a in argv if argv is not None else sys.argv[1:]:  # notes are printed as notes
         if skip:
             skip = False
         elif a == "--note":
@@ -690,8 +733,10 @@ def check_dirs(args, methods: list, variants: dict, workdir: Path) -> Path:
     to --workdir.  Returns --extend-from as an absolute path (or None)."""
     unknown = [m for m in methods if m not in DEFAULT_METHODS and m not in variants]
     if unknown:
-        raise CompareError(f"--methods {','.join(unknown)}: unknown; choose from {','.join(DEFAULT_METHODS)} "
-                           "or a NAME given with --variant NAME=METHOD[:ARGS]")
+        raise CompareError(
+            f"--methods {','.join(unknown)}: unknown; choose from {','.join(DEFAULT_METHODS)} "
+            "or a NAME given with --variant NAME=METHOD[:ARGS]"
+        )
     if workdir.exists() and not workdir.is_dir():
         raise CompareError(f"--workdir {workdir} exists and is not a directory")
     if args.extend_from is None:
@@ -701,17 +746,20 @@ def check_dirs(args, methods: list, variants: dict, workdir: Path) -> Path:
         raise CompareError(
             f"--extend-from {old}: no such directory; give the --workdir of the earlier compare.py run "
             "whose METHOD/checkpoint_last.pt should be continued (without --extend-from every method "
-            "trains from scratch)")
+            "trains from scratch)"
+        )
     if old.resolve() == workdir.resolve():
         raise CompareError(
             f"--extend-from {old} is --workdir itself; the runs there are kept as they are: give a new "
             f"--workdir (e.g. {workdir}_more) and --extend-from {old} to continue them to a larger budget "
-            "(OLD_WORKDIR is copied, not changed)")
+            "(OLD_WORKDIR is copied, not changed)"
+        )
     found = [m for m in methods if (old / m / "checkpoint_last.pt").exists()]
     if not found:
         raise CompareError(
             f"--extend-from {old} holds no METHOD/checkpoint_last.pt for any of {','.join(methods)}; "
-            "is it the --workdir of an earlier compare.py run?")
+            "is it the --workdir of an earlier compare.py run?"
+        )
     return old
 
 
@@ -729,29 +777,53 @@ def train_and_decode(args, methods, variants, workdir, databin, env, train_extra
             savedir.rename(detail)
             for out in workdir.glob(f"{method}.*.out"):
                 out.rename(detail / out.name)
-            print(f"compare: {savedir} is an unfinished run (no 'done training' or no score.test.json); "
-                  f"moved to {detail}, {method} is trained from scratch", flush=True)
+            print(
+                f"compare: {savedir} is an unfinished run (no 'done training' or no score.test.json); "
+                f"moved to {detail}, {method} is trained from scratch",
+                flush=True,
+            )
         # a continued run killed part-way resumes from its own checkpoint_last.pt (fairseq's resume)
         resume = action == "resume"
         if action == "extend":
             resume = extend_from(detail, savedir)
         elif extend_old is not None and action != "resume":
-            print(f"compare: {extend_old / method} has no checkpoint_last.pt: {method} is trained from "
-                  f"scratch (the other methods continue from {extend_old})", flush=True)
+            print(
+                f"compare: {extend_old / method} has no checkpoint_last.pt: {method} is trained from "
+                f"scratch (the other methods continue from {extend_old})",
+                flush=True,
+            )
         for stale in savedir.glob("*") if resume else []:  # decoded by the earlier budget's checkpoint
             if stale.name.startswith(("score.", "hyp.", "generate-")):
                 stale.unlink()
-        print(f"\n=== {method}: train ({args.max_update} updates"
-              f"{', continued from ' + args.extend_from if resume else ''}) ===", flush=True)
+        print(
+            f"\n=== {method}: train ({args.max_update} updates"
+            f"{', continued from ' + args.extend_from if resume else ''}) ===",
+            flush=True,
+        )
         base, v_extra = variants.get(method, (method, []))
-        _, peak = run([REPO / "scripts" / "train.sh", base, databin, savedir, "--max-update", args.max_update,
-                       *train_extra, *v_extra], env, log_path=workdir / f"{method}.train.out")
+        _, peak = run(
+            [
+                REPO / "scripts" / "train.sh",
+                base,
+                databin,
+                savedir,
+                "--max-update",
+                args.max_update,
+                *train_extra,
+                *v_extra,
+            ],
+            env,
+            log_path=workdir / f"{method}.train.out",
+        )
         if resume and (savedir / "peak_rss.json").exists():  # the peak of all starts
             peak = max(peak, json.loads((savedir / "peak_rss.json").read_text())["train_peak_rss_bytes"])
         (savedir / "peak_rss.json").write_text(json.dumps({"train_peak_rss_bytes": peak}) + "\n")
         print(f"=== {method}: translate + score ===", flush=True)
-        run([REPO / "scripts" / "translate.sh", base, databin, savedir, *shlex.split(args.generate_args)],
-            env, log_path=workdir / f"{method}.translate.out")
+        run(
+            [REPO / "scripts" / "translate.sh", base, databin, savedir, *shlex.split(args.generate_args)],
+            env,
+            log_path=workdir / f"{method}.translate.out",
+        )
         print((workdir / f"{method}.translate.out").read_text().strip().splitlines()[-5], flush=True)
 
     sub = args.dense_subset
@@ -766,20 +838,26 @@ def train_and_decode(args, methods, variants, workdir, databin, env, train_extra
         for tag, extra_env in todo:
             if not (savedir / f"score.{sub}{tag}.json").exists():
                 print(f"=== {method}: translate {sub}{' on the dense row' if tag else ''} ===", flush=True)
-                run([REPO / "scripts" / "translate.sh", base, databin, savedir,
-                     *shlex.split(args.generate_args)], dict(env, SUBSET=sub, TAG=tag, **extra_env),
-                    log_path=workdir / f"{method}.translate.{sub}{tag}.out")
+                run(
+                    [REPO / "scripts" / "translate.sh", base, databin, savedir, *shlex.split(args.generate_args)],
+                    dict(env, SUBSET=sub, TAG=tag, **extra_env),
+                    log_path=workdir / f"{method}.translate.{sub}{tag}.out",
+                )
 
-    ckpts = {m: str(workdir / m / "checkpoint_last.pt") for m in methods
-             if (workdir / m / "checkpoint_last.pt").exists()}
+    ckpts = {
+        m: str(workdir / m / "checkpoint_last.pt") for m in methods if (workdir / m / "checkpoint_last.pt").exists()
+    }
     speed_path = workdir / "speed.json"
     if args.speed_batches > 0 and speed_path.exists():  # timing of other methods or batch count: redo
         old = json.loads(speed_path.read_text())
         if set(old["tok_per_s"]) - {"softmax_body"} != set(ckpts) or old["batches"] != args.speed_batches:
             speed_path.unlink()
     if args.speed_batches > 0 and ckpts and not speed_path.exists():
-        print(f"=== step timing: {', '.join(ckpts)}{' + softmax body' if 'softmax' in ckpts else ''}, "
-              f"{args.speed_batches} batches interleaved ===", flush=True)
+        print(
+            f"=== step timing: {', '.join(ckpts)}{' + softmax body' if 'softmax' in ckpts else ''}, "
+            f"{args.speed_batches} batches interleaved ===",
+            flush=True,
+        )
         cmd = [sys.executable, __file__, "--databin", str(databin), "--name", args.name,
                "--speed-batches", str(args.speed_batches),
                "--measure-speed", json.dumps(ckpts), str(databin), max_tokens]  # fmt: skip
@@ -797,17 +875,21 @@ def write_report(args, methods, workdir, databin, warmup, max_tokens, command, l
     info = json.loads((databin / "prepare_data.json").read_text()) if (databin / "prepare_data.json").exists() else {}
     for r in rows:  # one-to-many data: BLEU / chrF per target language too
         if info.get("source_lang") and info.get("target_lang"):
-            r["per_language"] = per_language_scores(databin, workdir / r["method"], info["source_lang"],
-                                                    info["target_lang"])
+            r["per_language"] = per_language_scores(
+                databin, workdir / r["method"], info["source_lang"], info["target_lang"]
+            )
             if r["per_language"]:
                 r["avg_bleu"] = r["per_language"]["average"]["bleu"]
     speed = json.loads((workdir / "speed.json").read_text()) if (workdir / "speed.json").exists() else None
     load_end = os.getloadavg()
     tgt_v = (info.get("dict_sizes") or {}).get(info.get("target_lang", ""), None)
     hours = re.search(r"--stop-time-hours[ =]([\d.]+)", args.train_args)
-    budget_text = (f"{float(hours.group(1)) * 60:g} minutes of training per method (--stop-time-hours "
-                   f"{hours.group(1)}; at most {args.max_update} updates)" if hours
-                   else f"{args.max_update} updates per method")
+    budget_text = (
+        f"{float(hours.group(1)) * 60:g} minutes of training per method (--stop-time-hours "
+        f"{hours.group(1)}; at most {args.max_update} updates)"
+        if hours
+        else f"{args.max_update} updates per method"
+    )
     header = [
         f"## Comparison `{args.name}`",
         "",
@@ -822,8 +904,10 @@ def write_report(args, methods, workdir, databin, warmup, max_tokens, command, l
         f"- machine: {machine_description()}",
     ]
     if not args.tables_only:
-        header.append(f"- load average (1 min) at start {load_start[0]:.2f}, at end {load_end[0]:.2f}; "
-                      f"wall time of this run {time.time() - t_start:,.0f} s")
+        header.append(
+            f"- load average (1 min) at start {load_start[0]:.2f}, at end {load_end[0]:.2f}; "
+            f"wall time of this run {time.time() - t_start:,.0f} s"
+        )
     notes = [
         "test BLEU / chrF: sacreBLEU on detokenized beam-5 output of checkpoint_best.pt (best valid loss) "
         "against the untokenized references",
@@ -851,18 +935,28 @@ def write_report(args, methods, workdir, databin, warmup, max_tokens, command, l
     own = "bleu" if args.dense_subset == "test" else "subset_bleu"  # same sentences as the dense decode
     both = [r for r in rows if r.get("dense_bleu") is not None and r.get(own) is not None]
     if args.dense_subset != "test":
-        notes.append(f"dense-row subset: `{args.dense_subset}` (`{databin}/raw/{args.dense_subset}.*`); "
-                     "'decode sent/s on the dense-row subset' is each method's own path on it (factorized "
-                     "search for MHP / MHE), 'dense-row decode sent/s' the MHP / MHE checkpoint on fairseq's "
-                     "dense row on it, BLEU compared on it")
+        notes.append(
+            f"dense-row subset: `{args.dense_subset}` (`{databin}/raw/{args.dense_subset}.*`); "
+            "'decode sent/s on the dense-row subset' is each method's own path on it (factorized "
+            "search for MHP / MHE), 'dense-row decode sent/s' the MHP / MHE checkpoint on fairseq's "
+            "dense row on it, BLEU compared on it"
+        )
     if both:
         differ = [f"{r['method']} ({r[own]} vs {r['dense_bleu']})" for r in both if r[own] != r["dense_bleu"]]
-        notes.append("decode sent/s: MHP / MHE with the factorized search (`--task translation_mhce --mhce-search "
-                     "factorized`); dense-row decode sent/s: the same checkpoint on fairseq's dense row; test BLEU "
-                     + ("identical on both paths for " + ", ".join(r["method"] for r in both) if not differ
-                        else "differs between the paths for " + ", ".join(differ)))
-    extended = {r["method"]: json.loads((workdir / r["method"] / EXTENDED).read_text())["from"]
-                for r in rows if is_extended(workdir / r["method"])}
+        notes.append(
+            "decode sent/s: MHP / MHE with the factorized search (`--task translation_mhce --mhce-search "
+            "factorized`); dense-row decode sent/s: the same checkpoint on fairseq's dense row; test BLEU "
+            + (
+                "identical on both paths for " + ", ".join(r["method"] for r in both)
+                if not differ
+                else "differs between the paths for " + ", ".join(differ)
+            )
+        )
+    extended = {
+        r["method"]: json.loads((workdir / r["method"] / EXTENDED).read_text())["from"]
+        for r in rows
+        if is_extended(workdir / r["method"])
+    }
     if extended:
         notes.append(
             f"continued runs ({', '.join(extended)}): each started as a copy of its finished run in "
@@ -870,35 +964,65 @@ def write_report(args, methods, workdir, databin, warmup, max_tokens, command, l
             "trained on from its checkpoint_last.pt; fairseq restores the training time already spent, so "
             "the budget counts both starts. Updates, best valid ppl, train wall, peak RSS and the valid curve "
             "cover both starts (the curve's second start begins where the first one's log ended); train tok/s "
-            "averages the train_inner lines of both after each start's first")
+            "averages the train_inner lines of both after each start's first"
+        )
     notes += args.note
     if speed:
         tps = speed["tok_per_s"]
-        share = f"; output layer + loss = {100 * (1 - tps['softmax'] / tps['softmax_body']):.0f}% of the " \
-            "softmax model's training step" if "softmax_body" in tps else ""
-        notes.append(f"step timing: {speed['batches']} batches, {speed['tokens']} target tokens, "
-                     f"{speed['threads']} thread(s){share}")
+        share = (
+            f"; output layer + loss = {100 * (1 - tps['softmax'] / tps['softmax_body']):.0f}% of the "
+            "softmax model's training step"
+            if "softmax_body" in tps
+            else ""
+        )
+        notes.append(
+            f"step timing: {speed['batches']} batches, {speed['tokens']} target tokens, "
+            f"{speed['threads']} thread(s){share}"
+        )
     md, csv_path = write_tables(rows, Path(args.out) / f"compare_{args.name}", header, notes, speed)
     lang_md = per_language_table(rows, "bleu", "BLEU") + per_language_table(rows, "chrf", "chrF")
     if lang_md:
         with open(md, "a") as f:
-            f.write("\n".join(lang_md + ["", "average = unweighted mean over the target languages "
-                                          "(each has the same number of test verses); the main table's "
-                                          "test BLEU / chrF are over all test lines at once"]) + "\n")
-    curves = {m: valid_curve((workdir / m / "train.log").read_text(errors="replace"), is_extended(workdir / m))
-              for m in methods if (workdir / m / "train.log").exists()}
+            f.write(
+                "\n".join(
+                    lang_md
+                    + [
+                        "",
+                        "average = unweighted mean over the target languages "
+                        "(each has the same number of test verses); the main table's "
+                        "test BLEU / chrF are over all test lines at once",
+                    ]
+                )
+                + "\n"
+            )
+    curves = {
+        m: valid_curve((workdir / m / "train.log").read_text(errors="replace"), is_extended(workdir / m))
+        for m in methods
+        if (workdir / m / "train.log").exists()
+    }
     if any(len(c) > 1 for c in curves.values()):
         png = Path(args.out) / f"compare_{args.name}_valid_ppl.png"
         plot_curves(curves, png, f"{args.name}: valid ppl against training time")
         budget, eq = equal_wall_clock(curves)
-        lines = ["", f"### Equal wall-clock: the first {budget:.0f} s of training (the shortest run's length)", "",
-                 "| method | updates done | best valid ppl by then |", "|---|---|---|"]
+        lines = [
+            "",
+            f"### Equal wall-clock: the first {budget:.0f} s of training (the shortest run's length)",
+            "",
+            "| method | updates done | best valid ppl by then |",
+            "|---|---|---|",
+        ]
         lines += [f"| {LABELS.get(m, m)} | {r['updates']} | {r['ppl']:.2f} |" for m, r in eq.items()]
-        lines += [f"| {LABELS.get(m, m)} | {c[0][1]} (first validation only at {c[0][0]:.0f} s) | "
-                  f"none by then ({c[0][2]:.2f} at {c[0][0]:.0f} s) |"
-                  for m, c in curves.items() if c and m not in eq]  # too slow to validate within T
-        lines += ["", f"Valid ppl against wall-clock seconds: `{png.name}` (timestamps of fairseq's valid lines; "
-                  "runs that shared the machine's cores with other jobs carry that load)."]
+        lines += [
+            f"| {LABELS.get(m, m)} | {c[0][1]} (first validation only at {c[0][0]:.0f} s) | "
+            f"none by then ({c[0][2]:.2f} at {c[0][0]:.0f} s) |"
+            for m, c in curves.items()
+            if c and m not in eq
+        ]  # too slow to validate within T
+        lines += [
+            "",
+            f"Valid ppl against wall-clock seconds: `{png.name}` (timestamps of fairseq's valid lines; "
+            "runs that shared the machine's cores with other jobs carry that load).",
+        ]
         with open(md, "a") as f:
             f.write("\n".join(lines) + "\n")
         Path(str(md.with_suffix("")) + "_curves.json").write_text(json.dumps(curves, indent=1) + "\n")

@@ -1,10 +1,10 @@
 """What the machine is and what a command cost on it, for the benchmark and
 comparison tables (``scripts/bench_head.py``, ``scripts/bench_decode.py``,
 ``scripts/compare.py``): the CPU's name and a command's peak RSS."""
+
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys

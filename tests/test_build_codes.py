@@ -190,8 +190,13 @@ def test_checkpoint_vectors(tmp_path):
     import argparse
 
     tied = tmp_path / "tied.pt"
-    torch.save({"args": argparse.Namespace(share_decoder_input_output_embed=True),
-                "model": {"decoder.embed_tokens.weight": emb}}, tied)  # fmt: skip
+    torch.save(
+        {
+            "args": argparse.Namespace(share_decoder_input_output_embed=True),
+            "model": {"decoder.embed_tokens.weight": emb},
+        },
+        tied,
+    )
     assert np.allclose(ct.checkpoint_vectors(tied, "output", vocab_size=V), emb.numpy())
     with pytest.raises(ValueError, match="rows, the target dictionary has 21"):
         ct.checkpoint_vectors(p, "output", vocab_size=V + 1)
@@ -287,14 +292,41 @@ def test_cli_ppmi_and_checkpoint(databin, tmp_path, capsys):
     ckpt = tmp_path / "checkpoint.pt"
     torch.save({"model": {"decoder.embed_tokens.weight": torch.randn(V, 16)}}, ckpt)
     out2 = tmp_path / "ckpt.json"
-    assert build_codes.main(["--databin", str(databin), "--head-sizes", "9,8", "--source", "checkpoint",
-                             "--checkpoint", str(ckpt), "--vectors", "input", "--out", str(out2)]) == 0  # fmt: skip
+    assert (
+        build_codes.main(
+            [
+                "--databin",
+                str(databin),
+                "--head-sizes",
+                "9,8",
+                "--source",
+                "checkpoint",
+                "--checkpoint",
+                str(ckpt),
+                "--vectors",
+                "input",
+                "--out",
+                str(out2),
+            ]
+        )
+        == 0
+    )
     check_balanced(ct.load_code_table(out2, V, [9, 8], syms).numpy(), V, [9, 8])
     assert json.loads(out2.read_text())["meta"]["vectors"] == "input"
     capsys.readouterr()
     # no output vectors in that checkpoint: exit 2 with the keys it has
-    rc = build_codes.main(["--databin", str(databin), "--source", "checkpoint", "--checkpoint", str(ckpt),
-                           "--out", str(tmp_path / "none.json")])  # fmt: skip
+    rc = build_codes.main(
+        [
+            "--databin",
+            str(databin),
+            "--source",
+            "checkpoint",
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "none.json"),
+        ]
+    )
     assert rc == 2 and "decoder.embed_tokens.weight" in capsys.readouterr().err
     assert not (tmp_path / "none.json").exists()
 

@@ -1,6 +1,7 @@
 """The criterion on a tiny in-process transformer_mhce, against fairseq's own
 label_smoothed_cross_entropy run on the materialized distribution that
 get_normalized_probs returns."""
+
 import pytest
 import torch
 from fairseq import options
@@ -29,13 +30,35 @@ def tiny_task(argv):
 def build(method, heads=2, extra=()):
     task, d, args = tiny_task(
         [
-            "--arch", "transformer_mhce", "--mhce-method", method, "--mhce-heads", str(heads),
-            "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "16",
-            "--decoder-embed-dim", "16", "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32",
-            "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--dropout", "0",
-            "--user-dir", fairseq_mhce.__path__[0], *extra,
+            "--arch",
+            "transformer_mhce",
+            "--mhce-method",
+            method,
+            "--mhce-heads",
+            str(heads),
+            "--encoder-layers",
+            "1",
+            "--decoder-layers",
+            "1",
+            "--encoder-embed-dim",
+            "16",
+            "--decoder-embed-dim",
+            "16",
+            "--encoder-ffn-embed-dim",
+            "32",
+            "--decoder-ffn-embed-dim",
+            "32",
+            "--encoder-attention-heads",
+            "2",
+            "--decoder-attention-heads",
+            "2",
+            "--dropout",
+            "0",
+            "--user-dir",
+            fairseq_mhce.__path__[0],
+            *extra,
         ],
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model = task.build_model(args)
     with torch.no_grad():  # peakier than the init, so the test sees non-uniform distributions

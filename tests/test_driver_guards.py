@@ -30,9 +30,12 @@ SCRIPTS = REPO / "scripts"
 
 def script(name, *args, cwd=None):
     return subprocess.run(
-        [sys.executable, str(SCRIPTS / name), *map(str, args)], capture_output=True, text=True, cwd=cwd,
+        [sys.executable, str(SCRIPTS / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )  # fmt: skip
+    )
 
 
 def tool(name, *args):
@@ -310,14 +313,17 @@ def plain_checkpoint(path, databin, seed):
     g = torch.Generator().manual_seed(seed)
     v = len((databin / "dict.tgt.txt").read_text().splitlines()) + 4
     state = {
-        "cfg": {"model": {"_name": "transformer_iwslt_de_en", "arch": "transformer_iwslt_de_en"},
-                "task": {"_name": "translation", "data": str(databin), "source_lang": "src",
-                         "target_lang": "tgt"}},
-        "model": {"encoder.embed_tokens.weight": torch.randn(v, 8, generator=g),
-                  "decoder.embed_tokens.weight": torch.randn(v, 8, generator=g),
-                  "decoder.output_projection.weight": torch.randn(v, 8, generator=g),
-                  "encoder.version": torch.tensor([3.0])},
-    }  # fmt: skip
+        "cfg": {
+            "model": {"_name": "transformer_iwslt_de_en", "arch": "transformer_iwslt_de_en"},
+            "task": {"_name": "translation", "data": str(databin), "source_lang": "src", "target_lang": "tgt"},
+        },
+        "model": {
+            "encoder.embed_tokens.weight": torch.randn(v, 8, generator=g),
+            "decoder.embed_tokens.weight": torch.randn(v, 8, generator=g),
+            "decoder.output_projection.weight": torch.randn(v, 8, generator=g),
+            "encoder.version": torch.tensor([3.0]),
+        },
+    }
     torch.save(state, path)
     return path
 

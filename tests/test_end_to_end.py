@@ -1,5 +1,6 @@
 """The real fairseq CLIs on a tiny copy task: preprocess -> train (MHP, MHE)
 -> generate / interactive / score-reference / hub API, resume, bad configs."""
+
 import re
 
 import pytest
@@ -16,11 +17,27 @@ def data(tmp_path_factory):
 
 def train(data, save_dir, method, *extra, updates=300):
     return cli(
-        "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer_mhce",
-        "--mhce-method", method, *TINY_ARCH,
-        "--criterion", "mhce_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-        "--report-accuracy", *TRAIN_COMMON, "--max-update", updates, "--save-dir", save_dir, *extra,
-    )  # fmt: skip
+        "fairseq-train",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--arch",
+        "transformer_mhce",
+        "--mhce-method",
+        method,
+        *TINY_ARCH,
+        "--criterion",
+        "mhce_label_smoothed_cross_entropy",
+        "--label-smoothing",
+        "0.1",
+        "--report-accuracy",
+        *TRAIN_COMMON,
+        "--max-update",
+        updates,
+        "--save-dir",
+        save_dir,
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,29 +49,48 @@ def trained(data, tmp_path_factory):
     runs["mhe"] = (
         root / "mhe",
         train(
-            data, root / "mhe", "mhe", "--mhce-heads", "3", "--eval-bleu",
-            "--eval-bleu-args", '{"beam": 2}', "--eval-bleu-detok", "space",
-            "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",
+            data,
+            root / "mhe",
+            "mhe",
+            "--mhce-heads",
+            "3",
+            "--eval-bleu",
+            "--eval-bleu-args",
+            '{"beam": 2}',
+            "--eval-bleu-detok",
+            "space",
+            "--best-checkpoint-metric",
+            "bleu",
+            "--maximize-best-checkpoint-metric",
         ).stdout,
-    )  # fmt: skip
+    )
     return runs
 
 
 def generate(data, ckpt, *extra):
     return cli(
-        "fairseq-generate", data, "--user-dir", USER_DIR, "--path", ckpt,
-        "--batch-size", "64", "--beam", "5", *extra,
-    ).stdout  # fmt: skip
+        "fairseq-generate",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--path",
+        ckpt,
+        "--batch-size",
+        "64",
+        "--beam",
+        "5",
+        *extra,
+    ).stdout
 
 
 @pytest.mark.parametrize("method", ["mhp", "mhe"])
 def test_copy_task_learned_and_logged_like_fairseq(trained, data, method):
     save_dir, log = trained[method]
     # fairseq's own progress lines carry the criterion's metrics
-    valid = [l for l in log.splitlines() if "| valid |" in l]
+    valid = [ln for ln in log.splitlines() if "| valid |" in ln]
     assert valid and re.search(r"nll_loss [0-9.]+ .*ppl [0-9.]+", valid[-1]), valid[-1:]
     assert "acc_h1" in valid[-1] and "accuracy" in valid[-1]
-    first_loss = float(re.search(r"loss=([0-9.]+)", [l for l in log.splitlines() if "train_inner" in l][0]).group(1))
+    first_loss = float(re.search(r"loss=([0-9.]+)", [ln for ln in log.splitlines() if "train_inner" in ln][0]).group(1))
     last_loss = float(re.search(r"\| loss ([0-9.]+)", valid[-1]).group(1))
     assert last_loss < first_loss / 2
     if method == "mhe":
@@ -77,10 +113,21 @@ def test_reload_reproduces_hypotheses_and_interactive_agrees(trained, data, meth
         assert all(abs(x - y) < 1e-3 for (_, x), (_, y) in zip(a[sid], b[sid])), sid
     src = "w1 w2 w3 w4 w5"
     out = cli(
-        "fairseq-interactive", data, "--user-dir", USER_DIR, "--path", ckpt, "--beam", "5",
-        "--source-lang", "src", "--target-lang", "tgt", stdin=src + "\n",
-    ).stdout  # fmt: skip
-    h = [l for l in out.splitlines() if l.startswith("H-0")]
+        "fairseq-interactive",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--path",
+        ckpt,
+        "--beam",
+        "5",
+        "--source-lang",
+        "src",
+        "--target-lang",
+        "tgt",
+        stdin=src + "\n",
+    ).stdout
+    h = [ln for ln in out.splitlines() if ln.startswith("H-0")]
     assert h and h[0].split("\t")[2] == src
 
 
@@ -89,7 +136,7 @@ def test_generation_features(trained, data, method):
     ckpt = trained[method][0] / "checkpoint_best.pt"
     # prefix tokens: every hypothesis starts with the reference's first token
     out = generate(data, ckpt, "--prefix-size", "1")
-    refs = {int(l.split("\t")[0][2:]): l.split("\t")[1] for l in out.splitlines() if l.startswith("T-")}
+    refs = {int(ln.split("\t")[0][2:]): ln.split("\t")[1] for ln in out.splitlines() if ln.startswith("T-")}
     for sid, hyps in hypotheses(out).items():
         assert hyps[0][0].split()[0] == refs[sid].split()[0]
     # sampling, n-gram blocking, length and unk penalties all run through the heads
@@ -137,31 +184,82 @@ def test_resume_from_checkpoint_last(trained, data, tmp_path):
 def test_bad_configurations_fail_clearly(trained, data, tmp_path):
     # head sizes whose product is below the vocabulary
     r = cli(
-        "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer_mhce", "--mhce-method", "mhp",
-        "--mhce-head-sizes", "3,3", *TINY_ARCH, "--criterion", "mhce_label_smoothed_cross_entropy",
-        *TRAIN_COMMON, "--max-update", "1", "--save-dir", tmp_path / "a", check=False,
-    )  # fmt: skip
+        "fairseq-train",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--arch",
+        "transformer_mhce",
+        "--mhce-method",
+        "mhp",
+        "--mhce-head-sizes",
+        "3,3",
+        *TINY_ARCH,
+        "--criterion",
+        "mhce_label_smoothed_cross_entropy",
+        *TRAIN_COMMON,
+        "--max-update",
+        "1",
+        "--save-dir",
+        tmp_path / "a",
+        check=False,
+    )
     assert r.returncode != 0 and "below the vocabulary size" in r.stdout
     # unknown method: argparse names the choices
     r = cli(
-        "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer_mhce", "--mhce-method", "mhx",
+        "fairseq-train",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--arch",
+        "transformer_mhce",
+        "--mhce-method",
+        "mhx",
         check=False,
-    )  # fmt: skip
+    )
     assert r.returncode != 0 and "invalid choice" in r.stdout and "mhe" in r.stdout
     # the criterion with a softmax model
     r = cli(
-        "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer", *TINY_ARCH,
-        "--criterion", "mhce_label_smoothed_cross_entropy", *TRAIN_COMMON, "--max-update", "1",
-        "--save-dir", tmp_path / "b", check=False,
-    )  # fmt: skip
+        "fairseq-train",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--arch",
+        "transformer",
+        *TINY_ARCH,
+        "--criterion",
+        "mhce_label_smoothed_cross_entropy",
+        *TRAIN_COMMON,
+        "--max-update",
+        "1",
+        "--save-dir",
+        tmp_path / "b",
+        check=False,
+    )
     assert r.returncode != 0 and "needs a model with a multi-head output layer" in r.stdout
     # the shared-last-head MHE has no per-token vectors to tie to
     r = cli(
-        "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer_mhce", "--mhce-method", "mhe",
-        "--mhce-last-head", "shared", "--share-decoder-input-output-embed", *TINY_ARCH,
-        "--criterion", "mhce_label_smoothed_cross_entropy",
-        *TRAIN_COMMON, "--max-update", "1", "--save-dir", tmp_path / "c", check=False,
-    )  # fmt: skip
+        "fairseq-train",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--arch",
+        "transformer_mhce",
+        "--mhce-method",
+        "mhe",
+        "--mhce-last-head",
+        "shared",
+        "--share-decoder-input-output-embed",
+        *TINY_ARCH,
+        "--criterion",
+        "mhce_label_smoothed_cross_entropy",
+        *TRAIN_COMMON,
+        "--max-update",
+        "1",
+        "--save-dir",
+        tmp_path / "c",
+        check=False,
+    )
     assert r.returncode != 0 and "last-head shared has none" in r.stdout
     # a checkpoint loaded into a model with other head sizes / another method
     ckpt = trained["mhp"][0] / "checkpoint_best.pt"
@@ -171,9 +269,16 @@ def test_bad_configurations_fail_clearly(trained, data, tmp_path):
         ("{'mhce_method': 'mhe'}", "trained with --mhce-method mhp"),
     ):
         r = cli(
-            "fairseq-generate", data, "--user-dir", USER_DIR, "--path", ckpt, "--model-overrides", override,
+            "fairseq-generate",
+            data,
+            "--user-dir",
+            USER_DIR,
+            "--path",
+            ckpt,
+            "--model-overrides",
+            override,
             check=False,
-        )  # fmt: skip
+        )
         assert r.returncode != 0 and msg in r.stdout, r.stdout[-2000:]
     assert ckpt.read_bytes() == before  # a failed load never touches the checkpoint
 
@@ -181,7 +286,12 @@ def test_bad_configurations_fail_clearly(trained, data, tmp_path):
 def test_dictionary_mismatch_is_explained(trained, tmp_path):
     other = make_copy_data(tmp_path, n_train=200, n_valid=20, n_test=20, n_words=80, seed=5)
     r = cli(
-        "fairseq-generate", other, "--user-dir", USER_DIR, "--path", trained["mhe"][0] / "checkpoint_best.pt",
+        "fairseq-generate",
+        other,
+        "--user-dir",
+        USER_DIR,
+        "--path",
+        trained["mhe"][0] / "checkpoint_best.pt",
         check=False,
-    )  # fmt: skip
+    )
     assert r.returncode != 0 and "dictionary mismatch" in r.stdout, r.stdout[-2000:]

@@ -26,8 +26,9 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_copy_data(tmp_path_factory.mktemp("entry"), n_train=300, n_valid=20, n_test=20, n_words=60,
-                          langs=("de", "en"))  # fmt: skip
+    return make_copy_data(
+        tmp_path_factory.mktemp("entry"), n_train=300, n_valid=20, n_test=20, n_words=60, langs=("de", "en")
+    )
 
 
 def signature(state: dict) -> dict:
@@ -49,18 +50,41 @@ def ckpt_signature(save_dir):
 
 def train_cli(data, save, method, extra):
     cli(
-        "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer_iwslt_de_en_mhce",
-        "--criterion", "mhce_label_smoothed_cross_entropy", *(["--mhce-method", method] if method != "mhe" else []),
-        *extra, *SIZES, *TRAIN_COMMON, "--max-update", "1", "--save-dir", save,
-    )  # fmt: skip
+        "fairseq-train",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--arch",
+        "transformer_iwslt_de_en_mhce",
+        "--criterion",
+        "mhce_label_smoothed_cross_entropy",
+        *(["--mhce-method", method] if method != "mhe" else []),
+        *extra,
+        *SIZES,
+        *TRAIN_COMMON,
+        "--max-update",
+        "1",
+        "--save-dir",
+        save,
+    )
 
 
 def train_hydra(data, save, method, overrides, check=True):
     return cli(
-        "fairseq-hydra-train", "--config-dir", REPO / "configs", "--config-name", f"{method}_iwslt",
-        f"task.data={data}", f"checkpoint.save_dir={save}", "optimization.max_update=1", "dataset.max_tokens=2000",
-        *HYDRA_SIZES, *overrides, check=check, cwd=REPO,
-    )  # fmt: skip
+        "fairseq-hydra-train",
+        "--config-dir",
+        REPO / "configs",
+        "--config-name",
+        f"{method}_iwslt",
+        f"task.data={data}",
+        f"checkpoint.save_dir={save}",
+        "optimization.max_update=1",
+        "dataset.max_tokens=2000",
+        *HYDRA_SIZES,
+        *overrides,
+        check=check,
+        cwd=REPO,
+    )
 
 
 @pytest.mark.parametrize("method", ["mhe", "mhp", "mhs"])

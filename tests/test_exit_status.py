@@ -46,8 +46,14 @@ def probe(tmp_path, mode):
     script.write_text(PROBE)
     # this checkout's plugin, one thread (the matmuls only need to be running)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, str(script), mode], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=120, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(script), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 14), reason="Python 3.14 no longer ends daemon threads at exit")
@@ -55,7 +61,9 @@ def test_prefetch_thread_inside_torch_at_exit(tmp_path):
     control = probe(tmp_path, "none")
     # without the plugin: the abort the issue saw (so this probe reproduces it)
     assert control.returncode in (-6, 134) and "terminate called without an active exception" in control.stdout, (
-        control.returncode, control.stdout[-2000:])  # fmt: skip
+        control.returncode,
+        control.stdout[-2000:],
+    )
     for _ in range(2):
         p = probe(tmp_path, "plugin")
         assert p.returncode == 0, (p.returncode, p.stdout[-2000:])
@@ -69,17 +77,50 @@ def test_tiny_training_exits_zero_every_time(tmp_path):
     statuses = []
     for i in range(4):
         p = cli(
-            "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer_iwslt_de_en_mhce",
-            "--mhce-method", "mhp" if i % 2 == 0 else "mhe", "--mhce-code-order", "identity",
-            "--encoder-layers", "1", "--decoder-layers", "1",
-            "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
-            "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
-            "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
-            "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "500", "--max-update", "3",
-            "--criterion", "mhce_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-            "--disable-validation", "--no-progress-bar", "--save-dir", tmp_path / f"ck{i}",
+            "fairseq-train",
+            data,
+            "--user-dir",
+            USER_DIR,
+            "--arch",
+            "transformer_iwslt_de_en_mhce",
+            "--mhce-method",
+            "mhp" if i % 2 == 0 else "mhe",
+            "--mhce-code-order",
+            "identity",
+            "--encoder-layers",
+            "1",
+            "--decoder-layers",
+            "1",
+            "--encoder-embed-dim",
+            "32",
+            "--decoder-embed-dim",
+            "32",
+            "--encoder-ffn-embed-dim",
+            "64",
+            "--decoder-ffn-embed-dim",
+            "64",
+            "--encoder-attention-heads",
+            "2",
+            "--decoder-attention-heads",
+            "2",
+            "--optimizer",
+            "adam",
+            "--lr",
+            "1e-3",
+            "--max-tokens",
+            "500",
+            "--max-update",
+            "3",
+            "--criterion",
+            "mhce_label_smoothed_cross_entropy",
+            "--label-smoothing",
+            "0.1",
+            "--disable-validation",
+            "--no-progress-bar",
+            "--save-dir",
+            tmp_path / f"ck{i}",
             check=False,
-        )  # fmt: skip
+        )
         assert "done training" in p.stdout, p.stdout[-3000:]
         statuses.append((p.returncode, "terminate called" in p.stdout))
     assert statuses == [(0, False)] * 4, statuses

@@ -11,18 +11,19 @@ factorized``) against fairseq's dense search on the full row.
   decoding factorized), then ``fairseq-generate`` dense vs factorized, and the
   hub API.
 """
+
 import argparse
 import logging
 import math
 
 import pytest
 import torch
+from fairseq import options, tasks
+from fairseq.sequence_generator import SequenceGenerator
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import fairseq_mhce  # noqa: F401  (registers the task and models)
-from fairseq import options, tasks
-from fairseq.sequence_generator import SequenceGenerator
 from fairseq_mhce.modules.codec import MixedRadixCodec
 from fairseq_mhce.modules.factorized_topk import mhe_topk, mhp_topk
 from fairseq_mhce.modules.multihead_output import MultiHeadEmbedding, MultiHeadProduct
@@ -97,12 +98,40 @@ def build_model(root, V, method, heads, seed, scale=1.0, code="identity", d=32, 
     for lang, n in (("src", 40), ("tgt", V - SPECIAL)):
         (root / f"dict.{lang}.txt").write_text("".join(f"w{i} {10**7 - i}\n" for i in range(n)))
     mhce = ["--mhce-method", method, "--mhce-heads", str(heads), "--mhce-code-order", code] if method else []
-    args = options.parse_args_and_arch(options.get_training_parser(), [
-        str(root), "--task", "translation_mhce", "--arch", arch, "--source-lang", "src", "--target-lang", "tgt",
-        *mhce, "--encoder-layers", "1", "--decoder-layers", "2", "--encoder-embed-dim", str(d),
-        "--decoder-embed-dim", str(d), "--encoder-ffn-embed-dim", str(2 * d), "--decoder-ffn-embed-dim", str(2 * d),
-        "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--dropout", "0", *extra,
-    ])  # fmt: skip
+    args = options.parse_args_and_arch(
+        options.get_training_parser(),
+        [
+            str(root),
+            "--task",
+            "translation_mhce",
+            "--arch",
+            arch,
+            "--source-lang",
+            "src",
+            "--target-lang",
+            "tgt",
+            *mhce,
+            "--encoder-layers",
+            "1",
+            "--decoder-layers",
+            "2",
+            "--encoder-embed-dim",
+            str(d),
+            "--decoder-embed-dim",
+            str(d),
+            "--encoder-ffn-embed-dim",
+            str(2 * d),
+            "--decoder-ffn-embed-dim",
+            str(2 * d),
+            "--encoder-attention-heads",
+            "2",
+            "--decoder-attention-heads",
+            "2",
+            "--dropout",
+            "0",
+            *extra,
+        ],
+    )
     torch.manual_seed(seed)
     task = tasks.setup_task(args)
     model = task.build_model(args)
@@ -229,7 +258,9 @@ class _Shapes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         # views of an input (e.g. the per-token table reshaped into groups) allocate nothing
-        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+        inputs = {
+            a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)
+        }
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 self.max_dim = max([self.max_dim, *t.shape])
@@ -276,23 +307,61 @@ def test_cli_generate_and_hub_match_dense(tmp_path):
     data = make_copy_data(tmp_path / "copy", n_train=500, n_valid=20, n_test=40, n_words=60)
     save = tmp_path / "mhp"
     log = cli(
-        "fairseq-train", data, "--user-dir", USER_DIR, "--task", "translation_mhce", "--arch", "transformer_mhce",
-        "--mhce-method", "mhp", *TINY_ARCH, "--criterion", "mhce_label_smoothed_cross_entropy", *TRAIN_COMMON,
-        "--max-update", "30", "--save-dir", save, "--no-save-optimizer-state", "--eval-bleu",
-        "--eval-bleu-args", '{"beam": 2, "mhce_search": "factorized"}', "--eval-bleu-detok", "space",
+        "fairseq-train",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--task",
+        "translation_mhce",
+        "--arch",
+        "transformer_mhce",
+        "--mhce-method",
+        "mhp",
+        *TINY_ARCH,
+        "--criterion",
+        "mhce_label_smoothed_cross_entropy",
+        *TRAIN_COMMON,
+        "--max-update",
+        "30",
+        "--save-dir",
+        save,
+        "--no-save-optimizer-state",
+        "--eval-bleu",
+        "--eval-bleu-args",
+        '{"beam": 2, "mhce_search": "factorized"}',
+        "--eval-bleu-detok",
+        "space",
         env=ONE_THREAD,
-    ).stdout  # fmt: skip
+    ).stdout
     assert "fairseq_mhce.search | --mhce-search factorized: MHP head" in log  # --eval-bleu decoded factorized
     assert "| bleu " in log
     ckpt = save / "checkpoint_last.pt"
     lines = {}
     for mode in ("dense", "factorized"):
         out = cli(
-            "fairseq-generate", data, "--user-dir", USER_DIR, "--task", "translation_mhce", "--mhce-search", mode,
-            "--path", ckpt, "--beam", "5", "--nbest", "3", "--lenpen", "0.6", "--unkpen", "1", "--batch-size", "16",
+            "fairseq-generate",
+            data,
+            "--user-dir",
+            USER_DIR,
+            "--task",
+            "translation_mhce",
+            "--mhce-search",
+            mode,
+            "--path",
+            ckpt,
+            "--beam",
+            "5",
+            "--nbest",
+            "3",
+            "--lenpen",
+            "0.6",
+            "--unkpen",
+            "1",
+            "--batch-size",
+            "16",
             env=ONE_THREAD,
-        ).stdout  # fmt: skip
-        lines[mode] = [l for l in out.splitlines() if l[:2] in ("H-", "P-")]
+        ).stdout
+        lines[mode] = [ln for ln in out.splitlines() if ln[:2] in ("H-", "P-")]
         assert ("per-step row of 14 columns" in out) == (mode == "factorized")
     assert len(lines["dense"]) == 2 * 3 * 40 and lines["dense"] == lines["factorized"]
     assert len(hypotheses("\n".join(lines["dense"]))) == 40
@@ -300,20 +369,40 @@ def test_cli_generate_and_hub_match_dense(tmp_path):
     inter = {}
     for mode in ("dense", "factorized"):
         out = cli(
-            "fairseq-interactive", data, "--user-dir", USER_DIR, "--task", "translation_mhce", "--mhce-search", mode,
-            "--path", ckpt, "--beam", "4", "--nbest", "2", "--source-lang", "src", "--target-lang", "tgt",
-            stdin="w1 w2 w3 w4\nw5 w5 w6\n", env=ONE_THREAD,
-        ).stdout  # fmt: skip
-        inter[mode] = [l for l in out.splitlines() if l[:2] in ("H-", "P-")]
+            "fairseq-interactive",
+            data,
+            "--user-dir",
+            USER_DIR,
+            "--task",
+            "translation_mhce",
+            "--mhce-search",
+            mode,
+            "--path",
+            ckpt,
+            "--beam",
+            "4",
+            "--nbest",
+            "2",
+            "--source-lang",
+            "src",
+            "--target-lang",
+            "tgt",
+            stdin="w1 w2 w3 w4\nw5 w5 w6\n",
+            env=ONE_THREAD,
+        ).stdout
+        inter[mode] = [ln for ln in out.splitlines() if ln[:2] in ("H-", "P-")]
         assert ("per-step row of 12 columns" in out) == (mode == "factorized")
     assert len(inter["dense"]) == 2 * 2 * 2 and inter["dense"] == inter["factorized"]
 
     from fairseq.models.transformer import TransformerModel
 
     hub = TransformerModel.from_pretrained(
-        str(save), checkpoint_file=ckpt.name, data_name_or_path=str(data), user_dir=USER_DIR,
+        str(save),
+        checkpoint_file=ckpt.name,
+        data_name_or_path=str(data),
+        user_dir=USER_DIR,
         mhce_search="factorized",
-    )  # fmt: skip
+    )
     assert hub.task.cfg.mhce_search == "factorized"
     src = "w3 w1 w4 w1 w5"
     best = hub.translate(src, beam=5)
@@ -321,16 +410,31 @@ def test_cli_generate_and_hub_match_dense(tmp_path):
     assert isinstance(hub.task.build_generator(hub.models, hub.cfg.generation), FactorizedSequenceGenerator)
     # a checkpoint of any task: switch it to translation_mhce through the overrides
     hub2 = TransformerModel.from_pretrained(
-        str(save), checkpoint_file=ckpt.name, data_name_or_path=str(data), user_dir=USER_DIR,
+        str(save),
+        checkpoint_file=ckpt.name,
+        data_name_or_path=str(data),
+        user_dir=USER_DIR,
         task={"_name": "translation_mhce", "mhce_search": "factorized"},
-    )  # fmt: skip
+    )
     assert hub2.task.cfg.mhce_search == "factorized" and hub2.translate(src, beam=5) == best
     # an empty input is not translated: a warning naming it and an empty hypothesis, and the
     # session goes on (tests/test_runtime_guards.py covers this in detail)
     assert hub.translate(["  ", src], beam=5) == ["", best]
     r = cli(
-        "fairseq-interactive", data, "--user-dir", USER_DIR, "--task", "translation_mhce", "--path", ckpt,
-        "--source-lang", "src", "--target-lang", "tgt", stdin="w1 w2\n\nw3\n", env=ONE_THREAD,
-    )  # fmt: skip
+        "fairseq-interactive",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--task",
+        "translation_mhce",
+        "--path",
+        ckpt,
+        "--source-lang",
+        "src",
+        "--target-lang",
+        "tgt",
+        stdin="w1 w2\n\nw3\n",
+        env=ONE_THREAD,
+    )
     assert "input line 2 (S-1/H-1) is empty: not translated" in r.stdout, r.stdout[-2000:]
     assert r.stdout.count("\nH-") == 3 and "\nH-1\t-inf\t\n" in r.stdout

@@ -1,6 +1,6 @@
 """Heads against brute-force references that materialize every code."""
+
 import itertools
-import math
 
 import pytest
 import torch
@@ -90,7 +90,9 @@ def test_log_probs_match_brute_force(method, V, sizes, order):
     torch.testing.assert_close(lp.double().exp().sum(-1), torch.ones(5, dtype=torch.float64), rtol=1e-5, atol=1e-5)
     # token_log_probs reads the same numbers without the dense row
     tokens = torch.randint(0, V, (5, 7))
-    torch.testing.assert_close(head.token_log_probs(x, tokens).double(), lp.double().gather(1, tokens), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        head.token_log_probs(x, tokens).double(), lp.double().gather(1, tokens), rtol=1e-5, atol=1e-5
+    )
 
 
 def reference_conditionals(head, x, target):
@@ -164,8 +166,16 @@ def test_loss_nll_and_smoothing_match_materialized(method, V, sizes, eps):
             else:
                 ph = ph - lp.gather(1, digits[:, h : h + 1]).squeeze(1)
         lz = torch.logsumexp(  # log Z_valid by brute force: the product's mass on codes < V
-            torch.stack([sum(lps[h][:, d] for h, d in enumerate(t)) for t in all_digit_tuples(sizes)
-                         if sum(d * int(s) for d, s in zip(t, head.codec.strides.tolist())) < V], -1), -1)
+            torch.stack(
+                [
+                    sum(lps[h][:, d] for h, d in enumerate(t))
+                    for t in all_digit_tuples(sizes)
+                    if sum(d * int(s) for d, s in zip(t, head.codec.strides.tolist())) < V
+                ],
+                -1,
+            ),
+            -1,
+        )
         ph = ph + (1 - eps) * lz
         loss_ph, _, _ = head.loss(x, target, eps, smoothing="per-head")
         torch.testing.assert_close(loss_ph.double(), ph, rtol=1e-5, atol=1e-5)
@@ -186,8 +196,8 @@ def test_code_table_option_reads_checks_and_defers_to_a_checkpoint(tmp_path):
 
     from fairseq.data import Dictionary
 
-    from fairseq_mhce.criterions.mhce_label_smoothed_cross_entropy import get_mhce_head
     from fairseq_mhce.config import resolve_settings
+    from fairseq_mhce.criterions.mhce_label_smoothed_cross_entropy import get_mhce_head
     from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_head
     from fairseq_mhce.modules.code_table import save_code_table
     from fairseq_mhce.training_start import settle_code_table

@@ -126,10 +126,15 @@ def make_sample(dictionary):
 
 @pytest.mark.parametrize(
     "method,last_head,tied",
-    [("mhp", "per-token", False), ("mhe", "per-token", False), ("mhe", "shared", False),
-     ("mhp", "per-token", True), ("mhe", "per-token", True)],
+    [
+        ("mhp", "per-token", False),
+        ("mhe", "per-token", False),
+        ("mhe", "shared", False),
+        ("mhp", "per-token", True),
+        ("mhe", "per-token", True),
+    ],
     ids=["mhp", "mhe-per-token", "mhe-shared", "mhp-tied", "mhe-per-token-tied"],
-)  # fmt: skip
+)
 def test_criterion_step_builds_no_n_by_v_tensor(dictionary, method, last_head, tied):
     head, emb = make_head(dictionary, method, last_head, tied)
     assert head.codec.sizes == [506, 506] and head._has_invalid  # 506^2 = 256,036 codes > V

@@ -185,13 +185,32 @@ def mhs_run(copy_data, tmp_path_factory):
     tokens, 6 scored per step (targets' groups plus negatives)."""
     save = tmp_path_factory.mktemp("ckpt_mhs")
     log = cli(
-        "fairseq-train", copy_data, "--user-dir", USER_DIR, "--arch", "transformer_mhce",
-        "--mhce-method", "mhs", "--mhce-head-sizes", "12,4", "--mhce-sample-groups", "0.5",
-        "--share-decoder-input-output-embed", *TINY_ARCH,
-        "--criterion", "mhce_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-        "--report-accuracy", *TRAIN_COMMON, "--max-update", "300", "--save-dir", save,
+        "fairseq-train",
+        copy_data,
+        "--user-dir",
+        USER_DIR,
+        "--arch",
+        "transformer_mhce",
+        "--mhce-method",
+        "mhs",
+        "--mhce-head-sizes",
+        "12,4",
+        "--mhce-sample-groups",
+        "0.5",
+        "--share-decoder-input-output-embed",
+        *TINY_ARCH,
+        "--criterion",
+        "mhce_label_smoothed_cross_entropy",
+        "--label-smoothing",
+        "0.1",
+        "--report-accuracy",
+        *TRAIN_COMMON,
+        "--max-update",
+        "300",
+        "--save-dir",
+        save,
         env=ONE_THREAD,
-    ).stdout  # fmt: skip
+    ).stdout
     return save / "checkpoint_best.pt", log
 
 
@@ -201,19 +220,41 @@ def generate(data, ckpt, *extra, plugin=True):
     args = ["--user-dir", USER_DIR] if plugin else []
     results = ckpt.parent / f"gen-{ckpt.stem}-{len(list(ckpt.parent.glob('gen-*')))}"
     cli(
-        "fairseq-generate", data, *args, "--path", ckpt, "--batch-size", "64", "--beam", "5",
-        "--required-batch-size-multiple", "1",  # else fairseq drops the last N mod 8 sentences
-        "--results-path", results, *extra, env={**ONE_THREAD, **({} if plugin else PLAIN)},
-    )  # fmt: skip
+        "fairseq-generate",
+        data,
+        *args,
+        "--path",
+        ckpt,
+        "--batch-size",
+        "64",
+        "--beam",
+        "5",
+        "--required-batch-size-multiple",
+        "1",  # else fairseq drops the last N mod 8 sentences
+        "--results-path",
+        results,
+        *extra,
+        env={**ONE_THREAD, **({} if plugin else PLAIN)},
+    )
     return (results / "generate-test.txt").read_text()
 
 
 def validate(data, ckpt, plugin=True):
     args = ["--user-dir", USER_DIR] if plugin else []
     out = cli(
-        "fairseq-validate", data, *args, "--task", "translation", "--path", ckpt, "--max-tokens", "4000", "--valid-subset", "valid",
+        "fairseq-validate",
+        data,
+        *args,
+        "--task",
+        "translation",
+        "--path",
+        ckpt,
+        "--max-tokens",
+        "4000",
+        "--valid-subset",
+        "valid",
         env={**ONE_THREAD, **({} if plugin else PLAIN)},
-    ).stdout  # fmt: skip
+    ).stdout
     m = re.search(r"\| loss ([0-9.]+) \| nll_loss ([0-9.]+)", out)
     assert m, out[-2000:]
     return float(m.group(1)), float(m.group(2))
@@ -354,7 +395,7 @@ def test_ddp_two_processes_match_single_process(tmp_path_factory):
             stderr=subprocess.STDOUT,
             text=True,
             env=env,
-        )  # fmt: skip
+        )
         for rank in (0, 1)
     ]
     logs = []
@@ -370,8 +411,11 @@ def test_ddp_two_processes_match_single_process(tmp_path_factory):
     assert "distributed init (rank 0)" in logs[0]
     single = subprocess.run(
         [sys.executable, "-c", CPU_DDP_LAUNCHER, *common, "--update-freq", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     assert single.returncode == 0, single.stdout[-3000:]
     ddp, one = _inner_losses(logs[0]), _inner_losses(single.stdout)
     print("2-process:", ddp, "\n1-process:", one)

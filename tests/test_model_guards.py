@@ -13,6 +13,7 @@
 
 Every failing case leaves the user's checkpoint and data-bin byte-identical.
 """
+
 import logging
 import random
 import shutil
@@ -20,9 +21,9 @@ from argparse import Namespace
 
 import pytest
 import torch
+from fairseq.data import Dictionary
 
 import fairseq_mhce  # noqa: F401
-from fairseq.data import Dictionary
 from fairseq_mhce.models.transformer_mhce import MHCEConfig, TransformerMHCEModel, build_head
 
 from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, make_copy_data, tree_hashes
@@ -73,8 +74,16 @@ def test_mhs_seed_follows_fairseq_seed_without_a_config_seed():
 
     def mhs_seed(torch_seed, **extra):
         torch.manual_seed(torch_seed)  # what fairseq does with common.seed before building the model
-        args = OmegaConf.create({"mhce_method": "mhs", "decoder_embed_dim": 16, "decoder_layers": 1,
-                                 "decoder_ffn_embed_dim": 32, "decoder_attention_heads": 2, **extra})
+        args = OmegaConf.create(
+            {
+                "mhce_method": "mhs",
+                "decoder_embed_dim": 16,
+                "decoder_layers": 1,
+                "decoder_ffn_embed_dim": 32,
+                "decoder_attention_heads": 2,
+                **extra,
+            }
+        )
         d = dictionary(100)
         emb = torch.nn.Embedding(len(d), 16, padding_idx=d.pad())
         return TransformerMHCEModel.build_decoder(args, d, emb).mhce_head.seed
@@ -92,10 +101,25 @@ def data(tmp_path_factory):
 
 def train(data, save, method, *extra, criterion="mhce_label_smoothed_cross_entropy", check=True):
     return cli(
-        "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer_mhce", "--mhce-method", method,
-        *TINY_ARCH, "--criterion", criterion, *TRAIN_COMMON, "--max-update", "6", "--save-dir", save, *extra,
+        "fairseq-train",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--arch",
+        "transformer_mhce",
+        "--mhce-method",
+        method,
+        *TINY_ARCH,
+        "--criterion",
+        criterion,
+        *TRAIN_COMMON,
+        "--max-update",
+        "6",
+        "--save-dir",
+        save,
+        *extra,
         check=check,
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")

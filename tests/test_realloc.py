@@ -2,6 +2,7 @@
 (``--mhce-realloc-updates``): the assignment against brute force, the head's
 collection window and in-place table swap, the refusals, and a real
 fairseq-train run whose checkpoint carries the new table."""
+
 import itertools
 import math
 
@@ -10,17 +11,17 @@ import pytest
 import torch
 
 import fairseq_mhce  # noqa: F401
+from fairseq_mhce.models.transformer_mhce import build_head
 from fairseq_mhce.modules.code_table import REALLOC_MAX_VOCAB, reallocate_codes
 from fairseq_mhce.modules.codec import MixedRadixCodec, auto_head_sizes
 from fairseq_mhce.modules.multihead_output import MultiHeadProduct, parse_update_list
-from fairseq_mhce.models.transformer_mhce import build_head
 
 from .test_model_guards import cfg, dictionary
 from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, hypotheses, make_copy_data
 
 
 def placement_cost(costs, code, sizes):
-    strides = [math.prod(sizes[h + 1:]) for h in range(len(sizes))]
+    strides = [math.prod(sizes[h + 1 :]) for h in range(len(sizes))]
     return sum(costs[h][v, (code[v] // strides[h]) % sizes[h]] for h in range(len(sizes)) for v in range(len(code)))
 
 
@@ -35,9 +36,7 @@ def test_reallocation_is_the_optimal_assignment(sizes, V, seed):
     new, before, after = reallocate_codes(costs, old, sizes, fixed_first=2)
     assert sorted(new) == list(range(V)) and list(new[:2]) == [0, 1]
     slots = sorted(old[2:])
-    best = min(
-        placement_cost(costs, np.concatenate([[0, 1], perm]), sizes) for perm in itertools.permutations(slots)
-    )
+    best = min(placement_cost(costs, np.concatenate([[0, 1], perm]), sizes) for perm in itertools.permutations(slots))
     specials = placement_cost([c * (np.arange(V)[:, None] < 2) for c in costs], old, sizes)
     assert after == pytest.approx(best - specials)
     assert before == pytest.approx(placement_cost(costs, old, sizes) - specials)
@@ -138,17 +137,47 @@ def test_fairseq_train_reallocates_and_the_checkpoint_decodes(tmp_path):
     data = make_copy_data(tmp_path / "copy", n_train=600, n_valid=40, n_test=20)
     save = tmp_path / "ckpt"
     out = cli(
-        "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer_mhce", "--mhce-method", "mhp",
-        *TINY_ARCH, "--criterion", "mhce_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-        *TRAIN_COMMON, "--max-update", "30", "--mhce-realloc-updates", "20", "--mhce-realloc-window", "10",
-        "--save-dir", save,
-    ).stdout  # fmt: skip
+        "fairseq-train",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--arch",
+        "transformer_mhce",
+        "--mhce-method",
+        "mhp",
+        *TINY_ARCH,
+        "--criterion",
+        "mhce_label_smoothed_cross_entropy",
+        "--label-smoothing",
+        "0.1",
+        *TRAIN_COMMON,
+        "--max-update",
+        "30",
+        "--mhce-realloc-updates",
+        "20",
+        "--mhce-realloc-window",
+        "10",
+        "--save-dir",
+        save,
+    ).stdout
     assert "re-allocated the code table at update 20" in out
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]
     code = state["decoder.mhce_head.codec.code"]
     assert not torch.equal(code, torch.arange(code.numel()))  # identity before, moved after
     assert torch.equal(code[:4], torch.arange(4))
-    gen = cli("fairseq-generate", data, "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt",
-              "--batch-size", "20", "--beam", "3", "--required-batch-size-multiple", "1").stdout  # fmt: skip
+    gen = cli(
+        "fairseq-generate",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--path",
+        save / "checkpoint_last.pt",
+        "--batch-size",
+        "20",
+        "--beam",
+        "3",
+        "--required-batch-size-multiple",
+        "1",
+    ).stdout
     assert sorted(hypotheses(gen)) == list(range(20))

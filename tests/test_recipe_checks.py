@@ -112,17 +112,28 @@ def test_guard_refuses_another_method_naming_both_ways_out(tmp_path, capsys):
 @pytest.mark.parametrize(
     "saved,run,needle",
     [
-        (dict(arch="transformer_iwslt_de_en", adaptive_softmax_cutoff="10,30"),
-         ("adaptive", "--adaptive-softmax-cutoff", "12,30"),
-         "trained with --adaptive-softmax-cutoff 10,30; this run has 12,30"),
-        (dict(arch="transformer"), ("softmax",),
-         "trained with --arch transformer; this run has --arch transformer_iwslt_de_en"),
-        (dict(mhce_method="mhp", mhce_heads=3), ("mhp",),
-         "trained with head sizes automatic (--mhce-heads 3); this run has automatic sizes for --mhce-heads 2"),
-        (dict(mhce_method="mhp", sizes=[8, 5], mhce_head_sizes="8,5"), ("mhp",),
-         "trained with head sizes 8,5 (--mhce-head-sizes 8,5); this run has automatic sizes for --mhce-heads 2"),
+        (
+            dict(arch="transformer_iwslt_de_en", adaptive_softmax_cutoff="10,30"),
+            ("adaptive", "--adaptive-softmax-cutoff", "12,30"),
+            "trained with --adaptive-softmax-cutoff 10,30; this run has 12,30",
+        ),
+        (
+            dict(arch="transformer"),
+            ("softmax",),
+            "trained with --arch transformer; this run has --arch transformer_iwslt_de_en",
+        ),
+        (
+            dict(mhce_method="mhp", mhce_heads=3),
+            ("mhp",),
+            "trained with head sizes automatic (--mhce-heads 3); this run has automatic sizes for --mhce-heads 2",
+        ),
+        (
+            dict(mhce_method="mhp", sizes=[8, 5], mhce_head_sizes="8,5"),
+            ("mhp",),
+            "trained with head sizes 8,5 (--mhce-head-sizes 8,5); this run has automatic sizes for --mhce-heads 2",
+        ),
     ],
-)  # fmt: skip
+)
 def test_guard_refuses_other_settings(tmp_path, capsys, saved, run, needle):
     data, save = tmp_path / "bin", tmp_path / "save"
     save.mkdir()
@@ -188,12 +199,18 @@ def test_score_writes_hypotheses_in_order_and_sacrebleu(tmp_path, capsys):
     bleu, chrf = sacrebleu.metrics.BLEU(), sacrebleu.metrics.CHRF()
     b, c = bleu.corpus_score(hyps, [REFS]), chrf.corpus_score(hyps, [REFS])
     assert res == {
-        "method": "mhe", "checkpoint": "ckpt.pt", "hypotheses": str(hyp), "reference": str(ref),
-        "bleu": round(b.score, 2), "bleu_signature": str(bleu.get_signature()), "bleu_detail": str(b),
-        "chrf": round(c.score, 2), "chrf_signature": str(chrf.get_signature()),
+        "method": "mhe",
+        "checkpoint": "ckpt.pt",
+        "hypotheses": str(hyp),
+        "reference": str(ref),
+        "bleu": round(b.score, 2),
+        "bleu_signature": str(bleu.get_signature()),
+        "bleu_detail": str(b),
+        "chrf": round(c.score, 2),
+        "chrf_signature": str(chrf.get_signature()),
         "decoding": {"sentences": 3, "seconds": 1.5, "sentences_per_s": 2.0, "tokens_per_s": 26.67},
         "search": "factorized",
-    }  # fmt: skip
+    }
     assert capsys.readouterr().out.splitlines() == [
         f"BLEU: {b}  ({res['bleu_signature']})",
         f"chrF: {c}  ({res['chrf_signature']})",

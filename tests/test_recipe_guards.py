@@ -42,15 +42,21 @@ def script(name, *args, env=None):
     e.update(env or {})
     return subprocess.run(
         [str(REPO / "scripts" / name), *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=e,
+    )
 
 
 def average(*args):
     return subprocess.run(
         [str(BIN / "mhce-average-checkpoints"), *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
 
 
 def load(path):
@@ -205,9 +211,23 @@ def test_average_last_three_update_checkpoints_decodes(mhe_run, data, tmp_path):
         avg["decoder.embed_tokens.weight"], states[0]["decoder.embed_tokens.weight"]
     )
     gen = cli(
-        "fairseq-generate", data, "--user-dir", USER_DIR, "--path", out, "--beam", "2",
-        "--batch-size", "16", "--required-batch-size-multiple", "1", "--max-len-a", "0", "--max-len-b", "12",
-    ).stdout  # fmt: skip
+        "fairseq-generate",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--path",
+        out,
+        "--beam",
+        "2",
+        "--batch-size",
+        "16",
+        "--required-batch-size-multiple",
+        "1",
+        "--max-len-a",
+        "0",
+        "--max-len-b",
+        "12",
+    ).stdout
     assert len(hypotheses(gen)) == 20, gen[-3000:]
 
 

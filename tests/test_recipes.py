@@ -35,8 +35,11 @@ def script(name, *args, env=None, check=True):
     e.update(env or {})
     p = subprocess.run(
         [str(REPO / "scripts" / name), *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=e,
+    )
     if not check:
         return p
     assert p.returncode == 0, f"{name} failed ({p.returncode}):\n{p.stdout[-4000:]}"
@@ -135,11 +138,30 @@ def test_compare_tables_from_real_runs(runs, data, tmp_path):
     CSV tables."""
     work, _ = runs
     out = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "compare.py"), "--databin", str(data), "--name", "tiny",
-         "--workdir", str(work), "--out", str(tmp_path), "--reuse", "--max-update", str(UPDATES),
-         "--speed-batches", "2", "--train-args", " ".join(TINY)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(REPO / "scripts" / "compare.py"),
+            "--databin",
+            str(data),
+            "--name",
+            "tiny",
+            "--workdir",
+            str(work),
+            "--out",
+            str(tmp_path),
+            "--reuse",
+            "--max-update",
+            str(UPDATES),
+            "--speed-batches",
+            "2",
+            "--train-args",
+            " ".join(TINY),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert out.returncode == 0, out.stdout[-4000:]
     assert "train (" not in out.stdout  # nothing was retrained
     md = (tmp_path / "compare_tiny.md").read_text()
@@ -182,13 +204,35 @@ def test_compare_extend_from_continues_a_finished_run(runs, data, tmp_path):
     before = {m: tree_hashes(work / m) for m in ("mhp", "adaptive")}
     new = tmp_path / "ext"
     out = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "compare.py"), "--databin", str(data), "--name", "tiny_ext",
-         "--workdir", str(new), "--out", str(tmp_path), "--methods", "mhp,adaptive",
-         "--max-update", str(UPDATES + 20), "--speed-batches", "0", "--extend-from", str(work),
-         "--train-args", " ".join(TINY), "--generate-args", "--max-len-a 0 --max-len-b 20"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "compare.py"),
+            "--databin",
+            str(data),
+            "--name",
+            "tiny_ext",
+            "--workdir",
+            str(new),
+            "--out",
+            str(tmp_path),
+            "--methods",
+            "mhp,adaptive",
+            "--max-update",
+            str(UPDATES + 20),
+            "--speed-batches",
+            "0",
+            "--extend-from",
+            str(work),
+            "--train-args",
+            " ".join(TINY),
+            "--generate-args",
+            "--max-len-a 0 --max-len-b 20",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env=dict(os.environ, OMP_NUM_THREADS="1", WARMUP="10", LR="3e-3", ADAPTIVE_CUTOFF="10,30"),
-    )  # fmt: skip
+    )
     assert out.returncode == 0, out.stdout[-4000:]
     assert out.stdout.count("continued from") == 2
     rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "compare_tiny_ext.csv"))}
@@ -206,8 +250,17 @@ def test_compare_extend_from_continues_a_finished_run(runs, data, tmp_path):
         assert max(u for _, u, _ in curve) == UPDATES + 20 and min(u for _, u, _ in curve) < UPDATES
         assert all(b[0] >= a[0] and b[1] > a[1] for a, b in zip(curve, curve[1:]))
     assert "continued runs (mhp, adaptive)" in (tmp_path / "compare_tiny_ext.md").read_text()
-    p = script("train.sh", "adaptive", data, new / "adaptive", "--max-update", UPDATES + 30, *TINY,
-               env={"ADAPTIVE_CUTOFF": "12,30"}, check=False)  # fmt: skip
+    p = script(
+        "train.sh",
+        "adaptive",
+        data,
+        new / "adaptive",
+        "--max-update",
+        UPDATES + 30,
+        *TINY,
+        env={"ADAPTIVE_CUTOFF": "12,30"},
+        check=False,
+    )
     assert p.returncode == 2 and "trained with --adaptive-softmax-cutoff 10,30; this run has 12,30" in p.stdout
 
 
@@ -222,14 +275,32 @@ def test_hydra_config_accepted_by_fairseq_hydra_train(data, tmp_path, config):
     sizes), then fairseq-generate on the checkpoint it wrote."""
     save = tmp_path / "ckpt"
     p = subprocess.run(
-        [str(BIN / "fairseq-hydra-train"), "--config-dir", str(REPO / "configs"), "--config-name", config,
-         f"task.data={data}", "task.source_lang=src", "task.target_lang=tgt", f"common.user_dir={USER_DIR}",
-         f"checkpoint.save_dir={save}", "optimization.max_update=3", "common.log_interval=1",
-         "model.encoder_layers=1", "model.decoder_layers=1", "model.encoder_embed_dim=32",
-         "model.decoder_embed_dim=32", "model.encoder_ffn_embed_dim=64", "model.decoder_ffn_embed_dim=64"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        [
+            str(BIN / "fairseq-hydra-train"),
+            "--config-dir",
+            str(REPO / "configs"),
+            "--config-name",
+            config,
+            f"task.data={data}",
+            "task.source_lang=src",
+            "task.target_lang=tgt",
+            f"common.user_dir={USER_DIR}",
+            f"checkpoint.save_dir={save}",
+            "optimization.max_update=3",
+            "common.log_interval=1",
+            "model.encoder_layers=1",
+            "model.decoder_layers=1",
+            "model.encoder_embed_dim=32",
+            "model.decoder_embed_dim=32",
+            "model.encoder_ffn_embed_dim=64",
+            "model.decoder_ffn_embed_dim=64",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )  # fmt: skip
+    )
     assert p.returncode == 0, p.stdout[-4000:]
     assert "num_updates: 3 >= max_update: 3" in p.stdout and (save / "checkpoint_best.pt").exists()
     assert re.search(r"\| INFO \| train_inner \| epoch", p.stdout)  # fairseq's log format
@@ -237,7 +308,17 @@ def test_hydra_config_accepted_by_fairseq_hydra_train(data, tmp_path, config):
         assert "acc_h1" in p.stdout  # the multi-head criterion ran
     assert not (tmp_path / "hydra_train.log").exists() and not (tmp_path / ".hydra").exists()
     out = cli(
-        "fairseq-generate", data, "--user-dir", USER_DIR, "--path", save / "checkpoint_best.pt",
-        "--beam", "2", "--batch-size", "16", "--required-batch-size-multiple", "1",
-    ).stdout  # fmt: skip
+        "fairseq-generate",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--path",
+        save / "checkpoint_best.pt",
+        "--beam",
+        "2",
+        "--batch-size",
+        "16",
+        "--required-batch-size-multiple",
+        "1",
+    ).stdout
     assert len([x for x in out.splitlines() if x.startswith("H-")]) == 53

@@ -14,6 +14,7 @@
   as stock fairseq refuses them, in both search modes and under ``python -O``;
   the factorized search's argument checks are errors, not asserts.
 """
+
 import argparse
 import json
 import logging
@@ -30,7 +31,7 @@ import fairseq_mhce  # noqa: F401
 from fairseq_mhce.search import FactorizedEnsembleModel, FactorizedSequenceGenerator
 
 from .test_factorized_search import build_model
-from .utils import BIN, REPO, TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, make_copy_data
+from .utils import REPO, TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, make_copy_data
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 LANGS = ["--source-lang", "src", "--target-lang", "tgt"]
@@ -40,7 +41,11 @@ LONG = " ".join(["w3"] * 1100)  # the model's source positions: 1024
 
 def clean_env(**extra):
     """This process's environment without torch's weights_only overrides."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_WEIGHTS_ONLY_LOAD")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    }
     env.update(ONE_THREAD, **extra)
     return env
 
@@ -65,11 +70,26 @@ def trained(tmp_path_factory):
     data = make_copy_data(root / "copy", n_train=300, n_valid=20, n_test=20, n_words=30)
     save = root / "mhe"
     cli(
-        "fairseq-train", data, "--user-dir", USER_DIR, "--task", "translation_mhce", "--arch", "transformer_mhce",
-        "--mhce-method", "mhe",
-        *TINY_ARCH, "--criterion", "mhce_label_smoothed_cross_entropy", *TRAIN_COMMON, "--max-update", UPDATES,
-        "--save-dir", save, env=ONE_THREAD,
-    )  # fmt: skip
+        "fairseq-train",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--task",
+        "translation_mhce",
+        "--arch",
+        "transformer_mhce",
+        "--mhce-method",
+        "mhe",
+        *TINY_ARCH,
+        "--criterion",
+        "mhce_label_smoothed_cross_entropy",
+        *TRAIN_COMMON,
+        "--max-update",
+        UPDATES,
+        "--save-dir",
+        save,
+        env=ONE_THREAD,
+    )
     return data, save
 
 
@@ -89,9 +109,23 @@ def groups(out):
 
 def interactive(data, ckpt, lines, *extra):
     return cli(
-        "fairseq-interactive", data, "--user-dir", USER_DIR, "--task", "translation_mhce", "--path", ckpt,
-        "--beam", "4", "--nbest", "2", *LANGS, *extra, stdin="".join(l + "\n" for l in lines), env=ONE_THREAD,
-    ).stdout  # fmt: skip
+        "fairseq-interactive",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--task",
+        "translation_mhce",
+        "--path",
+        ckpt,
+        "--beam",
+        "4",
+        "--nbest",
+        "2",
+        *LANGS,
+        *extra,
+        stdin="".join(ln + "\n" for ln in lines),
+        env=ONE_THREAD,
+    ).stdout
 
 
 # --------------------------------------------------------------------------
@@ -175,7 +209,9 @@ def evil_files(tmp):
 def test_import_keeps_weights_only_and_checkpoints_load(trained, tmp_path):
     data, save = trained
     ckpt = save / "checkpoint_last.pt"
-    code = MALICIOUS + r"""
+    code = (
+        MALICIOUS
+        + r"""
 import json
 ckpt, data, tmp, user_dir = sys.argv[1:5]
 MARKER = os.path.join(tmp, "marker")
@@ -203,13 +239,20 @@ torch.load(zipped, weights_only=False)
 res["marker_when_trusted"] = os.path.exists(MARKER)
 print("RESULT " + json.dumps(res))
 """
+    )
     r = python(code, ckpt, data, tmp_path, USER_DIR)
     assert r.returncode == 0, r.stdout[-3000:]
     res = json.loads(r.stdout.split("RESULT ")[-1])
     assert res == {
-        "env": None, "refused_after_import": True, "ensemble": "MultiHeadEmbedding", "hub": True,
-        "refused_after_loads": True, "plain_ckpt_load": "refused", "env_end": None, "marker_when_trusted": True,
-    }, res  # fmt: skip
+        "env": None,
+        "refused_after_import": True,
+        "ensemble": "MultiHeadEmbedding",
+        "hub": True,
+        "refused_after_loads": True,
+        "plain_ckpt_load": "refused",
+        "env_end": None,
+        "marker_when_trusted": True,
+    }, res
 
 
 @pytest.mark.e2e
@@ -220,7 +263,9 @@ def test_generate_and_train_resume_leave_weights_only_on(trained, tmp_path):
     data, save = trained
     resume = tmp_path / "resume"
     shutil.copytree(save, resume)
-    code = MALICIOUS + r"""
+    code = (
+        MALICIOUS
+        + r"""
 import io, contextlib, json
 data, ckpt, resume, tmp, user_dir, *train_args = sys.argv[1:]
 MARKER = os.path.join(tmp, "marker")
@@ -237,6 +282,7 @@ zipped, legacy = evil_files(tmp)
 print("RESULT " + json.dumps({"hyps": hyps, "env": os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"),
                               "refused": refused(zipped) and refused(legacy)}))
 """
+    )
     train_args = [
         "--task", "translation_mhce", "--arch", "transformer_mhce", "--mhce-method", "mhe", *TINY_ARCH,
         "--criterion", "mhce_label_smoothed_cross_entropy", *TRAIN_COMMON, "--max-update", UPDATES + 5,
@@ -260,19 +306,43 @@ def test_sampling_options_without_sampling_refused_like_stock(trained):
     r = cli(*base, "--sampling-topk", "5", check=False, env=ONE_THREAD)
     assert r.returncode != 0 and "--sampling-topk requires --sampling" in r.stdout, r.stdout[-2000:]
     # the plugin's task: the same refusal, a ValueError (both search modes: _assert_guards)
-    r = cli(*base, "--task", "translation_mhce", "--mhce-search", "factorized", "--sampling-topk", "5",
-            check=False, env=ONE_THREAD)  # fmt: skip
-    assert r.returncode != 0 and "ValueError: --sampling-topk requires --sampling (got --sampling-topk 5 without it)" in r.stdout, (
-        r.stdout[-2000:])  # fmt: skip
+    r = cli(
+        *base,
+        "--task",
+        "translation_mhce",
+        "--mhce-search",
+        "factorized",
+        "--sampling-topk",
+        "5",
+        check=False,
+        env=ONE_THREAD,
+    )
+    assert (
+        r.returncode != 0
+        and "ValueError: --sampling-topk requires --sampling (got --sampling-topk 5 without it)" in r.stdout
+    ), r.stdout[-2000:]
     assert "\nH-" not in r.stdout
     # and under python -O, where asserts are gone (stock fairseq would then beam-search quietly)
     r = python(
         "import sys; sys.argv[0] = 'fairseq-generate'; from fairseq_cli.generate import cli_main; cli_main()",
-        data, "--user-dir", USER_DIR, "--path", ckpt, "--beam", "2", "--task", "translation_mhce",
-        "--mhce-search", "dense", "--sampling-topp", "0.9", flags=["-O"],
-    )  # fmt: skip
-    assert r.returncode != 0 and "ValueError: --sampling-topp requires --sampling (got --sampling-topp 0.9" in r.stdout, (
-        r.stdout[-2000:])  # fmt: skip
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--path",
+        ckpt,
+        "--beam",
+        "2",
+        "--task",
+        "translation_mhce",
+        "--mhce-search",
+        "dense",
+        "--sampling-topp",
+        "0.9",
+        flags=["-O"],
+    )
+    assert (
+        r.returncode != 0 and "ValueError: --sampling-topp requires --sampling (got --sampling-topp 0.9" in r.stdout
+    ), r.stdout[-2000:]
     assert "\nH-" not in r.stdout
 
 

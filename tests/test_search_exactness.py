@@ -8,6 +8,7 @@ Reference: ``torch.topk`` of the dense row with NaN -> -inf (what fairseq's
 generator does with the dense row) and the special symbols masked.  Every call
 runs under an alarm, so a search that loops fails instead of hanging the suite.
 """
+
 import math
 import signal
 from contextlib import contextmanager

@@ -231,10 +231,27 @@ def test_fairseq_train_and_generate_with_a_shortlist(tmp_path):
     data = make_copy_data(tmp_path / "copy", n_train=400, n_valid=40, n_test=20)
     save = tmp_path / "ckpt"
     cli(
-        "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer_mhce", "--mhce-method", "mhp",
-        "--mhce-shortlist", "12", *TINY_ARCH, "--criterion", "mhce_label_smoothed_cross_entropy",
-        "--label-smoothing", "0.1", *TRAIN_COMMON, "--max-update", "30", "--save-dir", save,
-    )  # fmt: skip
+        "fairseq-train",
+        data,
+        "--user-dir",
+        USER_DIR,
+        "--arch",
+        "transformer_mhce",
+        "--mhce-method",
+        "mhp",
+        "--mhce-shortlist",
+        "12",
+        *TINY_ARCH,
+        "--criterion",
+        "mhce_label_smoothed_cross_entropy",
+        "--label-smoothing",
+        "0.1",
+        *TRAIN_COMMON,
+        "--max-update",
+        "30",
+        "--save-dir",
+        save,
+    )
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert state["cfg"]["model"].mhce_shortlist == 12
@@ -243,10 +260,25 @@ def test_fairseq_train_and_generate_with_a_shortlist(tmp_path):
     lines = {}
     for mode in ("dense", "factorized"):
         out = cli(
-            "fairseq-generate", data, "--user-dir", USER_DIR, "--task", "translation_mhce", "--mhce-search", mode,
-            "--path", save / "checkpoint_last.pt", "--beam", "4", "--nbest", "2", "--batch-size", "20",
-            "--required-batch-size-multiple", "1",
-        ).stdout  # fmt: skip
+            "fairseq-generate",
+            data,
+            "--user-dir",
+            USER_DIR,
+            "--task",
+            "translation_mhce",
+            "--mhce-search",
+            mode,
+            "--path",
+            save / "checkpoint_last.pt",
+            "--beam",
+            "4",
+            "--nbest",
+            "2",
+            "--batch-size",
+            "20",
+            "--required-batch-size-multiple",
+            "1",
+        ).stdout
         lines[mode] = [line for line in out.splitlines() if line[:2] in ("H-", "P-")]
     assert len(hypotheses("\n".join(lines["dense"]))) == 20
     assert lines["dense"] == lines["factorized"]

@@ -56,9 +56,22 @@ def train(data, save, *extra, updates=2, criterion="mhce_label_smoothed_cross_en
     """fairseq-train on tiny data; returns the CompletedProcess (never checked)."""
     user = ["--user-dir", USER_DIR] if arch.endswith("mhce") else []
     return cli(
-        "fairseq-train", data, *user, "--arch", arch, *TINY_ARCH, "--criterion", criterion, *TRAIN_COMMON,
-        "--max-update", updates, "--save-dir", save, *extra, check=False,
-    )  # fmt: skip
+        "fairseq-train",
+        data,
+        *user,
+        "--arch",
+        arch,
+        *TINY_ARCH,
+        "--criterion",
+        criterion,
+        *TRAIN_COMMON,
+        "--max-update",
+        updates,
+        "--save-dir",
+        save,
+        *extra,
+        check=False,
+    )
 
 
 def refused(p, *needles):
@@ -91,8 +104,9 @@ def tables(databin, tmp_path_factory):
     out = {}
     for seed in (1, 2):
         path = root / f"seed{seed}.json"
-        rc, text = build_codes("--databin", databin, "--heads", 2, "--dim", 8, "--seed", seed, "--out", path,
-                               script=False)  # fmt: skip
+        rc, text = build_codes(
+            "--databin", databin, "--heads", 2, "--dim", 8, "--seed", seed, "--out", path, script=False
+        )
         assert rc == 0, text
         out[seed] = path
     assert json.loads(out[1].read_text())["code"] != json.loads(out[2].read_text())["code"]
@@ -110,13 +124,21 @@ def mhe_run(databin, tables, tmp_path_factory):
 
 # ---------------------------------------------------------------- item 1
 def test_resume_with_another_table_is_refused(databin, tables, mhe_run):
-    before = {"save": tree_hashes(mhe_run), "data": tree_hashes(databin),
-              "t1": tree_hashes(tables[1]), "t2": tree_hashes(tables[2])}  # fmt: skip
+    before = {
+        "save": tree_hashes(mhe_run),
+        "data": tree_hashes(databin),
+        "t1": tree_hashes(tables[1]),
+        "t2": tree_hashes(tables[2]),
+    }
     p = train(databin, mhe_run, "--mhce-method", "mhe", "--mhce-code-table", tables[2], updates=4)
     out = refused(p, str(tables[2]), str(tables[1]), "checkpoint_last.pt")
     assert "--mhce-code-table" in last_line(out), last_line(out)
-    after = {"save": tree_hashes(mhe_run), "data": tree_hashes(databin),
-             "t1": tree_hashes(tables[1]), "t2": tree_hashes(tables[2])}  # fmt: skip
+    after = {
+        "save": tree_hashes(mhe_run),
+        "data": tree_hashes(databin),
+        "t1": tree_hashes(tables[1]),
+        "t2": tree_hashes(tables[2]),
+    }
     assert after == before, "the refused run wrote a file"
     saved = torch.load(mhe_run / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert saved["cfg"]["model"].mhce_code_table == str(tables[1])  # the saved config names the run's table
@@ -129,8 +151,7 @@ def test_missing_table_path_is_refused_before_training(databin, tables, tmp_path
     save = tmp_path / "save"
     typo = tables[1].parent / "seed1.jsn"
     before = {"data": tree_hashes(databin), "tables": tree_hashes(tables[1].parent)}
-    p = train(databin, save, "--mhce-method", "mhp", "--mhce-code-table", typo, criterion=criterion,
-              updates=1)  # fmt: skip
+    p = train(databin, save, "--mhce-method", "mhp", "--mhce-code-table", typo, criterion=criterion, updates=1)
     out = refused(p, str(typo), "no such file")
     assert str(typo) in last_line(out) and "no such file" in last_line(out), last_line(out)
     assert "begin training" not in out and "num_updates" not in out
@@ -176,16 +197,38 @@ def test_checkpoint_of_another_dictionary_is_refused(databin, other_databin, mhe
     before = {"ckpt": tree_hashes(ckpt), "data": tree_hashes(other_databin)}
     out = tmp_path / "c.json"
     for vectors in ("input", "output"):
-        rc, text = build_codes("--databin", other_databin, "--source", "checkpoint", "--checkpoint", ckpt,
-                               "--vectors", vectors, "--out", out, script=vectors == "input")  # fmt: skip
+        rc, text = build_codes(
+            "--databin",
+            other_databin,
+            "--source",
+            "checkpoint",
+            "--checkpoint",
+            ckpt,
+            "--vectors",
+            vectors,
+            "--out",
+            out,
+            script=vectors == "input",
+        )
         assert rc == 2, text
         line = last_line(text)
         assert "another target dictionary" in line and "same size" in line and str(ckpt) in line, text
         assert "Traceback" not in text and not out.exists()
     assert {"ckpt": tree_hashes(ckpt), "data": tree_hashes(other_databin)} == before
     # the data-bin it was trained on: accepted
-    rc, text = build_codes("--databin", databin, "--source", "checkpoint", "--checkpoint", ckpt, "--vectors", "input",
-                           "--out", out, script=False)  # fmt: skip
+    rc, text = build_codes(
+        "--databin",
+        databin,
+        "--source",
+        "checkpoint",
+        "--checkpoint",
+        ckpt,
+        "--vectors",
+        "input",
+        "--out",
+        out,
+        script=False,
+    )
     assert rc == 0 and "warning" not in text, text
 
 
@@ -206,10 +249,26 @@ def test_plain_checkpoint_of_another_dictionary_is_refused(databin, other_databi
     # the data-bin its config names is gone: built, with a warning
     V = len(ct.dictionary_symbols(other_databin / "dict.tgt.txt"))
     gone = tmp_path / "gone.pt"
-    torch.save({"cfg": {"task": {"data": str(tmp_path / "moved"), "target_lang": "tgt"}},
-                "model": {"decoder.embed_tokens.weight": torch.randn(V, 8)}}, gone)  # fmt: skip
-    rc, text = build_codes("--databin", other_databin, "--source", "checkpoint", "--checkpoint", gone,
-                           "--vectors", "input", "--out", out, script=False)  # fmt: skip
+    torch.save(
+        {
+            "cfg": {"task": {"data": str(tmp_path / "moved"), "target_lang": "tgt"}},
+            "model": {"decoder.embed_tokens.weight": torch.randn(V, 8)},
+        },
+        gone,
+    )
+    rc, text = build_codes(
+        "--databin",
+        other_databin,
+        "--source",
+        "checkpoint",
+        "--checkpoint",
+        gone,
+        "--vectors",
+        "input",
+        "--out",
+        out,
+        script=False,
+    )
     assert rc == 0, text
     assert "warning: cannot check" in text and str(tmp_path / "moved") in text, text
 
@@ -238,8 +297,9 @@ def test_build_codes_unreadable_checkpoint(databin, mhe_run, tmp_path):
     before = {"dir": tree_hashes(tmp_path), "data": tree_hashes(databin)}
     for bad in (cut, text_file, empty, table):
         out = tmp_path / "c.json"
-        rc, text = build_codes("--databin", databin, "--source", "checkpoint", "--checkpoint", bad, "--out", out,
-                               script=bad is cut)  # fmt: skip
+        rc, text = build_codes(
+            "--databin", databin, "--source", "checkpoint", "--checkpoint", bad, "--out", out, script=bad is cut
+        )
         one_line_refusal(rc, text, str(bad))
         assert not out.exists()
     assert {"dir": tree_hashes(tmp_path), "data": tree_hashes(databin)} == before
@@ -260,11 +320,13 @@ def test_build_codes_truncated_training_data(databin, tmp_path):
 
 @pytest.mark.parametrize(
     "args,needle",
-    [(["--head-sizes", "9,x"], "--head-sizes must be comma-separated"),
-     (["--head-sizes", "1,64"], "--head-sizes: every head needs at least 2"),
-     (["--heads", "0"], "--heads must be >= 1"),
-     (["--heads", "20"], "--heads 20 for a target dictionary of")],
-)  # fmt: skip
+    [
+        (["--head-sizes", "9,x"], "--head-sizes must be comma-separated"),
+        (["--head-sizes", "1,64"], "--head-sizes: every head needs at least 2"),
+        (["--heads", "0"], "--heads must be >= 1"),
+        (["--heads", "20"], "--heads 20 for a target dictionary of"),
+    ],
+)
 def test_build_codes_names_its_own_head_flags(databin, tmp_path, args, needle):
     out = tmp_path / "c.json"
     rc, text = build_codes("--databin", databin, *args, "--out", out, script=False)
@@ -308,8 +370,19 @@ def test_per_token_mhe_checkpoint_vectors(databin, V, mhe_run, tmp_path):
     emb = state["decoder.embed_tokens.weight"]
     assert np.allclose(ct.checkpoint_vectors(ckpt, "input", vocab_size=V), emb.numpy())  # untied: token order
     out = tmp_path / "from_mhe.json"
-    rc, text = build_codes("--databin", databin, "--source", "checkpoint", "--checkpoint", ckpt, "--vectors", "output",
-                           "--out", out, script=False)  # fmt: skip
+    rc, text = build_codes(
+        "--databin",
+        databin,
+        "--source",
+        "checkpoint",
+        "--checkpoint",
+        ckpt,
+        "--vectors",
+        "output",
+        "--out",
+        out,
+        script=False,
+    )
     assert rc == 0, text
     assert json.loads(out.read_text())["meta"]["vectors"] == "output"
 
@@ -318,8 +391,16 @@ def test_tied_checkpoint_vectors_in_token_order(databin, V, tables, tmp_path):
     """A tied per-token MHE checkpoint keeps the shared embedding in code
     order: both --vectors read it back in token order."""
     save = tmp_path / "tied"
-    p = train(databin, save, "--mhce-method", "mhe", "--mhce-code-table", tables[2],
-              "--share-decoder-input-output-embed", updates=1)  # fmt: skip
+    p = train(
+        databin,
+        save,
+        "--mhce-method",
+        "mhe",
+        "--mhce-code-table",
+        tables[2],
+        "--share-decoder-input-output-embed",
+        updates=1,
+    )
     assert p.returncode == 0, p.stdout[-3000:]
     ckpt = save / "checkpoint_last.pt"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]

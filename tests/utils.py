@@ -65,10 +65,21 @@ def make_copy_data(root: Path, n_train=2000, n_valid=100, n_test=100, n_words=40
             (text / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
     dest = root / "bin"
     preprocess(
-        "--source-lang", langs[0], "--target-lang", langs[1],
-        "--trainpref", text / "train", "--validpref", text / "valid", "--testpref", text / "test",
-        "--destdir", dest, "--workers", "1",
-    )  # fmt: skip
+        "--source-lang",
+        langs[0],
+        "--target-lang",
+        langs[1],
+        "--trainpref",
+        text / "train",
+        "--validpref",
+        text / "valid",
+        "--testpref",
+        text / "test",
+        "--destdir",
+        dest,
+        "--workers",
+        "1",
+    )
     return dest
 
 

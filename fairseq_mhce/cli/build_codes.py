@@ -231,11 +231,14 @@ def check_checkpoint_dictionary(ckpt, path, dictionary, dict_path, tgt):
         print(
             f"{PROG}: warning: cannot check that --checkpoint {path} was trained with the dictionary "
             f"{dict_path}: it holds no dictionary fingerprint (a plain fairseq checkpoint, or one of an older fairseq_mhce) and "
-            + (f"the dictionary of the data-bin its config names ({theirs}) does not exist" if theirs
-               else "its config names no data-bin")
+            + (
+                f"the dictionary of the data-bin its config names ({theirs}) does not exist"
+                if theirs
+                else "its config names no data-bin"
+            )
             + "; make sure it was trained on this data-bin",
             file=sys.stderr,
-        )  # fmt: skip
+        )
         return
     if os.path.realpath(theirs) == os.path.realpath(dict_path):
         return
@@ -320,9 +323,15 @@ def run(args, t0):
     if args.source == "ppmi":
         # the same implementation as the model's automatic table (--mhce-code-order ppmi)
         code, vectors, m = ppmi_codes.ppmi_code_table(
-            seqs, V, sizes, seed=args.seed, shortlist=S, dim=args.dim, window=args.window,
+            seqs,
+            V,
+            sizes,
+            seed=args.seed,
+            shortlist=S,
+            dim=args.dim,
+            window=args.window,
             unseen_last=args.unseen == "last",
-        )  # fmt: skip
+        )
         meta.update(m)
         meta["train_split"] = f"train.{src}-{tgt}.{tgt}"
         what = f"ppmi (window {args.window}, dim {vectors.shape[1]}, {m['train_tokens']} training tokens)"

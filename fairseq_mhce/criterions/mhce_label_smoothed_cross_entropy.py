@@ -8,10 +8,8 @@ does (its ``reduce_metrics`` is reused), so perplexities compare with a
 softmax baseline; per-head digit accuracy is logged on top.
 """
 
-import math
 from dataclasses import dataclass, field
 
-import torch
 from fairseq import metrics, utils
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
@@ -51,9 +49,7 @@ def get_mhce_head(model) -> OutputLayer:
     return head
 
 
-@register_criterion(
-    "mhce_label_smoothed_cross_entropy", dataclass=MHCELabelSmoothedCrossEntropyCriterionConfig
-)
+@register_criterion("mhce_label_smoothed_cross_entropy", dataclass=MHCELabelSmoothedCrossEntropyCriterionConfig)
 class MHCELabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     def __init__(
         self,

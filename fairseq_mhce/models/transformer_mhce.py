@@ -149,9 +149,11 @@ class TransformerMHCEDecoder(TransformerDecoderBase):
         if getattr(cfg, "base_layers", 0):
             raise ValueError("--base-layers is not supported with a multi-head output")
         self.mhce_head = build_head(
-            self._mhce_settings, self.output_embed_dim, dictionary,
+            self._mhce_settings,
+            self.output_embed_dim,
+            dictionary,
             embed_tokens if self.share_input_output_embed else None,
-        )  # fmt: skip
+        )
         self.output_projection = None  # every method's output layer is mhce_head (mhs: its proj)
 
     def forward(self, prev_output_tokens, *args, **kwargs):
@@ -324,8 +326,9 @@ class TransformerMHCEModel(TransformerModel):
     def build_decoder(cls, args, tgt_dict, embed_tokens):
         settings = _BUILDING.get() or _with_seed(resolve_settings(args))
         cfg = TransformerConfig.from_namespace(args)
-        return TransformerMHCEDecoder(cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention,
-                                      settings=settings)  # fmt: skip
+        return TransformerMHCEDecoder(
+            cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention, settings=settings
+        )
 
 
 @register_model_architecture("transformer_mhce", "transformer_mhce")

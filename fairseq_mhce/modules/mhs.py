@@ -138,8 +138,14 @@ class MultiHeadSampling(OutputLayer):
             embedding, ``--share-decoder-input-output-embed``)
     """
 
-    def __init__(self, input_dim: int, codec: MixedRadixCodec, sample_groups: float = 0.25, seed: int = 1,
-                 tied_weight: Optional[nn.Parameter] = None):  # fmt: skip
+    def __init__(
+        self,
+        input_dim: int,
+        codec: MixedRadixCodec,
+        sample_groups: float = 0.25,
+        seed: int = 1,
+        tied_weight: Optional[nn.Parameter] = None,
+    ):
         super().__init__(input_dim, codec)
         group_budget(sample_groups, codec)  # validate now, not at the first step
         self.proj = nn.Linear(input_dim, codec.vocab_size, bias=False)
@@ -166,8 +172,13 @@ class MultiHeadSampling(OutputLayer):
     @classmethod
     def build(cls, settings, input_dim, codec, embed_tokens=None):
         # tied: the embedding stays in token order (MHS's projection is a plain V x d softmax)
-        return cls(input_dim, codec, sample_groups=settings.mhce_sample_groups, seed=settings.seed,
-                   tied_weight=None if embed_tokens is None else embed_tokens.weight)  # fmt: skip
+        return cls(
+            input_dim,
+            codec,
+            sample_groups=settings.mhce_sample_groups,
+            seed=settings.seed,
+            tied_weight=None if embed_tokens is None else embed_tokens.weight,
+        )
 
     def set_num_updates(self, num_updates):
         self.num_updates = int(num_updates)

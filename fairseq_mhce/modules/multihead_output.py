@@ -84,8 +84,15 @@ class MultiHeadProduct(OutputLayer):
     frequent training targets.  Cost per token ``O((N + 1 + sum C_h) d)``.
     """
 
-    def __init__(self, input_dim: int, codec: MixedRadixCodec, realloc_updates: Sequence[int] = (),
-                 realloc_window: int = 100, shortlist: int = 0, tied_embed=None):  # fmt: skip
+    def __init__(
+        self,
+        input_dim: int,
+        codec: MixedRadixCodec,
+        realloc_updates: Sequence[int] = (),
+        realloc_window: int = 100,
+        shortlist: int = 0,
+        tied_embed=None,
+    ):
         shortlist = resolve_shortlist(shortlist, codec.vocab_size)
         if tied_embed is not None and not shortlist:
             raise ValueError(tie_error("--mhce-method mhp without a shortlist (--mhce-shortlist 0)"))
@@ -129,9 +136,14 @@ class MultiHeadProduct(OutputLayer):
 
     @classmethod
     def build(cls, settings, input_dim, codec, embed_tokens=None):
-        return cls(input_dim, codec, realloc_updates=parse_update_list(settings.mhce_realloc_updates),
-                   realloc_window=settings.mhce_realloc_window, shortlist=settings.mhce_shortlist,
-                   tied_embed=embed_tokens)  # fmt: skip
+        return cls(
+            input_dim,
+            codec,
+            realloc_updates=parse_update_list(settings.mhce_realloc_updates),
+            realloc_window=settings.mhce_realloc_window,
+            shortlist=settings.mhce_shortlist,
+            tied_embed=embed_tokens,
+        )
 
     # -- re-allocation (LightRNN) ------------------------------------------
     def _collecting(self) -> bool:
@@ -154,8 +166,11 @@ class MultiHeadProduct(OutputLayer):
         self._num_updates = int(num_updates)
         # fairseq's task.train_step calls this before every forward, so once
         # per micro-batch with --update-freq > 1: re-allocate once per update
-        if (self._num_updates in self.realloc_updates and self._realloc_stats is not None
-                and self._num_updates != self._last_realloc):  # fmt: skip
+        if (
+            self._num_updates in self.realloc_updates
+            and self._realloc_stats is not None
+            and self._num_updates != self._last_realloc
+        ):
             self._last_realloc = self._num_updates
             self.reallocate()
 
@@ -297,8 +312,11 @@ class MultiHeadProduct(OutputLayer):
             s_arg = short.argmax(-1)
             # a shortlist token is right when the shortlist's argmax is; a tail
             # token when the argmax is "the tail" and every digit is right
-            correct = torch.where(in_short.unsqueeze(-1), (s_arg == s_cls).unsqueeze(-1).expand_as(correct),
-                                  correct & (s_arg == n).unsqueeze(-1))  # fmt: skip
+            correct = torch.where(
+                in_short.unsqueeze(-1),
+                (s_arg == s_cls).unsqueeze(-1).expand_as(correct),
+                correct & (s_arg == n).unsqueeze(-1),
+            )
         if epsilon == 0:
             return nll, nll, correct
         counts = self._digit_counts()
@@ -428,8 +446,14 @@ class MultiHeadEmbedding(OutputLayer):
     scores ``-inf`` everywhere (never NaN).
     """
 
-    def __init__(self, input_dim: int, codec: MixedRadixCodec, activation: str = "gelu",
-                 last_head: str = "per-token", tied_embed=None):  # fmt: skip
+    def __init__(
+        self,
+        input_dim: int,
+        codec: MixedRadixCodec,
+        activation: str = "gelu",
+        last_head: str = "per-token",
+        tied_embed=None,
+    ):
         if last_head not in LAST_HEAD_CHOICES:
             raise ValueError(f"--mhce-last-head must be one of {LAST_HEAD_CHOICES}, got {last_head!r}")
         if tied_embed is not None and last_head != "per-token":
@@ -454,8 +478,13 @@ class MultiHeadEmbedding(OutputLayer):
 
     @classmethod
     def build(cls, settings, input_dim, codec, embed_tokens=None):
-        return cls(input_dim, codec, activation=settings.mhce_activation, last_head=settings.mhce_last_head,
-                   tied_embed=embed_tokens)  # fmt: skip
+        return cls(
+            input_dim,
+            codec,
+            activation=settings.mhce_activation,
+            last_head=settings.mhce_last_head,
+            tied_embed=embed_tokens,
+        )
 
     def last_vectors(self) -> torch.Tensor:
         """(R, d) the per-token last head's vectors, row = code: its own

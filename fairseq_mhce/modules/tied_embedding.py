@@ -83,9 +83,14 @@ class CodeOrderedEmbedding(nn.Embedding):
         if self._codec_ref is None:
             return super().forward(tokens)
         return F.embedding(
-            self._codec_ref.code[tokens], self.weight, self._code_padding_idx(), self.max_norm,
-            self.norm_type, self.scale_grad_by_freq, self.sparse,
-        )  # fmt: skip
+            self._codec_ref.code[tokens],
+            self.weight,
+            self._code_padding_idx(),
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
 
     def token_order_weight(self) -> torch.Tensor:
         """(V, d) the vectors in token-id order (a copy when tied): for export

@@ -153,8 +153,16 @@ class TranslationMHCETask(TranslationTask):
                 dataset.leave_untranslated(i, "is empty")
         return dataset
 
-    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
-                           ignore_invalid_inputs=False, *args, **kwargs):  # fmt: skip
+    def get_batch_iterator(
+        self,
+        dataset,
+        max_tokens=None,
+        max_sentences=None,
+        max_positions=None,
+        ignore_invalid_inputs=False,
+        *args,
+        **kwargs,
+    ):
         """fairseq's, except that an inference input longer than
         ``max_positions`` is not translated (a warning and an empty
         hypothesis) instead of stopping with an exception (or, with
