@@ -169,6 +169,24 @@ def test_refuses_other_sizes_data_bin_or_unreadable(mhe_run, data, tmp_path, cas
     assert tree_hashes(save) == before
 
 
+def test_empty_checkpoint_last_names_the_intact_checkpoint(mhe_run, data, tmp_path):
+    """A kill during fairseq's copy of checkpoint_best.pt over checkpoint_last.pt
+    leaves it empty: train.sh names this run's intact checkpoint and the
+    --restore-file that resumes from it (not "move it out"), changes nothing,
+    and resuming that way trains on."""
+    save = other_runs_dir(mhe_run, tmp_path / "cut", "checkpoint_best.pt")
+    (save / "checkpoint_last.pt").write_bytes(b"")
+    before = tree_hashes(save)
+    p = script("train.sh", "mhe", data, save, "--max-update", "14", *TINY)
+    assert p.returncode == 2 and tree_hashes(save) == before, p.stdout[-3000:]
+    assert "checkpoint_last.pt: cannot be read" in p.stdout and "checkpoint_best.pt beside it is this run's" in p.stdout
+    assert f"--restore-file {save / 'checkpoint_best.pt'}" in p.stdout and "move it out" not in p.stdout
+    p = script(
+        "train.sh", "mhe", data, save, "--max-update", "14", *TINY, "--restore-file", save / "checkpoint_best.pt"
+    )
+    assert p.returncode == 0 and "num_updates 14" in p.stdout.replace("num_updates=", "num_updates "), p.stdout[-3000:]
+
+
 def test_reuse_savedir_lets_it_train(mhe_run, data, tmp_path):
     """REUSE_SAVEDIR=1: the user asked for it; fairseq trains (here from
     scratch: no checkpoint_last.pt) and the old train.log is kept."""

@@ -127,6 +127,7 @@ def foreign_checkpoints(me, savedir, databin, vocab, argv):
     def refuse(name, what, cont, other):
         problems.setdefault((what, cont, other), []).append(name)
 
+    unreadable, readable = [], []  # (name, reason); (mtime, path) of this run's checkpoints
     for path in sorted(glob.glob(os.path.join(glob.escape(savedir), "checkpoint*.pt"))):
         name = os.path.basename(path)
         try:
@@ -136,12 +137,7 @@ def foreign_checkpoints(me, savedir, databin, vocab, argv):
             if model is None:
                 raise ValueError("no saved config (cfg / args)")
         except Exception as e:  # truncated, not a checkpoint, ...
-            refuse(
-                name,
-                f"cannot be read ({type(e).__name__}: {str(e)[:200]}), so whose run it is is unknown",
-                f"move it out of {savedir}",
-                f"train in {NEW_DIR}",
-            )
+            unreadable.append((name, f"{type(e).__name__}: {str(e)[:200]}"))
             continue
         arch = get(model, "arch") or get(model, "_name")  # argparse config / hydra config
         cutoff = get(model, "adaptive_softmax_cutoff")
@@ -209,6 +205,31 @@ def foreign_checkpoints(me, savedir, databin, vocab, argv):
                 f"trained on the data-bin {ck_data}; this run's is {databin}",
                 f"continue that run with DATABIN {ck_data}",
                 f"train on {databin} in {NEW_DIR}",
+            )
+            continue
+        if not any(name in names for names in problems.values()):
+            readable.append((os.path.getmtime(path), path))
+    restore = next((argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "--restore-file"), None)
+    if restore and os.path.isfile(restore) and not any(os.path.basename(restore) == n for n, _ in unreadable):
+        unreadable = []  # fairseq resumes from the intact file named; the broken one is left alone
+    intact = max(readable)[1] if readable else None
+    for name, why in unreadable:
+        if intact:
+            # a kill during fairseq's copy leaves checkpoint_last.pt empty: this
+            # run's other checkpoints are intact, resume from the newest
+            refuse(
+                name,
+                f"cannot be read ({why}); {os.path.basename(intact)} beside it is this run's and intact",
+                f"resume from it: pass --restore-file {intact} (do not move or delete anything: a new run "
+                f"would overwrite {os.path.basename(intact)})",
+                f"train in {NEW_DIR}",
+            )
+        else:
+            refuse(
+                name,
+                f"cannot be read ({why}), so whose run it is is unknown",
+                f"move it out of {savedir}",
+                f"train in {NEW_DIR}",
             )
     return problems
 
