@@ -38,6 +38,7 @@ input embeddings).  ``scripts/build_codes.py`` is the command line.
 Only numpy and torch are imported at module import time; scipy, scikit-learn
 and fairseq are imported by the functions that need them.
 """
+
 import hashlib
 import json
 import math
@@ -110,9 +111,7 @@ def save_code_table(
     sizes = [int(c) for c in head_sizes]
     symbols = [str(s) for s in dictionary_symbols]
     if len(symbols) != vocab_size:
-        raise ValueError(
-            f"the code table has {vocab_size} entries but the dictionary has {len(symbols)} symbols"
-        )
+        raise ValueError(f"the code table has {vocab_size} entries but the dictionary has {len(symbols)} symbols")
     if not sizes or any(c < 1 for c in sizes) or math.prod(sizes) < vocab_size:
         raise ValueError(
             f"head sizes {sizes} (product {math.prod(sizes) if sizes else 0}) cannot give "
@@ -130,7 +129,9 @@ def save_code_table(
     }
     text = json.dumps(obj, sort_keys=False) + "\n"
     if os.path.lexists(path):
-        raise FileExistsError(f"{path} already exists; a code table is never overwritten (choose another path or delete it)")
+        raise FileExistsError(
+            f"{path} already exists; a code table is never overwritten (choose another path or delete it)"
+        )
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -218,7 +219,7 @@ def read_code_table(path) -> Dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not a code table (not JSON: {e}); build one with scripts/build_codes.py") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a code table (no \"format\": \"{FORMAT}\"); build one with scripts/build_codes.py")
+        raise ValueError(f'{path} is not a code table (no "format": "{FORMAT}"); build one with scripts/build_codes.py')
     if obj.get("version") != VERSION:
         raise ValueError(f"{path}: code table version {obj.get('version')!r}, this plugin reads version {VERSION}")
     for key in ("vocab_size", "head_sizes", "code"):
@@ -302,7 +303,7 @@ def shortlist_code(code, shortlist: int, listed=None) -> torch.Tensor:
 
 
 def _strides(sizes: Sequence[int]) -> List[int]:
-    return [math.prod(sizes[h + 1:]) for h in range(len(sizes))]
+    return [math.prod(sizes[h + 1 :]) for h in range(len(sizes))]
 
 
 def _unit_rows(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
