@@ -32,7 +32,9 @@
 #    PPMI codes, per-token MHE, MHP + shortlist 2048): the tied softmax and
 #    tied MHE (two seeds each) and tied MHP at LONG_UPD updates (table
 #    NAME_tied_LONG_UPD); run it on another data-bin with NAME=... for the
-#    second language pair;
+#    second language pair (TIED_A / TIED_B: the two lanes' methods; the fr-en
+#    table of the README: NAME=bible_fr_en_spm8k_ablation LONG_UPD=500
+#    TIED_A=softmax-tied TIED_B=mhe-tied);
 # 11. the tied softmax, tied MHE and tied MHP at equal wall-clock (WALL_MIN
 #    minutes each; table NAME_tied_wallclock);
 # PHASES (comma-separated subset of updates,wallclock,long,realloc,shortlist,
@@ -140,7 +142,7 @@ if want shortlist_long; then
 fi
 # the IWSLT recipe form (tied embeddings) with the plugin's defaults
 if want tied; then
-  pair "${NAME}_tied_${LONG_UPD}" "$LONG_UPD" "$ARCH" "softmax-tied,mhe-tied-seed2" "softmax-tied-seed2,mhe-tied,mhp-tied" \
+  pair "${NAME}_tied_${LONG_UPD}" "$LONG_UPD" "$ARCH" "${TIED_A:-softmax-tied,mhe-tied-seed2}" "${TIED_B:-softmax-tied-seed2,mhe-tied,mhp-tied}" \
     --note "every row ties the decoder's input and output embeddings (--share-decoder-input-output-embed, as fairseq's IWSLT'14 recipe); MHE / MHP with the plugin's defaults: automatic PPMI code table, per-token last head, MHP shortlist 2048"
 fi
 if want tied_wallclock; then
