@@ -29,7 +29,11 @@ vocabulary) this is balanced k-means; below, digit ``j`` of head ``h`` gets
 one meaning across prefixes, which is what a head shared by all prefixes
 (MHP, the shared last head of MHE) needs.  Small groups are assigned exactly
 (scipy's ``linear_sum_assignment`` on the capacity-expanded cost matrix),
-large ones by a price-balanced greedy matching.
+large ones by a price-balanced greedy matching.  A level too large for
+exact matchings in every round (V = 224k: 474 groups of 473 tokens) is
+matched greedily, all groups at once, and, when its groups are small
+enough, exactly once more on the centroids of its last round.  The starting
+centroids come from k-means on a seeded sample of the rows.
 
 Token vectors come from :func:`ppmi_svd_vectors` (co-occurrence in the
 training targets) or :func:`checkpoint_vectors` (a trained model's output or
@@ -56,6 +60,26 @@ SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # fairseq Dictionary ids 0..3
 # groups up to this many tokens are assigned exactly (Hungarian on an n x n
 # matrix); larger ones by the price-balanced greedy matching
 EXACT_MAX = 1200
+# a level whose per-group cost matrices hold more entries than this in all is
+# matched greedily, all groups at once, in its rounds; groups of at most
+# EXACT_MAX tokens then get one exact pass on the final centroids (at
+# V = 224k: 474 groups of 473, about 10 ms each)
+EXACT_BUDGET = 4_000_000
+# the greedy matching's shared column prices come from this many rows
+PRICE_SAMPLE = 20_000
+# ... and then per group from this many cheapest columns of every row: few
+# for a single group (its prices are the shared ones), more for many groups
+# (their own prices need them; fewer rows are left over)
+PRICE_CANDIDATES = 4
+GROUP_CANDIDATES = 16
+# k-means for the starting centroids runs on a seeded sample of
+# max(KMEANS_SAMPLE * k, KMEANS_MIN) rows; the balanced rounds use every row
+KMEANS_SAMPLE = 20
+KMEANS_MIN = 10_000
+# rows per block of a distance matrix (a few 10 MB)
+BLOCK = 16384
+# power iterations of the randomized SVD of the PPMI matrix
+SVD_ITERS = 4
 
 
 # --------------------------------------------------------------------------
@@ -318,8 +342,82 @@ def _unit_rows(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    d = (a * a).sum(1)[:, None] - 2.0 * (a @ b.T) + (b * b).sum(1)[None, :]
-    return np.maximum(d, 0.0)
+    """Squared distances (n, m) between the rows of a and b, in their dtype."""
+    d = a @ b.T
+    d *= -2.0
+    d += (a * a).sum(1)[:, None]
+    d += (b * b).sum(1)[None, :]
+    return np.maximum(d, 0.0, out=d)
+
+
+def _group_sum(idx: np.ndarray, x: np.ndarray, n: int) -> np.ndarray:
+    """(n, k) float64 sums of the rows of x (m, k) by group idx (m,): one
+    sparse product (np.add.at is an order of magnitude slower), in x's
+    float dtype (no float64 copy of a float32 x)."""
+    import scipy.sparse as sp
+
+    idx = np.asarray(idx, dtype=np.int64)
+    x = np.asarray(x)
+    dt = x.dtype if x.dtype in (np.float32, np.float64) else np.float64
+    m = sp.csr_matrix((np.ones(idx.size, dtype=dt), (idx, np.arange(idx.size))), shape=(n, idx.size))
+    return np.asarray(m @ x.astype(dt, copy=False), dtype=np.float64).reshape(n, -1)
+
+
+def _threads() -> int:
+    """Worker threads for GIL-free work (scipy's assignment solver and
+    sparse products): torch's intra-op thread count (OMP_NUM_THREADS)."""
+    return max(1, int(torch.get_num_threads()))
+
+
+def _each(fn, items) -> None:
+    """fn(item) for every item, on _threads() threads; fn writes disjoint
+    outputs, so the result does not depend on the schedule."""
+    items = list(items)
+    n = min(_threads(), len(items))
+    if n <= 1:
+        for it in items:
+            fn(it)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(n) as ex:
+        for _ in ex.map(fn, items):
+            pass
+
+
+def _prices(cost: np.ndarray, cap: np.ndarray, iters: int = 30) -> np.ndarray:
+    """Column prices (K,) that spread the rows' cheapest choices (argmin of
+    cost + price; cost (m, K), inf where closed) towards the capacities cap
+    (K,), possibly fractional: a few dual ascent steps on the over- and
+    under-full columns."""
+    m, K = cost.shape
+    price = np.zeros(K, dtype=cost.dtype)
+    if m == 0:
+        return price
+    fin = np.isfinite(cost)
+    step = float(np.median((cost - cost.min(1, keepdims=True))[fin])) + 1e-9
+    cap = np.asarray(cap, dtype=np.float64)
+    buf = np.empty_like(cost)
+    for _ in range(iters):
+        excess = np.bincount(np.add(cost, price, out=buf).argmin(1), minlength=K) - cap
+        if not (excess > 0).any():
+            break
+        price += (step * np.clip(excess / np.maximum(cap, 1), -1.0, 1.0)).astype(price.dtype)
+        step *= 0.85
+    return price
+
+
+def _accept(rows: np.ndarray, col: np.ndarray, val: np.ndarray, left: np.ndarray) -> np.ndarray:
+    """Proposals of rows to columns col at cost val: each column keeps its
+    cheapest proposers (ties by row) up to its room ``left`` (updated in
+    place).  Returns which proposals were accepted."""
+    order = np.lexsort((rows, val, col))
+    cs = col[order]
+    first = np.searchsorted(cs, cs, side="left")
+    ok = np.empty(cs.size, dtype=bool)
+    ok[order] = np.arange(cs.size) - first < left[cs]
+    left -= np.bincount(col[ok], minlength=left.size)
+    return ok
 
 
 def _greedy_capacitated(cost: np.ndarray, caps: np.ndarray) -> np.ndarray:
@@ -329,39 +427,164 @@ def _greedy_capacitated(cost: np.ndarray, caps: np.ndarray) -> np.ndarray:
     cheapest open column and each column keeps its cheapest proposers, until
     all rows are placed.  Deterministic."""
     n, K = cost.shape
-    caps = caps.astype(np.int64)
-    price = np.zeros(K)
-    spread = float(np.median(np.abs(cost - cost.min(1, keepdims=True)))) + 1e-9
-    step = spread
-    open_ = caps > 0
-    for _ in range(30):
-        adj = np.where(open_, cost + price, np.inf)
-        a = adj.argmin(1)
-        cnt = np.bincount(a, minlength=K)
-        excess = cnt - caps
-        if not (excess > 0).any():
-            break
-        price += step * np.clip(excess / np.maximum(caps, 1), -1.0, 1.0)
-        step *= 0.85
-    adj = cost + price
-    assign = np.full(n, -1, dtype=np.int64)
+    caps = np.asarray(caps, dtype=np.int64)
+    cost = np.where(caps[None, :] > 0, cost, np.inf)
+    adj = cost + _prices(cost, caps)
+    out = np.full(n, -1, dtype=np.int64)
     left = caps.copy()
     todo = np.arange(n)
     while todo.size:
         sub = np.where(left[None, :] > 0, adj[todo], np.inf)
-        best = sub.argmin(1)
-        bc = sub[np.arange(todo.size), best]
-        # within each column, cheapest proposers first
-        order = np.lexsort((bc, best))
-        cols = best[order]
-        first = np.searchsorted(cols, cols, side="left")
-        rank = np.arange(order.size) - first
-        ok = rank < left[cols]
-        won = todo[order[ok]]
-        assign[won] = cols[ok]
-        np.subtract.at(left, cols[ok], 1)
-        todo = np.setdiff1d(todo, won, assume_unique=True)
-    return assign
+        j = sub.argmin(1)
+        ok = _accept(todo, j, sub[np.arange(todo.size), j], left)
+        out[todo[ok]] = j[ok]
+        todo = todo[~ok]
+    return out
+
+
+def _cheapest(r, owner, M, price, shut, rows, t: int = 1):
+    """For each of ``rows``: its t cheapest columns by squared distance of
+    r[row] to M plus ``price`` (n_groups, C) of its group, among the columns
+    not ``shut`` (n_groups, C), cheapest first (inf where fewer are open);
+    returns their indices (n, t) and values (n, t).  Blockwise (a few 10
+    MB), t argmin passes (argpartition over C columns costs far more)."""
+    M = np.asarray(M, dtype=np.float32)
+    price = np.asarray(price, dtype=np.float32)
+    C = M.shape[0]
+    t = min(int(t), C)
+    best = np.empty((rows.size, t), dtype=np.int64)
+    val = np.empty((rows.size, t), dtype=np.float32)
+    one = shut.shape[0] == 1
+    # -2 x.M folded into the product; |M|^2, the price and the shut columns
+    # (inf) into one row per group; |x|^2 (the same for all columns of a
+    # row) is added to the values only
+    mt = np.ascontiguousarray(-2.0 * M.T)
+    mp = np.where(shut, np.float32(np.inf), (M * M).sum(1)[None, :] + price).astype(np.float32)
+    # reused buffers: a fresh 30 MB array per block costs as much in page
+    # faults as the product itself
+    buf = np.empty((min(BLOCK, rows.size), C), dtype=np.float32)
+    add = None if one else np.empty_like(buf)
+    for a in range(0, rows.size, BLOCK):
+        rr = rows[a : a + BLOCK]
+        x = np.asarray(r[rr], dtype=np.float32)
+        d = np.matmul(x, mt, out=buf[: rr.size])
+        if one:
+            d += mp[0]
+        else:
+            d += np.take(mp, owner[rr], axis=0, out=add[: rr.size])
+        i = np.arange(rr.size)
+        xx = (x * x).sum(1)
+        for k in range(t):
+            j = d.argmin(1)
+            best[a : a + rr.size, k] = j
+            val[a : a + rr.size, k] = d[i, j] + xx
+            d[i, j] = np.inf
+    return best, val
+
+
+def _greedy_level(
+    r: np.ndarray, owner: np.ndarray, M: np.ndarray, caps: np.ndarray, seed: int, t: int = PRICE_CANDIDATES
+) -> np.ndarray:
+    """The columns (n,) of the rows r (n, k) of all groups of a level
+    (``owner``: the group of each row), column j of group p taking exactly
+    caps[p, j] rows, by squared distance to the shared centroids M (C, k).
+
+    Prices first: shared by the groups from dual ascent on a seeded sample
+    of ``PRICE_SAMPLE`` rows against the columns' total capacities, then
+    per group and column from dual ascent on every row's t cheapest columns
+    under the shared prices.  Then rows propose to their cheapest candidate
+    with room and each column keeps its cheapest proposers; rows whose
+    candidates all fill up go on proposing on their dense rows.  No (n, C)
+    matrix is kept."""
+    n = r.shape[0]
+    n_par, C = caps.shape
+    caps = caps.astype(np.int64)
+    m = min(n, PRICE_SAMPLE)
+    idx = np.arange(n) if m == n else np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
+    d = _sqdist(np.asarray(r[idx], dtype=np.float32), np.asarray(M, dtype=np.float32))
+    d[caps[owner[idx]] <= 0] = np.inf
+    shared = _prices(d, caps.sum(0) * (m / n))
+    del d
+    price = np.tile(shared.astype(np.float64), (n_par, 1))  # (n_par, C)
+    shut = caps <= 0
+    j, v = _cheapest(r, owner, M, price, shut, np.arange(n), t)
+    cols = owner[:, None] * C + j
+    cost = v - shared[j]  # distances again
+    price = price.reshape(-1)
+    price = _prices_on(cost, cols, caps.reshape(-1), price)
+    left = caps.reshape(-1).copy()
+    g = _propose(cost + price[cols].astype(np.float32), cols, left)
+    out = np.where(g >= 0, g % C, -1)
+    todo = np.flatnonzero(g < 0)
+    room = left.reshape(n_par, C)
+    by_group = np.bincount(owner[todo], minlength=n_par)
+    if todo.size and by_group.max() <= EXACT_MAX:
+        # the rows left over fill exactly the room left in their group:
+        # matched exactly there (at V = 224k, 474 small matchings beat the
+        # dense proposal rounds in time and in cost)
+        todo = todo[np.argsort(owner[todo], kind="stable")]
+        ends = np.cumsum(by_group)
+
+        def one(p):
+            rows = todo[ends[p] - by_group[p] : ends[p]]
+            ok = np.flatnonzero(room[p] > 0)
+            out[rows] = ok[_assign_group(_sqdist(np.asarray(r[rows], dtype=np.float64), M[ok]), room[p][ok])]
+
+        _each(one, np.flatnonzero(by_group))
+        return out
+    price = price.reshape(n_par, C)
+    while todo.size:
+        j, v = _cheapest(r, owner, M, price, room <= 0, todo)
+        j, v = j[:, 0], v[:, 0]
+        ok = _accept(todo, owner[todo] * C + j, v, left)
+        out[todo[ok]] = j[ok]
+        todo = todo[~ok]
+    return out
+
+
+def _prices_on(cost: np.ndarray, cols: np.ndarray, caps: np.ndarray, price: np.ndarray, iters: int = 20) -> np.ndarray:
+    """Dual ascent of the column prices (G,) from ``price`` on candidate
+    lists: rows (n, t) of costs (inf: closed) and global column ids, towards
+    the capacities caps (G,)."""
+    n = cost.shape[0]
+    price = price.copy()
+    if n == 0:
+        return price
+    fin = np.isfinite(cost)
+    step = float(np.median((cost - cost.min(1, keepdims=True))[fin])) + 1e-9
+    i = np.arange(n)
+    for _ in range(iters):
+        a = cols[i, (cost + price[cols]).argmin(1)]
+        excess = np.bincount(a, minlength=caps.size) - caps
+        if not (excess > 0).any():
+            break
+        price += step * np.clip(excess / np.maximum(caps, 1), -1.0, 1.0)
+        step *= 0.85
+    return price
+
+
+def _propose(adj: np.ndarray, cols: np.ndarray, left: np.ndarray) -> np.ndarray:
+    """Rows propose to their cheapest candidate column (adj, cols: (n, t))
+    with room (``left``, updated in place), each column keeps its cheapest
+    proposers, until every row is placed or none of its candidates has room
+    (then -1)."""
+    n = adj.shape[0]
+    out = np.full(n, -1, dtype=np.int64)
+    todo = np.arange(n)
+    while todo.size:
+        g = cols[todo]
+        sub = np.where(left[g] > 0, adj[todo], np.inf)
+        k = sub.argmin(1)
+        i = np.arange(todo.size)
+        bc = sub[i, k]
+        live = np.isfinite(bc)
+        if not live.any():
+            break
+        todo, best, bc = todo[live], g[i, k][live], bc[live]
+        ok = _accept(todo, best, bc, left)
+        out[todo[ok]] = best[ok]
+        todo = todo[~ok]
+    return out
 
 
 def _assign_group(cost: np.ndarray, caps: np.ndarray) -> np.ndarray:
@@ -376,25 +599,63 @@ def _assign_group(cost: np.ndarray, caps: np.ndarray) -> np.ndarray:
         except ImportError:  # pragma: no cover - scipy ships with sklearn
             return _greedy_capacitated(cost, caps)
         slots = np.repeat(np.arange(K), caps)
-        rows, cols = linear_sum_assignment(cost[:, slots])
+        c = cost[:, slots]
+        # every slot and every row is used once: subtracting column and row
+        # minima keeps the optimum and makes the solver 2-3x faster
+        c -= c.min(0, keepdims=True)
+        c -= c.min(1, keepdims=True)
+        rows, cols = linear_sum_assignment(c)
         out = np.empty(n, dtype=np.int64)
         out[rows] = slots[cols]
         return out
     return _greedy_capacitated(cost, caps)
 
 
+def _assign_level(r, owner, offsets, M, caps, seed: int, exact: Optional[bool] = None) -> np.ndarray:
+    """The columns (n,) of the rows r (n, k) of all groups of a level (rows
+    of group p: ``offsets[p]:offsets[p+1]``, ``owner`` their group) under the
+    capacities caps (n_groups, C), by distance to the shared centroids M.
+    Groups of at most EXACT_MAX rows exactly (:func:`_assign_group`) when the
+    level is small (or ``exact``); the others in one greedy matching
+    (:func:`_greedy_level`)."""
+    n_par, C = caps.shape
+    sizes = np.diff(offsets)
+    col = np.empty(r.shape[0], dtype=np.int64)
+    ex = sizes <= EXACT_MAX
+    if not exact and int((sizes * C).sum()) > EXACT_BUDGET:
+        ex[:] = False
+
+    def one(p):
+        a, b = offsets[p], offsets[p + 1]
+        ok = np.flatnonzero(caps[p] > 0)
+        col[a:b] = ok[_assign_group(_sqdist(np.asarray(r[a:b], dtype=np.float64), M[ok]), caps[p][ok])]
+
+    _each(one, np.flatnonzero(ex & (sizes > 0)))
+    rows = np.flatnonzero(~ex[owner])
+    if rows.size:
+        sub = np.cumsum(~ex) - 1  # the greedy groups, renumbered
+        t = PRICE_CANDIDATES if (~ex).sum() == 1 else GROUP_CANDIDATES
+        col[rows] = _greedy_level(r[rows], sub[owner[rows]], M, caps[~ex], seed, t)
+    return col
+
+
 def _init_centroids(r: np.ndarray, k: int, seed: int):
     """k starting centroids for the rows of r and the number of rows nearest
-    to each: k-means (scikit-learn, one k-means++ start) where possible, else
-    a seeded sample of rows."""
+    to each: k-means (scikit-learn, one k-means++ start, on a seeded sample
+    of ``max(KMEANS_SAMPLE * k, KMEANS_MIN)`` rows when r is larger) where
+    possible, else a seeded sample of rows."""
     n = r.shape[0]
     rng = np.random.default_rng(seed)
     if n >= k:
         try:
             from sklearn.cluster import KMeans
 
+            # the balanced rounds refine the centroids on every row; k-means
+            # on all of them costs a minute at V = 224k
+            m = max(k, KMEANS_SAMPLE * k, KMEANS_MIN)
+            s = r if n <= m else r[np.sort(rng.choice(n, size=m, replace=False))]
             km = KMeans(n_clusters=k, n_init=1, max_iter=30, random_state=seed % (2**31))
-            labels = km.fit_predict(r)
+            labels = km.fit_predict(np.asarray(s, dtype=np.float64))  # float32 is slower (upcast in chunks)
             return np.asarray(km.cluster_centers_, dtype=np.float64), np.bincount(labels, minlength=k)
         except ImportError:  # pragma: no cover
             cents = r[rng.choice(n, size=k, replace=False)].copy()
@@ -454,24 +715,25 @@ def balanced_codes(
     u = _unit_rows(x, rng)
     strides = _strides(sizes)
 
-    # parents of the current level: (first code, token ids)
-    parents = [(0, free)]
+    # the groups of the current level: first codes, and their tokens, group
+    # by group (ids ascending within a group)
+    starts = np.zeros(1, dtype=np.int64)
+    toks = free
+    offsets = np.array([0, free.size], dtype=np.int64)
     for h in range(H):
         C, S = sizes[h], strides[h]
-        n_par = len(parents)
-        starts = np.array([s for s, _ in parents], dtype=np.int64)
+        n_par = starts.size
         lo = starts[:, None] + np.arange(C)[None, :] * S  # (n_par, C) first code of child
         hi = lo + S
         caps = np.clip(np.minimum(hi, V_eff) - np.maximum(lo, nfix), 0, None)
-        for p, (_, toks) in enumerate(parents):
-            assert caps[p].sum() == toks.size, (h, p, caps[p].sum(), toks.size)
-        # residuals from each parent's centroid
-        tok_all = np.concatenate([t for _, t in parents])
-        owner = np.repeat(np.arange(n_par), [t.size for _, t in parents])
-        cents = np.zeros((n_par, u.shape[1]))
-        np.add.at(cents, owner, u[tok_all])
-        cents /= np.bincount(owner, minlength=n_par)[:, None]
-        res = u[tok_all] - cents[owner]
+        counts = np.diff(offsets)
+        assert np.array_equal(caps.sum(1), counts), (h, caps.sum(1), counts)
+        owner = np.repeat(np.arange(n_par), counts)
+        # residuals from each parent's centroid (float32: distances only)
+        ut = u[toks]
+        cents = _group_sum(owner, ut, n_par) / counts[:, None]
+        res = (ut - cents[owner]).astype(np.float32)
+        del ut
         used_cols = np.flatnonzero(caps.sum(0) > 0)
         M = np.zeros((C, u.shape[1]))
         init, size = _init_centroids(res, used_cols.size, seed + 7919 * h)
@@ -480,39 +742,30 @@ def balanced_codes(
         # split only because it was dealt to a column too small for it
         col_cap = caps.sum(0)[used_cols]
         M[used_cols[np.argsort(col_cap, kind="stable")]] = init[np.argsort(size, kind="stable")]
-        offsets = np.concatenate([[0], np.cumsum([t.size for _, t in parents])])
-        col = np.zeros(tok_all.size, dtype=np.int64)
         n_rounds = rounds if h == 0 else max(2, rounds // 2)
+        # a level matched greedily whose groups are small enough gets one
+        # exact pass on the centroids of its last round
+        final_exact = int((counts * C).sum()) > EXACT_BUDGET and counts.max() <= EXACT_MAX
         prev = None
-        for _ in range(n_rounds):
-            for p in range(n_par):
-                a, b = offsets[p], offsets[p + 1]
-                if b == a:
-                    continue
-                ok = np.flatnonzero(caps[p] > 0)
-                cost = _sqdist(res[a:b], M[ok])
-                col[a:b] = ok[_assign_group(cost, caps[p][ok])]
+        for rnd in range(n_rounds):
+            col = _assign_level(res, owner, offsets, M, caps, seed + 7919 * h + 131 * rnd)
             if prev is not None and np.array_equal(prev, col):
                 break
-            prev = col.copy()
-            sums = np.zeros((C, u.shape[1]))
-            np.add.at(sums, col, res)
+            prev = col
             cnt = np.bincount(col, minlength=C)
             has = cnt > 0
-            M[has] = sums[has] / cnt[has, None]
-        # children become the next level's parents
-        nxt = []
-        for p, (s, _) in enumerate(parents):
-            a, b = offsets[p], offsets[p + 1]
-            tp, cp = tok_all[a:b], col[a:b]
-            order = np.argsort(cp, kind="stable")
-            tp, cp = tp[order], cp[order]
-            for j in np.unique(cp):
-                nxt.append((int(s + j * S), np.sort(tp[cp == j])))
-        parents = nxt
-    for s, toks in parents:
-        assert toks.size == 1
-        code[toks[0]] = s
+            M[has] = _group_sum(col, res, C)[has] / cnt[has, None]
+        if final_exact:
+            col = _assign_level(res, owner, offsets, M, caps, seed, exact=True)
+        # children become the next level's groups, in code order
+        key = owner * C + col
+        order = np.lexsort((toks, key))
+        toks, key = toks[order], key[order]
+        uk, first = np.unique(key, return_index=True)
+        starts = starts[uk // C] + (uk % C) * S
+        offsets = np.append(first, toks.size).astype(np.int64)
+    assert (np.diff(offsets) == 1).all()
+    code[toks] = starts
     _check_code(code, V, "balanced_codes")
     return code
 
@@ -600,13 +853,10 @@ def digit_coherence(
         prefix = c // (S * C)
         digit = (c // S) % C
         _, pinv = np.unique(prefix, return_inverse=True)
-        cent = np.zeros((pinv.max() + 1, u.shape[1]))
-        np.add.at(cent, pinv, u)
-        cent /= np.bincount(pinv)[:, None]
+        cent = _group_sum(pinv, u, int(pinv.max()) + 1) / np.bincount(pinv)[:, None]
         r = u - cent[pinv] if h > 0 else u
         r = _unit_rows(r, rng)
-        sums = np.zeros((C, u.shape[1]))
-        np.add.at(sums, digit, r)
+        sums = _group_sum(digit, r, C)
         n = np.bincount(digit, minlength=C).astype(np.float64)
         m = n >= 2
         if not m.any():
@@ -622,6 +872,97 @@ def digit_coherence(
 # --------------------------------------------------------------------------
 
 
+def _left_counts(toks: np.ndarray, lens: np.ndarray, V: int, window: int):
+    """(V, V) csr: entry [b, a] = sum over the positions where token a stands
+    o <= window places to the left of token b in the same sentence of 1/o."""
+    import scipy.sparse as sp
+
+    pos = np.arange(toks.size) - np.repeat(np.cumsum(lens) - lens, lens)  # index within the sentence
+    idx = np.int32 if V < 2**31 else np.int64
+    rows, cols, vals = [], [], []
+    for o in range(1, window + 1):
+        ok = pos[o:] >= o  # toks[i] and toks[i + o] share a sentence
+        rows.append(toks[o:][ok].astype(idx))
+        cols.append(toks[:-o][ok].astype(idx))
+        vals.append(np.full(rows[-1].size, 1.0 / o))
+    # one conversion sums the duplicates (a csr sum per offset costs more)
+    return sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(V, V)).tocsr()
+
+
+def _orth(y: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of the columns of the tall y (n, l), in y's
+    dtype: Cholesky QR with the l x l Gram matrix accumulated in float64 by
+    row blocks (LAPACK's QR of a 448k x 74 float32 matrix takes seconds,
+    this a tenth of one)."""
+    g = np.zeros((y.shape[1], y.shape[1]))
+    buf = np.empty((min(4 * BLOCK, y.shape[0]), y.shape[1]))
+    for a in range(0, y.shape[0], buf.shape[0]):
+        b = buf[: min(buf.shape[0], y.shape[0] - a)]
+        np.copyto(b, y[a : a + b.shape[0]])
+        g += b.T @ b
+    try:
+        c = np.linalg.cholesky(g)
+    except np.linalg.LinAlgError:
+        c = None
+    d = np.abs(np.diag(c)) if c is not None else None
+    if d is None or d.min() < 1e-5 * d.max():  # (nearly) rank deficient: a tiny corpus
+        return np.linalg.qr(y)[0]
+    return y @ np.linalg.inv(c).T.astype(y.dtype)
+
+
+def _row_blocks(A, n: int) -> list:
+    """The csr A cut into n row blocks of about equal nnz."""
+    if n <= 1:
+        return [A]
+    cuts = np.searchsorted(A.indptr, np.linspace(0, A.nnz, n + 1)[1:-1]).tolist()
+    bounds = [0] + cuts + [A.shape[0]]
+    return [A[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _spmm(blocks: list, x: np.ndarray) -> np.ndarray:
+    """(row blocks of a csr matrix) @ x, a thread per block (scipy's sparse
+    product runs without the GIL but on one core)."""
+    if len(blocks) == 1:
+        return blocks[0] @ x
+    ends = np.cumsum([b.shape[0] for b in blocks])
+    out = np.empty((int(ends[-1]), x.shape[1]), dtype=np.result_type(blocks[0].dtype, x.dtype))
+
+    def one(i):
+        out[ends[i] - blocks[i].shape[0] : ends[i]] = blocks[i] @ x
+
+    _each(one, range(len(blocks)))
+    return out
+
+
+def _top_left_singular(A, k: int, seed: int, n_iter: Optional[int] = None, oversample: int = 10):
+    """The k leading left singular vectors (m, k) and values (k,) of the
+    sparse A (m, n), float32: a randomized range finder with n_iter power
+    iterations, orthonormalized by Cholesky QR (Halko et al. 2011), then the
+    SVD of the small projected matrix.  Signs fixed (each vector's largest
+    entry positive), so the result depends on the seed only."""
+    n_iter = SVD_ITERS if n_iter is None else int(n_iter)
+    m, n = A.shape
+    width = min(k + oversample, m, n)
+    nb = _threads()
+    Ab, ATb = _row_blocks(A, nb), _row_blocks(A.T.tocsr(), nb)  # csr products beat csc ones
+    q = _orth(_spmm(Ab, np.random.default_rng(seed).standard_normal((n, width), dtype=np.float32)))
+    for _ in range(n_iter):
+        # one orthonormalization per A A^T step is enough: the columns'
+        # conditioning grows by (s_1 / s_l)^2, a few hundred here
+        q = _orth(_spmm(Ab, _spmm(ATb, q)))
+    q = _orth(q)  # twice: orthonormal to float32 precision (CholeskyQR2)
+    b = _spmm(ATb, q).astype(np.float64)  # (Q^T A)^T = Q_b r, so Q^T A = r^T Q_b^T
+    try:
+        r = np.linalg.cholesky(b.T @ b).T
+    except np.linalg.LinAlgError:  # rank deficient (a tiny corpus)
+        r = np.linalg.qr(b, mode="r")
+    ur, s, _ = np.linalg.svd(r.T.astype(np.float64))
+    u = q.astype(np.float64) @ ur[:, :k]
+    big = np.abs(u).argmax(0)
+    u *= np.sign(u[big, np.arange(u.shape[1])])[None, :]
+    return u, s[:k]
+
+
 def ppmi_svd_vectors(
     token_id_sequences: Iterable,
     vocab_size: int,
@@ -635,40 +976,29 @@ def ppmi_svd_vectors(
     sequences: counts of each token with the tokens up to ``window``
     positions to its left and to its right (left and right neighbours are
     separate context features, weight 1/distance), positive PMI with
-    context-distribution smoothing ``smoothing``, truncated SVD (``U S^0.5``).
+    context-distribution smoothing ``smoothing``, truncated SVD (``U S^0.5``;
+    randomized, float32, seeded).
     Tokens never seen get small random (seeded) vectors."""
     import scipy.sparse as sp
-    from sklearn.decomposition import TruncatedSVD
 
     V = int(vocab_size)
     window = max(1, int(window))
-    counts = sp.csr_matrix((V, 2 * V), dtype=np.float64)
+    left = None  # left[b, a]: a seen on the left of b; the right contexts are its transpose
     seen = np.zeros(V, dtype=bool)
 
     def flush(buf):
-        nonlocal counts
-        if not buf:
+        nonlocal left
+        seqs = [np.asarray(s).reshape(-1) for s in buf]
+        if not seqs:
             return
-        seqs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in buf]
-        toks = np.concatenate(seqs)
+        toks = np.concatenate(seqs).astype(np.int64, copy=False)
         if toks.size == 0:
             return
         if toks.min() < 0 or toks.max() >= V:
             raise ValueError(f"token id out of range [0, {V}) in the corpus")
-        sent = np.repeat(np.arange(len(seqs)), [s.size for s in seqs])
         seen[toks] = True
-        rows, cols, vals = [], [], []
-        for o in range(1, window + 1):
-            same = sent[o:] == sent[:-o]
-            a, b = toks[:-o][same], toks[o:][same]  # a is o to the left of b
-            w = np.full(a.size, 1.0 / o)
-            rows += [b, a]  # b sees a on its left; a sees b on its right
-            cols += [a, b + V]
-            vals += [w, w]
-        m = sp.coo_matrix(
-            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(V, 2 * V)
-        ).tocsr()
-        counts = counts + m
+        m = _left_counts(toks, np.array([s.size for s in seqs], dtype=np.int64), V, window)
+        left = m if left is None else left + m
 
     buf, n = [], 0
     for s in token_id_sequences:
@@ -679,25 +1009,25 @@ def ppmi_svd_vectors(
             buf, n = [], 0
     flush(buf)
 
-    rng = np.random.default_rng(seed)
-    counts = counts.tocsr()
-    counts.eliminate_zeros()
     dim = max(1, min(int(dim), V - 1, 2 * V - 1))
     out = np.zeros((V, dim))
-    if counts.nnz > 0:
-        total = counts.sum()
+    if left is not None and left.nnz > 0:
+        counts = sp.hstack([left, left.T.tocsr()], format="csr")  # [left | right] contexts
+        del left
+        total = counts.data.sum()
         row = np.asarray(counts.sum(1)).ravel()
         ctx = np.asarray(counts.sum(0)).ravel() ** smoothing
         ctx = ctx / ctx.sum()
-        coo = counts.tocoo()
-        pmi = np.log(coo.data * 1.0 / total) - np.log(row[coo.row] / total) - np.log(ctx[coo.col])
+        r_of = np.repeat(np.arange(V), np.diff(counts.indptr))
+        pmi = np.log(counts.data / total) - np.log(row[r_of] / total) - np.log(ctx[counts.indices])
         keep = pmi > 0
-        ppmi = sp.csr_matrix((pmi[keep], (coo.row[keep], coo.col[keep])), shape=counts.shape)
-        if ppmi.nnz > 0 and dim >= 1:
-            svd = TruncatedSVD(n_components=dim, algorithm="randomized", n_iter=5, random_state=seed % (2**31))
-            us = svd.fit_transform(ppmi)  # U S
-            s = np.sqrt(np.maximum(svd.singular_values_, 1e-12))
-            out = us / s[None, :]
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(r_of[keep], minlength=V))])
+        ppmi = sp.csr_matrix((pmi[keep].astype(np.float32), counts.indices[keep], indptr), shape=counts.shape)
+        del counts, r_of, pmi, keep
+        if ppmi.nnz > 0:
+            u, s = _top_left_singular(ppmi, dim, seed % (2**31))
+            out[:, : u.shape[1]] = u * np.sqrt(np.maximum(s, 1e-12))[None, :]
+    rng = np.random.default_rng(seed)
     has = np.linalg.norm(out, axis=1) > 1e-12
     scale = float(np.linalg.norm(out[has], axis=1).mean()) if has.any() else 1.0
     missing = ~has | ~seen
