@@ -1,4 +1,5 @@
-"""Learned code tables: fairseq_mhce/modules/code_table.py and mhce-build-codes
+"""Learned code tables: fairseq_mhce/modules/{code_table,balanced_grouping,ppmi_codes,
+checkpoint_vectors}.py and mhce-build-codes
 (fairseq_mhce/cli/build_codes.py).
 
 Fast (one tiny fairseq-preprocess run, one run of the console script); the
@@ -14,7 +15,10 @@ import torch
 
 from fairseq_mhce.cli import build_codes
 from fairseq_mhce.modules import code_table as ct
+from fairseq_mhce.modules.balanced_grouping import balanced_codes, digit_coherence
+from fairseq_mhce.modules.checkpoint_vectors import checkpoint_vectors
 from fairseq_mhce.modules.codec import MixedRadixCodec, auto_head_sizes
+from fairseq_mhce.modules.ppmi_codes import ppmi_svd_vectors
 
 from .utils import cli, make_copy_data
 
@@ -49,7 +53,7 @@ def symbols_of(V):
 )
 def test_balanced_and_a_permutation(V, sizes):
     x = np.random.default_rng(V).standard_normal((V, 6))
-    code = ct.balanced_codes(x, sizes, seed=1)
+    code = balanced_codes(x, sizes, seed=1)
     check_balanced(code, V, sizes)
     # the codec accepts it and every token round-trips
     codec = MixedRadixCodec(V, sizes, torch.from_numpy(code))
@@ -61,20 +65,20 @@ def test_last_tokens_get_the_highest_codes():
     V, sizes = 50, [4, 4, 4]
     x = np.random.default_rng(0).standard_normal((V, 5))
     last = [7, 20, 33, 49]
-    code = ct.balanced_codes(x, sizes, seed=3, last=last)
+    code = balanced_codes(x, sizes, seed=3, last=last)
     check_balanced(code, V, sizes)
     assert code[last].tolist() == [46, 47, 48, 49]
     with pytest.raises(ValueError):
-        ct.balanced_codes(x, sizes, last=[2])  # a special
+        balanced_codes(x, sizes, last=[2])  # a special
 
 
 def test_deterministic_from_seed(tmp_path):
     V, sizes = 120, [11, 11]
     x = np.random.default_rng(5).standard_normal((V, 8))
-    a = ct.balanced_codes(x, sizes, seed=1)
-    b = ct.balanced_codes(x, sizes, seed=1)
+    a = balanced_codes(x, sizes, seed=1)
+    b = balanced_codes(x, sizes, seed=1)
     assert np.array_equal(a, b)
-    c = ct.balanced_codes(x, sizes, seed=2)
+    c = balanced_codes(x, sizes, seed=2)
     check_balanced(c, V, sizes)
     assert not np.array_equal(a, c)  # another k-means start
     syms = symbols_of(V)
@@ -94,7 +98,7 @@ def test_planted_groups_are_found():
     x = np.concatenate([rng.standard_normal((4, k)), centres[labels] + 0.5 * rng.standard_normal((labels.size, k))])
     V = x.shape[0]
     assert V == 64
-    code = ct.balanced_codes(x, [C1, C2], seed=1)
+    code = balanced_codes(x, [C1, C2], seed=1)
     check_balanced(code, V, [C1, C2])
     group = code[4:] // C2
     pure = sum(len(set(labels[group == g])) == 1 for g in range(C1))
@@ -116,7 +120,7 @@ def test_last_digit_means_the_same_across_groups():
     B = rng.standard_normal((C2, k)) * 1.5
     x = np.stack([A[g] + B[j] + 0.1 * rng.standard_normal(k) for g, j in cells])
     x = np.concatenate([rng.standard_normal((4, k)), x])
-    code = ct.balanced_codes(x, [C1, C2], seed=1)
+    code = balanced_codes(x, [C1, C2], seed=1)
     check_balanced(code, x.shape[0], [C1, C2])
     g_planted = np.array([g for g, _ in cells])
     j_planted = np.array([j for _, j in cells])
@@ -126,8 +130,8 @@ def test_last_digit_means_the_same_across_groups():
     # columns: the share of tokens whose last digit is their column's usual one
     agree = sum(np.bincount(j_code[j_planted == j]).max() for j in range(C2))
     assert agree >= 0.85 * len(cells), agree
-    learned = ct.digit_coherence(x, code, [C1, C2])
-    ident = ct.digit_coherence(x, np.arange(x.shape[0]), [C1, C2])
+    learned = digit_coherence(x, code, [C1, C2])
+    ident = digit_coherence(x, np.arange(x.shape[0]), [C1, C2])
     assert learned[0] > ident[0] + 0.3 and learned[1] > ident[1] + 0.3
 
 
@@ -138,7 +142,7 @@ def test_grouping_is_fast_enough():
     x = np.random.default_rng(0).standard_normal((V, 32))
     t = time.time()
     for H in (2, 3):
-        check_balanced(ct.balanced_codes(x, auto_head_sizes(V, H), seed=1), V, auto_head_sizes(V, H))
+        check_balanced(balanced_codes(x, auto_head_sizes(V, H), seed=1), V, auto_head_sizes(V, H))
     assert time.time() - t < 10
 
 
@@ -158,7 +162,7 @@ def test_ppmi_vectors_separate_context_classes():
             else:
                 s += [21, int(rng.integers(10, 16))]
         seqs.append(np.array(s + [2]))
-    v = ct.ppmi_svd_vectors(seqs, V, dim=8, window=1, seed=1)
+    v = ppmi_svd_vectors(seqs, V, dim=8, window=1, seed=1)
     assert v.shape == (V, 8)
     u = v / np.linalg.norm(v, axis=1, keepdims=True)
     sim = u @ u.T
@@ -168,7 +172,7 @@ def test_ppmi_vectors_separate_context_classes():
     assert within > across + 0.5
     # unseen tokens (22..29): small vectors; same seed, same vectors
     assert np.linalg.norm(v[25]) < 0.01 * np.linalg.norm(v[5])
-    assert np.array_equal(v, ct.ppmi_svd_vectors(seqs, V, dim=8, window=1, seed=1))
+    assert np.array_equal(v, ppmi_svd_vectors(seqs, V, dim=8, window=1, seed=1))
 
 
 def test_checkpoint_vectors(tmp_path):
@@ -176,15 +180,15 @@ def test_checkpoint_vectors(tmp_path):
     emb, out = torch.randn(V, d), torch.randn(V, d)
     p = tmp_path / "softmax.pt"
     torch.save({"model": {"decoder.embed_tokens.weight": emb, "decoder.output_projection.weight": out}}, p)
-    assert np.allclose(ct.checkpoint_vectors(p, "input"), emb.numpy())
-    assert np.allclose(ct.checkpoint_vectors(p, "output", vocab_size=V), out.numpy())
+    assert np.allclose(checkpoint_vectors(p, "input"), emb.numpy())
+    assert np.allclose(checkpoint_vectors(p, "output", vocab_size=V), out.numpy())
     mhs = tmp_path / "mhs.pt"
     torch.save({"model": {"decoder.embed_tokens.weight": emb, "decoder.mhce_head.proj.weight": out}}, mhs)
-    assert np.allclose(ct.checkpoint_vectors(mhs, "output", vocab_size=V), out.numpy())
+    assert np.allclose(checkpoint_vectors(mhs, "output", vocab_size=V), out.numpy())
     mhp = tmp_path / "mhp.pt"  # an MHP head: sum(C_h) rows, not a per-token table
     torch.save({"model": {"decoder.embed_tokens.weight": emb, "decoder.mhce_head.proj.weight": torch.randn(9, d)}}, mhp)
     with pytest.raises(ValueError, match="--vectors input") as e:
-        ct.checkpoint_vectors(mhp, "output", vocab_size=V)
+        checkpoint_vectors(mhp, "output", vocab_size=V)
     assert "decoder.embed_tokens.weight" in str(e.value)  # lists what is there
     # tied input/output embeddings (fairseq may store only the embedding)
     import argparse
@@ -197,11 +201,11 @@ def test_checkpoint_vectors(tmp_path):
         },
         tied,
     )
-    assert np.allclose(ct.checkpoint_vectors(tied, "output", vocab_size=V), emb.numpy())
+    assert np.allclose(checkpoint_vectors(tied, "output", vocab_size=V), emb.numpy())
     with pytest.raises(ValueError, match="rows, the target dictionary has 21"):
-        ct.checkpoint_vectors(p, "output", vocab_size=V + 1)
+        checkpoint_vectors(p, "output", vocab_size=V + 1)
     with pytest.raises(ValueError, match="must be 'output' or 'input'"):
-        ct.checkpoint_vectors(p, "both")
+        checkpoint_vectors(p, "both")
 
 
 # ---------------------------------------------------------------- file
@@ -209,7 +213,7 @@ def test_checkpoint_vectors(tmp_path):
 
 def test_save_load_roundtrip_and_refusals(tmp_path):
     V, sizes = 50, [8, 8]
-    code = ct.balanced_codes(np.random.default_rng(0).standard_normal((V, 4)), sizes, seed=1)
+    code = balanced_codes(np.random.default_rng(0).standard_normal((V, 4)), sizes, seed=1)
     syms = symbols_of(V)
     path = tmp_path / "sub" / "codes.json"
     ct.save_code_table(path, code, sizes, syms, {"source": "test"})

@@ -1,5 +1,5 @@
 """balanced_codes on inputs large enough for its greedy paths
-(fairseq_mhce/modules/code_table.py): the guarantees of its docstring,
+(fairseq_mhce/modules/balanced_grouping.py): the guarantees of its docstring,
 determinism for a seed, and grouping quality well above identity codes.
 
 A few seconds: V = 5000, 16-dim clustered vectors.
@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from fairseq_mhce.modules import code_table as ct
+from fairseq_mhce.modules import balanced_grouping as bg
 
 
 def strides(sizes):
@@ -43,18 +43,18 @@ def test_guarantees_and_determinism(sizes, greedy_last_level, monkeypatch):
     if greedy_last_level:
         # the V = 224k path at this size: every level matched greedily from
         # sampled prices, then one exact pass on the small groups
-        monkeypatch.setattr(ct, "EXACT_BUDGET", 10_000)
-        monkeypatch.setattr(ct, "PRICE_SAMPLE", 1_000)
+        monkeypatch.setattr(bg, "EXACT_BUDGET", 10_000)
+        monkeypatch.setattr(bg, "PRICE_SAMPLE", 1_000)
     x = clustered(V)
     last = np.random.default_rng(1).choice(np.arange(4, V), 37, replace=False)
-    a = ct.balanced_codes(x, sizes, seed=3, last=last)
+    a = bg.balanced_codes(x, sizes, seed=3, last=last)
     check_guarantees(a, V, sizes, last=last)
-    assert np.array_equal(a, ct.balanced_codes(x, sizes, seed=3, last=last)), "not deterministic for a seed"
-    b = ct.balanced_codes(x, sizes, seed=4, last=last)
+    assert np.array_equal(a, bg.balanced_codes(x, sizes, seed=3, last=last)), "not deterministic for a seed"
+    b = bg.balanced_codes(x, sizes, seed=4, last=last)
     check_guarantees(b, V, sizes, last=last)
     assert not np.array_equal(a, b)  # another seed, another start
-    learned = ct.digit_coherence(x, a, sizes, skip=last)
-    ident = ct.digit_coherence(x, np.arange(V), sizes, skip=last)
+    learned = bg.digit_coherence(x, a, sizes, skip=last)
+    ident = bg.digit_coherence(x, np.arange(V), sizes, skip=last)
     assert learned[0] > ident[0] + 0.3, (learned, ident)
     assert all(lc > ic + 0.02 for lc, ic in zip(learned[1:], ident[1:])), (learned, ident)
 
@@ -63,7 +63,7 @@ def test_no_specials_and_a_partial_last_group():
     # the shortlist's tail: no fixed tokens, V far from a multiple of the sizes
     V, sizes = 4321, [71, 71]
     x = clustered(V, seed=2)
-    code = ct.balanced_codes(x, sizes, seed=1, fixed_first=0)
+    code = bg.balanced_codes(x, sizes, seed=1, fixed_first=0)
     check_guarantees(code, V, sizes, nfix=0)
 
 
@@ -74,9 +74,9 @@ def test_greedy_capacitated_fills_every_column_exactly():
     caps = np.concatenate([[75, 0], caps, [75]])[:K]
     caps[-1] += n - caps.sum()
     cost = rng.random((n, K))
-    col = ct._greedy_capacitated(cost, caps)
+    col = bg._greedy_capacitated(cost, caps)
     assert np.array_equal(np.bincount(col, minlength=K), caps)
-    assert np.array_equal(col, ct._greedy_capacitated(cost, caps))
+    assert np.array_equal(col, bg._greedy_capacitated(cost, caps))
     # far better than a random assignment with the same capacities
     rand = rng.permutation(np.repeat(np.arange(K), caps))
     assert cost[np.arange(n), col].sum() < 0.5 * cost[np.arange(n), rand].sum()
@@ -89,7 +89,7 @@ def test_exact_assignment_is_optimal():
     n, K = 60, 7
     caps = np.array([10, 5, 0, 15, 10, 10, 10])
     cost = rng.random((n, K))
-    col = ct._assign_group(cost, caps)
+    col = bg._assign_group(cost, caps)
     assert np.array_equal(np.bincount(col, minlength=K), caps)
     slots = np.repeat(np.arange(K), caps)
     r, c = linear_sum_assignment(cost[:, slots])

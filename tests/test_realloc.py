@@ -12,7 +12,7 @@ import torch
 
 import fairseq_mhce  # noqa: F401
 from fairseq_mhce.models.transformer_mhce import build_head
-from fairseq_mhce.modules.code_table import REALLOC_MAX_VOCAB, reallocate_codes
+from fairseq_mhce.modules.code_realloc import REALLOC_MAX_VOCAB, reallocate_codes
 from fairseq_mhce.modules.codec import MixedRadixCodec, auto_head_sizes
 from fairseq_mhce.modules.multihead_output import MultiHeadProduct, parse_update_list
 

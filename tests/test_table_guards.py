@@ -31,6 +31,7 @@ import torch
 
 from fairseq_mhce.cli import build_codes as build_codes_cli
 from fairseq_mhce.modules import code_table as ct
+from fairseq_mhce.modules.checkpoint_vectors import checkpoint_vectors
 
 from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, make_copy_data, tree_hashes
 
@@ -364,11 +365,11 @@ def test_per_token_mhe_checkpoint_vectors(databin, V, mhe_run, tmp_path):
     code = state["decoder.mhce_head.codec.code"]
     rows = state["decoder.mhce_head.token_vectors"]
     assert rows.shape[0] > V and not torch.equal(code, torch.arange(V))  # padding rows, a learned table
-    got = ct.checkpoint_vectors(ckpt, "output", vocab_size=V)
+    got = checkpoint_vectors(ckpt, "output", vocab_size=V)
     assert got.shape == (V, rows.shape[1])
     assert np.allclose(got, rows[code].numpy()), "row code[v] is token v"
     emb = state["decoder.embed_tokens.weight"]
-    assert np.allclose(ct.checkpoint_vectors(ckpt, "input", vocab_size=V), emb.numpy())  # untied: token order
+    assert np.allclose(checkpoint_vectors(ckpt, "input", vocab_size=V), emb.numpy())  # untied: token order
     out = tmp_path / "from_mhe.json"
     rc, text = build_codes(
         "--databin",
@@ -409,7 +410,7 @@ def test_tied_checkpoint_vectors_in_token_order(databin, V, tables, tmp_path):
     emb = state["decoder.embed_tokens.weight"]
     assert not torch.equal(code, torch.arange(V))
     for which in ("output", "input"):
-        assert np.allclose(ct.checkpoint_vectors(ckpt, which, vocab_size=V), emb[code].numpy()), which
+        assert np.allclose(checkpoint_vectors(ckpt, which, vocab_size=V), emb[code].numpy()), which
 
 
 # ---------------------------------------------------------------- item 14

@@ -4,7 +4,8 @@ The table maps every type of a data-bin's target dictionary to its code (the
 digits the heads predict); a model uses it with ``--mhce-code-table PATH``.
 Similar tokens get the same prefix (the same head-1 group, ...) and a digit
 of a head below the first means one thing under every prefix.  See
-``fairseq_mhce/modules/code_table.py`` for the algorithm and the file format.
+``fairseq_mhce/modules/balanced_grouping.py`` for the algorithm and
+``fairseq_mhce/modules/code_table.py`` for the file format.
 
 Token vectors (``--source``):
 
@@ -202,8 +203,9 @@ def check_checkpoint_dictionary(ckpt, path, dictionary, dict_path, tgt):
     when that exists; else a warning that it cannot be checked."""
     from fairseq_mhce.models.transformer_mhce import FINGERPRINT_KEY, dictionary_fingerprint
     from fairseq_mhce.modules import code_table as ct
+    from fairseq_mhce.modules.checkpoint_vectors import checkpoint_state
 
-    state = ct.checkpoint_state(ckpt, path)
+    state = checkpoint_state(ckpt, path)
     fp = state.get(f"decoder.{FINGERPRINT_KEY}")
     if fp is not None:
         try:
@@ -273,6 +275,8 @@ def run(args, t0):
     from fairseq_mhce.models.transformer_mhce import check_head_sizes
     from fairseq_mhce.modules import code_table as ct
     from fairseq_mhce.modules import ppmi_codes
+    from fairseq_mhce.modules.balanced_grouping import digit_coherence
+    from fairseq_mhce.modules.checkpoint_vectors import checkpoint_vectors, read_checkpoint
     from fairseq_mhce.modules.codec import auto_head_sizes, parse_head_sizes
 
     src, tgt = detect_langs(databin, args.target_lang)
@@ -339,9 +343,9 @@ def run(args, t0):
         if not args.checkpoint:
             raise UsageError("--source checkpoint needs --checkpoint PATH")
         try:
-            ckpt = ct.read_checkpoint(args.checkpoint)
+            ckpt = read_checkpoint(args.checkpoint)
             check_checkpoint_dictionary(ckpt, args.checkpoint, dictionary, dict_path, tgt)
-            vectors = ct.checkpoint_vectors(args.checkpoint, args.vectors, vocab_size=V, ckpt=ckpt)
+            vectors = checkpoint_vectors(args.checkpoint, args.vectors, vocab_size=V, ckpt=ckpt)
         except ValueError as e:
             raise UsageError(str(e)) from None
         meta.update(checkpoint=os.path.abspath(args.checkpoint), vectors=args.vectors)
@@ -352,9 +356,9 @@ def run(args, t0):
     listed = ppmi_codes.shortlist_tokens(counts, S) if S else None
     t2 = time.time()
     skip = unseen if not S else np.union1d(listed, unseen if unseen is not None else []).astype(np.int64)
-    learned = ct.digit_coherence(vectors, code, sizes, skip=skip)
+    learned = digit_coherence(vectors, code, sizes, skip=skip)
     ident = np.arange(V) if not S else ct.shortlist_code(np.arange(V), S, listed).numpy()
-    identity = ct.digit_coherence(vectors, ident, sizes, skip=skip)
+    identity = digit_coherence(vectors, ident, sizes, skip=skip)
     meta["coherence"] = {"learned": [round(x, 4) for x in learned], "identity": [round(x, 4) for x in identity]}
     try:
         ct.save_code_table(args.out, code, sizes, symbols, meta)

@@ -42,10 +42,15 @@ def auto_head_sizes(vocab_size: int, num_heads: int, flag: str = "--mhce-heads")
     return sizes
 
 
+def radix_strides(head_sizes: Sequence[int]) -> List[int]:
+    """The place values ``P_h = C_{h+1} * .. * C_H`` of the mixed radix."""
+    return [math.prod(head_sizes[h + 1 :]) for h in range(len(head_sizes))]
+
+
 def used_digits(head_sizes: Sequence[int], vocab_size: int) -> List[int]:
     """For each head h, how many of its C_h digits some code ``< vocab_size``
     uses (the digits below ``ceil(V / stride_h)``)."""
-    strides = [math.prod(head_sizes[h + 1 :]) for h in range(len(head_sizes))]
+    strides = radix_strides(head_sizes)
     return [min(c, -(-vocab_size // s)) for c, s in zip(head_sizes, strides)]
 
 
@@ -85,7 +90,7 @@ class MixedRadixCodec(nn.Module):
                 f"--mhce-head-sizes (product >= {vocab_size}) or leave them out to choose "
                 f"balanced sizes from --mhce-heads."
             )
-        strides = [math.prod(head_sizes[h + 1 :]) for h in range(len(head_sizes))]
+        strides = radix_strides(head_sizes)
         if code is None:
             code = torch.arange(vocab_size)
         code = torch.as_tensor(code, dtype=torch.long)

@@ -120,7 +120,7 @@ class MultiHeadProduct(OutputLayer):
         self.realloc_updates = sorted(int(u) for u in realloc_updates)
         self.realloc_window = int(realloc_window)
         if self.realloc_updates:
-            from .code_table import REALLOC_MAX_VOCAB
+            from .code_realloc import REALLOC_MAX_VOCAB
 
             if codec.vocab_size > REALLOC_MAX_VOCAB:
                 raise ValueError(
@@ -178,13 +178,13 @@ class MultiHeadProduct(OutputLayer):
     def reallocate(self):
         """Move every token to the code that minimizes the NLL of its
         collected targets under the current heads (exact assignment,
-        :func:`.code_table.reallocate_codes`); the heads' weights stay, the
+        :func:`.code_realloc.reallocate_codes`); the heads' weights stay, the
         table changes in place (buffers ``codec.code`` / ``codec.token``,
         saved in the checkpoint).  Workers sum their statistics first, so
         every one computes the same table."""
         import time
 
-        from .code_table import reallocate_codes
+        from .code_realloc import reallocate_codes
 
         stats, self._realloc_stats = self._realloc_stats, None
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -3,23 +3,34 @@ its users: ``mhce-build-codes`` (a file, for inspection or other
 vector sources) and the model's automatic table (``--mhce-code-order ppmi``,
 the default for MHP / MHE, built when training starts).
 
-Steps: the binarized training targets -> PPMI-SVD token vectors
-(:func:`~.code_table.ppmi_svd_vectors`) -> balanced grouping
-(:func:`~.code_table.balanced_codes`).  Types that never occur in the
-training targets (source-only pieces of a joint dictionary) get the highest
-codes, so they fill groups of their own.  With a shortlist of ``S`` tokens
-(MHP), the specials and the ``S - 4`` most frequent training targets take the
-top codes ``[V - S, V)`` and only the tail is grouped.
+Steps: the binarized training targets (:func:`training_targets`) -> PPMI-SVD
+token vectors (:func:`ppmi_svd_vectors`: co-occurrence counts, positive PMI,
+a randomized truncated SVD) -> balanced grouping
+(:func:`~.balanced_grouping.balanced_codes`, through
+:func:`codes_from_vectors`, which ``mhce-build-codes --source checkpoint``
+shares).  Types that never occur in the training targets (source-only
+pieces of a joint dictionary) get the highest codes, so they fill groups of
+their own.  With a shortlist of ``S`` tokens (MHP), the specials and the
+``S - 4`` most frequent training targets take the top codes ``[V - S, V)``
+and only the tail is grouped.
+
+Only numpy and torch are imported at module import time; scipy and fairseq
+are imported by the functions that need them.
 """
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import code_table as ct
+from .balanced_grouping import balanced_codes
+from .parallel import for_each, worker_threads
 
 PPMI_DIM, PPMI_WINDOW = 64, 2
+# power iterations of the randomized SVD of the PPMI matrix
+SVD_ITERS = 4
+# rows per block of the float64 Gram matrix of the SVD's Cholesky QR
+GRAM_BLOCK = 65536
 
 
 def training_targets(databin: str, src: str, tgt: str, dictionary, split: str = "train") -> List[np.ndarray]:
@@ -51,6 +62,180 @@ def _flat_tokens(ds, sizes: np.ndarray) -> np.ndarray:
     return np.concatenate([ds[i].numpy() for i in range(len(ds))]).astype(np.int64)
 
 
+# --------------------------------------------------------------------------
+# PPMI-SVD token vectors
+# --------------------------------------------------------------------------
+
+
+def _left_counts(toks: np.ndarray, lens: np.ndarray, V: int, window: int):
+    """(V, V) csr: entry [b, a] = sum over the positions where token a stands
+    o <= window places to the left of token b in the same sentence of 1/o."""
+    import scipy.sparse as sp
+
+    pos = np.arange(toks.size) - np.repeat(np.cumsum(lens) - lens, lens)  # index within the sentence
+    idx = np.int32 if V < 2**31 else np.int64
+    rows, cols, vals = [], [], []
+    for o in range(1, window + 1):
+        ok = pos[o:] >= o  # toks[i] and toks[i + o] share a sentence
+        rows.append(toks[o:][ok].astype(idx))
+        cols.append(toks[:-o][ok].astype(idx))
+        vals.append(np.full(rows[-1].size, 1.0 / o))
+    # one conversion sums the duplicates (a csr sum per offset costs more)
+    return sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(V, V)).tocsr()
+
+
+def _orth(y: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of the columns of the tall y (n, l), in y's
+    dtype: Cholesky QR with the l x l Gram matrix accumulated in float64 by
+    row blocks (LAPACK's QR of a 448k x 74 float32 matrix takes seconds,
+    this a tenth of one)."""
+    g = np.zeros((y.shape[1], y.shape[1]))
+    buf = np.empty((min(GRAM_BLOCK, y.shape[0]), y.shape[1]))
+    for a in range(0, y.shape[0], buf.shape[0]):
+        b = buf[: min(buf.shape[0], y.shape[0] - a)]
+        np.copyto(b, y[a : a + b.shape[0]])
+        g += b.T @ b
+    try:
+        c = np.linalg.cholesky(g)
+    except np.linalg.LinAlgError:
+        c = None
+    d = np.abs(np.diag(c)) if c is not None else None
+    if d is None or d.min() < 1e-5 * d.max():  # (nearly) rank deficient: a tiny corpus
+        return np.linalg.qr(y)[0]
+    return y @ np.linalg.inv(c).T.astype(y.dtype)
+
+
+def _row_blocks(A, n: int) -> list:
+    """The csr A cut into n row blocks of about equal nnz."""
+    if n <= 1:
+        return [A]
+    cuts = np.searchsorted(A.indptr, np.linspace(0, A.nnz, n + 1)[1:-1]).tolist()
+    bounds = [0] + cuts + [A.shape[0]]
+    return [A[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _spmm(blocks: list, x: np.ndarray) -> np.ndarray:
+    """(row blocks of a csr matrix) @ x, a thread per block (scipy's sparse
+    product runs without the GIL but on one core)."""
+    if len(blocks) == 1:
+        return blocks[0] @ x
+    ends = np.cumsum([b.shape[0] for b in blocks])
+    out = np.empty((int(ends[-1]), x.shape[1]), dtype=np.result_type(blocks[0].dtype, x.dtype))
+
+    def one(i):
+        out[ends[i] - blocks[i].shape[0] : ends[i]] = blocks[i] @ x
+
+    for_each(one, range(len(blocks)))
+    return out
+
+
+def _top_left_singular(A, k: int, seed: int, n_iter: Optional[int] = None, oversample: int = 10):
+    """The k leading left singular vectors (m, k) and values (k,) of the
+    sparse A (m, n), float32: a randomized range finder with n_iter power
+    iterations, orthonormalized by Cholesky QR (Halko et al. 2011), then the
+    SVD of the small projected matrix.  Signs fixed (each vector's largest
+    entry positive), so the result depends on the seed only."""
+    n_iter = SVD_ITERS if n_iter is None else int(n_iter)
+    m, n = A.shape
+    width = min(k + oversample, m, n)
+    nb = worker_threads()
+    Ab, ATb = _row_blocks(A, nb), _row_blocks(A.T.tocsr(), nb)  # csr products beat csc ones
+    q = _orth(_spmm(Ab, np.random.default_rng(seed).standard_normal((n, width), dtype=np.float32)))
+    for _ in range(n_iter):
+        # one orthonormalization per A A^T step is enough: the columns'
+        # conditioning grows by (s_1 / s_l)^2, a few hundred here
+        q = _orth(_spmm(Ab, _spmm(ATb, q)))
+    q = _orth(q)  # twice: orthonormal to float32 precision (CholeskyQR2)
+    b = _spmm(ATb, q).astype(np.float64)  # (Q^T A)^T = Q_b r, so Q^T A = r^T Q_b^T
+    try:
+        r = np.linalg.cholesky(b.T @ b).T
+    except np.linalg.LinAlgError:  # rank deficient (a tiny corpus)
+        r = np.linalg.qr(b, mode="r")
+    ur, s, _ = np.linalg.svd(r.T.astype(np.float64))
+    u = q.astype(np.float64) @ ur[:, :k]
+    big = np.abs(u).argmax(0)
+    u *= np.sign(u[big, np.arange(u.shape[1])])[None, :]
+    return u, s[:k]
+
+
+def ppmi_svd_vectors(
+    token_id_sequences: Iterable,
+    vocab_size: int,
+    dim: int = 64,
+    window: int = 2,
+    seed: int = 1,
+    smoothing: float = 0.75,
+    chunk_tokens: int = 2_000_000,
+) -> np.ndarray:
+    """(V, dim) token vectors from co-occurrence in a corpus of token id
+    sequences: counts of each token with the tokens up to ``window``
+    positions to its left and to its right (left and right neighbours are
+    separate context features, weight 1/distance), positive PMI with
+    context-distribution smoothing ``smoothing``, truncated SVD (``U S^0.5``;
+    randomized, float32, seeded).
+    Tokens never seen get small random (seeded) vectors."""
+    import scipy.sparse as sp
+
+    V = int(vocab_size)
+    window = max(1, int(window))
+    left = None  # left[b, a]: a seen on the left of b; the right contexts are its transpose
+    seen = np.zeros(V, dtype=bool)
+
+    def flush(buf):
+        nonlocal left
+        seqs = [np.asarray(s).reshape(-1) for s in buf]
+        if not seqs:
+            return
+        toks = np.concatenate(seqs).astype(np.int64, copy=False)
+        if toks.size == 0:
+            return
+        if toks.min() < 0 or toks.max() >= V:
+            raise ValueError(f"token id out of range [0, {V}) in the corpus")
+        seen[toks] = True
+        m = _left_counts(toks, np.array([s.size for s in seqs], dtype=np.int64), V, window)
+        left = m if left is None else left + m
+
+    buf, n = [], 0
+    for s in token_id_sequences:
+        buf.append(s)
+        n += len(s)
+        if n >= chunk_tokens:
+            flush(buf)
+            buf, n = [], 0
+    flush(buf)
+
+    dim = max(1, min(int(dim), V - 1, 2 * V - 1))
+    out = np.zeros((V, dim))
+    if left is not None and left.nnz > 0:
+        counts = sp.hstack([left, left.T.tocsr()], format="csr")  # [left | right] contexts
+        del left
+        total = counts.data.sum()
+        row = np.asarray(counts.sum(1)).ravel()
+        ctx = np.asarray(counts.sum(0)).ravel() ** smoothing
+        ctx = ctx / ctx.sum()
+        r_of = np.repeat(np.arange(V), np.diff(counts.indptr))
+        pmi = np.log(counts.data / total) - np.log(row[r_of] / total) - np.log(ctx[counts.indices])
+        keep = pmi > 0
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(r_of[keep], minlength=V))])
+        ppmi = sp.csr_matrix((pmi[keep].astype(np.float32), counts.indices[keep], indptr), shape=counts.shape)
+        del counts, r_of, pmi, keep
+        if ppmi.nnz > 0:
+            u, s = _top_left_singular(ppmi, dim, seed % (2**31))
+            out[:, : u.shape[1]] = u * np.sqrt(np.maximum(s, 1e-12))[None, :]
+    rng = np.random.default_rng(seed)
+    has = np.linalg.norm(out, axis=1) > 1e-12
+    scale = float(np.linalg.norm(out[has], axis=1).mean()) if has.any() else 1.0
+    missing = ~has | ~seen
+    if missing.any():
+        out[missing] = 1e-3 * scale * rng.standard_normal((int(missing.sum()), dim))
+    return out
+
+
+# --------------------------------------------------------------------------
+# the code table
+# --------------------------------------------------------------------------
+
+
 def shortlist_tokens(counts: np.ndarray, shortlist: int, nspec: int = 4) -> np.ndarray:
     """The shortlist's token ids: the specials, then the most frequent
     training targets (ties by id)."""
@@ -79,7 +264,7 @@ def codes_from_vectors(
         meta["unseen"] = "last" if unseen_last else "cluster"  # mhce-build-codes --unseen
     last = unseen if (unseen_last and unseen is not None) else None
     if not shortlist:
-        return ct.balanced_codes(vectors, sizes, seed=seed, fixed_first=4, last=last), meta
+        return balanced_codes(vectors, sizes, seed=seed, fixed_first=4, last=last), meta
     if counts is None:
         raise ValueError("a shortlist needs the training target counts")
     if not 1 <= shortlist <= V - 2:
@@ -90,7 +275,7 @@ def codes_from_vectors(
     pos[rest] = np.arange(rest.size)
     tail_last = None if last is None else pos[np.intersect1d(last, rest)]
     nspec = min(4, shortlist)
-    tail = ct.balanced_codes(vectors[rest], sizes, seed=seed, fixed_first=4 - nspec, last=tail_last)
+    tail = balanced_codes(vectors[rest], sizes, seed=seed, fixed_first=4 - nspec, last=tail_last)
     code = np.empty(V, dtype=np.int64)
     code[listed] = np.arange(V - shortlist, V)
     code[rest] = tail
@@ -117,7 +302,7 @@ def ppmi_code_table(
     V = int(vocab_size)
     toks = np.concatenate(seqs).astype(np.int64) if len(seqs) else np.zeros(0, np.int64)
     counts = np.bincount(toks, minlength=V)
-    vectors = ct.ppmi_svd_vectors(seqs, V, dim=dim, window=window, seed=seed)
+    vectors = ppmi_svd_vectors(seqs, V, dim=dim, window=window, seed=seed)
     code, meta = codes_from_vectors(vectors, sizes, seed, counts, shortlist, unseen_last)
     meta.update(
         source="ppmi", seed=int(seed), dim=int(vectors.shape[1]), window=int(window), train_tokens=int(toks.size)
