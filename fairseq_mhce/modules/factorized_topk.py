@@ -24,7 +24,8 @@ prefix is ranked twice (``tests/test_topk_ties.py``).
   product can reach, ``max_h (s_h[m+1] + sum_{i != h} s_i[1])`` (summed in the
   dense order, so the bound holds in floating point too: rounding is
   monotone).  Rows that fail are redone with each failing head widened to the
-  digits that can still reach the ``k``-th score.
+  digits that can still reach the ``k``-th score (:func:`_certify_and_widen`,
+  the loop shared with MHE's search of three heads or more).
 * :func:`mhe_topk` (prefix expansion): no completion of a prefix scores above
   the prefix itself (each head adds a log-probability ``<= 0``, and rounding
   keeps that).  With ``tau`` the ``k``-th best full candidate found, the
@@ -44,7 +45,7 @@ dense row's ``O(V d)`` (still chunked).
 """
 
 import math
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -96,6 +97,92 @@ def _chunk(pending: torch.Tensor, per_row: int, budget: int) -> int:
     return max(1, min(pending.numel(), budget // max(per_row, 1)))
 
 
+def _top_k(scores: torch.Tensor, tok: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best of each row of ``scores`` (r, w) and their tokens from
+    ``tok`` (r, w): values (r, k) descending, tokens (r, k).  A row of fewer
+    than ``k`` candidates is padded with ``-inf`` scores (token ``-1``)."""
+    if scores.size(1) < k:
+        r = scores.size(0)
+        scores = torch.cat([scores, scores.new_full((r, k - scores.size(1)), NEG_INF)], 1)
+        tok = torch.cat([tok, tok.new_full((r, k - tok.size(1)), -1)], 1)
+    kv, ki = scores.topk(k, dim=-1)
+    return kv, tok.gather(1, ki)
+
+
+# a search pass over some rows: (the top-k values (r, k) and tokens (r, k)
+# among the candidates it scored, per level the rows whose certificate fails
+# there (None: the level is complete), need(level, bad rows) -> width)
+_SearchPass = Tuple[torch.Tensor, torch.Tensor, List[Optional[torch.Tensor]], Callable[[int, torch.Tensor], int]]
+
+
+def _certify_and_widen(
+    search: Callable[[torch.Tensor, List[int]], _SearchPass],
+    n: int,
+    k: int,
+    widths: List[int],
+    caps: List[int],
+    per_row: Callable[[List[int]], int],
+    budget: int,
+    like: torch.Tensor,
+    what: str,
+    level: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The exact top-``k`` of ``n`` rows from a search that scores only part
+    of each row: compute candidates, certify, widen and redo the rows that
+    fail.  The driver of :func:`mhp_topk` and :func:`mhe_topk` (three heads
+    or more).
+
+    A search has levels ``j`` (MHP: the heads; MHE: the prefix levels), each
+    ranked best first and searched to a width ``widths[j] <= caps[j]``.
+    ``search(rows, widths)`` scores the candidates those widths admit, in
+    the dense row's floating-point order, and returns their top-``k``
+    (``kv``, ``kt``; ``tau = kv[:, -1]``), and for every level ``fails[j]``:
+    the rows where some candidate the level left out may score above
+    ``tau``, by a bound that floating point keeps (None when the level is
+    searched to its full width).
+
+    Invariant (why the result is exact): a row no level fails has no
+    candidate outside the searched set above ``tau``, so the ``k`` found
+    are a top-``k`` of the whole row (ties at ``tau`` may be any of the tied
+    tokens).  Rows that fail are redone with each failing level widened to
+    ``need(j, bad rows)`` (the entries that can still reach ``tau``), and at
+    least one more.  Widths only grow, up to ``caps`` where nothing is left
+    out, so every row is certified after finitely many passes.
+
+    Rows are processed in chunks of at most ``budget`` elements
+    (``per_row(widths)`` each).  Returns values (n, k) (dtype and device of
+    ``like``) and tokens (n, k); ``widths`` is widened in place.  ``what``
+    and ``level`` name the search and its levels in the error raised if a
+    failing row had nothing left to widen (a bug)."""
+    values = like.new_empty(n, k)
+    tokens = torch.empty(n, k, dtype=torch.long, device=like.device)
+    pending = torch.arange(n, device=like.device)
+    while pending.numel() > 0:
+        rows = pending[: _chunk(pending, per_row(widths), budget)]
+        pending = pending[rows.numel() :]
+        kv, kt, fails, need = search(rows, widths)
+        ok = torch.ones_like(kv[:, -1], dtype=torch.bool)
+        for f in fails:
+            if f is not None:
+                ok &= ~f
+        done = rows[ok]
+        values[done] = kv[ok]
+        tokens[done] = kt[ok]
+        bad = ~ok
+        if bad.any():
+            grown = False
+            for j, f in enumerate(fails):
+                if f is None or not bool(f[bad].any()):
+                    continue
+                new = min(caps[j], max(need(j, bad), widths[j] + 1))
+                grown |= new > widths[j]
+                widths[j] = new
+            if not grown:
+                raise RuntimeError(f"{what}: a row failed its exactness test but no {level} can widen; please report")
+            pending = torch.cat([pending, rows[bad]])
+    return values, tokens
+
+
 @torch.no_grad()
 def mhp_topk(
     head,
@@ -133,15 +220,11 @@ def mhp_topk(
     lz = head.log_z(lps)
     extra_values = _extra_values(head, x, extra, lps=lps)
     n = x.size(0)
-    values = lps[0].new_empty(n, k)
-    tokens = torch.empty(n, k, dtype=torch.long, device=x.device)
-    # digits kept per head: the top-k sums always lie in the product of every
-    # head's top-k (less invalid / excluded codes); the bound may ask for more
-    m = [min(k, c) for c in sizes]
-    pending = torch.arange(n, device=x.device)
-    while pending.numel() > 0:
-        rows = pending[: _chunk(pending, math.prod(m), budget)]
-        pending = pending[rows.numel() :]
+
+    def search(rows, m):
+        """The product of every head's top-``m[h]`` digits, and the bound:
+        the best score of a code outside it is one head beyond its top-m,
+        every other head at its best (summed in the dense order)."""
         sub = [lp.index_select(0, rows) if rows.numel() < n else lp for lp in lps]
         tops, nexts = [], []
         for lp, c, mh in zip(sub, sizes, m):
@@ -158,13 +241,8 @@ def mhp_topk(
         drop = tok < max(min_token, 0)
         if head.shortlist:  # the shortlist's codes [T, V) are not the product's
             drop |= codes >= head.tail_size
-        s = s.masked_fill(drop, NEG_INF)
-        kv, ki = s.topk(k, dim=-1)
-        kt = tok.gather(1, ki)
+        kv, kt = _top_k(s.masked_fill(drop, NEG_INF), tok, k)
         tau = kv[:, -1]
-        # best score of any code outside the product: one head beyond its
-        # top-m, every other head at its best (summed in the dense order)
-        ok = torch.ones_like(tau, dtype=torch.bool)
         fails = []
         for h in range(H):
             if nexts[h] is None:
@@ -174,26 +252,19 @@ def mhp_topk(
             for i in range(1, H):
                 b = b + (nexts[i] if i == h else tops[i][0][:, 0])
             fails.append(b > tau)
-            ok &= ~fails[-1]
-        done = rows[ok]
-        values[done] = kv[ok]
-        tokens[done] = kt[ok]
-        bad = ~ok
-        if bad.any():
-            grown = False
-            # widen each failing head to the digits that could still reach tau
+
+        def need(h, bad):
+            """Digits of head h that could still reach tau (the others at their best)."""
             best = torch.stack([t[0][bad, 0] for t in tops], -1)  # (b, H)
             rest = best.sum(-1, keepdim=True) - best  # the other heads' best
-            for h in range(H):
-                if fails[h] is None or not bool(fails[h][bad].any()):
-                    continue
-                need = int((sub[h][bad] + rest[:, h : h + 1] >= tau[bad].unsqueeze(-1)).sum(-1).max())
-                new = min(sizes[h], max(need, m[h] + 1))
-                grown |= new > m[h]
-                m[h] = new
-            if not grown:
-                raise RuntimeError("mhp_topk: a row failed its exactness test but no head can widen; please report")
-            pending = torch.cat([pending, rows[bad]])
+            return int((sub[h][bad] + rest[:, h : h + 1] >= tau[bad].unsqueeze(-1)).sum(-1).max())
+
+        return kv, kt, fails, need
+
+    # digits kept per head: the top-k sums always lie in the product of every
+    # head's top-k (less invalid / excluded codes); the bound may ask for more
+    m = [min(k, c) for c in sizes]
+    values, tokens = _certify_and_widen(search, n, k, m, list(sizes), math.prod, budget, lps[0], "mhp_topk", "head")
     if lz is not None:
         values = _no_nan(values - lz.unsqueeze(-1))  # a row with no valid mass: lz = -inf
     if offset is not None:
@@ -259,16 +330,11 @@ def mhe_topk(
     if H == 2:
         return _mhe2_topk(head, x, lp0, k, min_token, budget, first_width, extra)
     extra_values = _extra_values(head, x, extra)
-    values = lp0.new_empty(n, k)
-    tokens = torch.empty(n, k, dtype=torch.long, device=x.device)
-    # prefixes expanded at level j (the first j+1 digits), j = 0 .. H-2
-    caps = [math.prod(sizes[: j + 1]) for j in range(H - 1)]
-    m = [min(first_width or k, c) for c in caps]
-    pending = torch.arange(n, device=x.device)
-    while pending.numel() > 0:
-        per_row = max(m) * (d + max(sizes))
-        rows = pending[: _chunk(pending, per_row, budget)]
-        pending = pending[rows.numel() :]
+
+    def search(rows, m):
+        """Expand the top-``m[j]`` prefixes of every level j; the bound: the
+        best prefix left unexpanded at each level (no completion of a
+        prefix scores above it)."""
         r = rows.numel()
         xr = x.index_select(0, rows) if r < n else x
         # level 0 as the dense row computes it: 0 + lp_1
@@ -287,37 +353,27 @@ def mhe_topk(
             cur = (tv[:, :mm].unsqueeze(-1) + lp).flatten(1)
             ids = (prefix.unsqueeze(-1) * sizes[h] + torch.arange(sizes[h], device=x.device)).flatten(1)
         tok = codec.token[ids]  # ids are full codes now; -1 = invalid
-        cur = cur.masked_fill(tok < max(min_token, 0), NEG_INF)
-        if cur.size(1) < k:  # too few candidates (narrow first pass): pad, fail, widen
-            cur = torch.cat([cur, cur.new_full((r, k - cur.size(1)), NEG_INF)], 1)
-            tok = torch.cat([tok, tok.new_full((r, k - tok.size(1)), -1)], 1)
-        kv, ki = cur.topk(k, dim=-1)
-        kt = tok.gather(1, ki)
+        # too few candidates (a narrow first pass): padded, the row fails and widens
+        kv, kt = _top_k(cur.masked_fill(tok < max(min_token, 0), NEG_INF), tok, k)
         tau = kv[:, -1]
         # exact iff no unexpanded prefix (hence none of its completions) beats
         # tau; the same predicate says which levels to widen (scores carry no NaN)
         fails = [None if b is None else b > tau for b in best_left]
-        ok = torch.ones_like(tau, dtype=torch.bool)
-        for f in fails:
-            if f is not None:
-                ok &= ~f
-        done = rows[ok]
-        values[done] = kv[ok]
-        tokens[done] = kt[ok]
-        bad = ~ok
-        if bad.any():
-            grown = False
-            # widen every level that left a prefix above tau to all such prefixes
-            for j, f in enumerate(fails):
-                if f is None or not bool(f[bad].any()):
-                    continue
-                need = int((level_scores[j][bad] > tau[bad].unsqueeze(-1)).sum(-1).max())
-                new = min(caps[j], max(need, m[j] + 1))
-                grown |= new > m[j]
-                m[j] = new
-            if not grown:
-                raise RuntimeError("mhe_topk: a row failed its exactness test but no level can widen; please report")
-            pending = torch.cat([pending, rows[bad]])
+
+        def need(j, bad):
+            """Every prefix of level j above tau."""
+            return int((level_scores[j][bad] > tau[bad].unsqueeze(-1)).sum(-1).max())
+
+        return kv, kt, fails, need
+
+    # prefixes expanded at level j (the first j+1 digits), j = 0 .. H-2
+    caps = [math.prod(sizes[: j + 1]) for j in range(H - 1)]
+    m = [min(first_width or k, c) for c in caps]
+
+    def per_row(m):
+        return max(m) * (d + max(sizes))
+
+    values, tokens = _certify_and_widen(search, n, k, m, caps, per_row, budget, lp0, "mhe_topk", "level")
     return values, _distinct_padding(values, tokens, max(min_token, 0), codec.vocab_size), extra_values
 
 
@@ -332,7 +388,12 @@ def _mhe2_topk(head, x, lp0, k: int, min_token: int, budget: int, first_width: O
     are expanded, as many again as are already expanded (at most those above
     ``tau``), and ``tau`` is updated.  Every first digit left then scores
     ``<= tau``: exact.  The work is at most twice the necessary (the first
-    digits above the final ``tau``), in O(log) passes."""
+    digits above the final ``tau``), in O(log) passes.
+
+    The certificate is :func:`_certify_and_widen`'s, but the loop is not: a
+    failing row is not redone wider, it expands only the first digits it has
+    not expanded yet and merges their tokens into its top-``k`` (nothing
+    expanded twice), each row at its own width."""
     codec = head.codec
     c1, c2 = codec.sizes
     n, d = x.shape
@@ -367,12 +428,7 @@ def _mhe2_topk(head, x, lp0, k: int, min_token: int, budget: int, first_width: O
     cand = (first_v.unsqueeze(-1) + lp1).flatten(1)  # the dense row's (0 + lp_1) + lp_2
     extra_values = cand.index_select(1, e_cols) if u else None
     tok = codec.token[(first_i.unsqueeze(-1) * c2 + arange2).flatten(1)]
-    cand = cand.masked_fill(tok < lo, NEG_INF)
-    if cand.size(1) < k:
-        cand = torch.cat([cand, cand.new_full((n, k - cand.size(1)), NEG_INF)], 1)
-        tok = torch.cat([tok, tok.new_full((n, k - tok.size(1)), -1)], 1)
-    kv, ki = cand.topk(k, dim=-1)
-    kt = tok.gather(1, ki)
+    kv, kt = _top_k(cand.masked_fill(tok < lo, NEG_INF), tok, k)
     done = torch.full((n,), m0, dtype=torch.long, device=dev)  # ranked first digits expanded, per row
     while True:
         # unexpanded first digits above tau (those above tau are the top ranks)
@@ -409,8 +465,11 @@ def _mhe2_topk(head, x, lp0, k: int, min_token: int, budget: int, first_width: O
             more_tok = codec.token[(pre.unsqueeze(-1) * c2 + arange2).flatten(1)]
             # padding slots repeat an expanded digit: their tokens must never enter
             more = more.masked_fill((more_tok < lo) | pad.repeat_interleave(c2, 1), NEG_INF)
-            v2, i2 = torch.cat([kv.index_select(0, rows_a), more], 1).topk(k, dim=-1)
-            kt_a = torch.cat([kt.index_select(0, rows_a), more_tok], 1).gather(1, i2)
+            v2, kt_a = _top_k(
+                torch.cat([kv.index_select(0, rows_a), more], 1),
+                torch.cat([kt.index_select(0, rows_a), more_tok], 1),
+                k,
+            )
             kv = kv.index_copy(0, rows_a, v2)
             kt = kt.index_copy(0, rows_a, kt_a)
         done = done.index_add(0, rows, add)
