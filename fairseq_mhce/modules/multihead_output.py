@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import LAST_HEAD_CHOICES, MHCEConfig
 from .codec import MixedRadixCodec
 from .output_layer import NEG_INF, OutputLayer, _init_linear, register_head, tie_error
 
@@ -60,6 +61,34 @@ def resolve_shortlist(value, vocab_size: int) -> int:
     return value
 
 
+def label_smoothed_loss(terms, epsilon: float):
+    """fairseq's label-smoothed loss, summed over one or more softmaxes.
+
+    Each softmax over ``C`` classes contributes ``(1 - eps - eps_i) nll +
+    eps_i smooth``, ``eps_i = eps / (C - 1)`` (``C - 1`` at least 1): the
+    target keeps ``1 - eps`` of the mass and the other ``C - 1`` classes
+    share ``eps`` evenly (``smooth`` includes the target, as fairseq's
+    ``label_smoothed_nll_loss``).  The terms are added in order, starting
+    from 0.
+
+    Args:
+        terms: one ``(nll, smooth, num_classes)`` per softmax: nll (N,) the
+            target's ``-log p``; smooth (N,) the sum of ``-log p`` over the
+            ``C`` classes; num_classes ``C``, an int or (N,) float per row
+        epsilon: the label smoothing (``--label-smoothing``)
+    Returns:
+        (N,) the loss (the int 0 when ``terms`` is empty)
+    """
+    loss = 0
+    for nll, smooth, num_classes in terms:
+        if torch.is_tensor(num_classes):
+            eps_i = epsilon / (num_classes - 1).clamp(min=1)
+        else:
+            eps_i = epsilon / max(num_classes - 1, 1)
+        loss = loss + (1.0 - epsilon - eps_i) * nll + eps_i * smooth
+    return loss
+
+
 @register_head("mhp", 1)
 class MultiHeadProduct(OutputLayer):
     """MHP: ``H`` independent digit classifiers on the same state.
@@ -89,8 +118,8 @@ class MultiHeadProduct(OutputLayer):
         input_dim: int,
         codec: MixedRadixCodec,
         realloc_updates: Sequence[int] = (),
-        realloc_window: int = 100,
-        shortlist: int = 0,
+        realloc_window: int = MHCEConfig.mhce_realloc_window,
+        shortlist: int = 0,  # the plain product; the option's default -1 (auto) goes through resolve_shortlist
         tied_embed=None,
     ):
         shortlist = resolve_shortlist(shortlist, codec.vocab_size)
@@ -329,16 +358,14 @@ class MultiHeadProduct(OutputLayer):
                 smooth = smooth + self.tail_size * lz
             if short is not None:
                 smooth = smooth - short[:, : self.shortlist].sum(-1) - self.tail_size * short[:, self.shortlist]
-            eps_i = epsilon / (self.vocab_size - 1)
-            loss = (1.0 - epsilon - eps_i) * nll + eps_i * smooth
+            loss = label_smoothed_loss([(nll, smooth, self.vocab_size)], epsilon)
         elif smoothing == "per-head":
             if short is not None:
                 raise ValueError("--mhce-label-smoothing per-head is not defined with --mhce-shortlist; use uniform")
-            loss = 0
-            for h, (lp, used) in enumerate(zip(lps, self.codec.used_digits())):
-                eps_h = epsilon / max(used - 1, 1)
-                smooth_h = -(lp * (counts[h] > 0)).sum(-1)
-                loss = loss + (1.0 - epsilon - eps_h) * (-gold[h]) + eps_h * smooth_h
+            # each digit classifier over its used digits
+            used = self.codec.used_digits()
+            terms = [(-gold[h], -(lp * (counts[h] > 0)).sum(-1), used[h]) for h, lp in enumerate(lps)]
+            loss = label_smoothed_loss(terms, epsilon)
             if lz is not None:
                 loss = loss + (1.0 - epsilon) * lz
         else:
@@ -373,9 +400,6 @@ class MultiHeadProduct(OutputLayer):
                 f"{self.shortlist}; pass --mhce-shortlist {theirs} (or drop the override so the checkpoint's "
                 f"own settings are used)."
             )
-
-
-from ..config import LAST_HEAD_CHOICES  # noqa: E402  (one home: the option's choices)
 
 
 def grouped_logits(
@@ -450,8 +474,8 @@ class MultiHeadEmbedding(OutputLayer):
         self,
         input_dim: int,
         codec: MixedRadixCodec,
-        activation: str = "gelu",
-        last_head: str = "per-token",
+        activation: str = MHCEConfig.mhce_activation,
+        last_head: str = MHCEConfig.mhce_last_head,
         tied_embed=None,
     ):
         if last_head not in LAST_HEAD_CHOICES:
@@ -596,7 +620,7 @@ class MultiHeadEmbedding(OutputLayer):
         digits = self.codec.encode(target)
         prefixes = self.codec.prefixes(target)
         nll = 0
-        loss = 0
+        terms = []  # per head, over its valid digits under the gold prefix
         correct = []
         for h in range(len(self.sizes)):
             lp = self.level_log_probs(h, x, prefixes[:, h : h + 1]).squeeze(1)  # (N, C_h)
@@ -605,12 +629,8 @@ class MultiHeadEmbedding(OutputLayer):
             nll = nll + nll_h
             if epsilon > 0:
                 valid = torch.isfinite(lp)
-                n_valid = valid.sum(-1).float()
-                eps_h = epsilon / (n_valid - 1).clamp(min=1)
-                smooth_h = -lp.masked_fill(~valid, 0.0).sum(-1)
-                loss = loss + (1.0 - epsilon - eps_h) * nll_h + eps_h * smooth_h
-        if epsilon == 0:
-            loss = nll
+                terms.append((nll_h, -lp.masked_fill(~valid, 0.0).sum(-1), valid.sum(-1).float()))
+        loss = nll if epsilon == 0 else label_smoothed_loss(terms, epsilon)
         return loss, nll, torch.stack(correct, -1)
 
     def upgrade_state_dict_named(self, state_dict, name):
