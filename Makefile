@@ -11,8 +11,11 @@ install:
 run: install
 	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/main_job.sh
 
+# two pytest-xdist workers (one thread each, tests/conftest.py), a test file per worker
+# at a time so that a file's trained models are built once
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # ruff (pyproject.toml): lint and format check, as .ci/run does
 lint: install
@@ -21,7 +24,7 @@ lint: install
 
 # the suite under coverage, line coverage of the plugin package
 coverage: install
-	$(PY) -m coverage run --source fairseq_mhce -m pytest -q
+	$(PY) -m coverage run --source fairseq_mhce -m pytest -q -p no:xdist
 	$(PY) -m coverage report
 
 # unit tests only (no fairseq CLI runs): seconds

@@ -23,7 +23,7 @@ import sys
 
 import pytest
 
-from .utils import BIN, REPO, tree_hashes
+from .utils import REPO, cli, tree_hashes
 
 SCRIPTS = REPO / "scripts"
 
@@ -39,10 +39,10 @@ def script(name, *args, cwd=None):
 
 
 def tool(name, *args):
-    """One of the package's console scripts (mhce-*), as ``script``."""
-    return subprocess.run(
-        [str(BIN / name), *map(str, args)], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1")
-    )
+    """One of the package's console scripts (mhce-*), run as every test runs
+    them (:func:`tests.utils.cli`: its entry function, in this process);
+    ``.stderr`` is what it wrote to stderr."""
+    return cli(name, *args, check=False)
 
 
 # ------------------------------------------------------------------ compare.py

@@ -4,12 +4,17 @@ fairseq's own ``tests/`` helpers are not in its wheel, so the plugin keeps
 these.
 """
 
+import contextlib
 import hashlib
+import importlib
+import io
+import logging
 import os
 import random
 import re
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,25 +36,125 @@ TRAIN_COMMON = [
 ]  # fmt: skip
 
 
-def cli(name, *args, check=True, env=None, cwd=None, stdin=None):
-    """Run a fairseq console script from this venv; returns CompletedProcess
-    with stdout+stderr merged in ``.stdout``."""
-    e = dict(os.environ)
-    e.setdefault("OMP_NUM_THREADS", "2")
-    if env:
-        e.update(env)
-    p = subprocess.run(
-        [str(BIN / name), *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=e,
-        cwd=cwd,
-        input=stdin,
+# fairseq's console scripts that the tests run in this process (their entry
+# function with the same argv, as fairseq's own tests/test_binaries.py does)
+# unless a test needs a separate process: starting an interpreter and
+# importing fairseq costs about 5 s of CPU per command.
+IN_PROCESS = {
+    "fairseq-train",
+    "fairseq-generate",
+    "fairseq-interactive",
+    "fairseq-preprocess",
+    "fairseq-validate",
+    "mhce-build-codes",
+    "mhce-average-checkpoints",
+    "mhce-export",
+    "mhce-prepare-data",
+}
+THREAD_VARS = {"OMP_NUM_THREADS", "MKL_NUM_THREADS"}
+
+
+def cli(name, *args, check=True, env=None, cwd=None, stdin=None, process=False):
+    """Run a console script of this venv (fairseq's or the plugin's); returns
+    a CompletedProcess with stdout+stderr merged in ``.stdout``.
+
+    The commands in :data:`IN_PROCESS` run their entry function in this
+    process with the same argv (output captured, ``SystemExit`` and
+    exceptions turned into the return code and the traceback a separate
+    process would print); ``process=True``, an ``env`` beyond thread counts,
+    or a fairseq command without ``--user-dir`` (stock fairseq must not see
+    the plugin that this process has imported) start a separate process."""
+    args = [str(a) for a in args]
+    own_process = (
+        process
+        or name not in IN_PROCESS
+        or bool(set(env or {}) - THREAD_VARS)
+        or (name.startswith("fairseq-") and "--user-dir" not in args)
     )
+    if own_process:
+        e = dict(os.environ)
+        e.setdefault("OMP_NUM_THREADS", "1")
+        if env:
+            e.update(env)
+        p = subprocess.run(
+            [str(BIN / name), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=e,
+            cwd=cwd,
+            input=stdin,
+        )
+    else:
+        p = run_in_process(name, args, threads=(env or {}).get("OMP_NUM_THREADS"), cwd=cwd, stdin=stdin)
     if check and p.returncode != 0:
         raise AssertionError(f"{name} failed ({p.returncode}):\n{p.stdout[-4000:]}")
     return p
+
+
+def _entry_function(name):
+    """The function the installed console script ``BIN/name`` calls (pip
+    writes ``from MODULE import FUNCTION`` into it)."""
+    m = re.search(r"^from (\S+) import (\w+)$", (BIN / name).read_text(), re.M)
+    assert m, f"{BIN / name} is not a console script of this venv"
+    return getattr(importlib.import_module(m.group(1)), m.group(2))
+
+
+def run_in_process(name, args, threads=None, cwd=None, stdin=None):
+    """The console script ``name``'s entry function with ``sys.argv = [name,
+    *args]`` in this process: its stdout, stderr and log records (in
+    fairseq's log format) captured together in ``.stdout``, like a separate
+    process's merged output; ``.stderr`` holds what it wrote to stderr."""
+    import torch
+
+    from fairseq_mhce.clean_exit import stop_background_consumers
+
+    fn = _entry_function(name)
+    buf, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s"))
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, sys.argv, sys.stdin, os.getcwd(), torch.get_num_threads())
+    root.handlers, sys.argv = [handler], [name, *args]
+    root.setLevel(logging.INFO)
+    sys.stdin = io.StringIO(stdin or "")
+    if cwd is not None:
+        os.chdir(cwd)
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(_Tee(buf, err)):
+            try:
+                code = fn()
+                code = 0 if code is None else code
+            except SystemExit as e:
+                code = e.code
+                if code is not None and not isinstance(code, int):  # sys.exit("message"): printed, status 1
+                    print(code, file=sys.stderr)
+                    code = 1
+                code = code or 0
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        stop_background_consumers()  # the data thread a separate process would end at exit
+        root.handlers, sys.argv, sys.stdin = saved[0], saved[2], saved[3]
+        root.setLevel(saved[1])
+        os.chdir(saved[4])
+        torch.set_num_threads(saved[5])
+    return subprocess.CompletedProcess([name, *args], code, buf.getvalue(), err.getvalue())
+
+
+class _Tee(io.TextIOBase):
+    """stderr of an in-process command: into the merged output and on its own."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+        return len(text)
 
 
 def make_copy_data(root: Path, n_train=2000, n_valid=100, n_test=100, n_words=40, seed=0, langs=("src", "tgt")):

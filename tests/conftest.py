@@ -1,0 +1,11 @@
+"""Shared set-up of the test suite.
+
+The suite runs on two cores (``make test``: two pytest-xdist workers), so
+every test process, and every fairseq command it starts, uses one thread:
+two workers with two threads each would oversubscribe the machine.
+"""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported
+os.environ.setdefault("MKL_NUM_THREADS", "1")
