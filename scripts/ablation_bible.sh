@@ -59,7 +59,7 @@ if [ -z "${1:-}" ] && [ ! -f "$DATA/prepare_data.json" ]; then
   "$PY" "$REPO/scripts/prepare_bible.py" --outdir "$REPO/work/bible-de-en/text" --destdir "$DATA" \
     --vocab-size 8000 --joint --quiet
 fi
-codes() { [ -f "$CODES/$1" ] || "$PY" "$REPO/scripts/build_codes.py" --databin "$DATA" --seed 1 --out "$CODES/$1" "${@:2}"; }
+codes() { [ -f "$CODES/$1" ] || "${VENV:-$REPO/.venv}/bin/mhce-build-codes" --databin "$DATA" --seed 1 --out "$CODES/$1" "${@:2}"; }
 ARCH="--encoder-layers 2 --decoder-layers 2 --encoder-embed-dim 128 --decoder-embed-dim 128 --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512 --max-tokens 2048 --lr 2e-3 --validate-interval-updates 100"
 PT="--mhce-last-head per-token"
 SH="--mhce-last-head shared"
@@ -137,7 +137,7 @@ fi
 if want shortlist; then
   pair "${NAME}_shortlist" "$UPD" "$ARCH" "softmax,mhp-ppmi-short1024,softmax-seed2,mhp-ppmi-short2048-seed2" \
     "mhp-ppmi,mhp-ppmi-short2048,mhp-short1024,mhp-ppmi-short1024-seed2" \
-    --note "mhp-*short*: --mhce-shortlist N, the N most frequent target types with their own output vectors beside the product (codes: build_codes.py --shortlist N, which lists the N most frequent training targets; mhp-short1024: the model's default, the dictionary's first 1024 ids, identity order on the tail)"
+    --note "mhp-*short*: --mhce-shortlist N, the N most frequent target types with their own output vectors beside the product (codes: mhce-build-codes --shortlist N, which lists the N most frequent training targets; mhp-short1024: the model's default, the dictionary's first 1024 ids, identity order on the tail)"
 fi
 # the shortlist MHP against the softmax at the longer budget (its own table:
 # the committed NAME_LONG_UPD table keeps its runs)

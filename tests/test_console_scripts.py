@@ -1,14 +1,12 @@
 """The package's console scripts (setup.py's entry points) are installed and
-point at fairseq_mhce/cli/*.main; the compatibility shim scripts/build_codes.py
-runs mhce-build-codes; tests and the shell recipes need no path tricks (no
-sys.path inserts in tests/, no Python inside the recipes' heredocs).  What the
-tools do is tested with them (test_build_codes.py, test_driver_guards.py,
-test_recipe_guards.py, test_mhs.py, test_data_scripts.py)."""
+point at fairseq_mhce/cli/*.main; tests and the shell recipes need no path
+tricks (no sys.path inserts in tests/, no Python inside the recipes'
+heredocs).  What the tools do is tested with them (test_build_codes.py,
+test_driver_guards.py, test_recipe_guards.py, test_mhs.py,
+test_data_scripts.py)."""
 
 import importlib
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -39,18 +37,6 @@ def test_help_names_the_command(name, capsys):
     with pytest.raises(SystemExit) as e:
         importlib.import_module(COMMANDS[name]).main(["--help"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: {name} ")
-
-
-def test_build_codes_shim_runs_the_command(tmp_path):
-    """scripts/build_codes.py, kept for scripts/ablation_bible.sh."""
-    p = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "build_codes.py"), "--databin", str(tmp_path / "nope"), "--out", "x"],
-        capture_output=True,
-        text=True,
-    )
-    assert p.returncode == 2 and p.stderr.endswith(
-        f"mhce-build-codes: error: no data-bin directory {tmp_path / 'nope'}\n"
-    )
 
 
 def test_no_path_tricks():
