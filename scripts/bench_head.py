@@ -11,7 +11,7 @@ for each vocabulary size ``V``:
 * ``full softmax CE``: the same projection with ``F.cross_entropy`` (no
   smoothing): the plain reference;
 * ``adaptive softmax``: fairseq's ``AdaptiveSoftmax`` (cutoffs V/4, 3V/4 as in
-  ``scripts/train.sh``, factor 4, no dropout) with the loss lines of
+  ``scripts/recipes/train.sh``, factor 4, no dropout) with the loss lines of
   ``fairseq.criterions.adaptive_loss`` (a summed cross-entropy per cluster);
 * ``MHP H2`` / ``MHE H2``: the plugin's real ``MultiHeadProduct`` /
   ``MultiHeadEmbedding`` on a ``MixedRadixCodec`` with balanced head sizes,
@@ -432,7 +432,7 @@ def main(argv=None):
                 else "peak RSS (ru_maxrss) above the RSS before the first step "
                 "(includes the gradient buffers; module, inputs and imports excluded)"
             ),
-            "adaptive softmax: cutoffs V/4, 3V/4 (as scripts/train.sh), factor 4, adaptive_loss (no "
+            "adaptive softmax: cutoffs V/4, 3V/4 (as scripts/recipes/train.sh), factor 4, adaptive_loss (no "
             "label smoothing); MHP/MHE: balanced H=2 head sizes (auto_head_sizes), eps 0.1; MHS: the model's default groups of 16 tokens ([ceil(V/16), 16]), samples "
             "0.25 of the head-1 groups (plus every group holding a target)",
         ]

@@ -2,9 +2,9 @@
 """Train, decode and score every output layer at one budget; write a table.
 
 For each METHOD (softmax, adaptive, mhp, mhe, mhs)
-this runs the recipe ``scripts/train.sh METHOD DATABIN WORKDIR/METHOD
+this runs the recipe ``scripts/recipes/train.sh METHOD DATABIN WORKDIR/METHOD
 --max-update N`` (identical model, optimizer and data for all; only the output
-layer and its criterion differ) and then ``scripts/translate.sh`` (beam 5 on
+layer and its criterion differ) and then ``scripts/recipes/translate.sh`` (beam 5 on
 the test split, sacreBLEU against ``DATABIN/raw/test.TGT``), and collects:
 
 * test BLEU and chrF (sacreBLEU, signatures in the notes);
@@ -74,6 +74,7 @@ from pathlib import Path
 from machine_info import cpu_name, run_with_peak_rss  # scripts/machine_info.py (this directory is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "scripts" / "recipes"  # train.sh, translate.sh
 DEFAULT_METHODS = ["softmax", "adaptive", "mhp", "mhe", "mhs"]
 OUTPUT_PREFIXES = ("decoder.output_projection.", "decoder.adaptive_softmax.", "decoder.mhce_head.")
 LABELS = {
@@ -803,7 +804,7 @@ def train_and_decode(args, methods, variants, workdir, databin, env, train_extra
         base, v_extra = variants.get(method, (method, []))
         _, peak = run(
             [
-                REPO / "scripts" / "train.sh",
+                RECIPES / "train.sh",
                 base,
                 databin,
                 savedir,
@@ -820,7 +821,7 @@ def train_and_decode(args, methods, variants, workdir, databin, env, train_extra
         (savedir / "peak_rss.json").write_text(json.dumps({"train_peak_rss_bytes": peak}) + "\n")
         print(f"=== {method}: translate + score ===", flush=True)
         run(
-            [REPO / "scripts" / "translate.sh", base, databin, savedir, *shlex.split(args.generate_args)],
+            [RECIPES / "translate.sh", base, databin, savedir, *shlex.split(args.generate_args)],
             env,
             log_path=workdir / f"{method}.translate.out",
         )
@@ -839,7 +840,7 @@ def train_and_decode(args, methods, variants, workdir, databin, env, train_extra
             if not (savedir / f"score.{sub}{tag}.json").exists():
                 print(f"=== {method}: translate {sub}{' on the dense row' if tag else ''} ===", flush=True)
                 run(
-                    [REPO / "scripts" / "translate.sh", base, databin, savedir, *shlex.split(args.generate_args)],
+                    [RECIPES / "translate.sh", base, databin, savedir, *shlex.split(args.generate_args)],
                     dict(env, SUBSET=sub, TAG=tag, **extra_env),
                     log_path=workdir / f"{method}.translate.{sub}{tag}.out",
                 )
@@ -897,7 +898,7 @@ def write_report(args, methods, workdir, databin, warmup, max_tokens, command, l
         f"{' joint' if info.get('joint') else ''}; target dictionary {tgt_v} entries; "
         f"lines {info.get('lines', '?')})",
         f"- budget: {budget_text}, warm-up {warmup}, everything else from "
-        f"`scripts/train.sh` (transformer_iwslt_de_en family, 3+3 layers, d 256, ffn 1024, 4 heads, "
+        f"`scripts/recipes/train.sh` (transformer_iwslt_de_en family, 3+3 layers, d 256, ffn 1024, 4 heads, "
         f"no embedding sharing, adam lr 1e-3 inverse_sqrt, max-tokens {max_tokens}, dropout 0.1)"
         + (f"; extra train args `{args.train_args}`" if args.train_args else ""),
         f"- command: `{command}`",

@@ -7,12 +7,12 @@
 #    World English Bible, ~29k train / 1000 valid / 1000 test verses, joint
 #    sentencepiece 8k) into $WORK/bible-de-en/{text,bin}; an existing complete
 #    data-bin there is reused, an incomplete one is left alone (the job stops);
-# 2. train: scripts/train.sh mhe (transformer_iwslt_de_en_mhce, 3+3 layers,
+# 2. train: scripts/recipes/train.sh mhe (transformer_iwslt_de_en_mhce, 3+3 layers,
 #    d 256, MHE output with 2 heads, per-token last head, a PPMI code table
 #    that train.sh builds from the training targets: the ablation's winner)
 #    for a wall-clock budget of $BUDGET_MIN
 #    minutes (--stop-time-hours) into a new $WORK/main_job/mhe-DATE-TIME;
-# 3. decode + score: scripts/translate.sh: fairseq-generate --beam 5 on the
+# 3. decode + score: scripts/recipes/translate.sh: fairseq-generate --beam 5 on the
 #    test split, sacreBLEU (BLEU, chrF, signatures) against the untokenized
 #    references;
 # then prints where the checkpoint, the hypotheses and the score are.
@@ -61,11 +61,11 @@ fi
 SAVE=$WORK/main_job/mhe-$(date +%Y%m%d-%H%M%S)
 HOURS=$("$PY" -c "print(round($BUDGET_MIN / 60, 4))")
 say "train: MHE Transformer for $BUDGET_MIN min of wall clock ($OMP_NUM_THREADS threads) -> $SAVE"
-scripts/train.sh mhe "$DATA" "$SAVE" --stop-time-hours "$HOURS" --max-update 1000000
+scripts/recipes/train.sh mhe "$DATA" "$SAVE" --stop-time-hours "$HOURS" --max-update 1000000
 
 # -- 3. decode + score -------------------------------------------------------
 say "decode: fairseq-generate --beam 5 on the 1000 test verses, then sacreBLEU"
-scripts/translate.sh mhe "$DATA" "$SAVE" | tee "$SAVE/score.txt"
+scripts/recipes/translate.sh mhe "$DATA" "$SAVE" | tee "$SAVE/score.txt"
 
 say "done in $(( $(date +%s) - t0 )) s (training budget $BUDGET_MIN min)"
 updates=$(grep -o 'num_updates [0-9]*' "$SAVE/train.log" | tail -1 | cut -d' ' -f2 || true)

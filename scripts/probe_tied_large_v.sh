@@ -2,7 +2,7 @@
 # Training-step speed of tied output layers at the extreme vocabulary (issue 22):
 # the word-level one-to-many Bible data-bin (V = 223,947 target types, from
 # scripts/prepare_bible_multi.py --tokenizer word --min-count 2), the recipe of
-# scripts/train.sh with --share-decoder-input-output-embed, one update each
+# scripts/recipes/train.sh with --share-decoder-input-output-embed, one update each
 # (a probe: only the step speed means anything), then compare.py's interleaved
 # step timing of every checkpoint on the same real batches, with the tied
 # softmax's body-only step as the ceiling.  The tied MHE run also logs how
@@ -28,7 +28,7 @@ for name in softmax mhe mhe-untied; do
   read -r method flags <<< "${ARGS[$name]}"
   if [ ! -f "$WORK/$name/checkpoint_last.pt" ]; then
     # shellcheck disable=SC2086
-    "$REPO/scripts/train.sh" "$method" "$DATA" "$WORK/$name" --max-update 1 --disable-validation $flags \
+    "$REPO/scripts/recipes/train.sh" "$method" "$DATA" "$WORK/$name" --max-update 1 --disable-validation $flags \
       > "$WORK.$name.train.out" 2>&1 || { tail -20 "$WORK.$name.train.out"; exit 1; }
   fi
   CKPT[$name]=$WORK/$name/checkpoint_last.pt

@@ -43,5 +43,5 @@ def test_no_path_tricks():
     insert = "sys.path." + "insert"
     assert [p.name for p in (REPO / "tests").glob("*.py") if insert in p.read_text()] == []
     for name in ("train.sh", "translate.sh", "recipe_common.sh"):
-        text = (REPO / "scripts" / name).read_text()
+        text = (REPO / "scripts" / "recipes" / name).read_text()
         assert not re.search(r"python\S*\"? +- .*<<", text) and "<<'PY'" not in text and "import " not in text, name

@@ -1,5 +1,5 @@
-"""The recipes on tiny copy data, with the real tools: scripts/train.sh +
-scripts/translate.sh for every output layer, scripts/compare.py's tables
+"""The recipes on tiny copy data, with the real tools: scripts/recipes/train.sh +
+scripts/recipes/translate.sh for every output layer, scripts/compare.py's tables
 from those runs, and a configs/ file through the real fairseq-hydra-train."""
 
 import csv
@@ -34,7 +34,7 @@ def script(name, *args, env=None, check=True):
     e = dict(os.environ, OMP_NUM_THREADS="1", WARMUP="10", LR="3e-3", ADAPTIVE_CUTOFF="10,30")
     e.update(env or {})
     p = subprocess.run(
-        [str(REPO / "scripts" / name), *map(str, args)],
+        [str(REPO / "scripts" / "recipes" / name), *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -73,7 +73,7 @@ def test_recipes_explain_bad_input(data, tmp_path):
     """Missing tools, data-bins and checkpoints: exit status 2 and what to do."""
     for name in ("train.sh", "translate.sh"):  # too few arguments: the usage from the header
         p = script(name, "mhe", check=False)
-        assert p.returncode == 2 and f"scripts/{name} METHOD DATABIN SAVEDIR" in p.stdout, p.stdout
+        assert p.returncode == 2 and f"scripts/recipes/{name} METHOD DATABIN SAVEDIR" in p.stdout, p.stdout
     p = script("train.sh", "mhe", tmp_path / "nope", tmp_path / "save", check=False)
     assert p.returncode == 2 and "no data-bin at" in p.stdout
     (tmp_path / "text").mkdir()

@@ -4,7 +4,7 @@
 ``\\w+|[^\\w\\s]`` tokens (issue 12's split); a punctuation mark written
 without a space to its neighbour carries the joiner ``\\uffed`` on that side
 (``him ￭,``; ``O ￭’￭ na``), so :func:`detokenize` restores the text exactly
-and word types are exactly those of the plain split.  ``scripts/translate.sh``
+and word types are exactly those of the plain split.  ``scripts/recipes/translate.sh``
 detokenizes the hypotheses of such a data-bin with :func:`detokenize`.
 
 Standard library only: :mod:`.recipe_checks` imports it without the plugin.

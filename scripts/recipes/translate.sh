@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Decode the test split with beam 5 and score it with sacreBLEU.
 #
-#   scripts/translate.sh METHOD DATABIN SAVEDIR [extra fairseq-generate args]
+#   scripts/recipes/translate.sh METHOD DATABIN SAVEDIR [extra fairseq-generate args]
 #
 # Runs fairseq-generate on SAVEDIR/checkpoint_best.pt (CKPT=... to pick
 # another) with --beam 5 --gen-subset test (SUBSET=valid for the valid split),
@@ -20,7 +20,7 @@
 # output layer (--user-dir is always passed, harmless for softmax models).
 # Extra arguments go to fairseq-generate, e.g. the plugin's factorized search
 # for mhp/mhe (same hypotheses as the default dense path, faster at large V):
-#   scripts/translate.sh mhe DATABIN SAVEDIR --task translation_mhce --mhce-search factorized
+#   scripts/recipes/translate.sh mhe DATABIN SAVEDIR --task translation_mhce --mhce-search factorized
 set -euo pipefail
 source "$(dirname "$0")/recipe_common.sh"
 recipe_setup translate.sh fairseq-generate "$@"  # sets METHOD DATABIN SAVEDIR REPO BIN SRC TGT

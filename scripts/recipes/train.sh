@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One training recipe for every output layer, identical everything else.
 #
-#   scripts/train.sh METHOD DATABIN SAVEDIR [extra fairseq-train args]
+#   scripts/recipes/train.sh METHOD DATABIN SAVEDIR [extra fairseq-train args]
 #
 # METHOD   softmax   stock V x d projection + label_smoothed_cross_entropy
 #          adaptive  fairseq's adaptive softmax (--adaptive-softmax-cutoff) +
@@ -10,7 +10,7 @@
 # DATABIN  a fairseq data-bin (e.g. from scripts/prepare_bible.py)
 # SAVEDIR  where checkpoints and train.log go.  train.log is appended to, never
 #          truncated: each start first writes a line
-#            ===== train.sh start YYYY-MM-DD HH:MM:SS TZ: scripts/train.sh METHOD ... =====
+#            ===== train.sh start YYYY-MM-DD HH:MM:SS TZ: scripts/recipes/train.sh METHOD ... =====
 #          (then '# fairseq-train: ...', the exact command), so the log of a
 #          killed run survives its resume; parsers take the text after the last
 #          '===== train.sh start ' line for the latest start.

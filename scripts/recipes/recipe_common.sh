@@ -1,4 +1,4 @@
-# Sourced by scripts/train.sh and scripts/translate.sh (not run by itself).
+# Sourced by scripts/recipes/train.sh and scripts/recipes/translate.sh (not run by itself).
 #
 #   recipe_setup SCRIPT_NAME TOOL "$@"    (then: shift 3)
 #
@@ -17,7 +17,7 @@ recipe_setup() {
     exit 2
   fi
   METHOD=$1 DATABIN=$2 SAVEDIR=$3
-  REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
   VENV=${VENV:-$REPO/.venv}
   BIN=${FAIRSEQ_BIN:-$VENV/bin}
   if [ ! -x "$BIN/$tool" ]; then
