@@ -105,12 +105,12 @@ pair() {  # pair NAME UPDATES TRAIN_ARGS METHODS_A METHODS_B: two compare.py pro
   local common=(--databin "$DATA" --name "$name" --max-update "$upd" --warmup "$warm" --train-args "$targs"
                 --speed-batches 0 --reuse "${VARIANTS[@]}")
   local pa= pb=  # an empty lane runs nothing (one lane leaves a core free)
-  [ -n "$a" ] && { "$PY" "$REPO/scripts/compare.py" "${common[@]}" --methods "$a" --out "$REPO/work/compare/$name.a" & pa=$!; }
-  [ -n "$b" ] && { "$PY" "$REPO/scripts/compare.py" "${common[@]}" --methods "$b" --out "$REPO/work/compare/$name.b" & pb=$!; }
+  [ -n "$a" ] && { "$PY" "$REPO/scripts/benchmarks/compare.py" "${common[@]}" --methods "$a" --out "$REPO/work/compare/$name.a" & pa=$!; }
+  [ -n "$b" ] && { "$PY" "$REPO/scripts/benchmarks/compare.py" "${common[@]}" --methods "$b" --out "$REPO/work/compare/$name.b" & pb=$!; }
   [ -z "$pa" ] || wait "$pa"
   [ -z "$pb" ] || wait "$pb"
   local both="$a,$b"; both=${both#,}; both=${both%,}
-  "$PY" "$REPO/scripts/compare.py" "${common[@]}" --methods "$both" --tables-only "${@:6}"
+  "$PY" "$REPO/scripts/benchmarks/compare.py" "${common[@]}" --methods "$both" --tables-only "${@:6}"
 }
 P1A=softmax,mhe-pt-ppmi,mhp-ppmi,mhe-pt,mhs,mhe-pt-ppmi-h3
 P1B=mhe-shared,mhe-shared-ppmi,mhp-identity,mhp-random,softmax-seed2,mhe-pt-ppmi-seed2

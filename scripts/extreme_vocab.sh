@@ -38,7 +38,7 @@ export WARMUP=${WARMUP:-100} ADAPTIVE_CUTOFF=${ADAPTIVE_CUTOFF:-20000,60000}
 # MHP_SHORTLIST: the committed tables (and their checkpoints, for
 # --extend-from) are the plain product, trained before MHP's default
 # shortlist; MHP_SHORTLIST=-1 gives the model's default (2048 at this V)
-"$PY" "$REPO/scripts/compare.py" --databin "$DATA" --name "$NAME" --methods "$METHODS" \
+"$PY" "$REPO/scripts/benchmarks/compare.py" --databin "$DATA" --name "$NAME" --methods "$METHODS" \
   --warmup "$WARMUP" --max-update 1000000 \
   --variant "mhp=mhp:--mhce-code-table $CODES --mhce-shortlist ${MHP_SHORTLIST:-0}" --variant "mhe=mhe:--mhce-code-table $CODES" \
   --train-args "--stop-time-hours $HOURS --validate-interval-updates 100" \

@@ -35,6 +35,6 @@ for name in softmax mhe mhe-untied; do
 done
 grep -h "mhce: PPMI code table" "$WORK.mhe.train.out" "$WORK.mhe-untied.train.out" || true
 json=$(printf '{"softmax": "%s", "mhe": "%s", "mhe-untied": "%s"}' "${CKPT[softmax]}" "${CKPT[mhe]}" "${CKPT[mhe-untied]}")
-"$PY" "$REPO/scripts/compare.py" --databin "$DATA" --name tied_probe --speed-batches "${BATCHES:-4}" --measure-speed "$json" "$DATA" "${MAX_TOKENS:-4096}" \
+"$PY" "$REPO/scripts/benchmarks/compare.py" --databin "$DATA" --name tied_probe --speed-batches "${BATCHES:-4}" --measure-speed "$json" "$DATA" "${MAX_TOKENS:-4096}" \
   | tail -1 > "$OUT"
 cat "$OUT"  # tok_per_s per method; softmax_body is the ceiling

@@ -1,4 +1,4 @@
-"""scripts/compare.py's helpers that need no training: per-language scores of
+"""scripts/benchmarks/compare.py's helpers that need no training: per-language scores of
 a one-to-many test set and the peak-RSS measurement of a child process.
 
 compare.py is a program in scripts/, loaded from its file by

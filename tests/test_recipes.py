@@ -1,5 +1,5 @@
 """The recipes on tiny copy data, with the real tools: scripts/recipes/train.sh +
-scripts/recipes/translate.sh for every output layer, scripts/compare.py's tables
+scripts/recipes/translate.sh for every output layer, scripts/benchmarks/compare.py's tables
 from those runs, and a configs/ file through the real fairseq-hydra-train."""
 
 import csv
@@ -140,7 +140,7 @@ def test_compare_tables_from_real_runs(runs, data, tmp_path):
     out = subprocess.run(
         [
             sys.executable,
-            str(REPO / "scripts" / "compare.py"),
+            str(REPO / "scripts" / "benchmarks" / "compare.py"),
             "--databin",
             str(data),
             "--name",
@@ -188,7 +188,7 @@ def test_compare_tables_from_real_runs(runs, data, tmp_path):
     for r in rows[:-1]:
         assert float(r["step_tok_s"]) == pytest.approx(speed["tok_per_s"][r["method"]])
     assert "| softmax body only (ceiling) |" in md and "test BLEU" in md and "nrefs:1" in md
-    assert "command: `python scripts/compare.py" in md
+    assert "command: `python scripts/benchmarks/compare.py" in md
 
 
 def test_compare_extend_from_continues_a_finished_run(runs, data, tmp_path):
@@ -206,7 +206,7 @@ def test_compare_extend_from_continues_a_finished_run(runs, data, tmp_path):
     out = subprocess.run(
         [
             sys.executable,
-            str(REPO / "scripts" / "compare.py"),
+            str(REPO / "scripts" / "benchmarks" / "compare.py"),
             "--databin",
             str(data),
             "--name",
@@ -265,7 +265,7 @@ def test_compare_extend_from_continues_a_finished_run(runs, data, tmp_path):
 
 
 def compare_row(work, method):
-    compare = script_modules.load("compare")  # scripts/compare.py, loaded from its file
+    compare = script_modules.load("compare")  # scripts/benchmarks/compare.py, loaded from its file
     return compare.collect(method, work / method)
 
 

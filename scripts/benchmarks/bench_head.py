@@ -38,9 +38,9 @@ measured in the same run.
 Writes ``OUT.md`` (table), ``OUT.csv``, ``OUT.json`` and ``OUT.png`` (time
 and memory against V, log-log).  ``--quick``: V in {8k, 32k}.
 
-    python scripts/bench_head.py                 # CPU: N 2048, d 512, fp32
-    python scripts/bench_head.py --quick           # < 2 min on a 2-core CPU
-    python scripts/bench_head.py --device cuda --dtype bf16 --tokens 8192 --dim 1024
+    python scripts/benchmarks/bench_head.py            # CPU: N 2048, d 512, fp32
+    python scripts/benchmarks/bench_head.py --quick    # < 2 min on a 2-core CPU
+    python scripts/benchmarks/bench_head.py --device cuda --dtype bf16 --tokens 8192 --dim 1024
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ import sys
 import time
 from pathlib import Path
 
-from machine_info import cpu_name  # scripts/machine_info.py (this directory is on sys.path)
+from machine_info import cpu_name  # a sibling (this folder is sys.path[0])
 
-REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent  # scripts/benchmarks
 
 METHODS = ["fairseq_ls", "softmax_ce", "adaptive", "mhp", "mhp_sl", "mhe", "mhe_pt", "mhs", "cce", "liger"]
 LABELS = {
@@ -360,7 +360,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, at least 3 (default 5; --quick 3)")
     p.add_argument("--max-seconds", type=float, default=20.0, help="stop repeating after this (>= 3 repeats)")
-    p.add_argument("--out", default=str(REPO / "bench" / "head" / "bench_head"), help="output path without suffix")
+    p.add_argument("--out", default=str(HERE / "results" / "head" / "bench_head"), help="output path without suffix")
     p.add_argument("--one", nargs=2, metavar=("METHOD", "V"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -392,7 +392,7 @@ def main(argv=None):
 
     vs = [8192, 32768] if args.quick else [int(v) for v in args.vocab.split(",")]
     methods = [m for m in args.methods.split(",") if m]
-    command = "python scripts/bench_head.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python scripts/benchmarks/bench_head.py " + " ".join(argv if argv is not None else sys.argv[1:])
     load_start = os.getloadavg()[0]
     results, skipped = [], []
     for m in methods:

@@ -52,7 +52,7 @@ last lines of its log (``WORKDIR/METHOD.train.out``, ``.translate.out``).
 Writes ``OUT/compare_NAME.md`` and ``.csv`` (and ``.json``), with the exact
 command and the machine.  Example::
 
-    python scripts/compare.py --databin work/bible-de-en/bin --name bible_spm8k \\
+    python scripts/benchmarks/compare.py --databin work/bible-de-en/bin --name bible_spm8k \\
         --max-update 600 --warmup 200
 """
 
@@ -71,9 +71,10 @@ import sys
 import time
 from pathlib import Path
 
-from machine_info import cpu_name, run_with_peak_rss  # scripts/machine_info.py (this directory is on sys.path)
+from machine_info import cpu_name, run_with_peak_rss  # a sibling (this folder is sys.path[0])
 
-REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent  # scripts/benchmarks
+REPO = HERE.parents[1]
 RECIPES = REPO / "scripts" / "recipes"  # train.sh, translate.sh
 DEFAULT_METHODS = ["softmax", "adaptive", "mhp", "mhe", "mhs"]
 OUTPUT_PREFIXES = ("decoder.output_projection.", "decoder.adaptive_softmax.", "decoder.mhce_head.")
@@ -710,7 +711,7 @@ def main(argv=None):
             skip = True
         elif not a.startswith("--note="):
             argv_shown.append(a)
-    command = "python scripts/compare.py " + " ".join(shlex.quote(a) for a in argv_shown)
+    command = "python scripts/benchmarks/compare.py " + " ".join(shlex.quote(a) for a in argv_shown)
     load_start = os.getloadavg()
     t_start = time.time()
 

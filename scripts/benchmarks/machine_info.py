@@ -1,6 +1,7 @@
 """What the machine is and what a command cost on it, for the benchmark and
-comparison tables (``scripts/bench_head.py``, ``scripts/bench_decode.py``,
-``scripts/compare.py``): the CPU's name and a command's peak RSS."""
+comparison tables (its siblings ``bench_head.py``, ``bench_decode.py`` and
+``compare.py`` in ``scripts/benchmarks/``): the CPU's name and a command's
+peak RSS."""
 
 from __future__ import annotations
 

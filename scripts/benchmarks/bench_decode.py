@@ -38,11 +38,11 @@ choice can be judged.  Dense paths and MHP's search do not depend on it.
 
 Usage::
 
-    python scripts/bench_decode.py --quick           # V in {8k, 32k}, < 3 min
-    python scripts/bench_decode.py                   # V in {8k, 32k, 128k, 256k}
+    python scripts/benchmarks/bench_decode.py --quick    # V in {8k, 32k}, < 3 min
+    python scripts/benchmarks/bench_decode.py            # V in {8k, 32k, 128k, 256k}
 
 Writes ``results.md``, ``results.json`` and ``decode_speed.png`` to ``--out``
-(default ``bench/decode``).
+(default ``scripts/benchmarks/results/decode``).
 """
 
 import argparse
@@ -57,9 +57,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine_info import run_with_peak_rss  # scripts/machine_info.py (this directory is on sys.path)
+from machine_info import run_with_peak_rss  # a sibling (this folder is sys.path[0])
 
-REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent  # scripts/benchmarks
+REPO = HERE.parents[1]
 USER_DIR = str(REPO / "fairseq_mhce")
 BIN = Path(sys.executable).parent
 SRC_VOCAB = 8000
@@ -254,7 +255,7 @@ def main():
         help="only variants whose generation took less than this (s) are repeated",
     )
     ap.add_argument("--variants", default=None, help="comma-separated subset of " + ",".join(v[0] for v in VARIANTS))
-    ap.add_argument("--out", default=str(REPO / "bench" / "decode"))
+    ap.add_argument("--out", default=str(HERE / "results" / "decode"))
     ap.add_argument("--workdir", default=None, help="where data-bins and checkpoints go (default: a temp dir)")
     args = ap.parse_args()
     if args.vocab_sizes:
