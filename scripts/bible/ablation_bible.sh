@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The quality ablation of the output layers on the Bible de->en spm 8k data-bin
-# (scripts/prepare_bible.py): one small recipe, same seed, every variant named
+# (scripts/bible/prepare_bible.py): one small recipe, same seed, every variant named
 # explicitly (so a change of the plugin's defaults does not change a row).
 #
-#   scripts/ablation_bible.sh [DATABIN] [UPDATES]
+#   scripts/bible/ablation_bible.sh [DATABIN] [UPDATES]
 #
 # 1. code tables: PPMI-SVD of the training targets (H=2, H=3), no model;
 # 2. equal updates: softmax; MHE shared / per-token x identity / PPMI codes;
@@ -42,21 +42,22 @@
 # shortlist_long,shortlist_wallclock,tied,tied_wallclock; default: the first
 # nine) picks the phases to run;
 # each phase runs two compare.py processes (one thread each) side by side, then
-# the tables are rendered from all finished runs (results/compare_NAME*.md).
+# the tables are rendered from all finished runs (scripts/bible/results/compare_NAME*.md).
 # Resumable: finished runs are reused (compare.py --reuse).
 set -euo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${VENV:-$REPO/.venv}/bin/python
 DATA=${1:-$REPO/work/bible-de-en/bin}
 UPD=${2:-500}
 WALL_MIN=${WALL_MIN:-8}
 LONG_UPD=${LONG_UPD:-1500}
 CODES=$REPO/work/codes
+RESULTS=$REPO/scripts/bible/results  # the tables
 NAME=${NAME:-bible_spm8k_ablation}
 mkdir -p "$CODES"
-# the data of make run (scripts/main_job.sh) when the default data-bin is missing
+# the data of make run (scripts/bible/main_job.sh) when the default data-bin is missing
 if [ -z "${1:-}" ] && [ ! -f "$DATA/prepare_data.json" ]; then
-  "$PY" "$REPO/scripts/prepare_bible.py" --outdir "$REPO/work/bible-de-en/text" --destdir "$DATA" \
+  "$PY" "$REPO/scripts/bible/prepare_bible.py" --outdir "$REPO/work/bible-de-en/text" --destdir "$DATA" \
     --vocab-size 8000 --joint --quiet
 fi
 codes() { [ -f "$CODES/$1" ] || "${VENV:-$REPO/.venv}/bin/mhce-build-codes" --databin "$DATA" --seed 1 --out "$CODES/$1" "${@:2}"; }
@@ -110,7 +111,7 @@ pair() {  # pair NAME UPDATES TRAIN_ARGS METHODS_A METHODS_B: two compare.py pro
   [ -z "$pa" ] || wait "$pa"
   [ -z "$pb" ] || wait "$pb"
   local both="$a,$b"; both=${both#,}; both=${both%,}
-  "$PY" "$REPO/scripts/benchmarks/compare.py" "${common[@]}" --methods "$both" --tables-only "${@:6}"
+  "$PY" "$REPO/scripts/benchmarks/compare.py" "${common[@]}" --methods "$both" --tables-only --out "$RESULTS" "${@:6}"
 }
 P1A=softmax,mhe-pt-ppmi,mhp-ppmi,mhe-pt,mhs,mhe-pt-ppmi-h3
 P1B=mhe-shared,mhe-shared-ppmi,mhp-identity,mhp-random,softmax-seed2,mhe-pt-ppmi-seed2

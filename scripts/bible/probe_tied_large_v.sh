@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # Training-step speed of tied output layers at the extreme vocabulary (issue 22):
 # the word-level one-to-many Bible data-bin (V = 223,947 target types, from
-# scripts/prepare_bible_multi.py --tokenizer word --min-count 2), the recipe of
+# scripts/bible/prepare_bible_multi.py --tokenizer word --min-count 2), the recipe of
 # scripts/recipes/train.sh with --share-decoder-input-output-embed, one update each
 # (a probe: only the step speed means anything), then compare.py's interleaved
 # step timing of every checkpoint on the same real batches, with the tied
 # softmax's body-only step as the ceiling.  The tied MHE run also logs how
 # long its automatic PPMI code table took ("mhce: PPMI code table ...").
 #
-#   scripts/probe_tied_large_v.sh [DATABIN] [OUT_JSON]
+#   scripts/bible/probe_tied_large_v.sh [DATABIN] [OUT_JSON]
 #
 # Env: BATCHES (4), MAX_TOKENS (4096), WORK (work/probe_tied), OMP_NUM_THREADS (2).
 set -euo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${VENV:-$REPO/.venv}/bin/python
 DATA=${1:-$REPO/work/bible-multi-word}
-OUT=${2:-$REPO/results/extreme_vocab_tied_probe.json}
+OUT=${2:-$REPO/scripts/bible/results/extreme_vocab_tied_probe.json}
 WORK=${WORK:-$REPO/work/probe_tied}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} WARMUP=100
 declare -A ARGS=(
