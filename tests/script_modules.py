@@ -17,12 +17,18 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 # the folder of each program under scripts/
 FOLDERS = {
     "compare": "benchmarks",
+    "compare_logs": "benchmarks",
+    "compare_report": "benchmarks",
     "machine_info": "benchmarks",
     "prepare_bible": "bible",
     "prepare_bible_multi": "bible",
 }
 # the siblings each program imports by name
-SIBLINGS = {"compare": ("machine_info",), "prepare_bible_multi": ("prepare_bible",)}
+SIBLINGS = {
+    "compare": ("machine_info", "compare_logs", "compare_report"),
+    "compare_report": ("machine_info",),
+    "prepare_bible_multi": ("prepare_bible",),
+}
 
 
 def load(name: str):

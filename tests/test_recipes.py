@@ -265,8 +265,8 @@ def test_compare_extend_from_continues_a_finished_run(runs, data, tmp_path):
 
 
 def compare_row(work, method):
-    compare = script_modules.load("compare")  # scripts/benchmarks/compare.py, loaded from its file
-    return compare.collect(method, work / method)
+    compare_logs = script_modules.load("compare_logs")  # scripts/benchmarks/compare_logs.py, loaded from its file
+    return compare_logs.collect(method, work / method)
 
 
 @pytest.mark.parametrize("config", ["mhe_iwslt", "softmax_iwslt"])

@@ -3,7 +3,7 @@
 # the word-level one-to-many Bible data-bin (V = 223,947 target types, from
 # scripts/bible/prepare_bible_multi.py --tokenizer word --min-count 2), the recipe of
 # scripts/recipes/train.sh with --share-decoder-input-output-embed, one update each
-# (a probe: only the step speed means anything), then compare.py's interleaved
+# (a probe: only the step speed means anything), then step_speed.py's interleaved
 # step timing of every checkpoint on the same real batches, with the tied
 # softmax's body-only step as the ceiling.  The tied MHE run also logs how
 # long its automatic PPMI code table took ("mhce: PPMI code table ...").
@@ -35,6 +35,6 @@ for name in softmax mhe mhe-untied; do
 done
 grep -h "mhce: PPMI code table" "$WORK.mhe.train.out" "$WORK.mhe-untied.train.out" || true
 json=$(printf '{"softmax": "%s", "mhe": "%s", "mhe-untied": "%s"}' "${CKPT[softmax]}" "${CKPT[mhe]}" "${CKPT[mhe-untied]}")
-"$PY" "$REPO/scripts/benchmarks/compare.py" --databin "$DATA" --name tied_probe --speed-batches "${BATCHES:-4}" --measure-speed "$json" "$DATA" "${MAX_TOKENS:-4096}" \
+"$PY" "$REPO/scripts/benchmarks/step_speed.py" --batches "${BATCHES:-4}" "$json" "$DATA" "${MAX_TOKENS:-4096}" \
   | tail -1 > "$OUT"
 cat "$OUT"  # tok_per_s per method; softmax_body is the ceiling
