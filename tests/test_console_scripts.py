@@ -1,9 +1,9 @@
 """The package's console scripts (setup.py's entry points) are installed and
-point at fairseq_mhce/cli/*.main; tests and the shell recipes need no path
-tricks (no sys.path inserts in tests/, no Python inside the recipes'
-heredocs).  What the tools do is tested with them (test_build_codes.py,
-test_driver_guards.py, test_recipe_guards.py, test_mhs.py,
-test_data_scripts.py)."""
+point at fairseq_mhce/cli/*.main; tests and scripts need no path tricks (no
+sys.path inserts in tests/ or scripts/, no Python inside a shell script's
+heredoc, none at all in the recipes).  What the tools do is tested with them
+(test_build_codes.py, test_driver_guards.py, test_recipe_guards.py,
+test_mhs.py, test_data_scripts.py)."""
 
 import importlib
 import re
@@ -41,7 +41,13 @@ def test_help_names_the_command(name, capsys):
 
 def test_no_path_tricks():
     insert = "sys.path." + "insert"
-    assert [p.name for p in (REPO / "tests").glob("*.py") if insert in p.read_text()] == []
+    scripts = REPO / "scripts"  # its programs in their role folders (recipes/, bible/, benchmarks/)
+    python = [*(REPO / "tests").glob("*.py"), *scripts.rglob("*.py")]
+    assert [str(p.relative_to(REPO)) for p in python if insert in p.read_text()] == []
+    shell = sorted(scripts.rglob("*.sh"))
+    assert scripts / "recipes" / "train.sh" in shell
+    for path in shell:
+        text = path.read_text()
+        assert not re.search(r"python\S*\"? +- .*<<", text) and "<<'PY'" not in text, path
     for name in ("train.sh", "translate.sh", "recipe_common.sh"):
-        text = (REPO / "scripts" / "recipes" / name).read_text()
-        assert not re.search(r"python\S*\"? +- .*<<", text) and "<<'PY'" not in text and "import " not in text, name
+        assert "import " not in (scripts / "recipes" / name).read_text(), name
