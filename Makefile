@@ -9,7 +9,7 @@ install:
 	VENV=$(VENV) bash scripts/install.sh
 
 run: install
-	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/main_job.sh
+	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/bible/main_job.sh
 
 # two pytest-xdist workers (one thread each, tests/conftest.py), a test file per worker
 # at a time so that a file's trained models are built once
@@ -33,7 +33,7 @@ test-fast: install
 
 # issue 12: every output layer at V = 224k, equal wall-clock (~2 h on 2 cores)
 extreme-vocab: install
-	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/extreme_vocab.sh
+	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/bible/extreme_vocab.sh
 
 clean-work:
 	rm -rf work

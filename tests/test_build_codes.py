@@ -231,7 +231,7 @@ def test_save_load_roundtrip_and_refusals(tmp_path):
         ct.save_code_table(path, np.arange(V), sizes, syms, {})
     assert path.read_bytes() == before
 
-    with pytest.raises(ValueError, match="50 types, this model's has 51; rebuild it with scripts/build_codes.py"):
+    with pytest.raises(ValueError, match="50 types, this model's has 51; rebuild it with mhce-build-codes"):
         ct.load_code_table(path, 51, sizes)
     with pytest.raises(ValueError, match=r"head sizes \[8, 8\], this model has \[10, 5\]; pass --mhce-head-sizes 8,8"):
         ct.load_code_table(path, V, [10, 5])

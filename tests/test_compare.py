@@ -1,8 +1,9 @@
-"""scripts/compare.py's helpers that need no training: per-language scores of
+"""scripts/benchmarks/compare.py's helpers that need no training: per-language scores of
 a one-to-many test set and the peak-RSS measurement of a child process.
 
-compare.py is a program in scripts/, loaded from its file by
-tests/script_modules.py (with its sibling machine_info.py)."""
+compare.py is a program in scripts/benchmarks/, loaded from its file by
+tests/script_modules.py (with its siblings machine_info.py, compare_logs.py
+and compare_report.py)."""
 
 import statistics
 import subprocess
@@ -14,6 +15,8 @@ import sacrebleu
 from . import script_modules
 
 compare = script_modules.load("compare")
+compare_logs = script_modules.load("compare_logs")
+compare_report = script_modules.load("compare_report")
 
 
 def _databin(tmp_path, tags, refs, hyps):
@@ -33,7 +36,7 @@ def test_per_language_scores_split_by_source_tag(tmp_path):
     refs = ["il cane dorme qui", "the cat sat on the mat", "a dog ran home", "la casa bianca", "we go now"]
     hyps = ["il cane dorme", "the cat sat on a mat", "a dog ran home", "la casa rossa", "we went now"]
     databin, save = _databin(tmp_path, tags, refs, hyps)
-    out = compare.per_language_scores(databin, save, "de", "mul")
+    out = compare_logs.per_language_scores(databin, save, "de", "mul")
     assert set(out) == {"en", "it", "average"}
     for lang, idx in (("en", [1, 2, 4]), ("it", [0, 3])):
         h, r = [hyps[i] for i in idx], [[refs[i] for i in idx]]
@@ -43,16 +46,16 @@ def test_per_language_scores_split_by_source_tag(tmp_path):
     assert out["en"]["bleu"] != out["it"]["bleu"]
     assert out["average"]["bleu"] == round(statistics.mean([out["en"]["bleu"], out["it"]["bleu"]]), 2)
     assert out["average"]["lines"] == 5
-    md = compare.per_language_table([{"method": "mhe", "per_language": out}], "bleu", "BLEU")
+    md = compare_report.per_language_table([{"method": "mhe", "per_language": out}], "bleu", "BLEU")
     assert any(line.startswith("| method | average | en | it |") for line in md)
 
 
 def test_per_language_scores_absent_without_tags_or_with_missing_lines(tmp_path):
     databin, save = _databin(tmp_path, ["Der", "Die"], ["a b", "c d"], ["a b", "c d"])
-    assert compare.per_language_scores(databin, save, "de", "mul") == {}  # no <2xx> tags: not one-to-many
+    assert compare_logs.per_language_scores(databin, save, "de", "mul") == {}  # no <2xx> tags: not one-to-many
     (databin / "raw" / "test.de").write_text("<2en> x\n<2it> y\n", encoding="utf-8")
     (save / "hyp.test.mul").write_text("a b\n", encoding="utf-8")
-    assert compare.per_language_scores(databin, save, "de", "mul") == {}  # a hypothesis missing
+    assert compare_logs.per_language_scores(databin, save, "de", "mul") == {}  # a hypothesis missing
 
 
 def test_run_reports_peak_rss_of_the_child_and_its_children(tmp_path):

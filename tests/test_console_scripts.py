@@ -1,14 +1,12 @@
 """The package's console scripts (setup.py's entry points) are installed and
-point at fairseq_mhce/cli/*.main; the compatibility shim scripts/build_codes.py
-runs mhce-build-codes; tests and the shell recipes need no path tricks (no
-sys.path inserts in tests/, no Python inside the recipes' heredocs).  What the
-tools do is tested with them (test_build_codes.py, test_driver_guards.py,
-test_recipe_guards.py, test_mhs.py, test_data_scripts.py)."""
+point at fairseq_mhce/cli/*.main; tests and scripts need no path tricks (no
+sys.path inserts in tests/ or scripts/, no Python inside a shell script's
+heredoc, none at all in the recipes).  What the tools do is tested with them
+(test_build_codes.py, test_driver_guards.py, test_recipe_guards.py,
+test_mhs.py, test_data_scripts.py)."""
 
 import importlib
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -41,21 +39,15 @@ def test_help_names_the_command(name, capsys):
     assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: {name} ")
 
 
-def test_build_codes_shim_runs_the_command(tmp_path):
-    """scripts/build_codes.py, kept for scripts/ablation_bible.sh."""
-    p = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "build_codes.py"), "--databin", str(tmp_path / "nope"), "--out", "x"],
-        capture_output=True,
-        text=True,
-    )
-    assert p.returncode == 2 and p.stderr.endswith(
-        f"mhce-build-codes: error: no data-bin directory {tmp_path / 'nope'}\n"
-    )
-
-
 def test_no_path_tricks():
     insert = "sys.path." + "insert"
-    assert [p.name for p in (REPO / "tests").glob("*.py") if insert in p.read_text()] == []
+    scripts = REPO / "scripts"  # its programs in their role folders (recipes/, bible/, benchmarks/)
+    python = [*(REPO / "tests").glob("*.py"), *scripts.rglob("*.py")]
+    assert [str(p.relative_to(REPO)) for p in python if insert in p.read_text()] == []
+    shell = sorted(scripts.rglob("*.sh"))
+    assert scripts / "recipes" / "train.sh" in shell
+    for path in shell:
+        text = path.read_text()
+        assert not re.search(r"python\S*\"? +- .*<<", text) and "<<'PY'" not in text, path
     for name in ("train.sh", "translate.sh", "recipe_common.sh"):
-        text = (REPO / "scripts" / name).read_text()
-        assert not re.search(r"python\S*\"? +- .*<<", text) and "<<'PY'" not in text and "import " not in text, name
+        assert "import " not in (scripts / "recipes" / name).read_text(), name

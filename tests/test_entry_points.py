@@ -1,6 +1,6 @@
 """Every entry point builds the same output layer: ``fairseq-train`` with the
 documented flags, ``fairseq-hydra-train`` with ``configs/*.yaml`` (and
-overrides), ``scripts/train.sh`` and the hub; bad values are refused on the
+overrides), ``scripts/recipes/train.sh`` and the hub; bad values are refused on the
 hydra path as on the command line."""
 
 import pytest

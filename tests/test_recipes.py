@@ -1,5 +1,5 @@
-"""The recipes on tiny copy data, with the real tools: scripts/train.sh +
-scripts/translate.sh for every output layer, scripts/compare.py's tables
+"""The recipes on tiny copy data, with the real tools: scripts/recipes/train.sh +
+scripts/recipes/translate.sh for every output layer, scripts/benchmarks/compare.py's tables
 from those runs, and a configs/ file through the real fairseq-hydra-train."""
 
 import csv
@@ -34,7 +34,7 @@ def script(name, *args, env=None, check=True):
     e = dict(os.environ, OMP_NUM_THREADS="1", WARMUP="10", LR="3e-3", ADAPTIVE_CUTOFF="10,30")
     e.update(env or {})
     p = subprocess.run(
-        [str(REPO / "scripts" / name), *map(str, args)],
+        [str(REPO / "scripts" / "recipes" / name), *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -73,7 +73,7 @@ def test_recipes_explain_bad_input(data, tmp_path):
     """Missing tools, data-bins and checkpoints: exit status 2 and what to do."""
     for name in ("train.sh", "translate.sh"):  # too few arguments: the usage from the header
         p = script(name, "mhe", check=False)
-        assert p.returncode == 2 and f"scripts/{name} METHOD DATABIN SAVEDIR" in p.stdout, p.stdout
+        assert p.returncode == 2 and f"scripts/recipes/{name} METHOD DATABIN SAVEDIR" in p.stdout, p.stdout
     p = script("train.sh", "mhe", tmp_path / "nope", tmp_path / "save", check=False)
     assert p.returncode == 2 and "no data-bin at" in p.stdout
     (tmp_path / "text").mkdir()
@@ -140,7 +140,7 @@ def test_compare_tables_from_real_runs(runs, data, tmp_path):
     out = subprocess.run(
         [
             sys.executable,
-            str(REPO / "scripts" / "compare.py"),
+            str(REPO / "scripts" / "benchmarks" / "compare.py"),
             "--databin",
             str(data),
             "--name",
@@ -188,7 +188,7 @@ def test_compare_tables_from_real_runs(runs, data, tmp_path):
     for r in rows[:-1]:
         assert float(r["step_tok_s"]) == pytest.approx(speed["tok_per_s"][r["method"]])
     assert "| softmax body only (ceiling) |" in md and "test BLEU" in md and "nrefs:1" in md
-    assert "command: `python scripts/compare.py" in md
+    assert "command: `python scripts/benchmarks/compare.py" in md
 
 
 def test_compare_extend_from_continues_a_finished_run(runs, data, tmp_path):
@@ -206,7 +206,7 @@ def test_compare_extend_from_continues_a_finished_run(runs, data, tmp_path):
     out = subprocess.run(
         [
             sys.executable,
-            str(REPO / "scripts" / "compare.py"),
+            str(REPO / "scripts" / "benchmarks" / "compare.py"),
             "--databin",
             str(data),
             "--name",
@@ -265,8 +265,8 @@ def test_compare_extend_from_continues_a_finished_run(runs, data, tmp_path):
 
 
 def compare_row(work, method):
-    compare = script_modules.load("compare")  # scripts/compare.py, loaded from its file
-    return compare.collect(method, work / method)
+    compare_logs = script_modules.load("compare_logs")  # scripts/benchmarks/compare_logs.py, loaded from its file
+    return compare_logs.collect(method, work / method)
 
 
 @pytest.mark.parametrize("config", ["mhe_iwslt", "softmax_iwslt"])

@@ -11,7 +11,7 @@
 
 Each module's ``main(argv=None)`` returns the exit status; ``python -m
 fairseq_mhce.cli.NAME`` runs it as well.  :mod:`.recipe_checks` holds the
-Python steps of ``scripts/train.sh`` / ``scripts/translate.sh`` (run by its
+Python steps of ``scripts/recipes/train.sh`` / ``scripts/recipes/translate.sh`` (run by its
 file path, see there); :mod:`.word_split` the reversible word split of
 word-level data-bins.
 """

@@ -1,14 +1,14 @@
-"""The Python steps of the shell recipes ``scripts/train.sh`` and
-``scripts/translate.sh``:
+"""The Python steps of the shell recipes ``scripts/recipes/train.sh`` and
+``scripts/recipes/translate.sh``:
 
 ``savedir-guard ME SAVEDIR DATABIN V [FAIRSEQ_TRAIN_ARGS...]``
-    (``scripts/recipe_common.sh``'s ``savedir_guard``) exit status 2, and the
+    (``scripts/recipes/recipe_common.sh``'s ``savedir_guard``) exit status 2, and the
     reasons on stderr, when SAVEDIR's checkpoints (``checkpoint*.pt``) are
     another run's: another method, other head sizes or adaptive cutoffs,
     another ``--arch`` or another data-bin than the fairseq-train arguments
     given (read last-wins, as argparse does); 0 otherwise.
 ``score [--word-joiner] GEN GLOG REF HYP JSON METHOD CKPT``
-    (``scripts/translate.sh``) fairseq-generate's ``D-`` lines of GEN in the
+    (``scripts/recipes/translate.sh``) fairseq-generate's ``D-`` lines of GEN in the
     test set's line order into HYP, scored against REF with sacreBLEU (BLEU,
     chrF, signatures; the decoding speed from the log GLOG) into JSON.
     ``--word-joiner``: the hypotheses are undone from the word split of
@@ -147,7 +147,7 @@ def foreign_checkpoints(me, savedir, databin, vocab, argv):
             refuse(
                 name,
                 f"trained with METHOD {ck_method} (--arch {arch}); this run is METHOD {run['method']}",
-                f"continue that run with METHOD {ck_method} (scripts/{me} {ck_method} {ck_data or 'DATABIN'} "
+                f"continue that run with METHOD {ck_method} (scripts/recipes/{me} {ck_method} {ck_data or 'DATABIN'} "
                 f"{savedir} ...)",
                 f"train {run['method']} in {NEW_DIR}",
             )

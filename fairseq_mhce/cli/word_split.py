@@ -1,10 +1,10 @@
 """The reversible word split of word-level data-bins.
 
-``scripts/prepare_bible_multi.py --tokenizer word`` splits text into
+``scripts/bible/prepare_bible_multi.py --tokenizer word`` splits text into
 ``\\w+|[^\\w\\s]`` tokens (issue 12's split); a punctuation mark written
 without a space to its neighbour carries the joiner ``\\uffed`` on that side
 (``him ￭,``; ``O ￭’￭ na``), so :func:`detokenize` restores the text exactly
-and word types are exactly those of the plain split.  ``scripts/translate.sh``
+and word types are exactly those of the plain split.  ``scripts/recipes/translate.sh``
 detokenizes the hypotheses of such a data-bin with :func:`detokenize`.
 
 Standard library only: :mod:`.recipe_checks` imports it without the plugin.

@@ -48,7 +48,7 @@ def reallocate_codes(
     if V > REALLOC_MAX_VOCAB:
         raise ValueError(
             f"code re-allocation solves a dense V x V assignment; V = {V} is above {REALLOC_MAX_VOCAB}. "
-            f"Use a table from scripts/build_codes.py (--mhce-code-table) at this vocabulary size."
+            f"Use a table from mhce-build-codes (--mhce-code-table) at this vocabulary size."
         )
     if len(costs) != len(sizes) or any(np.shape(c) != (V, s) for c, s in zip(costs, sizes)):
         raise ValueError(f"reallocate_codes: costs must be {len(sizes)} arrays (V, C_h) for sizes {sizes}, V = {V}")

@@ -152,7 +152,7 @@ def _is_int(value) -> bool:
 def _field_error(path: str, field: str, what: str, value) -> ValueError:
     return ValueError(
         f"the code table {path}: field {field!r} must be {what}, got {_short(value)}; the file is damaged or "
-        f"was edited by hand: rebuild it with scripts/build_codes.py"
+        f"was edited by hand: rebuild it with mhce-build-codes"
     )
 
 
@@ -192,14 +192,14 @@ def read_code_table(path) -> Dict:
     object; nothing is compared with a model here."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ValueError(f"no code table file {path} (build one with scripts/build_codes.py)")
+        raise ValueError(f"no code table file {path} (build one with mhce-build-codes)")
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a code table (not JSON: {e}); build one with scripts/build_codes.py") from None
+        raise ValueError(f"{path} is not a code table (not JSON: {e}); build one with mhce-build-codes") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ValueError(f'{path} is not a code table (no "format": "{FORMAT}"); build one with scripts/build_codes.py')
+        raise ValueError(f'{path} is not a code table (no "format": "{FORMAT}"); build one with mhce-build-codes')
     if obj.get("version") != VERSION:
         raise ValueError(f"{path}: code table version {obj.get('version')!r}, this plugin reads version {VERSION}")
     for key in ("vocab_size", "head_sizes", "code"):
@@ -227,7 +227,7 @@ def load_code_table(
     if int(obj["vocab_size"]) != vocab_size:
         raise ValueError(
             f"the code table {path} was built for a target dictionary of {obj['vocab_size']} types, "
-            f"this model's has {vocab_size}; rebuild it with scripts/build_codes.py for this data-bin"
+            f"this model's has {vocab_size}; rebuild it with mhce-build-codes for this data-bin"
         )
     table_sizes = [int(c) for c in obj["head_sizes"]]
     if table_sizes != sizes:
@@ -235,7 +235,7 @@ def load_code_table(
         raise ValueError(
             f"the code table {path} was built for head sizes {table_sizes}, this model has {sizes}; "
             f"pass --mhce-head-sizes {spec} to use it, or rebuild it with "
-            f"scripts/build_codes.py --head-sizes {','.join(map(str, sizes))}"
+            f"mhce-build-codes --head-sizes {','.join(map(str, sizes))}"
         )
     if dictionary_symbols is not None:
         want = dictionary_sha1([str(s) for s in dictionary_symbols])
@@ -244,7 +244,7 @@ def load_code_table(
             raise ValueError(
                 f"the code table {path} was built for another target dictionary of the same size "
                 f"(dictionary sha1 {have}, this model's {want}); rebuild it with "
-                f"scripts/build_codes.py for this data-bin"
+                f"mhce-build-codes for this data-bin"
             )
     try:
         code = np.asarray(obj["code"], dtype=np.int64).reshape(-1)

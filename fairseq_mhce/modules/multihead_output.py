@@ -38,7 +38,7 @@ def parse_update_list(spec) -> List[int]:
 
 # --mhce-shortlist -1 (the default): a 2048-token shortlist once the target
 # dictionary has 4096 types (the best MHP of the Bible spm 8k ablation,
-# results/compare_bible_spm8k_ablation_shortlist*.md); the plain product
+# scripts/bible/results/compare_bible_spm8k_ablation_shortlist*.md); the plain product
 # below that, where a shortlist would be half the vocabulary or more
 AUTO_SHORTLIST, AUTO_SHORTLIST_MIN_VOCAB = 2048, 4096
 
