@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import sacrebleu
 
 from . import script_modules
 from .utils import BIN, REPO, USER_DIR, cli, make_copy_data
@@ -116,7 +117,9 @@ def test_train_and_translate_print_bleu(runs, data, method):
     by_id = {int(x.split("\t")[0][2:]): x.split("\t")[2] for x in gen.splitlines() if x.startswith("D-")}
     assert hyps == [by_id[i] for i in range(len(refs))]
     score = json.loads((save / "score.test.json").read_text())
-    assert 0 <= score["bleu"] <= 100 and score["decoding"]["sentences"] == 53
+    # the recorded score is sacreBLEU's on exactly these hypotheses and references
+    assert score["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-9)
+    assert score["decoding"]["sentences"] == 53
     if method == "adaptive":
         assert "--adaptive-softmax-cutoff 10,30" in train_out and "adaptive_loss" in train_out
 
@@ -172,7 +175,10 @@ def test_compare_tables_from_real_runs(runs, data, tmp_path):
         score = json.loads((work / m / "score.test.json").read_text())
         assert float(r["bleu"]) == score["bleu"] and float(r["chrf"]) == score["chrf"]
         assert int(r["updates"]) == UPDATES
-        assert float(r["train_wps"]) > 0 and float(r["best_valid_ppl"]) >= 1
+        # the best of the valid ppl that fairseq logged for this run
+        log = (work / m / "train.log").read_text()
+        ppls = [float(x) for x in re.findall(r"\| valid \| .*?\| ppl ([\d.]+)", log)]
+        assert float(r["train_wps"]) > 0 and ppls and float(r["best_valid_ppl"]) == min(ppls)
         assert float(r["decode_sent_per_s"]) == score["decoding"]["sentences_per_s"]
     params = {r["method"]: int(r["output_params"]) for r in rows[:-1]}
     v, d = 48, 64  # copy data: 40 words + 4 specials + padding to a multiple of 8; d of TINY
