@@ -9,3 +9,10 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+def pytest_runtest_setup(item):
+    """Before the test's fixtures: whether it may run command-line tools."""
+    from . import utils
+
+    utils.CURRENT_TEST_IS_E2E = item.get_closest_marker("e2e") is not None

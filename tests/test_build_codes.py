@@ -269,6 +269,7 @@ def databin(tmp_path_factory):
     return make_copy_data(tmp_path_factory.mktemp("codes"), n_train=300, n_valid=20, n_test=20, n_words=60)
 
 
+@pytest.mark.e2e
 def test_dictionary_symbols(databin):
     from fairseq.data import Dictionary
 
@@ -278,6 +279,7 @@ def test_dictionary_symbols(databin):
     assert ct.dictionary_symbols(d) == syms
 
 
+@pytest.mark.e2e
 def test_cli_ppmi_and_checkpoint(databin, tmp_path, capsys):
     syms = ct.dictionary_symbols(databin / "dict.tgt.txt")
     V = len(syms)
@@ -338,6 +340,7 @@ def test_cli_ppmi_and_checkpoint(databin, tmp_path, capsys):
     assert not (tmp_path / "none.json").exists()
 
 
+@pytest.mark.e2e
 def test_cli_refusals(databin, tmp_path, capsys):
     V = len(ct.dictionary_symbols(databin / "dict.tgt.txt"))
     out = tmp_path / "c.json"

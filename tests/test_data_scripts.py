@@ -212,6 +212,7 @@ def test_bible_too_small_for_heldout(tmp_path):
 # ---------------------------------------------------------------- prepare_data
 
 
+@pytest.mark.e2e
 def test_databin_loads_in_fairseq(databin, text):
     import sentencepiece as spm
     from fairseq.data import Dictionary, data_utils
@@ -377,6 +378,7 @@ def test_existing_destdir_is_left_untouched(tmp_path, text):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "tiny.de", "tiny.en"]
 
 
+@pytest.mark.e2e
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     write_parallel(tmp_path / "train", ["a", "b"], ["x"])
     # main is the command: exit status 2 and one line, in this process too

@@ -25,6 +25,7 @@ import pytest
 
 from .utils import REPO, cli, tree_hashes
 
+pytestmark = pytest.mark.e2e  # compare.py, the recipes and the mhce-* tools on real files
 SCRIPTS = REPO / "scripts" / "benchmarks"
 
 

@@ -209,6 +209,7 @@ def test_seed_changes_the_split_and_limit_holds(text14, tmp_path):
     assert {k for *_, k in a} == {k for *_, k in b}  # the same LIMIT verses
 
 
+@pytest.mark.e2e
 def test_unknown_code_names_the_available_ones(tmp_path):
     for flags in (["--targets", "it,xx"], ["--source", "xx"]):
         with pytest.raises(

@@ -229,6 +229,7 @@ def test_score_refuses_a_missing_hypothesis(tmp_path):
     assert not (tmp_path / "h").exists() and not (tmp_path / "s.json").exists()
 
 
+@pytest.mark.e2e
 def test_score_word_joiner_by_path_without_the_plugin(tmp_path):
     """As translate.sh runs it: the file by its path, the word split undone,
     nothing on stderr, and neither fairseq nor the plugin package imported

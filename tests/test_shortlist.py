@@ -187,6 +187,7 @@ def databin(tmp_path_factory):
     return make_copy_data(tmp_path_factory.mktemp("short"), n_train=300, n_valid=20, n_test=20, n_words=60)
 
 
+@pytest.mark.e2e
 def test_build_codes_shortlist_lists_the_most_frequent_targets(databin, tmp_path, capsys, caplog):
     import numpy as np
     from fairseq.data import Dictionary, data_utils
@@ -227,6 +228,7 @@ def test_build_codes_shortlist_lists_the_most_frequent_targets(databin, tmp_path
     assert rc == 2 and "must lie between 1 and V - 2" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_fairseq_train_and_generate_with_a_shortlist(tmp_path):
     data = make_copy_data(tmp_path / "copy", n_train=400, n_valid=40, n_test=20)
     save = tmp_path / "ckpt"

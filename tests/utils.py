@@ -54,6 +54,17 @@ IN_PROCESS = {
 THREAD_VARS = {"OMP_NUM_THREADS", "MKL_NUM_THREADS"}
 
 
+# set by tests/conftest.py before each test's set-up: whether it is marked
+# e2e (None outside pytest); a command run for a test without the mark is an
+# error, so that `make test-fast` (-m "not e2e") really runs none
+CURRENT_TEST_IS_E2E = None
+
+
+def require_e2e(what):
+    if CURRENT_TEST_IS_E2E is False:
+        raise AssertionError(f"{what} runs a command-line tool: mark the test (or its module) with pytest.mark.e2e")
+
+
 def cli(name, *args, check=True, env=None, cwd=None, stdin=None, process=False):
     """Run a console script of this venv (fairseq's or the plugin's); returns
     a CompletedProcess with stdout+stderr merged in ``.stdout``.
@@ -64,6 +75,7 @@ def cli(name, *args, check=True, env=None, cwd=None, stdin=None, process=False):
     process would print); ``process=True``, an ``env`` beyond thread counts,
     or a fairseq command without ``--user-dir`` (stock fairseq must not see
     the plugin that this process has imported) start a separate process."""
+    require_e2e(name)
     args = [str(a) for a in args]
     own_process = (
         process
@@ -194,6 +206,8 @@ def preprocess(*args):
     data-bin; the suite builds about twenty)."""
     from fairseq import options
     from fairseq_cli import preprocess as fairseq_preprocess
+
+    require_e2e("fairseq-preprocess")
 
     parser = options.get_preprocessing_parser()
     fairseq_preprocess.main(parser.parse_args([str(a) for a in args]))
