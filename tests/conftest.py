@@ -1,18 +1,102 @@
 """Shared set-up of the test suite.
 
-The suite runs on two cores (``make test``: two pytest-xdist workers), so
-every test process, and every fairseq command it starts, uses one thread:
-two workers with two threads each would oversubscribe the machine.
+* One thread per process: ``make test`` runs two pytest-xdist workers on the
+  two cores, and every fairseq command they start uses one thread too (two
+  workers with two threads each would oversubscribe the machine).
+* Session fixtures shared across test files: the tiny copy-task data-bin and
+  one model trained on it per method (MHP, MHE, MHS).  Under pytest-xdist
+  each is built once for the whole run, by whichever worker asks first (a
+  file lock in the run's shared temporary folder), and read by the others.
+* Before each test: whether it is marked ``e2e`` (:mod:`tests.utils` refuses
+  to run a command-line tool for a test that is not).
 """
 
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
+
+from . import utils  # noqa: E402
+from .utils import make_copy_data, train_tiny  # noqa: E402
+
 
 def pytest_runtest_setup(item):
     """Before the test's fixtures: whether it may run command-line tools."""
-    from . import utils
-
     utils.CURRENT_TEST_IS_E2E = item.get_closest_marker("e2e") is not None
+
+
+@pytest.fixture(scope="session")
+def shared_root(tmp_path_factory) -> Path:
+    """A folder every xdist worker of this run sees (the parent of the
+    workers' own temporary folders), or this process's temporary folder."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def built_once(root: Path, name: str, build):
+    """``root/name`` built by ``build(path)`` once per run across workers;
+    a build that failed is redone (and fails again) for the next asker."""
+    path = root / name
+    with FileLock(str(path) + ".lock"):
+        done = path / ".built"
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            build(path)
+            done.touch()
+    return path
+
+
+@pytest.fixture(scope="session")
+def copy_bin(shared_root) -> Path:
+    """The copy task (target = source, 2000/100/100 lines of 3-8 words over
+    40 word types; V = 48 with fairseq's padding) preprocessed: the data-bin."""
+    return built_once(shared_root, "copy", make_copy_data) / "bin"
+
+
+# the shared models: method -> its extra flags (each trained 300 updates on copy_bin)
+SHARED_MODELS = {
+    # MHP, H = 2, the plugin's defaults
+    "mhp": [],
+    # MHE, H = 3, best checkpoint by BLEU (--eval-bleu through the heads)
+    "mhe": [
+        "--mhce-heads", "3", "--eval-bleu", "--eval-bleu-args", '{"beam": 2}', "--eval-bleu-detok", "space",
+        "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",
+    ],
+    # MHS with tied input/output embeddings: 12 groups of 4 tokens, half of them scored per step
+    "mhs": ["--mhce-head-sizes", "12,4", "--mhce-sample-groups", "0.5", "--share-decoder-input-output-embed"],
+}  # fmt: skip
+
+
+def _trained(shared_root, copy_bin, method):
+    def build(path):
+        log = train_tiny(copy_bin, path / "save", method, *SHARED_MODELS[method])
+        (path / "train.out").write_text(log)
+
+    path = built_once(shared_root, f"trained_{method}", build)
+    return path / "save", (path / "train.out").read_text()
+
+
+@pytest.fixture(scope="session")
+def trained_mhp(shared_root, copy_bin):
+    """(save dir, fairseq-train output) of the shared MHP model."""
+    return _trained(shared_root, copy_bin, "mhp")
+
+
+@pytest.fixture(scope="session")
+def trained_mhe(shared_root, copy_bin):
+    """(save dir, fairseq-train output) of the shared MHE model (H = 3)."""
+    return _trained(shared_root, copy_bin, "mhe")
+
+
+@pytest.fixture(scope="session")
+def trained_mhs(shared_root, copy_bin):
+    """(save dir, fairseq-train output) of the shared MHS model."""
+    return _trained(shared_root, copy_bin, "mhs")

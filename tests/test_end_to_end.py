@@ -6,66 +6,25 @@ import re
 
 import pytest
 
-from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, bleu_of, cli, hypotheses, make_copy_data
+from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, bleu_of, cli, hypotheses, make_copy_data, train_tiny
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_copy_data(tmp_path_factory.mktemp("copy"))
+def data(copy_bin):
+    return copy_bin
 
 
 def train(data, save_dir, method, *extra, updates=300):
-    return cli(
-        "fairseq-train",
-        data,
-        "--user-dir",
-        USER_DIR,
-        "--arch",
-        "transformer_mhce",
-        "--mhce-method",
-        method,
-        *TINY_ARCH,
-        "--criterion",
-        "mhce_label_smoothed_cross_entropy",
-        "--label-smoothing",
-        "0.1",
-        "--report-accuracy",
-        *TRAIN_COMMON,
-        "--max-update",
-        updates,
-        "--save-dir",
-        save_dir,
-        *extra,
-    )
+    return train_tiny(data, save_dir, method, *extra, updates=updates)
 
 
 @pytest.fixture(scope="module")
-def trained(data, tmp_path_factory):
-    """One MHP (H = 2) and one MHE (H = 3, --eval-bleu on) model, 300 updates each."""
-    root = tmp_path_factory.mktemp("ckpt")
-    runs = {}
-    runs["mhp"] = (root / "mhp", train(data, root / "mhp", "mhp").stdout)
-    runs["mhe"] = (
-        root / "mhe",
-        train(
-            data,
-            root / "mhe",
-            "mhe",
-            "--mhce-heads",
-            "3",
-            "--eval-bleu",
-            "--eval-bleu-args",
-            '{"beam": 2}',
-            "--eval-bleu-detok",
-            "space",
-            "--best-checkpoint-metric",
-            "bleu",
-            "--maximize-best-checkpoint-metric",
-        ).stdout,
-    )
-    return runs
+def trained(trained_mhp, trained_mhe):
+    """The shared MHP (H = 2) and MHE (H = 3, --eval-bleu on) models of
+    tests/conftest.py, 300 updates each: {method: (save dir, train output)}."""
+    return {"mhp": trained_mhp, "mhe": trained_mhe}
 
 
 def generate(data, ckpt, *extra):
@@ -176,11 +135,11 @@ def test_hub_api_translates(trained, data):
     assert model.translate("w3 w1 w4 w1 w5", beam=5) == "w3 w1 w4 w1 w5"
 
 
-def test_resume_from_checkpoint_last(trained, data, tmp_path):
+def test_resume_from_checkpoint_last(data, tmp_path):
     save_dir = tmp_path / "resume"
     train(data, save_dir, "mhp", updates=60)
     assert (save_dir / "checkpoint_last.pt").exists()
-    second = train(data, save_dir, "mhp", updates=120).stdout
+    second = train(data, save_dir, "mhp", updates=120)
     assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 60 updates\)", second), second[-3000:]
     assert "num_updates=120" in second or "num_updates 120" in second
 

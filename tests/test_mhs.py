@@ -17,7 +17,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 from fairseq_mhce.modules.codec import MixedRadixCodec
 from fairseq_mhce.modules.mhs import MultiHeadSampling, draw_groups, group_budget, num_groups
 
-from .utils import BIN, TINY_ARCH, TRAIN_COMMON, USER_DIR, bleu_of, cli, hypotheses, make_copy_data
+from .utils import BIN, USER_DIR, bleu_of, cli, hypotheses, make_copy_data
 
 D = 8
 # (V, head sizes, random code order): exact products, invalid codes (a
@@ -175,42 +175,16 @@ PLAIN = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}  # stock fairseq on torch >= 2
 
 
 @pytest.fixture(scope="module")
-def copy_data(tmp_path_factory):
-    return make_copy_data(tmp_path_factory.mktemp("copy_mhs"))  # V = 48
+def copy_data(copy_bin):
+    return copy_bin  # V = 48
 
 
 @pytest.fixture(scope="module")
-def mhs_run(copy_data, tmp_path_factory):
-    """300 updates of MHS with tied input/output embeddings; 12 groups of 4
-    tokens, 6 scored per step (targets' groups plus negatives)."""
-    save = tmp_path_factory.mktemp("ckpt_mhs")
-    log = cli(
-        "fairseq-train",
-        copy_data,
-        "--user-dir",
-        USER_DIR,
-        "--arch",
-        "transformer_mhce",
-        "--mhce-method",
-        "mhs",
-        "--mhce-head-sizes",
-        "12,4",
-        "--mhce-sample-groups",
-        "0.5",
-        "--share-decoder-input-output-embed",
-        *TINY_ARCH,
-        "--criterion",
-        "mhce_label_smoothed_cross_entropy",
-        "--label-smoothing",
-        "0.1",
-        "--report-accuracy",
-        *TRAIN_COMMON,
-        "--max-update",
-        "300",
-        "--save-dir",
-        save,
-        env=ONE_THREAD,
-    ).stdout
+def mhs_run(trained_mhs):
+    """The shared MHS model of tests/conftest.py: 300 updates, tied input /
+    output embeddings, 12 groups of 4 tokens, 6 scored per step (targets'
+    groups plus negatives): (checkpoint_best.pt, train output)."""
+    save, log = trained_mhs
     return save / "checkpoint_best.pt", log
 
 

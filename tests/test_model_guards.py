@@ -26,7 +26,7 @@ from fairseq.data import Dictionary
 import fairseq_mhce  # noqa: F401
 from fairseq_mhce.models.transformer_mhce import MHCEConfig, TransformerMHCEModel, build_head
 
-from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, make_copy_data, tree_hashes
+from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, tree_hashes
 
 
 def dictionary(n):
@@ -95,8 +95,8 @@ def test_mhs_seed_follows_fairseq_seed_without_a_config_seed():
 
 # ---------------------------------------------------------------- CLIs
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_copy_data(tmp_path_factory.mktemp("guards"), n_train=300, n_valid=20, n_test=20)
+def data(copy_bin):
+    return copy_bin
 
 
 def train(data, save, method, *extra, criterion="mhce_label_smoothed_cross_entropy", check=True):
@@ -123,10 +123,8 @@ def train(data, save, method, *extra, criterion="mhce_label_smoothed_cross_entro
 
 
 @pytest.fixture(scope="module")
-def mhp_ckpt(data, tmp_path_factory):
-    save = tmp_path_factory.mktemp("mhp")
-    train(data, save, "mhp")
-    return save / "checkpoint_best.pt"
+def mhp_ckpt(trained_mhp):
+    return trained_mhp[0] / "checkpoint_best.pt"  # the shared MHP model of tests/conftest.py
 
 
 @pytest.mark.e2e

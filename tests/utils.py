@@ -169,6 +169,16 @@ class _Tee(io.TextIOBase):
         return len(text)
 
 
+def train_tiny(data, save_dir, method, *extra, updates=300):
+    """fairseq-train of the tiny transformer_mhce (2+2 layers, d 64) with the
+    plugin's criterion; returns the command's output."""
+    return cli(
+        "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer_mhce", "--mhce-method", method,
+        *TINY_ARCH, "--criterion", "mhce_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--report-accuracy", *TRAIN_COMMON, "--max-update", updates, "--save-dir", save_dir, *extra,
+    ).stdout  # fmt: skip
+
+
 def make_copy_data(root: Path, n_train=2000, n_valid=100, n_test=100, n_words=40, seed=0, langs=("src", "tgt")):
     """A copy task (target = source) over ``n_words`` word types; preprocessed
     into ``root/bin`` with fairseq-preprocess.  Returns the data-bin path."""
