@@ -37,7 +37,8 @@
 #    table of the README: NAME=bible_fr_en_spm8k_ablation LONG_UPD=500
 #    TIED_A=softmax-tied TIED_B=mhe-tied);
 # 11. the tied softmax, tied MHE and tied MHP at equal wall-clock (WALL_MIN
-#    minutes each; table NAME_tied_wallclock);
+#    minutes each; table NAME_tied_wallclock; WALL_TIED_A / WALL_TIED_B: the
+#    two lanes' methods);
 # PHASES (comma-separated subset of updates,wallclock,long,realloc,shortlist,
 # shortlist_long,shortlist_wallclock,tied,tied_wallclock; default: the first
 # nine) picks the phases to run;
@@ -152,7 +153,7 @@ if want tied; then
 fi
 if want tied_wallclock; then
   pair "${NAME}_tied_wallclock" 1000000 "$ARCH --stop-time-hours $("$PY" -c "print(round($WALL_MIN / 60, 4))")" \
-    "softmax-tied,mhp-tied" "mhe-tied" \
+    "${WALL_TIED_A-softmax-tied,mhp-tied}" "${WALL_TIED_B-mhe-tied}" \
     --note "equal wall-clock: each trained for $WALL_MIN min (--stop-time-hours), two at a time on the 2 cores (one thread each); every row ties the embeddings"
 fi
 # the shortlist MHP against the softmax at equal wall-clock (its own table)
