@@ -15,7 +15,7 @@ from fairseq.data import Dictionary
 
 import fairseq_mhce  # noqa: F401
 from fairseq_mhce.config import resolve_settings
-from fairseq_mhce.models.transformer_mhce import build_head
+from fairseq_mhce.models.transformer_mhce import build_output_layer
 from fairseq_mhce.modules import code_table as ct
 from fairseq_mhce.training_start import CACHE_NAME, settle_code_table
 
@@ -32,7 +32,7 @@ def databin(tmp_path_factory):
 def _model(databin, method="mhp", **kw):
     d = Dictionary.load(str(databin / "dict.tgt.txt"))
     settings = resolve_settings(Namespace(mhce_method=method, mhce_shortlist=kw.pop("shortlist", 0), **kw))
-    head = build_head(settings, 16, d)
+    head = build_output_layer(settings, 16, d)
     task = Namespace(cfg=Namespace(data=str(databin), source_lang="src", target_lang="tgt"), target_dictionary=d)
     return Namespace(decoder=Namespace(mhce_head=head, _mhce_settings=settings)), task, head
 

@@ -198,7 +198,7 @@ def test_code_table_option_reads_checks_and_defers_to_a_checkpoint(tmp_path):
 
     from fairseq_mhce.config import resolve_settings
     from fairseq_mhce.criterions.mhce_label_smoothed_cross_entropy import get_mhce_head
-    from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_head
+    from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_output_layer
     from fairseq_mhce.modules.code_table import save_code_table
     from fairseq_mhce.training_start import settle_code_table
 
@@ -215,18 +215,18 @@ def test_code_table_option_reads_checks_and_defers_to_a_checkpoint(tmp_path):
     save_code_table(path, code.tolist(), [4, 4], list(d.symbols), {})
     cfg = Namespace(**{k: f.default for k, f in MHCEConfig.__dataclass_fields__.items()})
     cfg.mhce_method, cfg.mhce_head_sizes, cfg.mhce_code_table = "mhe", "4,4", str(path)
-    head = build_head(cfg, D, d)
+    head = build_output_layer(cfg, D, d)
     assert torch.equal(head.codec.code, code) and head.codec.pending_table is None
     cfg.mhce_head_sizes = "8,2"
     with pytest.raises(ValueError, match=r"\[4, 4\].*\[8, 2\]"):
-        build_head(cfg, D, d)
+        build_output_layer(cfg, D, d)
     cfg.mhce_head_sizes = "5,4"
     with pytest.raises(ValueError, match="16.*17"):
-        build_head(cfg, D, dictionary(13))
+        build_output_layer(cfg, D, dictionary(13))
     # missing file: a placeholder table until a checkpoint's state dict arrives
     cfg.mhce_head_sizes = "4,4"
     cfg.mhce_code_table = str(tmp_path / "gone.json")
-    head = build_head(cfg, D, d)
+    head = build_output_layer(cfg, D, d)
     model = Namespace(decoder=Namespace(mhce_head=head, _mhce_settings=resolve_settings(cfg)))
     with pytest.raises(FileNotFoundError, match="gone.json: no such file"):
         settle_code_table(model, None, None)  # training from scratch

@@ -34,7 +34,7 @@ import fairseq_mhce  # noqa: F401  (registers the plugin)
 from fairseq_mhce.criterions.mhce_label_smoothed_cross_entropy import (
     MHCELabelSmoothedCrossEntropyCriterion,
 )
-from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_head
+from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_output_layer
 from fairseq_mhce.modules.tied_embedding import CodeOrderedEmbedding
 
 V = 256_000  # fairseq's 4 specials + 255,996 words; 506 x 506 heads, with invalid codes
@@ -111,7 +111,7 @@ def make_head(dictionary, method, last_head="per-token", tied=False):
     cfg.mhce_method, cfg.mhce_last_head = method, last_head
     torch.manual_seed(0)
     emb = CodeOrderedEmbedding(len(dictionary), D, padding_idx=dictionary.pad()) if tied else None
-    return build_head(cfg, D, dictionary, emb), emb
+    return build_output_layer(cfg, D, dictionary, emb), emb
 
 
 def make_sample(dictionary):

@@ -24,7 +24,7 @@ import torch
 from fairseq.data import Dictionary
 
 import fairseq_mhce  # noqa: F401
-from fairseq_mhce.models.transformer_mhce import MHCEConfig, TransformerMHCEModel, build_head
+from fairseq_mhce.models.transformer_mhce import MHCEConfig, TransformerMHCEModel, build_output_layer
 
 from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, tree_hashes
 
@@ -51,20 +51,20 @@ def test_too_many_heads_for_the_vocabulary_is_refused():
     d = dictionary(208)
     for method in ("mhp", "mhe"):
         with pytest.raises(ValueError, match=r"--mhce-heads 20 .*208.*always predict digit 0.*At most 8 heads"):
-            build_head(cfg(mhce_method=method, mhce_heads=20), 16, d)
-        head = build_head(cfg(mhce_method=method, mhce_heads=8), 16, d)  # 2^8 >= 208 > 2^7: every head used
+            build_output_layer(cfg(mhce_method=method, mhce_heads=20), 16, d)
+        head = build_output_layer(cfg(mhce_method=method, mhce_heads=8), 16, d)  # 2^8 >= 208 > 2^7: every head used
         assert len(head.codec.sizes) == 8 and min(head.codec.used_digits()) >= 2
 
 
 def test_spare_head_in_explicit_sizes_is_warned(caplog):
     d = dictionary(300)
     caplog.set_level(logging.WARNING, logger="fairseq_mhce")
-    head = build_head(cfg(mhce_method="mhe", mhce_head_sizes="20,20,20"), 16, d)
+    head = build_output_layer(cfg(mhce_method="mhe", mhce_head_sizes="20,20,20"), 16, d)
     assert head.codec.sizes == [20, 20, 20]
     assert "without head(s) [1, 2, 3], and head(s) [1] always predict digit 0" in caplog.text, caplog.text
     assert "[7, 7, 7] (product 343)" in caplog.text
     caplog.clear()
-    build_head(cfg(mhce_method="mhe", mhce_head_sizes="20,16"), 16, d)  # both needed: no warning
+    build_output_layer(cfg(mhce_method="mhe", mhce_head_sizes="20,16"), 16, d)  # both needed: no warning
     assert "without head" not in caplog.text
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fairseq_mhce  # noqa: F401
-from fairseq_mhce.models.transformer_mhce import build_head
+from fairseq_mhce.models.transformer_mhce import build_output_layer
 from fairseq_mhce.modules.code_realloc import REALLOC_MAX_VOCAB, reallocate_codes
 from fairseq_mhce.modules.codec import MixedRadixCodec, auto_head_sizes
 from fairseq_mhce.modules.multihead_output import MultiHeadProduct, parse_update_list
@@ -67,11 +67,11 @@ def test_refusals():
     assert parse_update_list("600, 300") == [300, 600] and parse_update_list(None) == []
     d = dictionary(40)
     with pytest.raises(ValueError, match="re-allocates the code table of --mhce-method mhp"):
-        build_head(cfg(mhce_method="mhe", mhce_realloc_updates="10"), 16, d)
+        build_output_layer(cfg(mhce_method="mhe", mhce_realloc_updates="10"), 16, d)
     big = MixedRadixCodec(REALLOC_MAX_VOCAB + 8, auto_head_sizes(REALLOC_MAX_VOCAB + 8, 2))
     with pytest.raises(ValueError, match="dense V x V assignment"):
         MultiHeadProduct(16, big, realloc_updates=[5])
-    head = build_head(cfg(mhce_method="mhp", mhce_realloc_updates="7,3", mhce_realloc_window=2), 16, d)
+    head = build_output_layer(cfg(mhce_method="mhp", mhce_realloc_updates="7,3", mhce_realloc_window=2), 16, d)
     assert head.realloc_updates == [3, 7] and head.realloc_window == 2
 
 

@@ -16,7 +16,7 @@ import torch
 
 from fairseq_mhce.cli import recipe_checks as rc
 from fairseq_mhce.cli.word_split import tokenize
-from fairseq_mhce.modules.output_layer import head_class
+from fairseq_mhce.modules.output_layer import output_layer_class
 
 from .utils import REPO
 
@@ -45,7 +45,7 @@ def test_small_helpers():
 
 def test_auto_sizes_are_the_plugins():
     for method in ("mhp", "mhe", "mhs"):
-        assert rc.auto_sizes(method, 2, V) == list(head_class(method).default_head_sizes(V, 2))
+        assert rc.auto_sizes(method, 2, V) == list(output_layer_class(method).default_head_sizes(V, 2))
 
 
 def train_args(databin, method, *extra):
@@ -77,7 +77,7 @@ def guard(savedir, databin, argv, capsys):
 def test_guard_accepts_the_same_run(tmp_path, capsys):
     data, save = tmp_path / "bin", tmp_path / "save"
     save.mkdir()
-    auto = list(head_class("mhp").default_head_sizes(V, 2))
+    auto = list(output_layer_class("mhp").default_head_sizes(V, 2))
     checkpoint(save / "checkpoint_last.pt", data, mhce_method="mhp", mhce_heads=2, sizes=auto, hydra=True)
     checkpoint(save / "checkpoint_best.pt", data, mhce_method="mhp", mhce_heads=2)  # legacy args, no buffer
     assert guard(save, data, train_args(data, "mhp"), capsys) == (0, "")

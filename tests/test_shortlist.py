@@ -15,7 +15,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 
 import fairseq_mhce  # noqa: F401
 from fairseq_mhce.cli import build_codes
-from fairseq_mhce.models.transformer_mhce import build_head
+from fairseq_mhce.models.transformer_mhce import build_output_layer
 from fairseq_mhce.modules import code_table as ct
 from fairseq_mhce.modules.codec import MixedRadixCodec, auto_head_sizes
 from fairseq_mhce.modules.multihead_output import MultiHeadProduct
@@ -137,28 +137,28 @@ def test_shortlist_code_layout():
 def test_refusals_and_the_models_default_table():
     d = dictionary(40)
     with pytest.raises(ValueError, match="this model is --mhce-method mhe.*Drop --mhce-shortlist"):
-        build_head(cfg(mhce_method="mhe", mhce_shortlist=8), 16, d)
+        build_output_layer(cfg(mhce_method="mhe", mhce_shortlist=8), 16, d)
     for bad in (39, 40):
         with pytest.raises(ValueError, match="between 1 and V - 2 = 38"):
-            build_head(cfg(mhce_method="mhp", mhce_shortlist=bad), 16, d)
+            build_output_layer(cfg(mhce_method="mhp", mhce_shortlist=bad), 16, d)
     with pytest.raises(ValueError, match="cannot be combined with --mhce-shortlist"):
-        build_head(cfg(mhce_method="mhp", mhce_shortlist=8, mhce_realloc_updates="5"), 16, d)
-    head = build_head(cfg(mhce_method="mhp", mhce_shortlist=8), 16, d)
+        build_output_layer(cfg(mhce_method="mhp", mhce_shortlist=8, mhce_realloc_updates="5"), 16, d)
+    head = build_output_layer(cfg(mhce_method="mhp", mhce_shortlist=8), 16, d)
     assert torch.equal(head.codec.code[:8], torch.arange(32, 40))  # the first ids: the most frequent
     assert torch.equal(head.codec.code[8:], torch.arange(32))  # identity on the tail
     assert head.proj.out_features == sum(head.sizes) + 9
     with pytest.raises(ValueError, match="per-head is not defined with --mhce-shortlist"):
         head.loss(torch.randn(3, 16), torch.tensor([1, 9, 20]), 0.1, smoothing="per-head")
-    rnd = build_head(cfg(mhce_method="mhp", mhce_shortlist=8, mhce_code_order="random"), 16, d)
+    rnd = build_output_layer(cfg(mhce_method="mhp", mhce_shortlist=8, mhce_code_order="random"), 16, d)
     assert torch.equal(rnd.codec.code[:8], torch.arange(32, 40)) and not torch.equal(
         rnd.codec.code[8:], torch.arange(32)
     )
     # a checkpoint of another shortlist size is named, not a size mismatch
     state = {f"decoder.mhce_head.{k}": v for k, v in head.state_dict().items()}
-    other = build_head(cfg(mhce_method="mhp", mhce_shortlist=4), 16, d)
+    other = build_output_layer(cfg(mhce_method="mhp", mhce_shortlist=4), 16, d)
     with pytest.raises(RuntimeError, match="trained with --mhce-shortlist 8, this model has --mhce-shortlist 4"):
         other.upgrade_state_dict_named(state, "decoder.mhce_head")
-    plain = build_head(cfg(mhce_method="mhp"), 16, d)  # the default, -1: no shortlist below 4096 types
+    plain = build_output_layer(cfg(mhce_method="mhp"), 16, d)  # the default, -1: no shortlist below 4096 types
     assert plain.shortlist == 0 and plain.proj.out_features == sum(plain.sizes)
     with pytest.raises(RuntimeError, match="trained with --mhce-shortlist 8, this model has --mhce-shortlist 0"):
         plain.upgrade_state_dict_named(state, "decoder.mhce_head")
@@ -170,9 +170,9 @@ def test_default_shortlist_follows_the_vocabulary_and_old_configs_keep_none():
 
     assert resolve_shortlist(-1, 4095) == 0 and resolve_shortlist(-1, 4096) == 2048
     assert resolve_shortlist(None, 10**6) == 0 and resolve_shortlist(7, 50) == 7
-    big = build_head(cfg(mhce_method="mhp"), 16, dictionary(5000))
+    big = build_output_layer(cfg(mhce_method="mhp"), 16, dictionary(5000))
     assert big.shortlist == 2048 and torch.equal(big.codec.code[:2048], torch.arange(5000 - 2048, 5000))
-    assert build_head(cfg(mhce_method="mhe"), 16, dictionary(5000)).codec.num_codes >= 5000  # mhe: no shortlist
+    assert build_output_layer(cfg(mhce_method="mhe"), 16, dictionary(5000)).codec.num_codes >= 5000  # mhe: no shortlist
     old = cfg(mhce_method="mhp")
     del old.mhce_shortlist  # a config saved before the option existed: the plain product it was trained with
     fill_legacy_defaults(old)
@@ -216,12 +216,12 @@ def test_build_codes_shortlist_lists_the_most_frequent_targets(databin, tmp_path
     check_balanced(code[rest], V - S, sizes, nfix=0)
     # the model uses the table as it is (no re-layout, no warning)
     caplog.clear()
-    head = build_head(cfg(mhce_method="mhp", mhce_shortlist=S, mhce_code_table=str(out)), 16, d)
+    head = build_output_layer(cfg(mhce_method="mhp", mhce_shortlist=S, mhce_code_table=str(out)), 16, d)
     assert np.array_equal(head.codec.code.numpy(), code) and "not built for --mhce-shortlist" not in caplog.text
     # a table built without --shortlist is laid out for it, with a warning
     plain = tmp_path / "plain.json"
     assert build_codes.main(["--databin", str(databin), "--heads", "2", "--dim", "8", "--out", str(plain)]) == 0
-    head = build_head(cfg(mhce_method="mhp", mhce_shortlist=S, mhce_code_table=str(plain)), 16, d)
+    head = build_output_layer(cfg(mhce_method="mhp", mhce_shortlist=S, mhce_code_table=str(plain)), 16, d)
     assert "not built for --mhce-shortlist 12" in caplog.text
     assert torch.equal(head.codec.code[:S], torch.arange(V - S, V))
     rc = build_codes.main(argv[:-1] + [str(V - 1), "--out", str(tmp_path / "bad.json")])

@@ -341,7 +341,7 @@ def test_build_codes_heads_like_the_model(databin, V, tmp_path):
     more than max_useful_heads)."""
     from fairseq.data import Dictionary
 
-    from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_head, max_useful_heads
+    from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_output_layer, max_useful_heads
 
     too_many = max_useful_heads(V) + 1
     d = Dictionary()
@@ -350,7 +350,7 @@ def test_build_codes_heads_like_the_model(databin, V, tmp_path):
     cfg = argparse.Namespace(**{k: f.default for k, f in MHCEConfig.__dataclass_fields__.items()})
     cfg.mhce_code_order, cfg.mhce_heads = "identity", too_many
     with pytest.raises(ValueError, match="always predict digit 0"):
-        build_head(cfg, 8, d)
+        build_output_layer(cfg, 8, d)
     out = tmp_path / "c.json"
     rc, text = build_codes("--databin", databin, "--heads", too_many, "--out", out)
     line = one_line_refusal(rc, text, f"--heads {too_many} for a target dictionary of {V}", "always predict digit 0")
@@ -448,7 +448,7 @@ def test_null_meta_is_no_metadata(databin, tables, V, tmp_path):
     with a shortlist lays the table out itself instead of failing."""
     from fairseq.data import Dictionary
 
-    from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_head
+    from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_output_layer
 
     obj = json.loads(tables[1].read_text())
     path = tmp_path / "null_meta.json"
@@ -457,7 +457,7 @@ def test_null_meta_is_no_metadata(databin, tables, V, tmp_path):
     assert ct.load_code_table(path, V, obj["head_sizes"]).tolist() == obj["code"]
     cfg = argparse.Namespace(**{k: f.default for k, f in MHCEConfig.__dataclass_fields__.items()})
     cfg.mhce_method, cfg.mhce_code_table, cfg.mhce_shortlist = "mhp", str(path), 8
-    head = build_head(cfg, 8, Dictionary.load(str(databin / "dict.tgt.txt")))
+    head = build_output_layer(cfg, 8, Dictionary.load(str(databin / "dict.tgt.txt")))
     assert head.codec.code[:8].tolist() == list(range(V - 8, V))  # the shortlist on the top codes
 
 

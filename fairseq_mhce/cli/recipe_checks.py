@@ -76,9 +76,9 @@ def parse_sizes(spec):
 def auto_sizes(method, heads, vocab):
     """The head sizes the plugin picks for ``--mhce-heads heads`` at V = vocab."""
     import fairseq_mhce  # noqa: F401  (registers the heads)
-    from fairseq_mhce.modules.output_layer import head_class
+    from fairseq_mhce.modules.output_layer import output_layer_class
 
-    return list(head_class(method).default_head_sizes(vocab, int(heads)))
+    return list(output_layer_class(method).default_head_sizes(vocab, int(heads)))
 
 
 def load(path):

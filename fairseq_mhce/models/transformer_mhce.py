@@ -22,7 +22,7 @@ from ..config import MHCEConfig, MHCESettings, resolve_settings
 from ..modules.code_table import load_code_table, read_code_table, shortlist_code
 from ..modules.codec import MixedRadixCodec, auto_head_sizes, parse_head_sizes, used_digits
 from ..modules.multihead_output import resolve_shortlist
-from ..modules.output_layer import OutputLayer, head_class
+from ..modules.output_layer import OutputLayer, output_layer_class
 from ..modules.tied_embedding import CodeOrderedEmbedding
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def layout_code(settings: MHCESettings, vocab_size: int, code, table_shortlist: 
     return placed
 
 
-def build_head(settings: MHCESettings, input_dim: int, dictionary, embed_tokens=None) -> OutputLayer:
+def build_output_layer(settings: MHCESettings, input_dim: int, dictionary, embed_tokens=None) -> OutputLayer:
     """The output layer of ``settings`` (:func:`~fairseq_mhce.config.resolve_settings`)
     with its codec (head sizes, code table); ``embed_tokens`` is the
     decoder's input embedding when it is shared with the output.
@@ -93,7 +93,7 @@ def build_head(settings: MHCESettings, input_dim: int, dictionary, embed_tokens=
     brings its own table in its state dict."""
     if not isinstance(settings, MHCESettings):
         settings = resolve_settings(settings)
-    cls = head_class(settings.mhce_method)
+    cls = output_layer_class(settings.mhce_method)
     vocab_size = len(dictionary)
     if settings.mhce_method == "mhp":
         resolve_shortlist(settings.mhce_shortlist, vocab_size)  # range check with V
@@ -148,7 +148,7 @@ class TransformerMHCEDecoder(TransformerDecoderBase):
     def build_output_projection(self, cfg, dictionary, embed_tokens):
         if getattr(cfg, "base_layers", 0):
             raise ValueError("--base-layers is not supported with a multi-head output")
-        self.mhce_head = build_head(
+        self.mhce_head = build_output_layer(
             self._mhce_settings,
             self.output_embed_dim,
             dictionary,
@@ -209,7 +209,7 @@ class TransformerMHCEDecoder(TransformerDecoderBase):
         for k in legacy_mhs:
             state_dict[p + "mhce_head.codec." + k[len(p + "mhs_codec.") :]] = state_dict.pop(k)
         if legacy_mhs:
-            state_dict[p + "mhce_head.method_id"] = torch.tensor(head_class("mhs").method_code)
+            state_dict[p + "mhce_head.method_id"] = torch.tensor(output_layer_class("mhs").method_code)
         proj = state_dict.pop(p + "output_projection.weight", None)
         if proj is not None and p + "mhce_head.proj.weight" not in state_dict and str(self.mhce_head.method) == "mhs":
             state_dict[p + "mhce_head.proj.weight"] = proj

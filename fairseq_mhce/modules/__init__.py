@@ -3,4 +3,4 @@
 from .codec import MixedRadixCodec, auto_head_sizes, parse_head_sizes  # noqa: F401
 from .mhs import MultiHeadSampling  # noqa: F401
 from .multihead_output import MultiHeadEmbedding, MultiHeadProduct  # noqa: F401
-from .output_layer import HEADS, OutputLayer, head_class, register_head  # noqa: F401
+from .output_layer import OUTPUT_LAYERS, OutputLayer, output_layer_class, register_output_layer  # noqa: F401

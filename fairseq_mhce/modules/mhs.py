@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
 from .codec import MixedRadixCodec
-from .output_layer import OutputLayer, register_head
+from .output_layer import OutputLayer, register_output_layer
 
 MHS_GROUP_SIZE = 16
 
@@ -125,7 +125,7 @@ def _label_smoothed(lprobs, target, epsilon):
     return label_smoothed_nll_loss(lprobs, target, epsilon, reduce=False)
 
 
-@register_head("mhs", 3)
+@register_output_layer("mhs", 3)
 class MultiHeadSampling(OutputLayer):
     """A full softmax (``proj``: ``V x d``) trained on sampled head-1 groups.
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..config import LAST_HEAD_CHOICES, MHCEConfig
 from .codec import MixedRadixCodec
-from .output_layer import NEG_INF, OutputLayer, _init_linear, register_head, tie_error
+from .output_layer import NEG_INF, OutputLayer, _init_linear, register_output_layer, tie_error
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def label_smoothed_loss(terms, epsilon: float):
     return loss
 
 
-@register_head("mhp", 1)
+@register_output_layer("mhp", 1)
 class MultiHeadProduct(OutputLayer):
     """MHP: ``H`` independent digit classifiers on the same state.
 
@@ -445,7 +445,7 @@ def grouped_logits(
     return out_sorted.new_empty(n, c).index_copy(0, order, out_sorted)
 
 
-@register_head("mhe", 2)
+@register_output_layer("mhe", 2)
 class MultiHeadEmbedding(OutputLayer):
     """MHE: heads in series, coarse to fine (the exact chain rule).
 

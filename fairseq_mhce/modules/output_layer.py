@@ -9,6 +9,12 @@ for fairseq's generator and scorer), the criterion calls
 :meth:`~OutputLayer.topk` and :meth:`~OutputLayer.token_log_probs`, and
 fairseq's checkpoint loading calls :meth:`~OutputLayer.upgrade_state_dict_named`.
 All shapes are on flat states ``x: (N, d)``.
+
+Names: an *output layer* is the whole module (MHP, MHE, MHS: this class,
+:func:`register_output_layer`, ``build_output_layer``); a *head* is one of
+its digit classifiers (``--mhce-heads``, ``head_sizes``).  The decoder's
+attribute keeps the name ``mhce_head`` because checkpoints store the output
+layer's parameters under ``decoder.mhce_head.*``.
 """
 
 from typing import Dict, List, Optional, Tuple, Type
@@ -20,30 +26,30 @@ from .codec import MixedRadixCodec, auto_head_sizes
 
 NEG_INF = float("-inf")
 
-# method name -> class; class attributes ``method`` and ``method_code`` say the rest
-HEADS: Dict[str, Type["OutputLayer"]] = {}
+# --mhce-method name -> output layer class; class attributes ``method`` and ``method_code`` say the rest
+OUTPUT_LAYERS: Dict[str, Type["OutputLayer"]] = {}
 
 
-def register_head(name: str, method_id: int):
-    """Class decorator: ``@register_head("mhp", 1)``.  The id is stored in
+def register_output_layer(name: str, method_id: int):
+    """Class decorator: ``@register_output_layer("mhp", 1)``.  The id is stored in
     every checkpoint (buffer ``method_id``) so that loading a checkpoint into
     a model of another method is a clear error, not a shape mismatch."""
 
     def wrap(cls):
-        if name in HEADS or any(c.method_code == method_id for c in HEADS.values()):
+        if name in OUTPUT_LAYERS or any(c.method_code == method_id for c in OUTPUT_LAYERS.values()):
             raise ValueError(f"output layer {name!r} / id {method_id} registered twice")
         cls.method, cls.method_code = name, method_id
-        HEADS[name] = cls
+        OUTPUT_LAYERS[name] = cls
         return cls
 
     return wrap
 
 
-def head_class(name) -> Type["OutputLayer"]:
+def output_layer_class(name) -> Type["OutputLayer"]:
     """The class registered under ``name``, or a clear error."""
-    cls = HEADS.get(str(name))
+    cls = OUTPUT_LAYERS.get(str(name))
     if cls is None:
-        raise ValueError(f"unknown --mhce-method {name!r}; choose one of {', '.join(HEADS)}")
+        raise ValueError(f"unknown --mhce-method {name!r}; choose one of {', '.join(OUTPUT_LAYERS)}")
     return cls
 
 
@@ -61,7 +67,7 @@ def tie_error(what: str) -> str:
 
 
 def method_of_id(method_id: int) -> str:
-    return next((n for n, c in HEADS.items() if c.method_code == int(method_id)), "?")
+    return next((n for n, c in OUTPUT_LAYERS.items() if c.method_code == int(method_id)), "?")
 
 
 def _init_linear(linear: nn.Linear) -> nn.Linear:
@@ -74,7 +80,7 @@ def _init_linear(linear: nn.Linear) -> nn.Linear:
 
 class OutputLayer(nn.Module):
     """Base class of every output layer: a codec (``self.codec``) plus the
-    interface below.  Subclasses register with :func:`register_head` and
+    interface below.  Subclasses register with :func:`register_output_layer` and
     build from a model config with :meth:`build`."""
 
     method: str = ""

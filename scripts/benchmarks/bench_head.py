@@ -146,10 +146,10 @@ def build(method, V, d, device, dtype, heads):
 
         return [asm], step
 
-    from fairseq_mhce.modules import MixedRadixCodec, head_class
+    from fairseq_mhce.modules import MixedRadixCodec, output_layer_class
 
     name = {"mhe_pt": "mhe", "mhp_sl": "mhp"}.get(method, method)
-    cls = head_class(name)
+    cls = output_layer_class(name)
     # the model's default sizes: balanced for MHP/MHE, 16-token groups for MHS
     code = None
     kw = {"last_head": "per-token"} if method == "mhe_pt" else {}
