@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
+from ..config import MHCEConfig
 from .codec import MixedRadixCodec
 from .output_layer import OutputLayer, register_output_layer
 
@@ -142,7 +143,7 @@ class MultiHeadSampling(OutputLayer):
         self,
         input_dim: int,
         codec: MixedRadixCodec,
-        sample_groups: float = 0.25,
+        sample_groups: float = MHCEConfig.mhce_sample_groups,
         seed: int = 1,
         tied_weight: Optional[nn.Parameter] = None,
     ):
