@@ -22,10 +22,9 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# the suite under coverage, line coverage of the plugin package
+# the suite under coverage (pytest-cov: the workers and the commands they start), line coverage of the plugin package
 coverage: install
-	$(PY) -m coverage run --source fairseq_mhce -m pytest -q -p no:xdist
-	$(PY) -m coverage report
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --cov=fairseq_mhce --cov-report=term
 
 # tests not marked e2e: no command-line tool runs (tests/conftest.py fails an unmarked test that runs one)
 test-fast: install

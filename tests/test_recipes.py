@@ -117,8 +117,8 @@ def test_train_and_translate_print_bleu(runs, data, method):
     by_id = {int(x.split("\t")[0][2:]): x.split("\t")[2] for x in gen.splitlines() if x.startswith("D-")}
     assert hyps == [by_id[i] for i in range(len(refs))]
     score = json.loads((save / "score.test.json").read_text())
-    # the recorded score is sacreBLEU's on exactly these hypotheses and references
-    assert score["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-9)
+    # the recorded score (2 decimals) is sacreBLEU's on exactly these hypotheses and references
+    assert score["bleu"] == round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)
     assert score["decoding"]["sentences"] == 53
     if method == "adaptive":
         assert "--adaptive-softmax-cutoff 10,30" in train_out and "adaptive_loss" in train_out

@@ -122,6 +122,7 @@ def run_in_process(name, args, threads=None, cwd=None, stdin=None):
     from fairseq_mhce.clean_exit import stop_background_consumers
 
     fn = _entry_function(name)
+    _forget_earlier_runs()
     buf, err = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(buf)
     handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s"))
@@ -155,6 +156,21 @@ def run_in_process(name, args, threads=None, cwd=None, stdin=None):
         os.chdir(saved[4])
         torch.set_num_threads(saved[5])
     return subprocess.CompletedProcess([name, *args], code, buf.getvalue(), err.getvalue())
+
+
+def _forget_earlier_runs():
+    """fairseq keeps a run's best validation score in function attributes
+    (``checkpoint_utils.save_checkpoint.best``, ``should_stop_early.best`` and
+    ``.num_runs``); a new process starts without them, so a run in this
+    process must too (else its checkpoint_best.pt is only written when it
+    beats an earlier run's best)."""
+    from fairseq import checkpoint_utils
+    from fairseq_cli import train
+
+    for fn, attrs in ((checkpoint_utils.save_checkpoint, ("best",)), (train.should_stop_early, ("best", "num_runs"))):
+        for attr in attrs:
+            if hasattr(fn, attr):
+                delattr(fn, attr)
 
 
 class _Tee(io.TextIOBase):
