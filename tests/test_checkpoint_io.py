@@ -21,7 +21,7 @@ from fairseq.file_io import PathManager as FairseqPathManager
 import fairseq_mhce  # noqa: F401  (patches fairseq.checkpoint_utils)
 from fairseq_mhce import checkpoint_io
 
-from .utils import USER_DIR, cli, make_copy_data, tree_hashes
+from .utils import MICRO_ARCH, USER_DIR, cli, make_copy_data, tree_hashes
 
 OLD = b"old checkpoint " * 1000
 NEW = os.urandom(3 << 20)  # 3 MiB: several chunks of the copy
@@ -112,22 +112,7 @@ def train(data, save_dir, *extra, updates=3):
         "mhp",
         "--mhce-code-order",
         "identity",
-        "--encoder-layers",
-        "1",
-        "--decoder-layers",
-        "1",
-        "--encoder-embed-dim",
-        "32",
-        "--decoder-embed-dim",
-        "32",
-        "--encoder-ffn-embed-dim",
-        "64",
-        "--decoder-ffn-embed-dim",
-        "64",
-        "--encoder-attention-heads",
-        "2",
-        "--decoder-attention-heads",
-        "2",
+        *MICRO_ARCH,
         "--optimizer",
         "adam",
         "--lr",

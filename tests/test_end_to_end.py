@@ -16,10 +16,6 @@ def data(copy_bin):
     return copy_bin
 
 
-def train(data, save_dir, method, *extra, updates=300):
-    return train_tiny(data, save_dir, method, *extra, updates=updates)
-
-
 @pytest.fixture(scope="module")
 def trained(trained_mhp, trained_mhe):
     """The shared MHP (H = 2) and MHE (H = 3, --eval-bleu on) models of
@@ -137,9 +133,9 @@ def test_hub_api_translates(trained, data):
 
 def test_resume_from_checkpoint_last(data, tmp_path):
     save_dir = tmp_path / "resume"
-    train(data, save_dir, "mhp", updates=60)
+    train_tiny(data, save_dir, "mhp", updates=60)
     assert (save_dir / "checkpoint_last.pt").exists()
-    second = train(data, save_dir, "mhp", updates=120)
+    second = train_tiny(data, save_dir, "mhp", updates=120)
     assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 60 updates\)", second), second[-3000:]
     assert "num_updates=120" in second or "num_updates 120" in second
 

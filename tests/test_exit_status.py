@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from .utils import REPO, USER_DIR, cli, make_copy_data
+from .utils import MICRO_ARCH, REPO, USER_DIR, cli, make_copy_data
 
 pytestmark = pytest.mark.e2e
 
@@ -87,22 +87,7 @@ def test_tiny_training_exits_zero_every_time(tmp_path):
             "mhp" if i % 2 == 0 else "mhe",
             "--mhce-code-order",
             "identity",
-            "--encoder-layers",
-            "1",
-            "--decoder-layers",
-            "1",
-            "--encoder-embed-dim",
-            "32",
-            "--decoder-embed-dim",
-            "32",
-            "--encoder-ffn-embed-dim",
-            "64",
-            "--decoder-ffn-embed-dim",
-            "64",
-            "--encoder-attention-heads",
-            "2",
-            "--decoder-attention-heads",
-            "2",
+            *MICRO_ARCH,
             "--optimizer",
             "adam",
             "--lr",

@@ -15,7 +15,7 @@ import pytest
 
 from fairseq_mhce.tasks.translation_mhce import TranslationMHCETask
 
-from .utils import USER_DIR, cli, make_copy_data
+from .utils import MICRO_ARCH, USER_DIR, cli, make_copy_data
 
 pytestmark = pytest.mark.e2e
 
@@ -37,22 +37,7 @@ def trained(tmp_path_factory):
         "mhe",
         "--mhce-code-order",
         "identity",
-        "--encoder-layers",
-        "1",
-        "--decoder-layers",
-        "1",
-        "--encoder-embed-dim",
-        "32",
-        "--decoder-embed-dim",
-        "32",
-        "--encoder-ffn-embed-dim",
-        "64",
-        "--decoder-ffn-embed-dim",
-        "64",
-        "--encoder-attention-heads",
-        "2",
-        "--decoder-attention-heads",
-        "2",
+        *MICRO_ARCH,
         "--optimizer",
         "adam",
         "--lr",

@@ -28,6 +28,14 @@ TINY_ARCH = [
     "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
 ]  # fmt: skip
 
+# 1+1 layers, d 32: the smallest model the issues' repros train (a few updates)
+MICRO_ARCH = [
+    "--encoder-layers", "1", "--decoder-layers", "1",
+    "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+    "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
+    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+]  # fmt: skip
+
 TRAIN_COMMON = [
     "--optimizer", "adam", "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt",
     "--warmup-updates", "100", "--max-tokens", "2000", "--dropout", "0.0",
