@@ -9,6 +9,7 @@ import hashlib
 import importlib
 import io
 import logging
+import multiprocessing
 import os
 import random
 import re
@@ -131,6 +132,7 @@ def run_in_process(name, args, threads=None, cwd=None, stdin=None):
 
     fn = _entry_function(name)
     _forget_earlier_runs()
+    children_before = set(multiprocessing.active_children())
     buf, err = io.StringIO(), io.StringIO()
     handler = logging.StreamHandler(buf)
     handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s"))
@@ -159,11 +161,24 @@ def run_in_process(name, args, threads=None, cwd=None, stdin=None):
                 code = 1
     finally:
         stop_background_consumers()  # the data thread a separate process would end at exit
+        _end_new_daemons(children_before)
         root.handlers, sys.argv, sys.stdin = saved[0], saved[2], saved[3]
         root.setLevel(saved[1])
         os.chdir(saved[4])
         torch.set_num_threads(saved[5])
     return subprocess.CompletedProcess([name, *args], code, buf.getvalue(), err.getvalue())
+
+
+def _end_new_daemons(before):
+    """Terminate the daemonic processes a command started (its DataLoader
+    workers, ``--num-workers`` 1 by default in fairseq-generate), as
+    multiprocessing does at a process's exit.  Left alive, the DataLoader
+    iterator's finalizer later waits 5 s for each (its join timeout) at
+    whatever garbage collection comes next."""
+    for p in set(multiprocessing.active_children()) - before:
+        if p.daemon:
+            p.terminate()
+            p.join()
 
 
 def _forget_earlier_runs():
