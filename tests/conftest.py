@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 from filelock import FileLock  # noqa: E402
 
 from . import utils  # noqa: E402
-from .utils import make_copy_data, train_tiny  # noqa: E402
+from .utils import SHARED_MODELS, make_copy_data, train_tiny  # noqa: E402
 
 
 def pytest_runtest_setup(item):
@@ -61,23 +61,10 @@ def copy_bin(shared_root) -> Path:
     return built_once(shared_root, "copy", make_copy_data) / "bin"
 
 
-# the shared models: method -> its extra flags (each trained 300 updates on copy_bin)
-SHARED_MODELS = {
-    # MHP, H = 2, the plugin's defaults
-    "mhp": [],
-    # MHE, H = 3, best checkpoint by BLEU (--eval-bleu through the heads)
-    "mhe": [
-        "--mhce-heads", "3", "--eval-bleu", "--eval-bleu-args", '{"beam": 2}', "--eval-bleu-detok", "space",
-        "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",
-    ],
-    # MHS with tied input/output embeddings: 12 groups of 4 tokens, half of them scored per step
-    "mhs": ["--mhce-head-sizes", "12,4", "--mhce-sample-groups", "0.5", "--share-decoder-input-output-embed"],
-}  # fmt: skip
-
-
 def _trained(shared_root, copy_bin, method):
     def build(path):
-        log = train_tiny(copy_bin, path / "save", method, *SHARED_MODELS[method])
+        updates, flags = SHARED_MODELS[method]
+        log = train_tiny(copy_bin, path / "save", method, *flags, updates=updates)
         (path / "train.out").write_text(log)
 
     path = built_once(shared_root, f"trained_{method}", build)

@@ -3,10 +3,21 @@
 
 import math
 import re
+import shutil
 
 import pytest
 
-from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, bleu_of, cli, hypotheses, make_copy_data, train_tiny
+from .utils import (
+    SHARED_MODELS,
+    TINY_ARCH,
+    TRAIN_COMMON,
+    USER_DIR,
+    bleu_of,
+    cli,
+    hypotheses,
+    make_copy_data,
+    train_tiny,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -19,7 +30,7 @@ def data(copy_bin):
 @pytest.fixture(scope="module")
 def trained(trained_mhp, trained_mhe):
     """The shared MHP (H = 2) and MHE (H = 3, --eval-bleu on) models of
-    tests/conftest.py, 300 updates each: {method: (save dir, train output)}."""
+    tests/conftest.py, 200 updates each: {method: (save dir, train output)}."""
     return {"mhp": trained_mhp, "mhe": trained_mhe}
 
 
@@ -116,7 +127,7 @@ def test_generation_features(trained, data, method):
     out = generate(data, ckpt, "--score-reference")
     scores = [s for hyps in hypotheses(out).values() for _, s in hyps]
     # finite log-probabilities of the references; a learned copy task scores them well on average
-    # (single references of the H = 3 MHE with its automatic code table can fall below -1 at 300 updates)
+    # (single references of the H = 3 MHE with its automatic code table can fall below -1 at 200 updates)
     assert scores and all(math.isfinite(s) and s <= 0 for s in scores)
     assert sum(scores) / len(scores) > -1.0, sum(scores) / len(scores)
 
@@ -131,13 +142,16 @@ def test_hub_api_translates(trained, data):
     assert model.translate("w3 w1 w4 w1 w5", beam=5) == "w3 w1 w4 w1 w5"
 
 
-def test_resume_from_checkpoint_last(data, tmp_path):
+def test_resume_from_checkpoint_last(trained, data, tmp_path):
+    # a copy of the shared MHP run (checkpoint_last.pt at 200 updates, its code table) trained on to 220
     save_dir = tmp_path / "resume"
-    train_tiny(data, save_dir, "mhp", updates=60)
-    assert (save_dir / "checkpoint_last.pt").exists()
-    second = train_tiny(data, save_dir, "mhp", updates=120)
-    assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 60 updates\)", second), second[-3000:]
-    assert "num_updates=120" in second or "num_updates 120" in second
+    shutil.copytree(trained["mhp"][0], save_dir)
+    updates, flags = SHARED_MODELS["mhp"]
+    second = train_tiny(data, save_dir, "mhp", *flags, updates=updates + 20)
+    assert re.search(rf"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ {updates} updates\)", second), second[
+        -3000:
+    ]
+    assert f"num_updates={updates + 20}" in second or f"num_updates {updates + 20}" in second
 
 
 def test_bad_configurations_fail_clearly(trained, data, tmp_path):

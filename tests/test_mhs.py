@@ -17,7 +17,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 from fairseq_mhce.modules.codec import MixedRadixCodec
 from fairseq_mhce.modules.mhs import MultiHeadSampling, draw_groups, group_budget, num_groups
 
-from .utils import BIN, USER_DIR, bleu_of, cli, hypotheses, make_copy_data
+from .utils import USER_DIR, bleu_of, cli, hypotheses, make_copy_data
 
 D = 8
 # (V, head sizes, random code order): exact products, invalid codes (a
@@ -244,10 +244,9 @@ def test_cli_copy_task_bleu_and_plain_transformer_export(mhs_run, copy_data, tmp
 
     # export to a plain fairseq transformer; never overwrites
     plain = tmp_path / "plain.pt"
-    export = [str(BIN / "mhce-export")]
-    subprocess.run([*export, str(ckpt), str(plain)], check=True, capture_output=True)
-    again = subprocess.run([*export, str(ckpt), str(plain)], capture_output=True, text=True)
-    assert again.returncode != 0 and "refusing to overwrite" in again.stderr
+    cli("mhce-export", ckpt, plain)
+    again = cli("mhce-export", ckpt, plain, check=False)
+    assert again.returncode != 0 and "refusing to overwrite" in again.stdout
     state = torch.load(plain, map_location="cpu", weights_only=False)
     assert state["cfg"]["model"].arch == state["cfg"]["model"]._name == "transformer"
     assert (
@@ -258,7 +257,7 @@ def test_cli_copy_task_bleu_and_plain_transformer_export(mhs_run, copy_data, tmp
         state["cfg"]["common"]["user_dir"] is None
         and state["cfg"]["criterion"]["_name"] == "label_smoothed_cross_entropy"
     )
-    same = subprocess.run([*export, str(ckpt), str(ckpt)], capture_output=True, text=True)
+    same = cli("mhce-export", ckpt, ckpt, check=False)
     assert same.returncode != 0 and ckpt.stat().st_size > 0
 
     # stock fairseq-generate (no --user-dir) decodes it to the same hypotheses
@@ -284,12 +283,8 @@ def test_export_refuses_multi_head_checkpoints(tmp_path):
     }
     src = tmp_path / "mhp.pt"
     torch.save(state, src)
-    p = subprocess.run(
-        [str(BIN / "mhce-export"), str(src), str(tmp_path / "out.pt")],
-        capture_output=True,
-        text=True,
-    )
-    assert p.returncode != 0 and "Only --mhce-method mhs" in p.stderr and not (tmp_path / "out.pt").exists()
+    p = cli("mhce-export", src, tmp_path / "out.pt", check=False)
+    assert p.returncode != 0 and "Only --mhce-method mhs" in p.stdout and not (tmp_path / "out.pt").exists()
 
 
 # fairseq's c10d wrapper passes device_ids=[device_id] to torch's
