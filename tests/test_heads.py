@@ -300,3 +300,39 @@ def test_last_head_default_and_legacy_configs():
     assert old.mhce_last_head == "shared" and old.mhce_code_order == "identity"
     fresh = resolve_settings(Namespace(mhce_method="mhe"))  # a new config lacking the keys
     assert fresh.mhce_last_head == "per-token" and fresh.code_order == "ppmi"
+
+
+@pytest.mark.parametrize("rows, c, n", [(48, 8, 100), (50, 7, 30), (1000, 33, 60)])
+def test_grouped_logits_and_its_gradients_match_gathered_rows(rows, c, n):
+    """The per-token last head's products (training path: one weight-gradient
+    buffer filled block by block; no-grad path: views per group) equal the
+    gathered ``(N, C, d)`` rows, forward and backward, with absent groups and
+    a partial last block (rows not a multiple of c: its missing columns -inf)."""
+    from fairseq_mhce.modules.multihead_output import grouped_logits
+
+    torch.manual_seed(rows)
+    groups = -(-rows // c)
+    weight = torch.randn(rows, D, dtype=torch.double, requires_grad=True)
+    bias = torch.randn(groups * c, dtype=torch.double, requires_grad=True)
+    x = torch.randn(n, D, dtype=torch.double, requires_grad=True)
+    group = torch.randint(0, groups, (n,))
+    group[group == 1] = 0  # group 1 absent
+    padded_w = torch.cat([weight, weight.new_zeros(groups * c - rows, D)])
+    idx = group.unsqueeze(1) * c + torch.arange(c)  # (N, C) codes
+    ref = torch.einsum("ncd,nd->nc", padded_w[idx], x) + bias[idx]
+    ref = ref.masked_fill(idx >= rows, float("-inf"))
+    finite = torch.isfinite(ref)
+    upstream = torch.randn(n, c, dtype=torch.double)
+
+    def grads(z):
+        return torch.autograd.grad((z.masked_fill(~finite, 0) * upstream).sum(), (x, weight, bias))
+
+    got = grouped_logits(x, group, weight, bias, c)
+    assert torch.equal(torch.isfinite(got), finite)
+    assert torch.allclose(got[finite], ref[finite])
+    got_grads = grads(got)
+    for a, b in zip(got_grads, grads(ref)):
+        assert torch.allclose(a, b)
+    assert got_grads[1][c : 2 * c].abs().sum() == 0  # the absent group's rows get no gradient
+    with torch.no_grad():
+        assert torch.allclose(grouped_logits(x, group, weight, bias, c)[finite], ref[finite])

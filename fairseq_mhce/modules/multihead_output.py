@@ -402,6 +402,55 @@ class MultiHeadProduct(OutputLayer):
             )
 
 
+class _GroupedLinear(torch.autograd.Function):
+    """The per-group products of :func:`grouped_logits` in training.
+
+    Forward writes each group's ``(n_g, d) x (d, r_g)`` product into one
+    output; backward writes each group's weight gradient straight into its
+    block of one ``(R, d)`` buffer.  Autograd through ``weight.split(c)``
+    would instead zero-fill a block for every group absent from the batch
+    and concatenate all ``R / c`` blocks, one more ``R x d`` copy per step
+    (at V = 224k about as much memory traffic as the products themselves).
+
+    ``blocks``: ``(group, start, count, rows)`` per group present, rows
+    ``[start, start + count)`` of ``xs`` (sorted by group); ``rows`` is
+    ``c`` except for a partial last block, whose missing columns score
+    ``-inf``.
+    """
+
+    @staticmethod
+    def forward(ctx, xs, weight, bias, blocks, c):
+        out = xs.new_empty(xs.size(0), c)
+        for g, start, count, rows in blocks:
+            lo, hi = g * c, g * c + rows
+            torch.addmm(
+                bias[lo:hi], xs[start : start + count], weight[lo:hi].t(), out=out[start : start + count, :rows]
+            )
+            if rows < c:
+                out[start : start + count, rows:] = NEG_INF
+        ctx.save_for_backward(xs, weight)
+        ctx.blocks, ctx.c, ctx.bias_len = blocks, c, bias.size(0)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xs, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = torch.empty_like(xs) if need_x else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = grad_out.new_zeros(ctx.bias_len) if need_b else None
+        for g, start, count, rows in ctx.blocks:
+            lo, hi = g * ctx.c, g * ctx.c + rows
+            go = grad_out[start : start + count, :rows]
+            if need_x:
+                torch.mm(go, weight[lo:hi], out=grad_x[start : start + count])
+            if need_w:
+                torch.mm(go.t(), xs[start : start + count], out=grad_w[lo:hi])
+            if need_b:
+                torch.sum(go, 0, out=grad_b[lo:hi])
+        return grad_x, grad_w, grad_b, None, None
+
+
 def grouped_logits(
     x: torch.Tensor, group: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, c: int
 ) -> torch.Tensor:
@@ -409,12 +458,12 @@ def grouped_logits(
     without the ``(N, C, d)`` gathered rows.
 
     Rows are sorted by group and each group present is scored with one
-    ``(n_g, d) x (d, C)`` matmul against a view of its ``(C, d)`` block of
-    the flat table (``split``: no copy, and one gradient buffer for the
-    whole table in backward).  ``weight`` may end in a partial block (a
-    shared embedding has exactly V rows): the missing columns score
-    ``-inf``.  Compute ``N C d`` with no padding; one host sync for the
-    group counts.
+    ``(n_g, d) x (d, C)`` matmul against its ``(C, d)`` block of the flat
+    table (a view, no copy; in training :class:`_GroupedLinear`, whose
+    backward fills one gradient buffer for the whole table block by block).
+    ``weight`` may end in a partial block (a shared embedding has exactly V
+    rows): the missing columns score ``-inf``.  Compute ``N C d`` with no
+    padding; one host sync for the group counts.
 
     Args:
         x: (N, d); group: (N,) long in ``[0, ceil(R / c))``
@@ -429,19 +478,27 @@ def grouped_logits(
     counts = torch.bincount(group, minlength=-(-rows // c))
     present = counts.nonzero().squeeze(-1).tolist()
     sizes = counts[present].tolist()
-    parts = x.index_select(0, order).split(sizes)
-    if torch.is_grad_enabled() and (weight.requires_grad or bias.requires_grad):
-        ws, bs = weight.split(c), bias.split(c)
-        blocks = [(ws[g], bs[g]) for g in present]
-    else:  # decoding: a few groups per step; no view per group of the whole table
-        blocks = [(weight.narrow(0, g * c, min(c, rows - g * c)), bias.narrow(0, g * c, c)) for g in present]
-    outs = []
-    for (w, b), xp in zip(blocks, parts):
-        z = F.linear(xp, w, b[: w.size(0)])
-        if w.size(0) < c:  # the partial last block: codes past the table belong to no token
-            z = F.pad(z, (0, c - w.size(0)), value=NEG_INF)
-        outs.append(z)
-    out_sorted = torch.cat(outs, 0)
+    xs = x.index_select(0, order)
+    dev = x.device.type
+    if torch.is_grad_enabled() and not torch.is_autocast_enabled(dev) and weight.dtype == x.dtype == bias.dtype:
+        starts = [0]
+        for k in sizes[:-1]:
+            starts.append(starts[-1] + k)
+        blocks = [(g, s, k, min(c, rows - g * c)) for g, s, k in zip(present, starts, sizes)]
+        out_sorted = _GroupedLinear.apply(xs, weight, bias, blocks, c)
+    else:  # decoding (a few groups per step), or autocast choosing each product's precision
+        if torch.is_grad_enabled():  # split views: one gradient buffer for the table (a narrow's is R x d each)
+            ws, bs = weight.split(c), bias.split(c)
+            blocks = [(ws[g], bs[g]) for g in present]
+        else:  # no view per group of the whole table
+            blocks = [(weight.narrow(0, g * c, min(c, rows - g * c)), bias.narrow(0, g * c, c)) for g in present]
+        outs = []
+        for (w, b), xp in zip(blocks, xs.split(sizes)):
+            z = F.linear(xp, w, b[: w.size(0)])
+            if w.size(0) < c:  # the partial last block: codes past the table belong to no token
+                z = F.pad(z, (0, c - w.size(0)), value=NEG_INF)
+            outs.append(z)
+        out_sorted = torch.cat(outs, 0)
     return out_sorted.new_empty(n, c).index_copy(0, order, out_sorted)
 
 
