@@ -47,11 +47,17 @@ def one_thread():
 # --------------------------------------------------------------------------
 # top-k routines
 # --------------------------------------------------------------------------
-def _head(method, V, sizes, scale, seed, random_code):
+def make_head(kind, V, sizes, scale, seed, random_code):
+    """An MHP, MHE (shared last head) or ``mhe-pt`` (per-token) head of width
+    16, its initial weights times ``scale`` (< 1: nearly uniform; > 1: peaky);
+    ``random_code``: a random code table."""
     torch.manual_seed(seed)
     codec = MixedRadixCodec(V, sizes, torch.randperm(V) if random_code else None)
-    head = MultiHeadProduct(16, codec) if method == "mhp" else MultiHeadEmbedding(16, codec, last_head="shared")
-    with torch.no_grad():  # scale < 1: nearly uniform; scale > 1: peaky
+    if kind == "mhp":
+        head = MultiHeadProduct(16, codec)
+    else:
+        head = MultiHeadEmbedding(16, codec, last_head="per-token" if kind == "mhe-pt" else "shared")
+    with torch.no_grad():
         for p in head.parameters():
             p.mul_(scale)
     return head
@@ -64,7 +70,7 @@ def _head(method, V, sizes, scale, seed, random_code):
 def test_topk_matches_dense_topk(method, V, sizes):
     routine = mhp_topk if method == "mhp" else mhe_topk
     for seed, (scale, random_code) in enumerate([(0.1, False), (1.0, True), (6.0, True)]):
-        head = _head(method, V, sizes, scale, seed, random_code)
+        head = make_head(method, V, sizes, scale, seed, random_code)
         x = torch.randn(29, 16)
         dense = head.log_probs(x)
         ref = dense.clone()
@@ -84,7 +90,7 @@ def test_topk_matches_dense_topk(method, V, sizes):
 
 def test_head_topk_methods_delegate():
     for method in ("mhp", "mhe"):
-        head = _head(method, 50, [8, 8], 1.0, 0, False)
+        head = make_head(method, 50, [8, 8], 1.0, 0, False)
         x = torch.randn(3, 16)
         v, t, _ = head.topk(x, 5)
         assert torch.equal(v, head.log_probs(x).topk(5).values)

@@ -16,11 +16,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from fairseq_mhce.modules.codec import MixedRadixCodec
 from fairseq_mhce.modules.factorized_topk import mhe_topk, mhp_topk
-from fairseq_mhce.modules.multihead_output import MultiHeadEmbedding, MultiHeadProduct
 
-from .test_factorized_search import SPECIAL, assert_same, build_model, make_sample, run
+from .test_factorized_search import SPECIAL, assert_same, build_model, make_head, make_sample, run
 
 D = 16
 
@@ -37,19 +35,6 @@ def deadline(seconds):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-
-
-def make_head(kind, V, sizes, scale, seed, random_code):
-    torch.manual_seed(seed)
-    codec = MixedRadixCodec(V, sizes, torch.randperm(V) if random_code else None)
-    if kind == "mhp":
-        head = MultiHeadProduct(D, codec)
-    else:
-        head = MultiHeadEmbedding(D, codec, last_head="per-token" if kind == "mhe-pt" else "shared")
-    with torch.no_grad():
-        for p in head.parameters():
-            p.mul_(scale)
-    return head
 
 
 def reference(head, x):

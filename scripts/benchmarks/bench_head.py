@@ -361,7 +361,13 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed repeats, at least 3 (default 5; --quick 3)")
     p.add_argument("--max-seconds", type=float, default=20.0, help="stop repeating after this (>= 3 repeats)")
     p.add_argument("--out", default=str(HERE / "results" / "head" / "bench_head"), help="output path without suffix")
-    p.add_argument("--one", nargs=2, metavar=("METHOD", "V"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--one",
+        nargs=2,
+        metavar=("METHOD", "V"),
+        help="measure one method at one V in this process and print its 'RESULT {json}' line "
+        "(the table runs each pair this way, in a fresh process, so peak memory is its own)",
+    )
     args = p.parse_args(argv)
 
     import torch

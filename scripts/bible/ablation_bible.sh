@@ -33,9 +33,11 @@
 #    tied MHE (two seeds each) and tied MHP at LONG_UPD updates (table
 #    NAME_tied_LONG_UPD); run it on another data-bin with NAME=... for the
 #    second language pair (TIED_A / TIED_B: the two lanes' methods, an empty
-#    one runs nothing; the fr-en
-#    table of the README: NAME=bible_fr_en_spm8k_ablation LONG_UPD=500
-#    TIED_A=softmax-tied TIED_B=mhe-tied);
+#    one runs nothing; third seeds: softmax-tied-seed3, mhe-tied-seed3,
+#    and mhp-tied-seed2; the fr-en table of the README:
+#    NAME=bible_fr_en_spm8k_ablation TIED_A=softmax-tied,mhe-tied,mhp-tied
+#    TIED_B=softmax-tied-seed2,mhe-tied-seed2,softmax-tied-seed3,mhe-tied-seed3,mhp-tied-seed2,
+#    after the runs were made lane by lane);
 # 11. the tied softmax, tied MHE and tied MHP at equal wall-clock (WALL_MIN
 #    minutes each; table NAME_tied_wallclock; WALL_TIED_A / WALL_TIED_B: the
 #    two lanes' methods);
@@ -89,6 +91,9 @@ VARIANTS=(
   --variant "mhe-tied=mhe:--share-decoder-input-output-embed"
   --variant "mhe-tied-seed2=mhe:--share-decoder-input-output-embed --seed 2"
   --variant "mhp-tied=mhp:--share-decoder-input-output-embed"
+  --variant "softmax-tied-seed3=softmax:--share-decoder-input-output-embed --seed 3"
+  --variant "mhe-tied-seed3=mhe:--share-decoder-input-output-embed --seed 3"
+  --variant "mhp-tied-seed2=mhp:--share-decoder-input-output-embed --seed 2"
   --variant "mhp-ppmi-realloc1=mhp:--mhce-code-table $CODES/ppmi_h2.json --mhce-realloc-updates $(( UPD / 2 )) --mhce-realloc-window $(( UPD / 2 ))"
 )
 want() { [[ ",${PHASES:-updates,wallclock,long,realloc,shortlist,shortlist_long,shortlist_wallclock}," == *",$1,"* ]]; }
