@@ -17,7 +17,7 @@ from fairseq_mhce.modules.codec import MixedRadixCodec, auto_head_sizes
 from fairseq_mhce.modules.multihead_output import MultiHeadProduct, parse_update_list
 
 from .test_model_guards import cfg, dictionary
-from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, hypotheses, make_copy_data
+from .utils import USER_DIR, cli, hypotheses, make_copy_data, train_tiny
 
 
 def placement_cost(costs, code, sizes):
@@ -136,30 +136,7 @@ def test_fairseq_train_reallocates_and_the_checkpoint_decodes(tmp_path):
 
     data = make_copy_data(tmp_path / "copy", n_train=600, n_valid=40, n_test=20)
     save = tmp_path / "ckpt"
-    out = cli(
-        "fairseq-train",
-        data,
-        "--user-dir",
-        USER_DIR,
-        "--arch",
-        "transformer_mhce",
-        "--mhce-method",
-        "mhp",
-        *TINY_ARCH,
-        "--criterion",
-        "mhce_label_smoothed_cross_entropy",
-        "--label-smoothing",
-        "0.1",
-        *TRAIN_COMMON,
-        "--max-update",
-        "30",
-        "--mhce-realloc-updates",
-        "20",
-        "--mhce-realloc-window",
-        "10",
-        "--save-dir",
-        save,
-    ).stdout
+    out = train_tiny(data, save, "mhp", "--mhce-realloc-updates", "20", "--mhce-realloc-window", "10", updates=30)
     assert "re-allocated the code table at update 20" in out
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]

@@ -21,7 +21,7 @@ from fairseq_mhce.modules.codec import MixedRadixCodec, auto_head_sizes
 from fairseq_mhce.modules.multihead_output import MultiHeadProduct
 
 from .test_model_guards import cfg, dictionary
-from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, hypotheses, make_copy_data
+from .utils import USER_DIR, cli, hypotheses, make_copy_data, train_tiny
 
 D = 8
 # (V, head sizes, shortlist size)
@@ -232,28 +232,7 @@ def test_build_codes_shortlist_lists_the_most_frequent_targets(databin, tmp_path
 def test_fairseq_train_and_generate_with_a_shortlist(tmp_path):
     data = make_copy_data(tmp_path / "copy", n_train=400, n_valid=40, n_test=20)
     save = tmp_path / "ckpt"
-    cli(
-        "fairseq-train",
-        data,
-        "--user-dir",
-        USER_DIR,
-        "--arch",
-        "transformer_mhce",
-        "--mhce-method",
-        "mhp",
-        "--mhce-shortlist",
-        "12",
-        *TINY_ARCH,
-        "--criterion",
-        "mhce_label_smoothed_cross_entropy",
-        "--label-smoothing",
-        "0.1",
-        *TRAIN_COMMON,
-        "--max-update",
-        "30",
-        "--save-dir",
-        save,
-    )
+    train_tiny(data, save, "mhp", "--mhce-shortlist", "12", updates=30)
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert state["cfg"]["model"].mhce_shortlist == 12
