@@ -94,6 +94,8 @@ VARIANTS=(
   --variant "softmax-tied-seed3=softmax:--share-decoder-input-output-embed --seed 3"
   --variant "mhe-tied-seed3=mhe:--share-decoder-input-output-embed --seed 3"
   --variant "mhp-tied-seed2=mhp:--share-decoder-input-output-embed --seed 2"
+  --variant "mhe-tied-ls05=mhe:--share-decoder-input-output-embed --label-smoothing 0.0513"
+  --variant "mhe-tied-ls05-seed2=mhe:--share-decoder-input-output-embed --label-smoothing 0.0513 --seed 2"
   --variant "mhp-ppmi-realloc1=mhp:--mhce-code-table $CODES/ppmi_h2.json --mhce-realloc-updates $(( UPD / 2 )) --mhce-realloc-window $(( UPD / 2 ))"
 )
 want() { [[ ",${PHASES:-updates,wallclock,long,realloc,shortlist,shortlist_long,shortlist_wallclock}," == *",$1,"* ]]; }
