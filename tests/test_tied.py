@@ -157,3 +157,33 @@ def test_untied_checkpoint_into_tied_model_is_a_clear_error():
         RuntimeError, match="shares the decoder's input embedding.*pass --share-decoder-input-output-embed"
     ):
         untied.upgrade_state_dict_named(dict(tied.state_dict()), "")
+
+
+def test_code_ordered_embedding_lookup_and_export_order():
+    """Before tying it is nn.Embedding; tied, row code[v] holds token v's
+    vector, lookups go through the code table (padding row included), the
+    token-order view undoes the permutation, and it ties to one codec only."""
+    V = 13
+    g = torch.Generator().manual_seed(3)
+    emb, token_order = _embedding(V, g)
+    tokens = torch.tensor([[0, PAD, 5, 12]])
+    assert emb.codec is None and torch.equal(emb(tokens), F.embedding(tokens, token_order, PAD))
+    assert emb.token_order_weight() is emb.weight
+    codec = MixedRadixCodec(V, [4, 4], torch.randperm(V, generator=g))
+    emb.tie(codec)
+    emb.tie(codec)  # the same codec again: nothing changes
+    assert emb.codec is codec
+    assert torch.equal(emb.weight[codec.code], token_order)
+    assert torch.equal(emb(tokens), F.embedding(tokens, token_order))
+    assert torch.equal(emb.token_order_weight(), token_order)
+    emb(tokens).sum().backward()  # the padding token's row (at its code) gets no gradient
+    assert emb.weight.grad[codec.code[PAD]].abs().sum() == 0 and emb.weight.grad[codec.code[5]].abs().sum() > 0
+    with pytest.raises(RuntimeError, match="already shared with another output layer"):
+        emb.tie(MixedRadixCodec(V, [4, 4]))
+    unpadded = CodeOrderedEmbedding(V, D)
+    unpadded.tie(codec)
+    assert unpadded._code_padding_idx() is None
+    with pytest.raises(
+        ValueError, match="has 12 rows but the output layer covers 13 target types.*--joined-dictionary"
+    ):
+        CodeOrderedEmbedding(12, D).tie(codec)

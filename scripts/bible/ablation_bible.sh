@@ -161,7 +161,8 @@ fi
 if want tied_wallclock; then
   pair "${NAME}_tied_wallclock" 1000000 "$ARCH --stop-time-hours $("$PY" -c "print(round($WALL_MIN / 60, 4))")" \
     "${WALL_TIED_A-softmax-tied,mhp-tied}" "${WALL_TIED_B-mhe-tied}" \
-    --note "equal wall-clock: each trained for $WALL_MIN min (--stop-time-hours), two at a time on the 2 cores (one thread each); every row ties the embeddings"
+    --note "equal wall-clock: each trained for $WALL_MIN min (--stop-time-hours), two at a time on the 2 cores (one thread each); every row ties the embeddings" \
+    ${WALL_NOTE:+--note "$WALL_NOTE"}
 fi
 # the shortlist MHP against the softmax at equal wall-clock (its own table)
 if want shortlist_wallclock; then
