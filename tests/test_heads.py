@@ -336,3 +336,11 @@ def test_grouped_logits_and_its_gradients_match_gathered_rows(rows, c, n):
     assert got_grads[1][c : 2 * c].abs().sum() == 0  # the absent group's rows get no gradient
     with torch.no_grad():
         assert torch.allclose(grouped_logits(x, group, weight, bias, c)[finite], ref[finite])
+    # under autocast (bf16 products, each group's own view of the table): the same values and
+    # gradients to bf16's precision
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = grouped_logits(x.float(), group, weight.float(), bias.float(), c)
+    assert got.dtype == torch.bfloat16 and torch.equal(torch.isfinite(got), finite)
+    assert torch.allclose(got[finite].double(), ref[finite], rtol=0.05, atol=0.1)
+    for a, b in zip(grads(got.double()), got_grads):
+        assert torch.allclose(a, b, rtol=0.05, atol=0.1)

@@ -6,6 +6,7 @@ float32 whatever the input dtype: the head outputs are small, and fp16/bf16
 log-sum-exp over a product of heads loses the precision that beam scores need.
 """
 
+import itertools
 import logging
 import math
 from typing import List, Optional, Sequence, Tuple
@@ -479,11 +480,8 @@ def grouped_logits(
     present = counts.nonzero().squeeze(-1).tolist()
     sizes = counts[present].tolist()
     xs = x.index_select(0, order)
-    dev = x.device.type
-    if torch.is_grad_enabled() and not torch.is_autocast_enabled(dev) and weight.dtype == x.dtype == bias.dtype:
-        starts = [0]
-        for k in sizes[:-1]:
-            starts.append(starts[-1] + k)
+    if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+        starts = itertools.accumulate(sizes, initial=0)
         blocks = [(g, s, k, min(c, rows - g * c)) for g, s, k in zip(present, starts, sizes)]
         out_sorted = _GroupedLinear.apply(xs, weight, bias, blocks, c)
     else:  # decoding (a few groups per step), or autocast choosing each product's precision
