@@ -55,9 +55,7 @@ import struct
 import sys
 import time
 
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 PROG = "mhce-build-codes"
 
