@@ -128,7 +128,7 @@ def test_alignment_across_targets(text14, db):
         mine = [(lang, key) for s, lang, key in rows if s == name]
         assert len(src) == len(tgt) == len(mine) == info["lines"][name]
         for i, (lang, key) in enumerate(mine):
-            assert src[i] == f"<2{lang}> " + db_verse(db, "de", key), (name, i)
+            assert src[i] == f"__{lang}__ " + db_verse(db, "de", key), (name, i)
             assert tgt[i] == db_verse(db, lang, key), (name, i, lang, key)
         # the same verses, in the same order, in every language's block
         blocks = collections.defaultdict(list)
@@ -144,7 +144,7 @@ def test_alignment_across_targets(text14, db):
         ref = read_lines(dest / "raw" / f"test_{lang}.mul")
         assert len(src) == len(ref) == len(test_keys) == TEST
         for i, key in enumerate(test_keys):
-            assert src[i] == f"<2{lang}> " + db_verse(db, "de", key)
+            assert src[i] == f"__{lang}__ " + db_verse(db, "de", key)
             assert ref[i] == db_verse(db, lang, key)
     # spot checks against the raw file, independent of the cleaning code
     by_lang = {}
@@ -190,14 +190,14 @@ def test_split_disjoint_across_all_targets(text14, db):
 def test_tags_present_and_correct(text14):
     dest, info = text14
     rows = read_splits(dest)
-    assert {c: v["tag"] for c, v in info["targets"].items()} == {c: f"<2{c}>" for c in DEFAULT_14}
+    assert {c: v["tag"] for c, v in info["targets"].items()} == {c: f"__{c}__" for c in DEFAULT_14}
     for name in SPLITS:
         langs = [lang for s, lang, _ in rows if s == name]
         for lang, line in zip(langs, read_lines(dest / "text" / f"{name}.de")):
             first, rest = line.split(" ", 1)
-            assert first == f"<2{lang}>" and "<2" not in rest
+            assert first == f"__{lang}__" and "__" not in rest
     for lang in DEFAULT_14:
-        assert {line.split(" ", 1)[0] for line in read_lines(dest / "raw" / f"test_{lang}.de")} == {f"<2{lang}>"}
+        assert {line.split(" ", 1)[0] for line in read_lines(dest / "raw" / f"test_{lang}.de")} == {f"__{lang}__"}
 
 
 def test_seed_changes_the_split_and_limit_holds(text14, tmp_path):
@@ -295,7 +295,7 @@ def test_word_vocabulary_as_reported(word_bin):
     # the source dictionary: every training source type, and the tags
     src = collections.Counter(w for line in read_lines(dest / "tok" / "train.de") for w in line.split())
     ds = Dictionary.load(str(dest / "dict.de.txt"))
-    assert set(ds.symbols[4:]) == set(src) and {f"<2{c}>" for c in SMALL_TARGETS.split(",")} <= set(src)
+    assert set(ds.symbols[4:]) == set(src) and {f"__{c}__" for c in SMALL_TARGETS.split(",")} <= set(src)
     # tokenized text is the untokenized text, split reversibly
     for name in ("train", "test_ru"):
         folder = "text" if name in SPLITS else "raw"
@@ -325,7 +325,7 @@ def test_word_databin_loads_with_tags_and_per_language_tests(word_bin):
         else:
             langs = [name[len("test_") :]] * len(src)
         for i in range(len(src)):
-            assert dsrc[src[i][0]] == f"<2{langs[i]}>"  # the tag is the first source token
+            assert dsrc[src[i][0]] == f"__{langs[i]}__"  # the tag is the first source token
         for i in (0, len(src) - 1):
             for d, ds, line in ((dsrc, src, tok_src[i]), (dtgt, tgt, tok_tgt[i])):
                 expect = " ".join(w if d.index(w) != d.unk() else d.unk_word for w in line.split())
@@ -366,7 +366,7 @@ def test_joint_sentencepiece(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(dest / "spm.model"))
     assert sp.get_piece_size() == SPM_VOCAB
     for c in ("en", "ru", "tr"):  # a tag is one piece, also for fairseq-interactive's --bpe sentencepiece
-        assert f"<2{c}>" in sp.encode(f"<2{c}> Im Anfang", out_type=str)
+        assert f"__{c}__" in sp.encode(f"__{c}__ Im Anfang", out_type=str)
     ds = data_utils.load_indexed_dataset(str(dest / "test_tr.de-mul.de"), d)
     dt = data_utils.load_indexed_dataset(str(dest / "test_tr.de-mul.mul"), d)
     src, ref = read_lines(dest / "raw" / "test_tr.de"), read_lines(dest / "raw" / "test_tr.mul")

@@ -22,6 +22,9 @@ OUTPUT_PREFIXES = ("decoder.output_projection.", "decoder.adaptive_softmax.", "d
 TRAIN_SH_START = "===== train.sh start "
 TS = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)"
 EXTENDED = "extended_from.json"  # marks a run continued from another workdir's (--extend-from)
+# the target-language token that starts each one-to-many source line (scripts/bible/prepare_bible_multi.py):
+# fairseq's __xx__, or <2xx> as earlier builds wrote it
+TAG = re.compile(r"__(?P<lang>[\w-]+?)__|<2(?P<lang2>[\w-]+)>")
 
 
 # ------------------------------------------------------------ train.log
@@ -184,7 +187,7 @@ def read_speed(workdir: Path):
 def per_language_scores(databin: Path, savedir: Path, src: str, tgt: str) -> dict:
     """BLEU / chrF per target language of a one-to-many test set
     (``prepare_bible_multi.py``: every source line starts with its target tag
-    ``<2xx>``), from the hypotheses translate.sh wrote in test-line order;
+    ``__xx__``, or ``<2xx>`` as earlier builds wrote it), from the hypotheses translate.sh wrote in test-line order;
     {} when the data has no tags.  'average' is the unweighted mean over
     languages (every language has the same number of test verses)."""
     import sacrebleu
@@ -193,7 +196,7 @@ def per_language_scores(databin: Path, savedir: Path, src: str, tgt: str) -> dic
     if not (hyp_path.exists() and src_path.exists()):
         return {}
     tags = [line.split(" ", 1)[0] for line in src_path.read_text(encoding="utf-8").splitlines()]
-    if not tags or not all(re.fullmatch(r"<2[\w-]+>", t) for t in tags):
+    if not tags or not all(TAG.fullmatch(t) for t in tags):
         return {}
     refs = (databin / "raw" / f"test.{tgt}").read_text(encoding="utf-8").splitlines()
     hyps = hyp_path.read_text(encoding="utf-8").splitlines()
@@ -203,7 +206,8 @@ def per_language_scores(databin: Path, savedir: Path, src: str, tgt: str) -> dic
     for tag in sorted(set(tags)):
         idx = [i for i, t in enumerate(tags) if t == tag]
         h, r = [hyps[i] for i in idx], [[refs[i] for i in idx]]
-        out[tag[2:-1]] = {
+        m = TAG.fullmatch(tag)
+        out[m.group("lang") or m.group("lang2")] = {
             "lines": len(idx),
             "bleu": round(sacrebleu.corpus_bleu(h, r).score, 2),
             "chrf": round(sacrebleu.corpus_chrf(h, r).score, 2),

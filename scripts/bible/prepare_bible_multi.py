@@ -9,8 +9,10 @@ Latin/Cyrillic-script ones of issue 12: it, en (WEB), fr, id, vi, uk, es, pt,
 tl, sw, ru, tr, ro, pl), cleans every verse with ``prepare_bible.clean_verse``
 (plus one rule of its own, below), and writes one data-bin for a single
 multilingual model: the source side is the source verse with a target-language
-tag in front (``<2it> Denn also hat Gott ...``, the usual convention), the
-target side is that verse in the tagged language.
+tag in front (``__it__ Denn also hat Gott ...``: the target-language token of
+fairseq's multilingual recipes, ``__LANG__`` as ``--encoder-langtok tgt`` writes
+it, a single word for both tokenizers), the target side is that verse in the
+tagged language.
 
 Translation codes are short language names, mapped explicitly to the file's
 ``bbName`` codes in ``TRANSLATIONS`` below (``en`` is the World English Bible,
@@ -163,7 +165,7 @@ _SPACES = re.compile(r"\s+")
 
 
 def tag(code: str) -> str:
-    return f"<2{code}>"
+    return f"__{code}__"
 
 
 # --------------------------------------------------------------------------
