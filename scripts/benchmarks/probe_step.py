@@ -6,11 +6,13 @@ tied MHP with its automatic shortlist, fairseq's adaptive softmax) this
 trains the recipe ``scripts/recipes/train.sh`` into ``WORK/NAME`` twice:
 
 1. ``--max-update 1`` (builds the model, the automatic code table of MHP /
-   MHE, cached in the save dir, and the first checkpoint); its peak RSS is
-   ``first_start_peak_rss_gb`` (it includes the code table's build);
-2. resumed to ``--max-update 1 + STEPS``: only training steps (the table is
-   read from the checkpoint); its peak RSS is ``train_peak_rss_gb``, the
-   memory a run of this configuration needs once it trains.
+   MHE, cached in the save dir, and the checkpoint the step timing reads);
+   its peak RSS is ``first_start_peak_rss_gb`` (it includes the code
+   table's build and a checkpoint save);
+2. from scratch in ``WORK/NAME.mem``, ``--max-update STEPS --no-save``, MHP /
+   MHE reading that cached table (``--mhce-code-table``): model, data and
+   training steps only; its peak RSS is ``train_peak_rss_gb``, the memory
+   the training itself needs (no table build, no checkpoint load or save).
 
 Then ``step_speed.py`` times one full training step of every checkpoint on
 the same real batches, interleaved, in one process, with the softmax's
@@ -43,22 +45,21 @@ from machine_info import cpu_name, run_with_peak_rss
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 TRAIN_SH = REPO / "scripts" / "recipes" / "train.sh"
-TIE = "--share-decoder-input-output-embed"
-# NAME -> (train.sh METHOD, extra fairseq-train args)
+# NAME -> (train.sh METHOD, tied by --tie)
 CONFIGS = {
-    "softmax": ("softmax", [TIE]),
-    "mhe": ("mhe", [TIE]),
-    "mhp": ("mhp", [TIE]),
-    "adaptive": ("adaptive", []),
-    "mhe-untied": ("mhe", []),
-    "mhp-untied": ("mhp", []),
+    "softmax": ("softmax", True),
+    "mhe": ("mhe", True),
+    "mhp": ("mhp", True),
+    "adaptive": ("adaptive", False),
+    "mhe-untied": ("mhe", False),
+    "mhp-untied": ("mhp", False),
 }
 
 
 def train(name: str, databin: Path, savedir: Path, updates: int, extra: list, env: dict, log: Path) -> int:
-    """train.sh NAME's configuration to ``updates`` (resumes a run there); its peak RSS in bytes."""
-    method, flags = CONFIGS[name]
-    cmd = [TRAIN_SH, method, databin, savedir, "--max-update", updates, "--disable-validation", *flags, *extra]
+    """train.sh NAME's configuration to ``updates`` (resumes a run there); its peak RSS in bytes.
+    ``extra`` holds the shared tie flag (--tie) and the run's own arguments."""
+    cmd = [TRAIN_SH, CONFIGS[name][0], databin, savedir, "--max-update", updates, "--disable-validation", *extra]
     print("+ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
     with open(log, "a") as f:
         proc, peak = run_with_peak_rss(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -98,7 +99,7 @@ def table(res: dict) -> str:
         peak = run["train_peak_rss_gb"]
         ratio = f"{soft_peak / peak:.1f}x" if soft_peak else "-"
         lines.append(
-            f"| {name} ({' '.join(CONFIGS[name][1]) or 'untied'}) | {tps:,.1f} | {frac} | {peak:.2f} | {ratio} | "
+            f"| {name} ({run['flags'] or 'untied'}) | {tps:,.1f} | {frac} | {peak:.2f} | {ratio} | "
             f"{run['first_start_peak_rss_gb']:.2f} | {run['output_params']:,} |"
         )
     lines += [
@@ -106,8 +107,8 @@ def table(res: dict) -> str:
         "Step tok/s: one full training step (forward, the method's criterion, backward, Adam step) on the same "
         "batches, methods interleaved in one process (`step_speed.py`). The ceiling: the softmax model's "
         "body-only step (no output layer, no V x d gradient). Train peak RSS: the recipe's largest process "
-        f"resumed for {res['steps']} training steps after the first start (which also built the code table; "
-        "its peak is the next column). Output-layer params: float tensors under decoder.output_projection / "
+        f"in a run of {res['steps']} training steps from scratch, no checkpoint saved, MHP / MHE reading the "
+        "cached code table; first start: the 1-update run that built the table and saved a checkpoint. Output-layer params: float tensors under decoder.output_projection / "
         "adaptive_softmax / mhce_head (tied rows counted where they are stored).",
         "",
     ]
@@ -120,10 +121,16 @@ def main(argv=None):
     p.add_argument("--work", required=True, help="save dirs of the short runs (reused when finished)")
     p.add_argument("--out", required=True, help="OUT.json and OUT.md are written")
     p.add_argument("--configs", default="softmax,mhe,mhp,adaptive", help=f"comma-separated, of {','.join(CONFIGS)}")
-    p.add_argument("--steps", type=int, default=2, help="training steps of the measured second start")
+    p.add_argument("--steps", type=int, default=3, help="training steps of the memory run")
     p.add_argument("--batches", type=int, default=4, help="timed batches of step_speed.py")
     p.add_argument("--max-tokens", type=int, default=4096)
     p.add_argument("--adaptive-cutoff", default="20000,60000", help="adaptive softmax cutoffs")
+    p.add_argument(
+        "--tie",
+        default="--share-decoder-input-output-embed",
+        help="the sharing flag of the tied configurations (adaptive softmax gets it too when it is "
+        "--share-all-embeddings: its input embeddings are shared, its output is not)",
+    )
     args = p.parse_args(argv)
     names = [n for n in args.configs.split(",") if n]
     unknown = [n for n in names if n not in CONFIGS]
@@ -136,13 +143,19 @@ def main(argv=None):
     load_before = os.getloadavg()
     runs = {}
     for name in names:
-        savedir, done = work / name, work / name / "probe_rss.json"
+        savedir, done = work / name, work / f"{name}.rss.json"
+        tied = CONFIGS[name][1] or (args.tie == "--share-all-embeddings")
+        flags = [args.tie] if tied else []
         if not done.exists():
-            first = train(name, databin, savedir, 1, [], env, work / f"{name}.out")
-            steps = train(name, databin, savedir, 1 + args.steps, [], env, work / f"{name}.out")
+            log = work / f"{name}.out"
+            first = train(name, databin, savedir, 1, flags, env, log)
+            table = savedir / "mhce_code_table.json"
+            extra = ["--no-save"] + (["--mhce-code-table", str(table)] if table.exists() else [])
+            steps = train(name, databin, work / f"{name}.mem", args.steps, flags + extra, env, log)
             done.write_text(json.dumps({"first_start": first, "train": steps}) + "\n")
         rss = json.loads(done.read_text())
         runs[name] = {
+            "flags": " ".join(flags),
             "first_start_peak_rss_gb": round(rss["first_start"] / 1e9, 3),
             "train_peak_rss_gb": round(rss["train"] / 1e9, 3),
             "output_params": output_layer_params(savedir / "checkpoint_last.pt"),

@@ -12,10 +12,13 @@
 #   word     German -> the 14 default targets, word level, types seen twice (V = 223,947);
 #            data-bin work/bible-multi-word
 # The source line starts with the target-language token (__en__ ...), as fairseq's
-# multilingual recipes write it (--encoder-langtok tgt).
+# multilingual recipes write it (--encoder-langtok tgt).  The body: scripts/recipes/train.sh's
+# transformer (3+3 layers, d 256, max-tokens 4096), and, as for every joint multilingual
+# vocabulary (fairseq's M2M-100 and mBART recipes), --share-all-embeddings: one V x d table
+# for the encoder's input, the decoder's input and (softmax, MHE, MHP) the output vectors.
 #
 # PHASES (comma-separated, default probe,lanes,softmax,tables):
-#   probe    scripts/benchmarks/probe_step.py: 1 + 2 updates of the tied softmax, tied MHE,
+#   probe    scripts/benchmarks/probe_step.py: short runs of the tied softmax, tied MHE,
 #            tied MHP (automatic shortlist) and adaptive softmax; step tok/s against the
 #            softmax body's ceiling and peak training RSS -> results/large_vocab_SETTING_probe.md
 #   lanes    LANE_A (default mhe: tied per-token MHE, automatic code table) and LANE_B
@@ -30,13 +33,14 @@
 #            -> scripts/bible/results/compare_large_vocab_SETTING*.{md,csv,json,png},
 #               large_vocab_SETTING_paired_bs.md
 # Adaptive softmax: fairseq's documented cutoffs for its largest vocabulary (the
-# wikitext-103 recipe, V = 267k: --adaptive-softmax-cutoff 20000,60000), untied: in a
-# translation model fairseq cannot tie it (--tie-adaptive-weights needs --adaptive-input,
-# which only fairseq's language models build; --share-decoder-input-output-embed is ignored
-# when an adaptive softmax replaces the output projection).  ADAPTIVE_CUTOFF overrides.
+# wikitext-103 recipe, V = 267k: --adaptive-softmax-cutoff 20000,60000) and the same shared
+# input embeddings, its output untied: in a translation model fairseq cannot tie it
+# (--tie-adaptive-weights needs --adaptive-input, which only fairseq's language models build;
+# the output projection that --share-*-embed ties is replaced by the adaptive softmax).
+# ADAPTIVE_CUTOFF overrides.
 #
 # Resumable: finished runs in work/compare/large_vocab_SETTING are reused; an unfinished one
-# is set aside and trained again (compare.py --reuse).  Other knobs: WARMUP (400),
+# is set aside and trained again (compare.py --reuse).  Other knobs: WARMUP (300),
 # VALIDATE (250: --validate-interval-updates), VENV.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -67,20 +71,20 @@ if [ ! -f "$DATA/prepare_data.json" ]; then
     2> >(grep -E "trained spm|Elapsed|Maximum resident" >&2)
 fi
 
-TIE=--share-decoder-input-output-embed
+TIE=--share-all-embeddings
 VARIANTS=(
   --variant "mhe=mhe:$TIE"
   --variant "mhp=mhp:$TIE"
   --variant "softmax=softmax:$TIE"
-  --variant "adaptive=adaptive:--adaptive-softmax-cutoff $ADAPTIVE_CUTOFF"
+  --variant "adaptive=adaptive:$TIE --adaptive-softmax-cutoff $ADAPTIVE_CUTOFF"
 )
-COMMON=(--databin "$DATA" --name "$NAME" --max-update 1000000 --warmup "${WARMUP:-400}" --reuse
+COMMON=(--databin "$DATA" --name "$NAME" --max-update 1000000 --warmup "${WARMUP:-300}" --reuse
         --generate-args "--max-len-a 1.2 --max-len-b 10" --dense-subset test_en "${VARIANTS[@]}")
 export OMP_NUM_THREADS=1
 
 if want probe; then
-  "$PY" "$REPO/scripts/benchmarks/probe_step.py" --databin "$DATA" --work "$REPO/work/probe/$SETTING" \
-    --out "$RESULTS/${NAME}_probe" --adaptive-cutoff "$ADAPTIVE_CUTOFF"
+  "$PY" "$REPO/scripts/benchmarks/probe_step.py" --databin "$DATA" --work "$REPO/work/probe/$SETTING-shareall" \
+    --out "$RESULTS/${NAME}_probe" --adaptive-cutoff "$ADAPTIVE_CUTOFF" --tie "$TIE"
 fi
 
 if want lanes; then
@@ -104,7 +108,7 @@ if want tables; then
   for m in "$LANE_A" "$LANE_B" softmax; do [ -f "$WORK/$m/score.test.json" ] && methods+="${methods:+,}$m"; done
   # every method reused as it is; then the step timing of all of them in one process, and the table
   "$PY" "$REPO/scripts/benchmarks/compare.py" "${COMMON[@]}" --methods "$methods" --speed-batches 4 --out "$RESULTS" \
-    --note "$SETTING: ${LANE_A} and ${LANE_B} trained $MINUTES min each side by side (one thread each); the tied softmax $SOFTMAX_MIN min alone (one thread); adaptive softmax cutoffs $ADAPTIVE_CUTOFF (fairseq's wikitext-103 cutoffs), untied (fairseq cannot tie it in a translation model)" \
+    --note "$SETTING: ${LANE_A} and ${LANE_B} trained $MINUTES min each side by side (one thread each); the tied softmax $SOFTMAX_MIN min (one thread); every model $TIE; adaptive softmax cutoffs $ADAPTIVE_CUTOFF (fairseq's wikitext-103 cutoffs), its output untied (fairseq cannot tie it in a translation model)" \
     --note "${TABLE_NOTE:-}"
   "$PY" "$REPO/scripts/benchmarks/paired_bootstrap.py" --databin "$DATA" --workdir "$WORK" \
     --baseline "$LANE_B" --systems "$methods" --out "$RESULTS/${NAME}_paired_bs.md"
