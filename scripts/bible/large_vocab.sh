@@ -81,6 +81,7 @@ VARIANTS=(
 COMMON=(--databin "$DATA" --name "$NAME" --max-update 1000000 --warmup "${WARMUP:-300}" --reuse
         --generate-args "--max-len-a 1.2 --max-len-b 10" --dense-subset test_en "${VARIANTS[@]}")
 export OMP_NUM_THREADS=1
+mkdir -p "$(dirname "$WORK")"
 
 if want probe; then
   "$PY" "$REPO/scripts/benchmarks/probe_step.py" --databin "$DATA" --work "$REPO/work/probe/$SETTING-shareall" \
