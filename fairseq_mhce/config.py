@@ -54,7 +54,9 @@ class MHCEConfig(FairseqDataclass):
             "checkpoint either way: decoding never rebuilds it"
         },
     )
-    mhce_code_seed: int = field(default=1, metadata={"help": "seed of the ppmi and random code tables"})
+    mhce_code_seed: int = field(
+        default=1, metadata={"help": "seed of the ppmi and random code tables (0 <= seed < 2^63)"}
+    )
     mhce_code_table: Optional[str] = field(
         default=None,
         metadata={
@@ -134,16 +136,23 @@ def _choice(name, value, choices):
     return value
 
 
-def _int(name, value, lo=None):
+def _int(name, value, lo=None, hi=None):
     try:
         out = int(value)
         if isinstance(value, float) and out != value:
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{_flag(name)} must be an integer, got {value!r}") from None
     if lo is not None and out < lo:
         raise ValueError(f"{_flag(name)} must be >= {lo}, got {out}")
+    if hi is not None and out > hi:
+        raise ValueError(f"{_flag(name)} must be <= {hi}, got {out}")
     return out
+
+
+# the seeds of numpy's and torch's generators are non-negative; int64 keeps
+# the value exact in every config and JSON reader
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -194,7 +203,7 @@ def resolve_settings(cfg) -> MHCESettings:
     v["mhce_last_head"] = _choice("mhce_last_head", v["mhce_last_head"], LAST_HEAD_CHOICES)
     v["mhce_activation"] = _choice("mhce_activation", v["mhce_activation"], ACTIVATIONS)
     v["mhce_heads"] = _int("mhce_heads", v["mhce_heads"], lo=1)
-    v["mhce_code_seed"] = _int("mhce_code_seed", v["mhce_code_seed"])
+    v["mhce_code_seed"] = _int("mhce_code_seed", v["mhce_code_seed"], lo=0, hi=MAX_SEED)
     v["mhce_realloc_window"] = _int("mhce_realloc_window", v["mhce_realloc_window"], lo=1)
     v["mhce_shortlist"] = _int("mhce_shortlist", v["mhce_shortlist"])
     if v["mhce_shortlist"] < -1:

@@ -9,7 +9,10 @@ the file it would restore):
 
 * a checkpoint is restored: its table is used (decoding and resuming never
   rebuild it); a ``--mhce-code-table`` file that differs from it is refused,
-  naming both;
+  naming both; another ``--mhce-code-order`` / ``--mhce-code-seed`` changes
+  nothing, which one log line says, and the config saved in the run's
+  checkpoints keeps the values it was started with; a checkpoint of another
+  tie layout is refused as soon as it is read;
 * training starts from scratch: ``--mhce-code-order ppmi`` (the default of
   MHP / MHE) gets the PPMI table of the task's training targets
   (:func:`~fairseq_mhce.modules.ppmi_codes.ppmi_code_table`), read from
@@ -20,6 +23,7 @@ the file it would restore):
   the first update.
 """
 
+import contextlib
 import functools
 import logging
 import os
@@ -85,19 +89,20 @@ def build_auto_table(
 ) -> np.ndarray:
     """The PPMI code table (V,) for ``head``'s codec and shortlist: from the
     cache ``SAVE_DIR/mhce_code_table.json`` when it matches, else built from
-    ``DATABIN/SPLIT.SRC-TGT.TGT`` and cached (atomically; a failure to write
+    ``DATABIN/SPLIT.SRC-TGT.TGT`` (or ``SPLIT.TGT-SRC.TGT``, as fairseq
+    reads a data-bin of the other direction) and cached (atomically; a failure to write
     the cache is logged, not fatal).  Logs one line with the cost."""
     from .modules import code_table as ct
-    from .modules.ppmi_codes import ppmi_code_table, training_targets
+    from .modules.ppmi_codes import missing_split, ppmi_code_table, split_prefix, training_targets
 
     t0 = time.time()
     symbols = ct.dictionary_symbols(dictionary)
-    prefix = os.path.join(databin, f"{split}.{src}-{tgt}.{tgt}")
+    prefix = split_prefix(databin, split, src, tgt, tgt)  # the file fairseq reads (either direction)
     if not os.path.isfile(prefix + ".bin"):
         raise FileNotFoundError(
             f"the automatic code table (--mhce-code-order ppmi) is built from the training targets "
-            f"{prefix}.{{bin,idx}}, which do not exist; pass --mhce-code-order identity (or a "
-            f"--mhce-code-table file)"
+            f"{missing_split(databin, split, src, tgt, tgt)}, which do not exist; pass --mhce-code-order "
+            f"identity (or a --mhce-code-table file)"
         )
     shortlist = int(getattr(head, "shortlist", 0) or 0)
     want = {
@@ -241,6 +246,87 @@ def _started_with(checkpoint: str) -> Optional[str]:
         return None
 
 
+CODE_SETTINGS = ("mhce_code_order", "mhce_code_seed")
+
+
+def _cfg_value(cfg, name):
+    try:
+        return cfg.get(name) if isinstance(cfg, dict) or hasattr(cfg, "get") else getattr(cfg, name, None)
+    except Exception:  # a struct DictConfig without the key
+        return None
+
+
+def _saved_model_config(state):
+    """The saved model config of a checkpoint's state (``cfg.model``, or
+    the legacy ``args``); None when it has none."""
+    cfg = state.get("cfg") if isinstance(state, dict) else None
+    model = _cfg_value(cfg, "model") if cfg is not None else None
+    return model if model is not None else (state.get("args") if isinstance(state, dict) else None)
+
+
+@contextlib.contextmanager
+def _reading_checkpoint(model):
+    """While ``Trainer.load_checkpoint`` reads the checkpoint it resumes:
+    one of another tie layout is refused as soon as it is read (fairseq's
+    own load would replace the reason by "Cannot load model parameters"),
+    and its saved model config is kept (the yielded dict, key
+    ``model_cfg``; absent on a rank that receives the state by broadcast)."""
+    from fairseq import checkpoint_utils
+
+    from .modules.tied_embedding import checkpoint_tie_layout, model_tie_layout, tie_layout_error
+
+    seen = {}
+    inner = checkpoint_utils.load_checkpoint_to_cpu
+
+    @functools.wraps(inner)
+    def load_checkpoint_to_cpu(*args, **kwargs):
+        state = inner(*args, **kwargs)
+        params = state.get("model") if isinstance(state, dict) else None
+        theirs = checkpoint_tie_layout(params) if isinstance(params, dict) else None
+        mine = model_tie_layout(model)
+        if theirs is not None and theirs != mine:
+            raise RuntimeError(tie_layout_error(theirs, mine))
+        seen["model_cfg"] = _saved_model_config(state)
+        return state
+
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+    try:
+        yield seen
+    finally:
+        checkpoint_utils.load_checkpoint_to_cpu = inner
+
+
+def keep_started_code_settings(model_cfg, saved_cfg, checkpoint: str) -> None:
+    """A resumed run keeps the code table of its checkpoint, whatever
+    ``--mhce-code-order`` / ``--mhce-code-seed`` it is given now: put the
+    values it was started with back into ``model_cfg`` (the config saved in
+    its next checkpoints) and say so in one line."""
+    if model_cfg is None or saved_cfg is None:
+        return
+    old = {k: _cfg_value(saved_cfg, k) for k in CODE_SETTINGS}
+    new = {k: _cfg_value(model_cfg, k) for k in CODE_SETTINGS}
+    changed = [k for k in CODE_SETTINGS if old[k] is not None and new[k] is not None and str(old[k]) != str(new[k])]
+    if not changed:
+        return
+    for k in changed:
+        try:
+            setattr(model_cfg, k, old[k])
+        except Exception:  # a struct DictConfig
+            from omegaconf import open_dict
+
+            with open_dict(model_cfg):
+                setattr(model_cfg, k, old[k])
+
+    def flags(values):
+        return " ".join(f"--{k.replace('_', '-')} {values[k]}" for k in CODE_SETTINGS if values[k] is not None)
+
+    logger.info(
+        f"mhce: resuming {checkpoint}, which keeps the code table it was started with ({flags(old)}): "
+        f"{flags(new)} given now change nothing and are not saved in its checkpoints (a new table needs a "
+        f"new --save-dir)"
+    )
+
+
 def wrap_trainer_load_checkpoint() -> None:
     """Patch ``fairseq.trainer.Trainer.load_checkpoint`` (idempotent) to
     settle the code table of a multi-head model before its first update."""
@@ -258,8 +344,10 @@ def wrap_trainer_load_checkpoint() -> None:
             return orig(self, filename, *args, **kwargs)
         if PathManager.isfile(filename):
             before = None if head.codec.pending_table else head.codec.code.detach().cpu().clone()
-            out = orig(self, filename, *args, **kwargs)
+            with _reading_checkpoint(self._model) as saved:
+                out = orig(self, filename, *args, **kwargs)
             check_resumed_table(head, settings, before, filename)
+            keep_started_code_settings(getattr(self.cfg, "model", None), saved.get("model_cfg"), filename)
             return out
         settle_code_table(
             self._model,

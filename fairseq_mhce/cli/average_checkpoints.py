@@ -18,7 +18,9 @@ own dtype).  Every other tensor -- the multi-head output's code table and head
 sizes (``decoder.mhce_head.codec.*``), ``method_id``, any integer or bool
 buffer -- must be identical in every input and is written unchanged.  Inputs
 that differ in their parameter names, shapes or dtypes, in such a buffer, or
-in the architecture / output-layer method of their saved config are an error
+in the architecture / output-layer method of their saved config, or in how
+they share their embeddings (untied, ``--share-decoder-input-output-embed``,
+``--share-all-embeddings``, read from the tensors) are an error
 that names the files and the key.  Everything but the parameters (config,
 optimizer state, ...) is copied from the first input, as fairseq's script
 does.
@@ -45,6 +47,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from fairseq_mhce.modules.tied_embedding import TIE_LAYOUT_FLAGS, checkpoint_tie_layout
 
 PROG = "mhce-average-checkpoints"
 
@@ -203,6 +207,7 @@ def average_checkpoints(paths):
             new_state = state
             keys = list(params)
             ident = _model_identity(state)
+            layout = checkpoint_tie_layout(params)
             for k, v in params.items():
                 if torch.is_tensor(v):
                     meta[k] = (tuple(v.shape), v.dtype)
@@ -223,6 +228,14 @@ def average_checkpoints(paths):
                 + "; only checkpoints of one run (one architecture and output layer) can be averaged"
             )
         _check_same_dictionaries(first_path, new_state, path, state)
+        other_layout = checkpoint_tie_layout(params)
+        if other_layout != layout:
+            raise AverageError(
+                f"{first_path} was trained with {TIE_LAYOUT_FLAGS.get(layout, 'no decoder embedding')}, {path} with "
+                f"{TIE_LAYOUT_FLAGS.get(other_layout, 'no decoder embedding')}: their embeddings are laid out "
+                "differently (a multi-head output shared with them stores the rows in code order); only "
+                "checkpoints of one run (one tie layout) can be averaged"
+            )
         if set(params) != set(keys):
             missing = sorted(set(keys) - set(params))
             extra = sorted(set(params) - set(keys))

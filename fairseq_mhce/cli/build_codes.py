@@ -107,20 +107,31 @@ def parse_args(argv=None):
 
 def detect_langs(databin, target_lang=None):
     """(source_lang, target_lang) of a data-bin: the target from the argument,
-    else prepare_data.json, else the train.SRC-TGT.TGT.idx files."""
-    pairs = []
+    else prepare_data.json, else the train.SRC-TGT.TGT.idx files.  A target
+    that is the source side of the binarized pair (``train.TGT-SRC.TGT``,
+    trained with ``-s SRC -t TGT``) is read from there, as fairseq does."""
+    pairs, reverse = [], []
     for f in sorted(glob.glob(os.path.join(glob.escape(databin), "train.*-*.*.idx"))):
         m = re.fullmatch(r"train\.([^.]+)-([^.]+)\.([^.]+)\.idx", os.path.basename(f))
         if m and m.group(3) == m.group(2):
             pairs.append((m.group(1), m.group(2)))
+        elif m and m.group(3) == m.group(1):
+            reverse.append((m.group(2), m.group(1)))
     if target_lang is None:
         meta = os.path.join(databin, "prepare_data.json")
         if os.path.isfile(meta):
             try:
                 with open(meta) as f:
-                    target_lang = json.load(f).get("target_lang")
+                    info = json.load(f)
             except (OSError, ValueError):
-                target_lang = None
+                info = {}
+            if not isinstance(info, dict) or not isinstance(info.get("target_lang"), (str, type(None))):
+                raise UsageError(
+                    f"{meta} is not the prepare_data.json that mhce-prepare-data writes (a JSON object whose "
+                    f"target_lang is a string; this one holds {str(json.dumps(info))[:80]}): pass --target-lang, "
+                    f"or move the file away"
+                )
+            target_lang = info.get("target_lang")
     if target_lang is None:
         tgts = sorted({t for _, t in pairs})
         if len(tgts) == 1:
@@ -133,15 +144,15 @@ def detect_langs(databin, target_lang=None):
             )
         else:
             raise UsageError(f"{databin} holds several language pairs {pairs}; pass --target-lang")
-    srcs = sorted({s for s, t in pairs if t == target_lang})
+    srcs = sorted({s for s, t in pairs if t == target_lang}) or sorted({s for s, t in reverse if t == target_lang})
     return (srcs[0] if srcs else None), target_lang
 
 
 def training_sequences(databin, src, tgt, dictionary):
     """The binarized training targets as a list of int arrays."""
-    from fairseq_mhce.modules.ppmi_codes import training_targets
+    from fairseq_mhce.modules.ppmi_codes import split_prefix, training_targets
 
-    prefix = os.path.join(databin, f"train.{src}-{tgt}.{tgt}")
+    prefix = split_prefix(databin, "train", src, tgt, tgt)  # as fairseq reads it
     why = None
     # fairseq's half-built dataset objects complain from their destructors
     # about a damaged file ("Exception ignored in ... __del__"): the one
@@ -312,7 +323,10 @@ def run(args, t0):
     if src is not None:
         seqs = training_sequences(databin, src, tgt, dictionary)
     elif args.source == "ppmi":
-        raise UsageError(f"no training targets train.SRC-{tgt}.{tgt}.idx in {databin} (needed by --source ppmi)")
+        raise UsageError(
+            f"no training targets train.SRC-{tgt}.{tgt}.idx (or train.{tgt}-SRC.{tgt}.idx) in {databin} "
+            "(needed by --source ppmi)"
+        )
     unseen, counts = None, None
     if seqs is not None:
         counts = np.bincount(np.concatenate(seqs).astype(np.int64), minlength=V) if seqs else np.zeros(V, int)
@@ -335,7 +349,7 @@ def run(args, t0):
             unseen_last=args.unseen == "last",
         )
         meta.update(m)
-        meta["train_split"] = f"train.{src}-{tgt}.{tgt}"
+        meta["train_split"] = os.path.basename(ppmi_codes.split_prefix(databin, "train", src, tgt, tgt))
         what = f"ppmi (window {args.window}, dim {vectors.shape[1]}, {m['train_tokens']} training tokens)"
     else:
         if not args.checkpoint:

@@ -56,6 +56,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -193,6 +194,21 @@ def empty_pairs(paths) -> list[int]:
     ]
 
 
+LANGUAGE_NAME = re.compile(r"\w[\w-]*")
+
+
+def check_language_name(flag: str, lang: str) -> None:
+    """A language name is a file-name suffix (``PREFIX.LANG``, and fairseq's
+    ``train.SRC-TGT.LANG.bin``): letters, digits, ``_`` and ``-`` only, so
+    that it names no other folder and no other file."""
+    if not LANGUAGE_NAME.fullmatch(lang or ""):
+        raise DataError(
+            f"{flag} {lang!r}: a language name is the suffix of the input files and of fairseq's "
+            f"train.SRC-TGT.LANG files, so it may hold letters, digits, '_' and '-' only (no '/', '.' or "
+            f"spaces), e.g. de"
+        )
+
+
 def check_inputs(args) -> dict:
     """Validate arguments and files; return {split: (prefix, n_lines)}.
 
@@ -200,6 +216,8 @@ def check_inputs(args) -> dict:
     with an empty side (only non-empty lists; only with --drop-empty), and
     ``args.needs_cleaning`` to the splits whose files hold a carriage return or
     a byte-order mark (:func:`clean_line`; build() works on cleaned copies)."""
+    for flag, lang in (("--source-lang", args.source_lang), ("--target-lang", args.target_lang)):
+        check_language_name(flag, lang)
     if args.source_lang == args.target_lang:
         raise DataError(f"source and target language are both {args.source_lang!r}")
     if args.tokenizer == "spm" and args.vocab_size < MIN_VOCAB:

@@ -23,7 +23,7 @@ from ..modules.code_table import load_code_table, read_code_table, shortlist_cod
 from ..modules.codec import MixedRadixCodec, auto_head_sizes, parse_head_sizes, used_digits
 from ..modules.multihead_output import resolve_shortlist
 from ..modules.output_layer import OutputLayer, output_layer_class
-from ..modules.tied_embedding import CodeOrderedEmbedding
+from ..modules.tied_embedding import CodeOrderedEmbedding, checkpoint_tie_layout, model_tie_layout, tie_layout_error
 
 logger = logging.getLogger(__name__)
 
@@ -315,6 +315,18 @@ class TransformerMHCEModel(TransformerModel):
             model = super().build_model(args, task)
         model.decoder.set_dictionaries(task.source_dictionary, task.target_dictionary)
         return model
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        """A checkpoint of another tie layout (``--share-all-embeddings``,
+        ``--share-decoder-input-output-embed``, untied; e.g. through
+        ``--model-overrides``) is refused before anything is loaded: a shared
+        multi-head output stores the embedding rows in code order, so the
+        rows would be read wrongly, and one embedding would overwrite the other."""
+        prefix = name + "." if name else ""
+        theirs, mine = checkpoint_tie_layout(state_dict, prefix), model_tie_layout(self)
+        if theirs is not None and theirs != mine:
+            raise RuntimeError(tie_layout_error(theirs, mine))
+        super().upgrade_state_dict_named(state_dict, name)
 
     @classmethod
     def build_embedding(cls, args, dictionary, embed_dim, path=None):

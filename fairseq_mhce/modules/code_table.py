@@ -142,11 +142,17 @@ def _short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _is_int(value) -> bool:
-    """A JSON integer (``60``, or ``60.0``; not ``true``, not ``"60"``)."""
+    """A JSON integer that fits in int64 (``60``, or ``60.0``; not ``true``,
+    not ``"60"``, not ``2**70``, which numpy and torch cannot hold)."""
     if isinstance(value, bool):
         return False
-    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        return False
+    return INT64_MIN <= value <= INT64_MAX
 
 
 def _field_error(path: str, field: str, what: str, value) -> ValueError:
@@ -248,7 +254,7 @@ def load_code_table(
             )
     try:
         code = np.asarray(obj["code"], dtype=np.int64).reshape(-1)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"the code table {path}: field 'code' is not a list of integers") from None
     check_code(code, vocab_size, f"the code table {path}")
     return torch.from_numpy(code).long()

@@ -123,7 +123,17 @@ class MultiHeadProduct(OutputLayer):
         shortlist: int = 0,  # the plain product; the option's default -1 (auto) goes through resolve_shortlist
         tied_embed=None,
     ):
+        automatic = shortlist is not None and int(shortlist) < 0
         shortlist = resolve_shortlist(shortlist, codec.vocab_size)
+        if tied_embed is not None and not shortlist and automatic:
+            V = codec.vocab_size
+            raise ValueError(
+                f"--share-decoder-input-output-embed / --share-all-embeddings share the decoder's input embedding "
+                f"with per-token output vectors; --mhce-method mhp has them only for its shortlist, and the "
+                f"automatic shortlist (--mhce-shortlist -1, the default) is empty below {AUTO_SHORTLIST_MIN_VOCAB} "
+                f"target types (this dictionary has V = {V}). Pass --mhce-shortlist N (1 <= N <= {V - 2}) to tie "
+                f"the vectors of N tokens, use --mhce-method mhe (per-token last head), or drop the flag."
+            )
         if tied_embed is not None and not shortlist:
             raise ValueError(tie_error("--mhce-method mhp without a shortlist (--mhce-shortlist 0)"))
         super().__init__(input_dim, codec, tied_embed)

@@ -33,14 +33,36 @@ SVD_ITERS = 4
 GRAM_BLOCK = 65536
 
 
+def split_prefix(databin: str, split: str, src: str, tgt: str, lang: str) -> str:
+    """The binarized ``split`` of language ``lang`` of the pair ``src``,
+    ``tgt`` (the path without ``.bin`` / ``.idx``), found as fairseq's
+    ``load_langpair_dataset`` finds it: ``SPLIT.SRC-TGT.LANG``, else
+    ``SPLIT.TGT-SRC.LANG`` (a data-bin binarized for the other direction,
+    trained with ``-s TGT -t SRC``).  The first name when neither exists."""
+    names = [os.path.join(databin, f"{split}.{a}-{b}.{lang}") for a, b in ((src, tgt), (tgt, src))]
+    for prefix in names:
+        if os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin"):
+            return prefix
+    return names[0]
+
+
+def missing_split(databin: str, split: str, src: str, tgt: str, lang: str) -> str:
+    """The two names :func:`split_prefix` tried, for a message."""
+    return (
+        f"{os.path.join(databin, f'{split}.{src}-{tgt}.{lang}')}.{{bin,idx}} (or {split}.{tgt}-{src}.{lang}, "
+        "as fairseq reads a data-bin of the other direction)"
+    )
+
+
 def training_targets(databin: str, src: str, tgt: str, dictionary, split: str = "train") -> List[np.ndarray]:
-    """The binarized ``split`` targets ``DATABIN/SPLIT.SRC-TGT.TGT`` as int
-    arrays (``FileNotFoundError`` naming the file when absent)."""
+    """The binarized ``split`` targets (:func:`split_prefix`:
+    ``DATABIN/SPLIT.SRC-TGT.TGT`` or ``DATABIN/SPLIT.TGT-SRC.TGT``) as int
+    arrays (``FileNotFoundError`` naming the files when absent)."""
     from fairseq.data import data_utils
 
-    prefix = os.path.join(databin, f"{split}.{src}-{tgt}.{tgt}")
+    prefix = split_prefix(databin, split, src, tgt, tgt)
     if not os.path.isfile(prefix + ".idx"):
-        raise FileNotFoundError(f"no training targets {prefix}.{{bin,idx}}")
+        raise FileNotFoundError(f"no training targets {missing_split(databin, split, src, tgt, tgt)}")
     ds = data_utils.load_indexed_dataset(prefix, dictionary)
     if ds is None:
         raise FileNotFoundError(f"cannot read the training targets {prefix}.{{bin,idx}}")

@@ -98,3 +98,61 @@ class CodeOrderedEmbedding(nn.Embedding):
         if self._codec_ref is None:
             return self.weight
         return self.weight.index_select(0, self._codec_ref.code)
+
+
+# --------------------------------------------------------------------------
+# tie layouts of whole models (encoder-decoder state dicts)
+
+TIE_LAYOUT_FLAGS = {
+    "untied": "untied embeddings (neither --share-decoder-input-output-embed nor --share-all-embeddings)",
+    "decoder": "--share-decoder-input-output-embed (the encoder with an embedding of its own)",
+    "all": "--share-all-embeddings",
+}
+
+
+def _same_tensor(a, b) -> bool:
+    """One shared parameter saved under two names (or two equal copies)."""
+    if not (torch.is_tensor(a) and torch.is_tensor(b)) or a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return a is b or torch.equal(a, b)
+
+
+def checkpoint_tie_layout(state_dict, prefix: str = "") -> Optional[str]:
+    """How an encoder-decoder state dict shares its embeddings: ``"all"``
+    (``--share-all-embeddings``: the encoder and decoder embeddings are one
+    parameter, saved under both names), ``"decoder"``
+    (``--share-decoder-input-output-embed``: the output layer marks it, or
+    its ``V x d`` projection is the decoder embedding), ``"untied"``; None
+    without a decoder embedding.  Read from the tensors, so it holds for
+    checkpoints of every method, of older versions and of stock fairseq."""
+    dec = state_dict.get(prefix + "decoder.embed_tokens.weight")
+    if not torch.is_tensor(dec):
+        return None
+    if _same_tensor(state_dict.get(prefix + "encoder.embed_tokens.weight"), dec):
+        return "all"
+    if prefix + "decoder.mhce_head.tied_output" in state_dict:
+        return "decoder"
+    for key in ("decoder.mhce_head.proj.weight", "decoder.output_projection.weight"):  # MHS; stock / legacy MHS
+        if _same_tensor(state_dict.get(prefix + key), dec):
+            return "decoder"
+    return "untied"
+
+
+def model_tie_layout(model) -> str:
+    """:func:`checkpoint_tie_layout` of a built encoder-decoder model."""
+    enc = getattr(getattr(model, "encoder", None), "embed_tokens", None)
+    dec = model.decoder.embed_tokens
+    if enc is not None and enc.weight is dec.weight:
+        return "all"
+    return "decoder" if getattr(model.decoder, "share_input_output_embed", False) else "untied"
+
+
+def tie_layout_error(checkpoint_layout: str, model_layout: str) -> str:
+    """The refusal of a checkpoint loaded into a model of another tie layout."""
+    return (
+        f"tie layout mismatch: the checkpoint was trained with {TIE_LAYOUT_FLAGS[checkpoint_layout]}, this model "
+        f"is built with {TIE_LAYOUT_FLAGS[model_layout]}. Loaded into another layout its embeddings would be read "
+        f"wrongly (a multi-head output shared with them stores the rows in code order) or overwritten by each "
+        f"other, and it would decode garbage. Build the model as it was trained: drop the --model-overrides of "
+        f"share_all_embeddings / share_decoder_input_output_embed, or train (resume) with the checkpoint's flags."
+    )
