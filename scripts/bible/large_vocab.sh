@@ -85,7 +85,7 @@ mkdir -p "$(dirname "$WORK")"
 
 if want probe; then
   "$PY" "$REPO/scripts/benchmarks/probe_step.py" --databin "$DATA" --work "$REPO/work/probe/$SETTING-shareall" \
-    --out "$RESULTS/${NAME}_probe" --adaptive-cutoff "$ADAPTIVE_CUTOFF" --tie "$TIE"
+    --out "$RESULTS/${NAME}_probe" --adaptive-cutoff "$ADAPTIVE_CUTOFF" --tie="$TIE"
 fi
 
 if want lanes; then
