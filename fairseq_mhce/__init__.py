@@ -94,3 +94,7 @@ checkpoint_io.make_checkpoint_copies_atomic()
 checkpoint_io.explain_unreadable_checkpoints()
 clean_exit.register()
 tasks.translation_mhce.adopt_translation_checkpoints_on_load()
+
+from . import fairseq_patches  # noqa: E402
+
+fairseq_patches.keep_adaptive_softmax_checkpoints_loadable()
