@@ -9,14 +9,22 @@ checkpoint's saved config (``fairseq-generate``, the hub), and fairseq's
 a checkpoint saved before an option existed gets :data:`LEGACY_DEFAULTS`
 instead, filled in when the checkpoint is read (:func:`fill_legacy_defaults`),
 so that it rebuilds the model it was trained as.
+
+An option whose value depends on the target dictionary (``--mhce-shortlist
+-1``, automatic) is resolved once, when the model is built
+(:func:`resolve_settings` with the dictionary size), and written back into
+the model's config (:func:`store_resolved`), so that the checkpoint's saved
+config names the resolved value.  A checkpoint saved with the unresolved
+value resolves it the same way when it is loaded.
 """
 
 import functools
 import math
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from typing import List, Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from omegaconf import open_dict
 
 METHODS = ["mhp", "mhe", "mhs"]
 CODE_ORDERS = ["auto", "ppmi", "identity", "random"]
@@ -115,6 +123,12 @@ OPTION_NAMES = [f.name for f in fields(MHCEConfig) if f.name.startswith("mhce_")
 # the option was trained with the old behaviour
 LEGACY_DEFAULTS = {"mhce_last_head": "shared", "mhce_shortlist": 0, "mhce_code_order": "identity"}
 
+# --mhce-shortlist -1 (the default): a 2048-token shortlist once the target
+# dictionary has 4096 types (the best MHP of the Bible spm 8k ablation,
+# scripts/bible/results/compare_bible_spm8k_ablation_shortlist*.md); the plain product
+# below that, where a shortlist would be half the vocabulary or more
+AUTO_SHORTLIST, AUTO_SHORTLIST_MIN_VOCAB = 2048, 4096
+
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -127,6 +141,15 @@ def _get(cfg, name):
         return getattr(cfg, name, None)
     except Exception:  # omegaconf struct mode raises on a missing key
         return None
+
+
+def _set(cfg, name, value) -> None:
+    """``cfg.name = value`` for a Namespace, a dataclass or a (struct) DictConfig."""
+    try:
+        setattr(cfg, name, value)
+    except Exception:  # a struct DictConfig without the key
+        with open_dict(cfg):
+            setattr(cfg, name, value)
 
 
 def _choice(name, value, choices):
@@ -156,22 +179,12 @@ MAX_SEED = 2**63 - 1
 
 
 @dataclass
-class MHCESettings:
-    """The validated options of one model (the same names as :class:`MHCEConfig`)
-    plus the two fairseq settings the output layer needs."""
+class MHCESettings(MHCEConfig):
+    """The validated options of one model (the fields of :class:`MHCEConfig`,
+    each checked and with its default filled in; ``mhce_shortlist`` resolved
+    when :func:`resolve_settings` was given the dictionary size, as at model
+    build) plus the two fairseq settings the output layer needs."""
 
-    mhce_method: str
-    mhce_heads: int
-    mhce_head_sizes: Optional[str]
-    mhce_code_order: str
-    mhce_code_seed: int
-    mhce_code_table: Optional[str]
-    mhce_realloc_updates: Optional[str]
-    mhce_realloc_window: int
-    mhce_shortlist: int
-    mhce_last_head: str
-    mhce_activation: str
-    mhce_sample_groups: float
     share_output: bool = False  # --share-decoder-input-output-embed / --share-all-embeddings
     seed: Optional[int] = None
 
@@ -186,12 +199,58 @@ class MHCESettings:
         return self.mhce_code_order
 
 
-def resolve_settings(cfg) -> MHCESettings:
+def parse_update_list(spec) -> List[int]:
+    """``--mhce-realloc-updates``: ``"300,600"`` -> ``[300, 600]`` (sorted,
+    distinct); empty / None -> ``[]``."""
+    if spec is None or str(spec).strip() in ("", "None"):
+        return []
+    try:
+        out = sorted({int(u) for u in str(spec).replace(" ", "").split(",") if u})
+    except ValueError:
+        raise ValueError(
+            f"--mhce-realloc-updates must be comma-separated update numbers such as 300,600; got {spec!r}"
+        ) from None
+    if any(u < 1 for u in out):
+        raise ValueError(f"--mhce-realloc-updates: update numbers must be >= 1; got {spec!r}")
+    return out
+
+
+def check_shortlist(value: int, vocab_size: int, flag: str = "--mhce-shortlist") -> int:
+    """``value`` when it is 0 (no shortlist) or lies in ``[1, V - 2]`` (the
+    tail keeps at least two tokens), else ``ValueError`` naming ``flag``."""
+    value = int(value)
+    if value and not 1 <= value <= vocab_size - 2:
+        raise ValueError(
+            f"{flag} {value}: the shortlist must lie between 1 and V - 2 = {vocab_size - 2} tokens "
+            f"(the target dictionary has V = {vocab_size}); leave it at 0 for the plain product"
+        )
+    return value
+
+
+def resolve_shortlist(value, vocab_size: int) -> int:
+    """``--mhce-shortlist`` of an MHP model for a target dictionary of
+    ``vocab_size`` types: ``-1`` (auto) -> :data:`AUTO_SHORTLIST` when ``V >=``
+    :data:`AUTO_SHORTLIST_MIN_VOCAB`, else 0; ``None`` (a config saved before
+    the option existed) -> 0; anything else as given, range-checked
+    (:func:`check_shortlist`)."""
+    if value is None:
+        return 0
+    value = int(value)
+    if value < 0:
+        return AUTO_SHORTLIST if vocab_size >= AUTO_SHORTLIST_MIN_VOCAB else 0
+    return check_shortlist(value, vocab_size)
+
+
+def resolve_settings(cfg, vocab_size: Optional[int] = None) -> MHCESettings:
     """Every ``mhce_*`` option of ``cfg`` with its default filled in and its
-    value checked (``ValueError`` naming the flag and what to pass).  Checks
-    that need the dictionary (head sizes against V) are the codec's."""
+    value checked (``ValueError`` naming the flag and what to pass).
+
+    ``vocab_size``: the target dictionary's size, which resolves
+    ``--mhce-shortlist -1`` (automatic) of an MHP model; without it that
+    stays -1 (the model build passes it).  The other checks that need the
+    dictionary (head sizes against V) are the codec's."""
+    # the codec through the package, whose __init__ imports the layers that import this module
     from .modules.codec import parse_head_sizes
-    from .modules.multihead_output import parse_update_list
 
     defaults = MHCEConfig()
     v = {}
@@ -242,6 +301,20 @@ def resolve_settings(cfg) -> MHCESettings:
             f"per-token parameters); this model is --mhce-method {method}. Drop it."
         )
     share = bool(_get(cfg, "share_decoder_input_output_embed") or _get(cfg, "share_all_embeddings"))
+    if method != "mhp":
+        v["mhce_shortlist"] = 0  # -1 (automatic) is no shortlist outside MHP; > 0 is refused above
+    elif vocab_size is not None:
+        automatic = v["mhce_shortlist"] < 0
+        v["mhce_shortlist"] = resolve_shortlist(v["mhce_shortlist"], vocab_size)
+        if share and automatic and not v["mhce_shortlist"]:
+            raise ValueError(
+                f"--share-decoder-input-output-embed / --share-all-embeddings share the decoder's input embedding "
+                f"with per-token output vectors; --mhce-method mhp has them only for its shortlist, and the "
+                f"automatic shortlist (--mhce-shortlist -1, the default) is empty below {AUTO_SHORTLIST_MIN_VOCAB} "
+                f"target types (this dictionary has V = {vocab_size}). Pass --mhce-shortlist N "
+                f"(1 <= N <= {vocab_size - 2}) to tie the vectors of N tokens, use --mhce-method mhe (per-token last "
+                f"head), or drop the flag."
+            )
     seed = _get(cfg, "seed")
     return MHCESettings(**v, share_output=share, seed=None if seed is None else int(seed))
 
@@ -253,13 +326,14 @@ def fill_legacy_defaults(model_cfg) -> None:
         return
     for name, value in LEGACY_DEFAULTS.items():
         if _get(model_cfg, name) is None:
-            try:
-                setattr(model_cfg, name, value)
-            except Exception:  # a struct DictConfig
-                from omegaconf import open_dict
+            _set(model_cfg, name, value)
 
-                with open_dict(model_cfg):
-                    setattr(model_cfg, name, value)
+
+def store_resolved(model_cfg, settings: MHCESettings) -> None:
+    """Write the values that :func:`resolve_settings` resolved for the
+    dictionary back into the model's config (``--mhce-shortlist -1`` -> its
+    size), so that the config saved in the checkpoint names them."""
+    _set(model_cfg, "mhce_shortlist", settings.mhce_shortlist)
 
 
 def _is_mhce_model_cfg(model_cfg) -> bool:

@@ -154,6 +154,13 @@ def test_loss_nll_and_smoothing_match_materialized(method, V, sizes, eps):
         # fairseq's label_smoothed_nll_loss on the brute-force distribution (uniform over V)
         ref_loss, _ = label_smoothed_nll_loss(ref, target, eps, ignore_index=None, reduce=False)
         torch.testing.assert_close(loss.double(), ref_loss.squeeze(-1), rtol=1e-5, atol=1e-5)
+        # its gradients (states and projection) are the brute-force loss's
+        xg = x.clone().requires_grad_(True)
+        ref_loss = label_smoothed_nll_loss(reference_log_probs(head, xg), target, eps, ignore_index=None, reduce=False)
+        want = torch.autograd.grad(ref_loss[0].sum(), [xg, head.proj.weight, head.proj.bias])
+        got = torch.autograd.grad(head.loss(xg, target, eps)[0].sum(), [xg, head.proj.weight, head.proj.bias])
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
         # per-head smoothing: fairseq's loss on each head's own log-softmax (plus log Z_valid)
         lps = [F.log_softmax(z, -1) for z in head.proj(x).split(sizes, -1)]
         digits = head.codec.encode(target)

@@ -43,9 +43,6 @@ from fairseq_mhce.cli import prepare_data
 from fairseq_mhce.config import resolve_settings
 from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_output_layer
 from fairseq_mhce.modules import code_table as ct
-from fairseq_mhce.modules.codec import MixedRadixCodec
-from fairseq_mhce.modules.multihead_output import MultiHeadProduct
-from fairseq_mhce.modules.tied_embedding import CodeOrderedEmbedding
 from fairseq_mhce.training_start import CACHE_NAME, settle_code_table
 
 from .utils import MICRO_ARCH, USER_DIR, cli, tree_hashes
@@ -285,9 +282,8 @@ def test_resume_with_another_code_order_keeps_table_and_saved_config(copy_bin, t
 # ------------------------------------------------------------ defect 9
 def test_tied_mhp_below_the_automatic_shortlist_size_says_what_to_pass():
     V = 48
-    emb = CodeOrderedEmbedding(V, 8, padding_idx=1)
-    with pytest.raises(ValueError) as e:
-        MultiHeadProduct(8, MixedRadixCodec(V, [7, 7]), shortlist=-1, tied_embed=emb)
+    with pytest.raises(ValueError) as e:  # the automatic size is resolved with the options, at model build
+        resolve_settings(Namespace(mhce_method="mhp", share_decoder_input_output_embed=True), V)
     msg = str(e.value)
     assert "--mhce-shortlist 0" not in msg, msg
     assert "automatic" in msg and "4096" in msg and f"V = {V}" in msg, msg

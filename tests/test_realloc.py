@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import fairseq_mhce  # noqa: F401
+from fairseq_mhce.config import parse_update_list
 from fairseq_mhce.models.transformer_mhce import build_output_layer
 from fairseq_mhce.modules.code_realloc import REALLOC_MAX_VOCAB, reallocate_codes
 from fairseq_mhce.modules.codec import MixedRadixCodec, auto_head_sizes
-from fairseq_mhce.modules.multihead_output import MultiHeadProduct, parse_update_list
+from fairseq_mhce.modules.multihead_output import MultiHeadProduct
 
 from .test_model_guards import cfg, dictionary
 from .utils import USER_DIR, cli, hypotheses, make_copy_data, train_tiny
@@ -72,7 +73,8 @@ def test_refusals():
     with pytest.raises(ValueError, match="dense V x V assignment"):
         MultiHeadProduct(16, big, realloc_updates=[5])
     head = build_output_layer(cfg(mhce_method="mhp", mhce_realloc_updates="7,3", mhce_realloc_window=2), 16, d)
-    assert head.realloc_updates == [3, 7] and head.realloc_window == 2
+    assert head.realloc.updates == [3, 7] and head.realloc.window == 2
+    assert build_output_layer(cfg(mhce_method="mhp"), 16, d).realloc is None  # no schedule, no state
 
 
 def test_head_collects_its_window_and_swaps_the_table_in_place(caplog):
@@ -93,20 +95,20 @@ def test_head_collects_its_window_and_swaps_the_table_in_place(caplog):
         head.loss(x, y, 0.0)  # validation: never collected
         head.train()
         if n == 0:
-            assert head._realloc_stats is None  # update 1 lies outside the window (updates 2, 3)
+            assert head.realloc.stats is None  # update 1 lies outside the window (updates 2, 3)
     head.eval()  # scoring only: not collected
     nll_before = sum(head.loss(x, y, 0.0)[1].sum().item() for x, y in batches[1:])
     head.train()
     with caplog.at_level("INFO"):
         head.set_num_updates(3)
-    assert head._realloc_stats is None and not torch.equal(head.codec.code, old_code)
+    assert head.realloc.stats is None and not torch.equal(head.codec.code, old_code)
     n_moved = int((head.codec.code != old_code).sum())
     assert f": {n_moved} of {V} tokens moved" in caplog.text  # the log counts the real moves
     moved = head.codec.code.clone()
     head.train()
     head.loss(*batches[0], 0.0)  # update 4 is in the window of update 5: collected;
     head.set_num_updates(3)  # --update-freq 2: its 2nd micro-batch repeats the call: no 2nd re-allocation
-    assert torch.equal(head.codec.code, moved) and head._realloc_stats is not None
+    assert torch.equal(head.codec.code, moved) and head.realloc.stats is not None
     head.eval()
     assert torch.equal(head.codec.token[head.codec.code], torch.arange(V))
     assert int((head.codec.token >= 0).sum()) == V
@@ -124,10 +126,10 @@ def test_head_collects_its_window_and_swaps_the_table_in_place(caplog):
     assert torch.allclose(lp.logsumexp(-1), torch.zeros(5), atol=1e-5)
     head.train()
     head.set_num_updates(5)
-    assert head._realloc_stats is None
+    assert head.realloc.stats is None
     head.set_num_updates(6)  # past the schedule: nothing more is collected
     head.loss(*batches[0], 0.0)
-    assert head._realloc_stats is None
+    assert head.realloc.stats is None
 
 
 @pytest.mark.e2e
@@ -139,7 +141,9 @@ def test_fairseq_train_reallocates_and_the_checkpoint_decodes(tmp_path):
     out = train_tiny(data, save, "mhp", "--mhce-realloc-updates", "20", "--mhce-realloc-window", "10", updates=30)
     assert "re-allocated the code table at update 20" in out
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"]
+    ckpt = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["cfg"]["model"].mhce_shortlist == 0  # the default -1, resolved at model build (V < 4096)
+    state = ckpt["model"]
     code = state["decoder.mhce_head.codec.code"]
     assert not torch.equal(code, torch.arange(code.numel()))  # identity before, moved after
     assert torch.equal(code[:4], torch.arange(4))

@@ -99,6 +99,11 @@ def test_loss_is_fairseqs_label_smoothed_nll_of_the_dense_row(V, sizes, n, eps):
     assert torch.equal(correct.all(-1), torch.where(c >= 0, listed_ok, tail_ok))
     loss.sum().backward()  # gradients reach the states through both parts
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    # and they are the brute-force loss's (every code scored alone)
+    ref_loss, _ = label_smoothed_nll_loss(reference_log_probs(head, x), target.unsqueeze(-1), eps, reduce=False)
+    want = torch.autograd.grad(ref_loss.sum(), [x, head.proj.weight, head.proj.bias])
+    for got, w in zip((x.grad, head.proj.weight.grad, head.proj.bias.grad), want):
+        assert torch.allclose(got, w, rtol=1e-4, atol=1e-5), (got - w).abs().max()
 
 
 @pytest.mark.parametrize("V,sizes,n", CASES)
@@ -165,8 +170,9 @@ def test_refusals_and_the_models_default_table():
 
 
 def test_default_shortlist_follows_the_vocabulary_and_old_configs_keep_none():
-    from fairseq_mhce.config import fill_legacy_defaults, resolve_settings
-    from fairseq_mhce.modules.multihead_output import resolve_shortlist
+    from fairseq_mhce.config import MHCEConfig, fill_legacy_defaults, resolve_settings, resolve_shortlist
+    from fairseq_mhce.modules.codec import MixedRadixCodec
+    from fairseq_mhce.modules.multihead_output import MultiHeadProduct
 
     assert resolve_shortlist(-1, 4095) == 0 and resolve_shortlist(-1, 4096) == 2048
     assert resolve_shortlist(None, 10**6) == 0 and resolve_shortlist(7, 50) == 7
@@ -179,7 +185,38 @@ def test_default_shortlist_follows_the_vocabulary_and_old_configs_keep_none():
     assert old.mhce_shortlist == 0
     fresh = cfg(mhce_method="mhp")
     del fresh.mhce_shortlist  # a new (hydra) config without the key: today's default
-    assert resolve_settings(fresh).mhce_shortlist == -1
+    assert resolve_settings(fresh).mhce_shortlist == -1  # unresolved without the dictionary
+    assert resolve_settings(fresh, 5000).mhce_shortlist == 2048 and resolve_settings(fresh, 4095).mhce_shortlist == 0
+    assert resolve_settings(MHCEConfig(mhce_method="mhe"), 5000).mhce_shortlist == 0  # -1: none outside mhp
+    with pytest.raises(ValueError, match="resolve it for the dictionary first"):
+        MultiHeadProduct(16, MixedRadixCodec(40, [7, 6]), shortlist=-1)  # the layer takes resolved values only
+
+
+def test_the_model_build_resolves_the_shortlist_once_and_the_saved_config_names_it():
+    """``--mhce-shortlist -1`` is resolved when the model is built, and the
+    model's config (the one fairseq saves in the checkpoint) gets the size;
+    a config that still says -1 (a checkpoint saved before) builds the same
+    model, whose state dict it loads."""
+    from argparse import Namespace
+
+    from fairseq import options
+
+    from fairseq_mhce.models.transformer_mhce import TransformerMHCEModel
+
+    d = dictionary(5000)
+    task = Namespace(source_dictionary=d, target_dictionary=d)
+    small = ["--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "16", "--decoder-embed-dim", "16"]
+    small += ["--encoder-attention-heads", "2", "--decoder-attention-heads", "2"]
+    argv = ["/nonexistent", "--task", "translation", "--arch", "transformer_mhce", "--mhce-method", "mhp"]
+    args = options.parse_args_and_arch(options.get_training_parser(), argv + ["--mhce-code-order", "identity", *small])
+    assert args.mhce_shortlist == -1
+    model = TransformerMHCEModel.build_model(args, task)
+    assert args.mhce_shortlist == 2048 == model.decoder.mhce_head.shortlist
+    assert model.decoder._mhce_settings.mhce_shortlist == 2048
+    args.mhce_shortlist = -1
+    again = TransformerMHCEModel.build_model(args, task)
+    assert args.mhce_shortlist == 2048 == again.decoder.mhce_head.shortlist
+    again.load_state_dict(model.state_dict())
 
 
 @pytest.fixture(scope="module")

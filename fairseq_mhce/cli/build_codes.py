@@ -281,6 +281,7 @@ def run(args, t0):
         if value < 1:
             raise UsageError(f"{flag} {value}: the {what} must be >= 1")
     # (fairseq is imported only after the cheap checks)
+    from fairseq_mhce.config import check_shortlist
     from fairseq_mhce.models.transformer_mhce import check_head_sizes
     from fairseq_mhce.modules import code_table as ct
     from fairseq_mhce.modules import ppmi_codes
@@ -331,9 +332,10 @@ def run(args, t0):
     if seqs is not None:
         counts = np.bincount(np.concatenate(seqs).astype(np.int64), minlength=V) if seqs else np.zeros(V, int)
         unseen = np.flatnonzero(counts[4:] == 0) + 4
-    S = args.shortlist
-    if S and not 1 <= S <= V - 2:
-        raise UsageError(f"--shortlist {S}: must lie between 1 and V - 2 = {V - 2} (V = {V})")
+    try:
+        S = check_shortlist(args.shortlist, V, flag="--shortlist")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if S and counts is None:
         raise UsageError(f"--shortlist needs the training targets train.SRC-{tgt}.{tgt}.idx in {databin}")
     if args.source == "ppmi":

@@ -20,7 +20,8 @@ fairseq_mhce.cli.recipe_checks``: importing the package imports fairseq,
 which costs seconds and logs a line, and neither step needs it.  So this
 module imports only the standard library at the top (and its sibling
 :mod:`.word_split`); torch, sacrebleu and the plugin (for the default head
-sizes) are imported where they are used.  Tests import it as a module.
+sizes, and the defaults of options not given) are imported where they are
+used.  Tests import it as a module.
 """
 
 import glob
@@ -47,9 +48,17 @@ def last(argv, flag, default=None):
     return val
 
 
+def option_default(name):
+    """The plugin's default of the model option ``name`` (``mhce_method``,
+    ``mhce_heads``, ...), from :class:`fairseq_mhce.config.MHCEConfig`."""
+    from fairseq_mhce.config import MHCEConfig  # heavy (imports fairseq): only for a value not given
+
+    return getattr(MHCEConfig, name)
+
+
 def method_of(arch, mhce_method, cutoff):
     if str(arch).endswith("_mhce"):
-        return str(mhce_method or "mhe")
+        return str(mhce_method or option_default("mhce_method"))
     return "adaptive" if cutoff not in (None, "", "None") else "softmax"
 
 
@@ -112,7 +121,11 @@ def run_settings(argv):
         "cutoff": last(argv, "--adaptive-softmax-cutoff"),
     }
     try:
-        run["heads"], run["sizes"] = int(last(argv, "--mhce-heads", 2)), parse_sizes(last(argv, "--mhce-head-sizes"))
+        heads = last(argv, "--mhce-heads")
+        if heads is None and run["method"] in ("mhp", "mhe", "mhs"):
+            heads = option_default("mhce_heads")
+        run["heads"] = None if heads is None else int(heads)
+        run["sizes"] = parse_sizes(last(argv, "--mhce-head-sizes"))
     except ValueError:  # a malformed value: fairseq-train explains it; no head sizes to compare
         run["heads"] = run["sizes"] = "?"
     return run
@@ -162,7 +175,7 @@ def foreign_checkpoints(me, savedir, databin, vocab, argv):
             continue
         if ck_method in ("mhp", "mhe", "mhs") and run["heads"] != "?":
             ck_spec = parse_sizes(get(model, "mhce_head_sizes"))
-            ck_heads = int(get(model, "mhce_heads", 2) or 2)
+            ck_heads = int(get(model, "mhce_heads") or option_default("mhce_heads"))
             ck_sizes = next(
                 (t.tolist() for k, t in state["model"].items() if k.endswith("mhce_head.codec.head_sizes")), ck_spec
             )

@@ -18,10 +18,9 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY, register_model, register_model_architecture
 from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase, TransformerModel
 
-from ..config import MHCEConfig, MHCESettings, resolve_settings
+from ..config import MHCEConfig, MHCESettings, resolve_settings, store_resolved
 from ..modules.code_table import load_code_table, read_code_table, shortlist_code
 from ..modules.codec import MixedRadixCodec, auto_head_sizes, parse_head_sizes, used_digits
-from ..modules.multihead_output import resolve_shortlist
 from ..modules.output_layer import OutputLayer, output_layer_class
 from ..modules.tied_embedding import CodeOrderedEmbedding, checkpoint_tie_layout, model_tie_layout, tie_layout_error
 
@@ -64,9 +63,12 @@ def check_head_sizes(sizes, vocab_size: int, explicit: bool):
 
 def layout_code(settings: MHCESettings, vocab_size: int, code, table_shortlist: int = 0):
     """The codec's table for ``code`` (None: identity): with an MHP
-    shortlist, the listed tokens on the top codes (a table built for this
-    shortlist is used as is; another keeps its order on the tail)."""
-    shortlist = resolve_shortlist(settings.mhce_shortlist, vocab_size) if settings.mhce_method == "mhp" else 0
+    shortlist (``settings`` resolved for this dictionary), the listed tokens
+    on the top codes (a table built for this shortlist is used as is;
+    another keeps its order on the tail)."""
+    shortlist = settings.mhce_shortlist
+    if shortlist < 0:
+        raise ValueError("layout_code: the settings' --mhce-shortlist -1 is not resolved for the dictionary")
     if not shortlist:
         return code
     base = torch.arange(vocab_size) if code is None else torch.as_tensor(code, dtype=torch.long)
@@ -81,9 +83,10 @@ def layout_code(settings: MHCESettings, vocab_size: int, code, table_shortlist: 
 
 
 def build_output_layer(settings: MHCESettings, input_dim: int, dictionary, embed_tokens=None) -> OutputLayer:
-    """The output layer of ``settings`` (:func:`~fairseq_mhce.config.resolve_settings`)
-    with its codec (head sizes, code table); ``embed_tokens`` is the
-    decoder's input embedding when it is shared with the output.
+    """The output layer of ``settings`` (:func:`~fairseq_mhce.config.resolve_settings`
+    for this dictionary; a model config is resolved here) with its codec
+    (head sizes, code table); ``embed_tokens`` is the decoder's input
+    embedding when it is shared with the output.
 
     The code table: a ``--mhce-code-table`` file is read now; ``random`` is
     drawn now; ``ppmi`` (and a table file that does not exist yet) is left
@@ -91,12 +94,10 @@ def build_output_layer(settings: MHCESettings, input_dim: int, dictionary, embed
     (:mod:`fairseq_mhce.training_start`): from the checkpoint being resumed,
     else built from the training data.  A checkpoint loaded for decoding
     brings its own table in its state dict."""
-    if not isinstance(settings, MHCESettings):
-        settings = resolve_settings(settings)
-    cls = output_layer_class(settings.mhce_method)
     vocab_size = len(dictionary)
-    if settings.mhce_method == "mhp":
-        resolve_shortlist(settings.mhce_shortlist, vocab_size)  # range check with V
+    if not isinstance(settings, MHCESettings):
+        settings = resolve_settings(settings, vocab_size)
+    cls = output_layer_class(settings.mhce_method)
     explicit = parse_head_sizes(settings.mhce_head_sizes)
     sizes = explicit or cls.default_head_sizes(vocab_size, settings.mhce_heads)
     check_head_sizes(sizes, vocab_size, explicit is not None)
@@ -142,7 +143,7 @@ class TransformerMHCEDecoder(TransformerDecoderBase):
 
     def __init__(self, cfg, dictionary, embed_tokens, no_encoder_attn=False, output_projection=None, settings=None):
         # read by build_output_projection, which the base __init__ calls
-        object.__setattr__(self, "_mhce_settings", settings or resolve_settings(cfg))
+        object.__setattr__(self, "_mhce_settings", settings or resolve_settings(cfg, len(dictionary)))
         super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn, output_projection)
 
     def build_output_projection(self, cfg, dictionary, embed_tokens):
@@ -305,7 +306,11 @@ class TransformerMHCEModel(TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
-        settings = resolve_settings(args)
+        # the one resolution of the options for this dictionary; the saved
+        # config carries the resolved values (a checkpoint saved with -1
+        # resolves it here again when it is loaded, to the same value)
+        settings = resolve_settings(args, len(task.target_dictionary))
+        store_resolved(args, settings)
         if getattr(args, "adaptive_softmax_cutoff", None):
             raise ValueError(
                 "--adaptive-softmax-cutoff and a multi-head output are two different output layers; use one"
@@ -336,7 +341,7 @@ class TransformerMHCEModel(TransformerModel):
 
     @classmethod
     def build_decoder(cls, args, tgt_dict, embed_tokens):
-        settings = _BUILDING.get() or _with_seed(resolve_settings(args))
+        settings = _BUILDING.get() or _with_seed(resolve_settings(args, len(tgt_dict)))
         cfg = TransformerConfig.from_namespace(args)
         return TransformerMHCEDecoder(
             cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention, settings=settings

@@ -7,7 +7,6 @@ log-sum-exp over a product of heads loses the precision that beam scores need.
 """
 
 import itertools
-import logging
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -15,51 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import LAST_HEAD_CHOICES, MHCEConfig
+from ..config import LAST_HEAD_CHOICES, MHCEConfig, check_shortlist, parse_update_list
+from .code_realloc import ReallocationCollector
 from .codec import MixedRadixCodec
 from .output_layer import NEG_INF, OutputLayer, _init_linear, register_output_layer, tie_error
-
-logger = logging.getLogger(__name__)
-
-
-def parse_update_list(spec) -> List[int]:
-    """``"300,600"`` -> ``[300, 600]``; empty / None -> ``[]``."""
-    if spec is None or str(spec).strip() in ("", "None"):
-        return []
-    try:
-        out = sorted({int(u) for u in str(spec).replace(" ", "").split(",") if u})
-    except ValueError:
-        raise ValueError(
-            f"--mhce-realloc-updates must be comma-separated update numbers such as 300,600; got {spec!r}"
-        ) from None
-    if any(u < 1 for u in out):
-        raise ValueError(f"--mhce-realloc-updates: update numbers must be >= 1; got {spec!r}")
-    return out
-
-
-# --mhce-shortlist -1 (the default): a 2048-token shortlist once the target
-# dictionary has 4096 types (the best MHP of the Bible spm 8k ablation,
-# scripts/bible/results/compare_bible_spm8k_ablation_shortlist*.md); the plain product
-# below that, where a shortlist would be half the vocabulary or more
-AUTO_SHORTLIST, AUTO_SHORTLIST_MIN_VOCAB = 2048, 4096
-
-
-def resolve_shortlist(value, vocab_size: int) -> int:
-    """``--mhce-shortlist`` for a target dictionary of ``vocab_size`` types:
-    ``-1`` (auto) -> 2048 when ``V >= 4096``, else 0; ``None`` (a config
-    saved before the option existed) -> 0; anything else as given, if it
-    lies in ``[1, V - 2]`` (else ``ValueError``)."""
-    if value is None:
-        return 0
-    value = int(value)
-    if value < 0:
-        return AUTO_SHORTLIST if vocab_size >= AUTO_SHORTLIST_MIN_VOCAB else 0
-    if value and not 1 <= value <= vocab_size - 2:
-        raise ValueError(
-            f"--mhce-shortlist {value}: the shortlist must hold between 1 and V - 2 = {vocab_size - 2} tokens "
-            f"(the target dictionary has V = {vocab_size}); leave it at 0 for the plain product"
-        )
-    return value
+from .shortlist import Shortlist
 
 
 def label_smoothed_loss(terms, epsilon: float):
@@ -98,20 +57,20 @@ class MultiHeadProduct(OutputLayer):
     where ``Z_valid`` is the product distribution's mass on valid codes
     (``< V``), computed from the digits of ``V`` in ``O(sum C_h)``.
 
-    With a shortlist of ``N`` tokens (``--mhce-shortlist``; the hybrid of Oda
-    et al. 2017, and the head/tail split of adaptive softmax), the tokens on
-    the top codes ``[T, V)``, ``T = V - N``, get their own output vectors in
-    an ``(N + 1)``-way softmax ``s`` whose last class is "the tail"; the
-    other tokens (codes ``[0, T)``) share the tail's mass through the product:
+    Two parts it composes:
 
-    * ``log p(u|x) = s[code(u) - T]`` for a shortlist token ``u``
-    * ``log p(v|x) = s[N] + sum_h lp_h[d_h(v)] - log Z_T(x)`` for the others
+    * a :class:`~.shortlist.Shortlist` of ``N`` tokens (``--mhce-shortlist``)
+      on the top codes ``[T, V)``, ``T = V - N``, with their own output
+      vectors; the product then covers the tail ``[0, T)`` only (``Z_valid``
+      becomes ``Z_T``, the same closed form).  Cost per token ``O((N + 1 +
+      sum C_h) d)``.
+    * a :class:`~.code_realloc.ReallocationCollector`
+      (``--mhce-realloc-updates``, LightRNN): the code table re-allocated
+      during training.
 
-    ``Z_T``, the product's mass on ``[0, T)``, has the same ``O(sum C_h)``
-    closed form.  The code table says which tokens are on the shortlist: the
-    model's default puts the dictionary's first ``N`` ids there (the most
-    frequent), ``mhce-build-codes --shortlist N`` the ``N`` most
-    frequent training targets.  Cost per token ``O((N + 1 + sum C_h) d)``.
+    Parameters: one fused projection ``proj`` for the heads and the
+    shortlist's outputs, and ``short_bias`` (S,) when the shortlist is tied
+    to the decoder's input embedding.
     """
 
     def __init__(
@@ -120,59 +79,38 @@ class MultiHeadProduct(OutputLayer):
         codec: MixedRadixCodec,
         realloc_updates: Sequence[int] = (),
         realloc_window: int = MHCEConfig.mhce_realloc_window,
-        shortlist: int = 0,  # the plain product; the option's default -1 (auto) goes through resolve_shortlist
+        shortlist: int = 0,  # resolved: the option's -1 (automatic) goes through config.resolve_settings
         tied_embed=None,
     ):
-        automatic = shortlist is not None and int(shortlist) < 0
-        shortlist = resolve_shortlist(shortlist, codec.vocab_size)
-        if tied_embed is not None and not shortlist and automatic:
-            V = codec.vocab_size
+        shortlist = int(shortlist)
+        if shortlist < 0:
             raise ValueError(
-                f"--share-decoder-input-output-embed / --share-all-embeddings share the decoder's input embedding "
-                f"with per-token output vectors; --mhce-method mhp has them only for its shortlist, and the "
-                f"automatic shortlist (--mhce-shortlist -1, the default) is empty below {AUTO_SHORTLIST_MIN_VOCAB} "
-                f"target types (this dictionary has V = {V}). Pass --mhce-shortlist N (1 <= N <= {V - 2}) to tie "
-                f"the vectors of N tokens, use --mhce-method mhe (per-token last head), or drop the flag."
+                f"MultiHeadProduct: shortlist {shortlist} is --mhce-shortlist's automatic value; resolve it for the "
+                f"dictionary first (fairseq_mhce.config.resolve_shortlist)"
             )
+        check_shortlist(shortlist, codec.vocab_size)
         if tied_embed is not None and not shortlist:
             raise ValueError(tie_error("--mhce-method mhp without a shortlist (--mhce-shortlist 0)"))
-        super().__init__(input_dim, codec, tied_embed)
-        self.shortlist = shortlist
-        if self.shortlist and realloc_updates:
+        if shortlist and realloc_updates:
             raise ValueError(
                 "--mhce-realloc-updates cannot be combined with --mhce-shortlist (the re-allocation would "
                 "move tokens between the shortlist and the tail); drop one of them"
             )
+        super().__init__(input_dim, codec, tied_embed)
+        self.shortlist = shortlist
         # the product's valid codes: [0, T), T = V without a shortlist
-        self.tail_size = codec.vocab_size - self.shortlist
+        self.tail_size = codec.vocab_size - shortlist
         self._has_invalid = codec.num_codes > self.tail_size
-        # one fused projection for all heads (and the shortlist), split
-        # afterwards; tied, the listed tokens' vectors are the shared
-        # embedding's rows [T, V) (code order: one contiguous view) and the
-        # projection keeps the digit heads and the tail class
-        extra = 0
-        if self.shortlist:
-            extra = 1 if self.tied else self.shortlist + 1
-        self.proj = _init_linear(nn.Linear(input_dim, sum(codec.sizes) + extra))
+        # the shortlist's parameters are the head's (proj, short_bias): its
+        # state-dict keys and parameter order stay those of earlier checkpoints
+        self.short = Shortlist(shortlist, codec.vocab_size, self.tied) if shortlist else None
+        # one fused projection for all heads and the shortlist, split afterwards
+        self.proj = _init_linear(nn.Linear(input_dim, sum(codec.sizes) + (self.short.num_logits if shortlist else 0)))
         if self.tied:
-            self.short_bias = nn.Parameter(torch.zeros(self.shortlist))
-        # LightRNN-style re-allocation of the code table during training
-        self.realloc_updates = sorted(int(u) for u in realloc_updates)
-        self.realloc_window = int(realloc_window)
-        if self.realloc_updates:
-            from .code_realloc import REALLOC_MAX_VOCAB
-
-            if codec.vocab_size > REALLOC_MAX_VOCAB:
-                raise ValueError(
-                    f"--mhce-realloc-updates solves a dense V x V assignment; the target dictionary has "
-                    f"{codec.vocab_size} types, above {REALLOC_MAX_VOCAB}. Drop it and use a table from "
-                    f"mhce-build-codes (--mhce-code-table) at this vocabulary size."
-                )
-            if self.realloc_window < 1:
-                raise ValueError(f"--mhce-realloc-window must be >= 1, got {realloc_window}")
-        self._num_updates = 0
-        self._last_realloc = -1
-        self._realloc_stats: Optional[List[torch.Tensor]] = None  # (V, C_h) sums of -log p_h; not saved
+            self.short_bias = nn.Parameter(torch.zeros(shortlist))
+        self.realloc = (
+            ReallocationCollector(realloc_updates, realloc_window, codec.vocab_size) if realloc_updates else None
+        )
 
     @classmethod
     def build(cls, settings, input_dim, codec, embed_tokens=None):
@@ -185,64 +123,11 @@ class MultiHeadProduct(OutputLayer):
             tied_embed=embed_tokens,
         )
 
-    # -- re-allocation (LightRNN) ------------------------------------------
-    def _collecting(self) -> bool:
-        """Training, and within the window before the next re-allocation."""
-        nxt = next((u for u in self.realloc_updates if u > self._num_updates), None)
-        return self.training and nxt is not None and self._num_updates >= nxt - self.realloc_window
-
-    @torch.no_grad()
-    def _collect(self, lps: List[torch.Tensor], target: torch.Tensor):
-        """Add each target's ``-log p_h(. | x)`` rows to its token's row."""
-        if self._realloc_stats is None:
-            self._realloc_stats = [lp.new_zeros(self.vocab_size, lp.size(-1), dtype=torch.float64) for lp in lps]
-        for acc, lp in zip(self._realloc_stats, lps):
-            acc.index_add_(0, target, -lp.detach().double())
-
     def set_num_updates(self, num_updates: int):
         """fairseq calls this with the number of finished updates before the
-        forward of the next one: re-allocate at the scheduled updates (from
-        the targets collected over the window)."""
-        self._num_updates = int(num_updates)
-        # fairseq's task.train_step calls this before every forward, so once
-        # per micro-batch with --update-freq > 1: re-allocate once per update
-        if (
-            self._num_updates in self.realloc_updates
-            and self._realloc_stats is not None
-            and self._num_updates != self._last_realloc
-        ):
-            self._last_realloc = self._num_updates
-            self.reallocate()
-
-    @torch.no_grad()
-    def reallocate(self):
-        """Move every token to the code that minimizes the NLL of its
-        collected targets under the current heads (exact assignment,
-        :func:`.code_realloc.reallocate_codes`); the heads' weights stay, the
-        table changes in place (buffers ``codec.code`` / ``codec.token``,
-        saved in the checkpoint).  Workers sum their statistics first, so
-        every one computes the same table."""
-        import time
-
-        from .code_realloc import reallocate_codes
-
-        stats, self._realloc_stats = self._realloc_stats, None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for acc in stats:
-                torch.distributed.all_reduce(acc)
-        t0 = time.time()
-        old = self.codec.code.cpu().numpy().copy()  # on CPU .numpy() shares the buffer copied into below
-        new, before, after = reallocate_codes([a.cpu().numpy() for a in stats], old, self.sizes)
-        code = torch.from_numpy(new).to(self.codec.code.device)
-        self.codec.code.copy_(code)
-        self.codec.token.fill_(-1)
-        self.codec.token[code] = torch.arange(self.vocab_size, device=code.device)
-        logger.info(
-            f"mhce: re-allocated the code table at update {self._num_updates}: {int((new != old).sum())} of "
-            f"{self.vocab_size} tokens moved; NLL of the targets collected over the last {self.realloc_window} "
-            f"updates under the current heads {before:.1f} -> {after:.1f} nats "
-            f"(without log Z_valid; {time.time() - t0:.1f} s)"
-        )
+        forward of the next one: the re-allocation's schedule."""
+        if self.realloc is not None:
+            self.realloc.set_num_updates(num_updates, self.codec)
 
     def digit_log_probs(self, x: torch.Tensor) -> List[torch.Tensor]:
         """(N, d) -> list of H tensors (N, C_h), float32 log-softmax."""
@@ -252,15 +137,14 @@ class MultiHeadProduct(OutputLayer):
         """(N, d) -> (the H digit log-softmaxes (N, C_h), the shortlist
         log-softmax (N, S + 1) or None), float32, from one projection."""
         logits = self.proj(x).float()
-        if not self.shortlist:
+        if self.short is None:
             return [F.log_softmax(z, dim=-1) for z in logits.split(self.sizes, dim=-1)], None
+        *zs, z_short = logits.split(self.sizes + [self.short.num_logits], dim=-1)
         if self.tied:
-            *zs, z_tail = logits.split(self.sizes + [1], dim=-1)
-            listed = self.tied_weight.narrow(0, self.tail_size, self.shortlist)  # (S, d) view
-            zs_short = torch.cat([F.linear(x, listed, self.short_bias).float(), z_tail], -1)
+            short = self.short.log_softmax(x, z_short, self.tied_weight, self.short_bias)
         else:
-            *zs, zs_short = logits.split(self.sizes + [self.shortlist + 1], dim=-1)
-        return [F.log_softmax(z, dim=-1) for z in zs], F.log_softmax(zs_short, dim=-1)
+            short = self.short.log_softmax(x, z_short)
+        return [F.log_softmax(z, dim=-1) for z in zs], short
 
     def log_z(self, lps: List[torch.Tensor]) -> Optional[torch.Tensor]:
         """(N,) log of the product's mass on its valid codes ``< T`` (``T =
@@ -294,11 +178,7 @@ class MultiHeadProduct(OutputLayer):
         out = self._joint(lps).index_select(-1, self.codec.code)
         lz = self.log_z(lps)
         out = out if lz is None else out - lz.unsqueeze(-1)
-        if short is None:
-            return out
-        code, T = self.codec.code, self.tail_size
-        on_list = short.index_select(-1, (code - T).clamp(min=0))
-        return torch.where(code >= T, on_list, out + short[:, self.shortlist :])
+        return out if short is None else self.short.log_probs(short, self.codec.code, out)
 
     def topk(self, x, k, min_token=0, extra=None):
         """Product-key search (:func:`.factorized_topk.mhp_topk`); with a
@@ -320,10 +200,7 @@ class MultiHeadProduct(OutputLayer):
             out = out + lps[h].gather(-1, digits[..., h])
         lz = self.log_z(lps)
         out = out if lz is None else out - lz.unsqueeze(-1)
-        if not self.shortlist:
-            return out
-        c = self.codec.code[tokens] - self.tail_size  # >= 0 on the shortlist
-        return torch.where(c >= 0, short.gather(-1, c.clamp(min=0)), out + short[:, self.shortlist :])
+        return out if short is None else self.short.log_probs(short, self.codec.code[tokens], out)
 
     def loss(self, x, target, epsilon, smoothing="auto"):
         """The exact NLL (sum of per-head NLLs plus ``log Z_valid``; with a
@@ -333,8 +210,8 @@ class MultiHeadProduct(OutputLayer):
         over its own classes; not with a shortlist).  Shapes: see
         :meth:`OutputLayer.loss`."""
         lps, short = self.parts(x)
-        if self.realloc_updates and self._collecting():
-            self._collect(lps, target)
+        if self.realloc is not None and self.training:
+            self.realloc.collect(lps, target)
         digits = self.codec.encode(target)
         gold = [lp.gather(-1, digits[:, h : h + 1]).squeeze(-1) for h, lp in enumerate(lps)]
         lz = self.log_z(lps)
@@ -343,32 +220,19 @@ class MultiHeadProduct(OutputLayer):
             nll = nll + lz
         correct = torch.stack([lp.argmax(-1) == digits[:, h] for h, lp in enumerate(lps)], -1)
         if short is not None:
-            n = self.shortlist
-            c = self.codec.code[target] - self.tail_size
-            in_short = c >= 0
-            s_cls = torch.where(in_short, c, torch.full_like(c, n))  # the tail class for a tail token
-            s_gold = short.gather(-1, s_cls.unsqueeze(-1)).squeeze(-1)
-            nll = torch.where(in_short, -s_gold, nll - s_gold)
-            s_arg = short.argmax(-1)
-            # a shortlist token is right when the shortlist's argmax is; a tail
-            # token when the argmax is "the tail" and every digit is right
-            correct = torch.where(
-                in_short.unsqueeze(-1),
-                (s_arg == s_cls).unsqueeze(-1).expand_as(correct),
-                correct & (s_arg == n).unsqueeze(-1),
-            )
+            nll, correct = self.short.nll_and_correct(short, self.codec.code[target], nll, correct)
         if epsilon == 0:
             return nll, nll, correct
         counts = self._digit_counts()
         if smoothing in ("auto", "uniform"):
             # sum_v log p(v) = sum_h sum_j n_h[j] lp_h[j] - T log Z (+ the
-            # shortlist's sum and T s[N]), with n_h[j] the number of valid
-            # codes whose h-th digit is j
+            # shortlist's part), with n_h[j] the number of valid codes whose
+            # h-th digit is j
             smooth = -sum((lp * n).sum(-1) for lp, n in zip(lps, counts))
             if lz is not None:
                 smooth = smooth + self.tail_size * lz
             if short is not None:
-                smooth = smooth - short[:, : self.shortlist].sum(-1) - self.tail_size * short[:, self.shortlist]
+                smooth = self.short.smooth(short, smooth)
             loss = label_smoothed_loss([(nll, smooth, self.vocab_size)], epsilon)
         elif smoothing == "per-head":
             if short is not None:
@@ -394,18 +258,14 @@ class MultiHeadProduct(OutputLayer):
         return cache
 
     def upgrade_state_dict_named(self, state_dict, name):
+        """A checkpoint of another shortlist size is a clear error: its
+        projection has other rows (untied: ``N + 1`` beyond the heads), or
+        (tied) its ``short_bias`` another size."""
         super().upgrade_state_dict_named(state_dict, name)
         prefix = name + "." if name else ""
         w = state_dict.get(prefix + "proj.weight")
-        sb = state_dict.get(prefix + "short_bias")
-        mismatch = w is not None and w.size(0) != self.proj.weight.size(0)
-        if self.tied:  # the tail class only in proj; the shortlist size is short_bias's
-            theirs = 0 if sb is None else sb.numel()
-            mismatch = mismatch or theirs != self.shortlist
-        else:
-            extra = 0 if w is None else w.size(0) - sum(self.sizes)
-            theirs = extra - 1 if extra > 0 else 0
-        if mismatch:
+        theirs = Shortlist.of_checkpoint(state_dict, prefix, sum(self.sizes), self.tied)
+        if (w is not None and w.size(0) != self.proj.weight.size(0)) or (self.tied and theirs != self.shortlist):
             raise RuntimeError(
                 f"the checkpoint was trained with --mhce-shortlist {theirs}, this model has --mhce-shortlist "
                 f"{self.shortlist}; pass --mhce-shortlist {theirs} (or drop the override so the checkpoint's "

@@ -153,11 +153,13 @@ def build(method, V, d, device, dtype, heads):
     # the model's default sizes: balanced for MHP/MHE, 16-token groups for MHS
     code = None
     kw = {"last_head": "per-token"} if method == "mhe_pt" else {}
-    if method == "mhp_sl":  # the model's default for V >= 4096: the first 2048 ids on the shortlist
+    if method == "mhp_sl":  # the model's default (2048 for V >= 4096): the first ids on the shortlist
+        from fairseq_mhce.config import resolve_shortlist
         from fairseq_mhce.modules.code_table import shortlist_code
-        from fairseq_mhce.modules.multihead_output import AUTO_SHORTLIST
 
-        kw = {"shortlist": min(AUTO_SHORTLIST, V - 2)}
+        kw = {"shortlist": resolve_shortlist(-1, V)}
+        if not kw["shortlist"]:
+            raise ValueError(f"mhp_sl: the automatic shortlist is empty at V = {V} (< 4096)")
         code = shortlist_code(torch.arange(V), kw["shortlist"])
     codec = MixedRadixCodec(V, cls.default_head_sizes(V, heads), code)
     head = cls(d, codec, **kw).to(device)
