@@ -15,7 +15,11 @@ While the plugin is imported:
   that module) sees a ``PathManager`` whose ``copy`` writes a temporary file
   in the destination's folder, fsyncs it, and renames it over the
   destination (``os.replace``): the destination holds either its old content
-  or the whole new one, never a part.
+  or the whole new one, never a part.  The temporary file
+  (``checkpoint_last.pt.PID.XXXXXXXX.tmp``) is removed on an error, on
+  SIGINT and on SIGTERM; one that a SIGKILL left is removed by the next
+  ``fairseq-train`` in that folder (:func:`clean_stale_copies_on_train_start`,
+  only names of that pattern whose process is gone).
 * :func:`explain_unreadable_checkpoints`: when fairseq cannot read a
   checkpoint that is empty or truncated, the error says so and names the
   newest intact checkpoint of the same folder to resume from
@@ -23,12 +27,19 @@ While the plugin is imported:
   removed.
 """
 
+import contextlib
 import functools
+import logging
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
 import zipfile
 from typing import List, Optional
+
+logger = logging.getLogger(__name__)
 
 COPY_CHUNK = 1 << 20
 
@@ -60,29 +71,149 @@ def _fsync_dir(path: str):
         os.close(fd)
 
 
+# the temporary file of an atomic copy: DEST.PID.XXXXXXXX.tmp (mkstemp's 8
+# random characters) beside DEST, a checkpoint*.pt; DEST.XXXXXXXX.tmp as
+# plugin versions before the PID was in the name wrote it
+TEMP_NAME = re.compile(r"^(?P<dest>checkpoint[^/]*\.pt)\.(?:(?P<pid>\d+)\.)?[a-z0-9_]{8}\.tmp$")
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived during an atomic copy (see :func:`_sigterm_cleans_up`)."""
+
+
+@contextlib.contextmanager
+def _sigterm_cleans_up():
+    """While the block runs, SIGTERM raises :class:`_Terminated` (so the
+    block's clean-up runs), after which the signal is delivered again with
+    its previous handler: the process still ends by SIGTERM, as it would have,
+    minus the temporary file.  Only where SIGTERM has its default action (a
+    handler someone installed, or SIG_IGN, is left alone) and in the main
+    thread (the only one that can set a handler; a copy in another thread,
+    ``--write-checkpoints-asynchronously``, leaves its file to
+    :func:`remove_stale_copies`)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminated(signum, frame):
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)  # the default action: the process ends here
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def atomic_copy(src_path: str, dst_path: str) -> str:
     """Copy ``src_path`` to ``dst_path`` so that ``dst_path`` never holds a
     partial copy: the bytes go to a temporary file beside ``dst_path``
-    (fsynced), which then replaces it in one rename.  On any error the
-    temporary file is removed and ``dst_path`` is untouched.  Returns
-    ``dst_path`` (as ``shutil.copyfile`` does)."""
+    (``DEST.PID.XXXXXXXX.tmp``, fsynced), which then replaces it in one
+    rename.  On any error, and on SIGTERM, the temporary file is removed and
+    ``dst_path`` is untouched (the one a SIGKILL leaves is removed by
+    :func:`remove_stale_copies` at the next ``fairseq-train`` in that
+    folder).  Returns ``dst_path`` (as ``shutil.copyfile`` does)."""
     folder = os.path.dirname(os.path.abspath(dst_path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(dst_path) + ".", suffix=".tmp")
-    try:
-        with open(src_path, "rb") as fsrc, os.fdopen(fd, "wb") as fdst:
-            _copy_contents(fsrc, fdst)
-            fdst.flush()
-            os.fsync(fdst.fileno())
-        shutil.copymode(src_path, tmp)  # mkstemp makes it 0600; keep the mode fairseq's file has
-        os.replace(tmp, dst_path)
-    except BaseException:
+    with _sigterm_cleans_up():
+        tmp = None
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{os.path.basename(dst_path)}.{os.getpid()}.", suffix=".tmp")
+            with open(src_path, "rb") as fsrc, os.fdopen(fd, "wb") as fdst:
+                _copy_contents(fsrc, fdst)
+                fdst.flush()
+                os.fsync(fdst.fileno())
+            shutil.copymode(src_path, tmp)  # mkstemp makes it 0600; keep the mode fairseq's file has
+            os.replace(tmp, dst_path)
+        except BaseException:
+            try:
+                if tmp is not None:
+                    os.unlink(tmp)
+            except OSError:
+                pass
+            raise
     _fsync_dir(folder)
     return dst_path
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def stale_copies(folder: str) -> List[str]:
+    """The temporary files that interrupted atomic copies (:func:`atomic_copy`)
+    left in ``folder``: names of its pattern (:data:`TEMP_NAME`) whose
+    process is gone.  Nothing else (fairseq's own ``NAME.tmp``, a user's
+    files) ever matches."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    found = []
+    for name in sorted(names):
+        m = TEMP_NAME.match(name)
+        if m is None or (m.group("pid") and _pid_alive(int(m.group("pid")))):
+            continue
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            found.append(path)
+    return found
+
+
+def remove_stale_copies(folder: str) -> List[str]:
+    """Remove :func:`stale_copies` of ``folder`` (logged); returns them."""
+    removed = []
+    for path in stale_copies(folder):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:  # another rank of the same job removed it
+            continue
+        except OSError as e:
+            logger.warning(f"cannot remove {path}, left by an interrupted checkpoint copy: {e}")
+            continue
+        removed.append(path)
+    if removed:
+        logger.info(
+            f"removed {len(removed)} temporary file(s) that an interrupted checkpoint copy left in {folder}: "
+            f"{', '.join(os.path.basename(p) for p in removed)}"
+        )
+    return removed
+
+
+def _cleaning_load_checkpoint(orig):
+    """``fairseq.checkpoint_utils.load_checkpoint`` (every fairseq-train calls
+    it once at start, with its --save-dir) that first removes the stale
+    temporary files of that folder."""
+
+    @functools.wraps(orig)
+    def load_checkpoint(cfg, *args, **kwargs):
+        save_dir = getattr(cfg, "save_dir", None)
+        if isinstance(save_dir, str) and save_dir and os.path.isdir(save_dir):
+            remove_stale_copies(save_dir)
+        return orig(cfg, *args, **kwargs)
+
+    load_checkpoint._mhce_cleans_stale_copies = True
+    return load_checkpoint
+
+
+def clean_stale_copies_on_train_start():
+    """Wrap ``fairseq.checkpoint_utils.load_checkpoint`` with
+    :func:`_cleaning_load_checkpoint` (idempotent)."""
+    from fairseq import checkpoint_utils  # heavy: imported when the plugin patches fairseq, not for the helpers above
+
+    if not getattr(checkpoint_utils.load_checkpoint, "_mhce_cleans_stale_copies", False):
+        checkpoint_utils.load_checkpoint = _cleaning_load_checkpoint(checkpoint_utils.load_checkpoint)
 
 
 class _AtomicCopyPathManager:
@@ -107,7 +238,7 @@ class _AtomicCopyPathManager:
 def make_checkpoint_copies_atomic():
     """Point ``fairseq.checkpoint_utils.PathManager`` at
     :class:`_AtomicCopyPathManager` (idempotent)."""
-    from fairseq import checkpoint_utils
+    from fairseq import checkpoint_utils  # heavy: imported when the plugin patches fairseq, not for the helpers above
 
     current = checkpoint_utils.PathManager
     if not getattr(current, "fairseq_mhce_atomic_copy", False):
@@ -184,7 +315,7 @@ def explain_unreadable_checkpoints():
     interactive, hub) so that an empty or truncated file raises
     :class:`UnreadableCheckpointError` with :func:`unreadable_message`
     instead of ``EOFError`` / a zip error.  Other errors pass unchanged."""
-    from fairseq import checkpoint_utils
+    from fairseq import checkpoint_utils  # heavy: imported when the plugin patches fairseq, not for the helpers above
 
     orig = checkpoint_utils.load_checkpoint_to_cpu
     if getattr(orig, "_mhce_unreadable", False):

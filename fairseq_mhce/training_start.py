@@ -228,8 +228,10 @@ def _started_with(checkpoint: str) -> Optional[str]:
     try:
         from fairseq.file_io import PathManager
 
+        from .safe_load import load_checkpoint  # only when a refusal is worded
+
         with PathManager.open(checkpoint, "rb") as f:
-            state = torch.load(f, map_location="cpu", weights_only=False)
+            state = load_checkpoint(f, map_location="cpu")
         cfg = state.get("cfg") or {}
         model = cfg.get("model") if hasattr(cfg, "get") else None
         if model is None:

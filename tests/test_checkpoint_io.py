@@ -85,6 +85,61 @@ def test_copy_killed_midway_leaves_the_destination_intact(tmp_path):
     assert src.read_bytes() == NEW
 
 
+def test_copy_terminated_midway_removes_its_temporary_file(tmp_path):
+    """SIGTERM during the copy (issue 30, defect 11): the process still ends
+    by SIGTERM, the destination is intact, and the temporary file is gone
+    (SIGINT's KeyboardInterrupt already removed it; SIGTERM left it)."""
+    src, dst = write_pair(tmp_path)
+
+    def terminated(fsrc, fdst):
+        fdst.write(fsrc.read(1 << 20))
+        fdst.flush()
+        os.kill(os.getpid(), signal.SIGTERM)
+        fdst.write(fsrc.read())  # not reached
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a fairseq-train process
+            checkpoint_io._copy_contents = terminated
+            checkpoint_utils.PathManager.copy(str(src), str(dst), overwrite=True)
+        finally:
+            os._exit(3)  # not reached
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert dst.read_bytes() == OLD and src.read_bytes() == NEW
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_best.pt", "checkpoint_last.pt"]
+
+
+def test_stale_temporary_files_removed_at_the_next_train_start(tmp_path):
+    """What a SIGKILL leaves (the temporary file of a process that is gone)
+    is removed when fairseq-train next starts in that folder; nothing else is
+    (a live process's copy, fairseq's own NAME.tmp, other files).  The real
+    fairseq-train does it in tests/test_safe_load.py's resumed run."""
+    import subprocess
+    import types
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = [f"checkpoint_last.pt.{dead.pid}.ab_c12yz.tmp", "checkpoint3.pt.k9x0q1w2.tmp"]  # the second: older name
+    kept = [
+        f"checkpoint_last.pt.{os.getpid()}.abcdefgh.tmp",  # a live process's copy in progress
+        "checkpoint_last.pt.tmp",  # fairseq's own atomic save
+        "checkpoint_best.pt",
+        "notes.abcdefgh.tmp",
+        f"model.pt.{dead.pid}.abcdefgh.tmp",
+    ]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    assert all(checkpoint_io.TEMP_NAME.match(n) for n in stale)
+    assert getattr(checkpoint_utils.load_checkpoint, "_mhce_cleans_stale_copies", False)  # wired into fairseq-train
+    calls = []
+    load = checkpoint_io._cleaning_load_checkpoint(lambda cfg, trainer: calls.append(cfg) or "loaded")
+    assert load(types.SimpleNamespace(save_dir=str(tmp_path)), None) == "loaded" and len(calls) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    assert load(types.SimpleNamespace(save_dir=str(tmp_path / "missing")), None) == "loaded"
+
+
 def test_checkpoint_problem_tells_empty_truncated_and_whole(tmp_path):
     whole = tmp_path / "whole.pt"
     torch.save({"model": {"w": torch.zeros(100)}}, whole)

@@ -2,12 +2,12 @@
 fairseq's label-smoothed full softmax, the sampling rules, and the real CLIs
 (copy task, export to a plain Transformer, two-process DDP on CPU)."""
 
+import argparse
 import os
 import re
 import socket
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -279,7 +279,7 @@ def test_cli_copy_task_bleu_and_plain_transformer_export(mhs_run, copy_data, tmp
 def test_export_refuses_multi_head_checkpoints(tmp_path):
     state = {
         "model": {"decoder.mhce_head.proj.weight": torch.zeros(2, 2)},
-        "cfg": {"model": types.SimpleNamespace(arch="transformer_mhce", mhce_method="mhp")},
+        "cfg": {"model": argparse.Namespace(arch="transformer_mhce", mhce_method="mhp")},
     }
     src = tmp_path / "mhp.pt"
     torch.save(state, src)

@@ -34,7 +34,10 @@ when they cannot be read); inputs that name the same data-bin are taken to
 share its dictionary -- a data-bin rebuilt in place between them, with other
 words of the same count, cannot be detected.
 
-The inputs are only read; an existing ``--output`` is never
+The inputs are only read, with the plugin's safe loader
+(:mod:`fairseq_mhce.safe_load`: no code a checkpoint carries is run; one that
+holds a type fairseq does not write is refused unless
+``FAIRSEQ_MHCE_TRUST_CHECKPOINTS=1``); an existing ``--output`` is never
 overwritten.  Decode the result as any checkpoint (with ``--user-dir`` for a
 plugin architecture).
 """
@@ -93,9 +96,13 @@ def checkpoint_paths(inputs, num, update_based, upper_bound=None):
 def _load(path):
     if not os.path.isfile(path):
         raise AverageError(f"no checkpoint file {path}")
+    from fairseq_mhce.safe_load import UntrustedCheckpointError, load_checkpoint  # torch, omegaconf: when reading
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(path, map_location="cpu")  # runs no code the file carries
     except Exception as e:
+        if isinstance(e, UntrustedCheckpointError) and e.types:
+            raise AverageError(str(e)) from None
         raise AverageError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise AverageError(f"{path} is not a fairseq checkpoint (no 'model' state dict)")

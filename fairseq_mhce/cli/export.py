@@ -24,9 +24,17 @@ Usage::
     TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 fairseq-generate data-bin --path plain.pt ...
 
 (stock fairseq on torch >= 2.6 needs ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``
-to load any checkpoint; the plugin sets it itself when imported).  The
+to load any checkpoint; with the plugin imported, fairseq reads checkpoints
+with the plugin's safe loader instead, :mod:`fairseq_mhce.safe_load`).  The
 output must be a new file: the command refuses to overwrite anything.
 MHP / MHE checkpoints cannot be exported: they have no ``V x d`` projection.
+
+The input is read with :mod:`fairseq_mhce.safe_load` (no code it carries is
+run; one holding a type fairseq does not write is refused unless
+``FAIRSEQ_MHCE_TRUST_CHECKPOINTS=1``).  Bad input -- a missing, empty,
+truncated or foreign input, an MHP / MHE checkpoint, an existing output or
+one under a file -- is one ``mhce-export: error: ...`` line, exit status 2,
+nothing written.
 """
 
 import argparse
@@ -35,6 +43,9 @@ import pickle
 import sys
 
 import torch
+
+from fairseq_mhce.checkpoint_io import checkpoint_problem
+from fairseq_mhce.safe_load import UntrustedCheckpointError, load_checkpoint
 
 PLAIN_CRITERION = "label_smoothed_cross_entropy"
 PLAIN_CRITERION_CLASS = "LabelSmoothedCrossEntropyCriterion"
@@ -156,6 +167,71 @@ def export(state: dict) -> dict:
     return state
 
 
+class ExportError(Exception):
+    """A user-facing error: one ``mhce-export: error: ...`` line, exit status 2."""
+
+
+def _check_output(output: str, input_path: str):
+    """``output`` must be a new file whose folder exists or can be made."""
+    if os.path.lexists(output) or os.path.abspath(output) == os.path.abspath(input_path):
+        raise ExportError(f"{output} exists; refusing to overwrite it (choose a new file name)")
+    folder = os.path.dirname(os.path.abspath(output))
+    existing = folder
+    while not os.path.exists(existing):  # the nearest folder above it that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ExportError(
+            f"cannot write {output}: {existing} is a file, not a folder (choose an output path in a folder)"
+        )
+
+
+def _read_input(path: str) -> dict:
+    """The checkpoint to export, read with the plugin's safe loader (no code it
+    carries is run); :class:`ExportError` when it is missing, empty,
+    truncated, not a fairseq checkpoint, or holds a type fairseq does not
+    write (naming the opt-in ``FAIRSEQ_MHCE_TRUST_CHECKPOINTS=1``)."""
+    if os.path.isdir(path):
+        raise ExportError(
+            f"{path} is a folder; give a checkpoint file (e.g. {os.path.join(path, 'checkpoint_best.pt')})"
+        )
+    if not os.path.isfile(path):
+        raise ExportError(f"no checkpoint file {path}")
+    try:
+        state = load_checkpoint(path, map_location="cpu")
+    except Exception as e:
+        if isinstance(e, UntrustedCheckpointError) and e.types:
+            raise ExportError(str(e)) from None
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise ExportError(f"checkpoint {path} {problem}: it cannot be exported") from None
+        why = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ExportError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {why})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise ExportError(f"{path} is not a fairseq checkpoint (no 'model' state dict)")
+    return state
+
+
+def _write_new(state: dict, output: str):
+    """torch.save to ``output``, created exclusively (never clobbers a file
+    that appeared in the meantime); a failed write leaves no partial file."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        f = open(output, "xb")
+    except FileExistsError:
+        raise ExportError(f"{output} exists; refusing to overwrite it") from None
+    except OSError as e:
+        raise ExportError(f"cannot write {output} ({e.strerror or e})") from None
+    try:
+        with f:
+            torch.save(state, f)
+    except BaseException:
+        try:
+            os.unlink(output)
+        except OSError:
+            pass
+        raise
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("input", help="an --mhce-method mhs checkpoint (.pt)")
@@ -167,23 +243,19 @@ def main(argv=None):
     )
     a = p.parse_args(argv)
 
-    if os.path.exists(a.output) or os.path.abspath(a.output) == os.path.abspath(a.input):
-        p.error(f"{a.output} exists; refusing to overwrite it (choose a new file name)")
-    state = torch.load(a.input, map_location="cpu", weights_only=False)
     try:
-        export(state)
-    except ValueError as e:
-        p.error(str(e))
-    if a.no_optimizer_state:
-        state["last_optimizer_state"] = None
-    os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
-    # exclusive create: never clobbers a file that appeared in the meantime
-    try:
-        f = open(a.output, "xb")
-    except FileExistsError:
-        p.error(f"{a.output} exists; refusing to overwrite it")
-    with f:
-        torch.save(state, f)
+        _check_output(a.output, a.input)
+        state = _read_input(a.input)
+        try:
+            export(state)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
+        if a.no_optimizer_state:
+            state["last_optimizer_state"] = None
+        _write_new(state, a.output)
+    except ExportError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     arch = _get(_get(state.get("cfg"), "model"), "arch") or _get(state.get("args"), "arch")
     print(f"wrote {a.output}: plain fairseq '{arch}' (load with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 on torch >= 2.6)")
     return 0

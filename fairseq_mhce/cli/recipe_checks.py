@@ -90,13 +90,38 @@ def auto_sizes(method, heads, vocab):
     return list(output_layer_class(method).default_head_sizes(vocab, int(heads)))
 
 
-def load(path):
-    import torch
+def safe_load_module():
+    """:mod:`fairseq_mhce.safe_load` (the plugin's one checkpoint loader): the
+    package's module, or, when this file runs by its path, the same file
+    loaded on its own (it imports torch, numpy and omegaconf, not fairseq), so
+    that fairseq is not imported."""
+    if __package__:
+        from .. import safe_load  # torch: only when a checkpoint is read
 
+        return safe_load
+    import importlib.util  # by its path (see above)
+
+    name = "fairseq_mhce_safe_load"
+    if name not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "safe_load.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+def load(path):
+    """The checkpoint at ``path``, read with the safe loader (no code it
+    carries is run; one holding a type fairseq does not write raises
+    ``UntrustedCheckpointError``, naming it and FAIRSEQ_MHCE_TRUST_CHECKPOINTS)."""
+    safe = safe_load_module()
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return safe.load_checkpoint(path, map_location="cpu", mmap=True)
+    except safe.UntrustedCheckpointError:
+        raise
     except Exception:  # not a zip-format file: mmap is not possible
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return safe.load_checkpoint(path, map_location="cpu")
 
 
 def get(ns, key, default=None):
@@ -149,8 +174,11 @@ def foreign_checkpoints(me, savedir, databin, vocab, argv):
             model = get(cfg, "model") or state.get("args")
             if model is None:
                 raise ValueError("no saved config (cfg / args)")
-        except Exception as e:  # truncated, not a checkpoint, ...
-            unreadable.append((name, f"{type(e).__name__}: {str(e)[:200]}"))
+        except Exception as e:  # truncated, not a checkpoint, a type fairseq does not write, ...
+            if getattr(e, "types", None):  # UntrustedCheckpointError: its whole message, naming the opt-in
+                unreadable.append((name, str(e)))
+            else:
+                unreadable.append((name, f"{type(e).__name__}: {str(e)[:200]}"))
             continue
         arch = get(model, "arch") or get(model, "_name")  # argparse config / hydra config
         cutoff = get(model, "adaptive_softmax_cutoff")

@@ -14,6 +14,8 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from fairseq_mhce.safe_load import UntrustedCheckpointError, load_checkpoint
+
 OUTPUT_KEYS = (
     "decoder.output_projection.weight",  # softmax, and MHS in the legacy layout
     "decoder.mhce_head.proj.weight",  # MHS in the plugin's layout
@@ -26,16 +28,20 @@ TIED_KEY = "decoder.mhce_head.tied_output"  # the decoder embedding is the outpu
 
 
 def read_checkpoint(path) -> Dict:
-    """A fairseq checkpoint loaded on the CPU (a trusted file: fairseq
-    checkpoints are pickles).  ``ValueError`` naming the file when it is
-    missing, unreadable (truncated: an interrupted save or copy) or not a
-    fairseq checkpoint."""
+    """A fairseq checkpoint loaded on the CPU with the plugin's safe loader
+    (:func:`fairseq_mhce.safe_load.load_checkpoint`: it runs no code the file
+    carries).  ``ValueError`` naming the file when it is missing, unreadable
+    (truncated: an interrupted save or copy), not a fairseq checkpoint, or
+    holds a type outside the loader's allow-list (the message names the type
+    and the opt-in ``FAIRSEQ_MHCE_TRUST_CHECKPOINTS=1``)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint file {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated zip, a text file, an empty file, ...
+        ckpt = load_checkpoint(path, map_location="cpu")
+    except Exception as e:  # truncated zip, a text file, an empty file, a crafted pickle, ...
+        if isinstance(e, UntrustedCheckpointError) and e.types:
+            raise ValueError(str(e)) from None
         why = (str(e).strip().splitlines() or [""])[0][:200]
         raise ValueError(
             f"cannot read the checkpoint {path} ({type(e).__name__}{': ' + why if why else ''}): it is truncated "

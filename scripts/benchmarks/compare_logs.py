@@ -13,7 +13,6 @@ and the step timing ``WORKDIR/speed.json``.  Nothing here writes a file.
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
 from pathlib import Path
@@ -116,8 +115,9 @@ def extended_sources(workdir: Path, methods: list) -> dict:
 def output_layer_params(ckpt: Path) -> int:
     import torch
 
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    state = torch.load(str(ckpt), map_location="cpu", weights_only=False)["model"]
+    from fairseq_mhce.safe_load import load_checkpoint  # the plugin's one checkpoint loader: runs no code in the file
+
+    state = load_checkpoint(str(ckpt), map_location="cpu")["model"]
     return sum(t.numel() for k, t in state.items() if k.startswith(OUTPUT_PREFIXES) and torch.is_floating_point(t))
 
 

@@ -46,7 +46,9 @@ recipe_setup() {
 # (softmax / adaptive / mhp / mhe / mhs), other head sizes (or adaptive
 # cutoffs), another architecture or another data-bin than the fairseq-train
 # arguments given (read last-wins, as argparse does).  Each checkpoint's saved
-# config is read with torch.load(mmap=True), so even large ones take a moment.
+# config is read (mmap) with the plugin's safe loader, fairseq_mhce/safe_load.py
+# (it runs no code a checkpoint carries; FAIRSEQ_MHCE_TRUST_CHECKPOINTS=1 is the
+# opt-in for a trusted one it refuses), so even large ones take a moment.
 # REUSE_SAVEDIR=1 skips the check.  A save directory without checkpoints costs
 # nothing (no Python is started).  The check is fairseq_mhce/cli/recipe_checks.py
 # (savedir-guard), run by its path; it imports the plugin (from this checkout:
