@@ -8,14 +8,17 @@
 # Settings (each rebuilt when its data-bin is missing):
 #   spm128k  German -> TARGETS (default en,fr,es,pt,it,ro,pl) one-to-many Bible, one joint
 #            unigram sentencepiece model over the source and every target at 128,000 pieces
-#            (scripts/bible/prepare_bible_multi.py --tokenizer spm); data-bin work/bible-multi-spm128k
+#            (scripts/bible/prepare_bible_multi.py --tokenizer spm); data-bin work/bible-multi-spm128k;
+#            every model --share-all-embeddings (below)
 #   word     German -> the 14 default targets, word level, types seen twice (V = 223,947);
-#            data-bin work/bible-multi-word
+#            data-bin work/bible-multi-word; --share-decoder-input-output-embed (the source
+#            and target dictionaries differ)
 # The source line starts with the target-language token (__en__ ...), as fairseq's
 # multilingual recipes write it (--encoder-langtok tgt).  The body: scripts/recipes/train.sh's
 # transformer (3+3 layers, d 256, max-tokens 4096), and, as for every joint multilingual
-# vocabulary (fairseq's M2M-100 and mBART recipes), --share-all-embeddings: one V x d table
-# for the encoder's input, the decoder's input and (softmax, MHE, MHP) the output vectors.
+# vocabulary (fairseq's M2M-100 and mBART recipes), --share-all-embeddings on the spm128k
+# data: one V x d table for the encoder's input, the decoder's input and (softmax, MHE, MHP)
+# the output vectors.
 #
 # PHASES (comma-separated, default probe,lanes,softmax,tables):
 #   probe    scripts/benchmarks/probe_step.py: short runs of the tied softmax, tied MHE,
@@ -49,10 +52,12 @@ SETTING=${SETTING:-spm128k}
 case "$SETTING" in
   spm128k)
     DATA=${DATA:-$REPO/work/bible-multi-spm128k}
-    PREP=(--tokenizer spm --vocab-size 128000 --targets "${TARGETS:-en,fr,es,pt,it,ro,pl}") ;;
+    PREP=(--tokenizer spm --vocab-size 128000 --targets "${TARGETS:-en,fr,es,pt,it,ro,pl}")
+    TIE=--share-all-embeddings ;;
   word)
     DATA=${DATA:-$REPO/work/bible-multi-word}
-    PREP=(--tokenizer word --min-count 2 --valid-size 100 --test-size 100) ;;
+    PREP=(--tokenizer word --min-count 2 --valid-size 100 --test-size 100)
+    TIE=--share-decoder-input-output-embed ;;  # source and target dictionaries differ
   *) echo "large_vocab.sh: SETTING must be spm128k or word (got '$SETTING')" >&2; exit 2 ;;
 esac
 NAME=large_vocab_$SETTING
@@ -71,7 +76,6 @@ if [ ! -f "$DATA/prepare_data.json" ]; then
     2> >(grep -E "trained spm|Elapsed|Maximum resident" >&2)
 fi
 
-TIE=--share-all-embeddings
 VARIANTS=(
   --variant "mhe=mhe:$TIE"
   --variant "mhp=mhp:$TIE"
