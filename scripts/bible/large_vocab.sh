@@ -76,11 +76,13 @@ if [ ! -f "$DATA/prepare_data.json" ]; then
     2> >(grep -E "trained spm|Elapsed|Maximum resident" >&2)
 fi
 
+ADAPTIVE_TIE=""  # the adaptive softmax's output cannot be tied; its inputs are shared under share-all
+[ "$TIE" = --share-all-embeddings ] && ADAPTIVE_TIE=$TIE
 VARIANTS=(
   --variant "mhe=mhe:$TIE"
   --variant "mhp=mhp:$TIE"
   --variant "softmax=softmax:$TIE"
-  --variant "adaptive=adaptive:$TIE --adaptive-softmax-cutoff $ADAPTIVE_CUTOFF"
+  --variant "adaptive=adaptive:$ADAPTIVE_TIE --adaptive-softmax-cutoff $ADAPTIVE_CUTOFF"
 )
 COMMON=(--databin "$DATA" --name "$NAME" --max-update 1000000 --warmup "${WARMUP:-300}" --reuse
         --generate-args "--max-len-a 1.2 --max-len-b 10" --dense-subset test_en "${VARIANTS[@]}")
