@@ -92,8 +92,8 @@ def build_auto_table(
     ``DATABIN/SPLIT.SRC-TGT.TGT`` (or ``SPLIT.TGT-SRC.TGT``, as fairseq
     reads a data-bin of the other direction) and cached (atomically; a failure to write
     the cache is logged, not fatal).  Logs one line with the cost."""
-    from .modules import code_table as ct
-    from .modules.ppmi_codes import missing_split, ppmi_code_table, split_prefix, training_targets
+    from .codes import table as ct
+    from .codes.ppmi import missing_split, ppmi_code_table, split_prefix, training_targets
 
     t0 = time.time()
     symbols = ct.dictionary_symbols(dictionary)

@@ -14,9 +14,9 @@ import torch
 from fairseq.data import Dictionary
 
 import fairseq_mhce  # noqa: F401
+from fairseq_mhce.codes import table as ct
 from fairseq_mhce.config import resolve_settings
 from fairseq_mhce.models.transformer_mhce import build_output_layer
-from fairseq_mhce.modules import code_table as ct
 from fairseq_mhce.training_start import CACHE_NAME, settle_code_table
 
 from .utils import cli, make_copy_data, tree_hashes

@@ -1,4 +1,4 @@
-"""Learned code tables: fairseq_mhce/modules/{code_table,balanced_grouping,ppmi_codes,
+"""Learned code tables: fairseq_mhce/codes/{table,grouping,ppmi,
 checkpoint_vectors}.py and mhce-build-codes
 (fairseq_mhce/cli/build_codes.py).
 
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from fairseq_mhce.cli import build_codes
-from fairseq_mhce.modules import code_table as ct
-from fairseq_mhce.modules.balanced_grouping import balanced_codes, digit_coherence
-from fairseq_mhce.modules.checkpoint_vectors import checkpoint_vectors
+from fairseq_mhce.codes import table as ct
+from fairseq_mhce.codes.checkpoint_vectors import checkpoint_vectors
+from fairseq_mhce.codes.grouping import balanced_codes, digit_coherence
+from fairseq_mhce.codes.ppmi import ppmi_svd_vectors
 from fairseq_mhce.modules.codec import MixedRadixCodec, auto_head_sizes
-from fairseq_mhce.modules.ppmi_codes import ppmi_svd_vectors
 
 from .utils import cli, make_copy_data
 

@@ -1,5 +1,5 @@
 """balanced_codes on inputs large enough for its greedy paths
-(fairseq_mhce/modules/balanced_grouping.py): the guarantees of its docstring,
+(fairseq_mhce/codes/grouping.py): the guarantees of its docstring,
 determinism for a seed, and grouping quality well above identity codes.
 
 A few seconds: V = 5000, 16-dim clustered vectors.
@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from fairseq_mhce.modules import balanced_grouping as bg
+from fairseq_mhce.codes import grouping as bg
 
 
 def strides(sizes):

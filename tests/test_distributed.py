@@ -294,7 +294,7 @@ HD, HV = 16, 29
 
 
 def _head(kind):
-    from fairseq_mhce.modules import code_table as ct
+    from fairseq_mhce.codes import table as ct
     from fairseq_mhce.modules.codec import MixedRadixCodec
     from fairseq_mhce.modules.mhs import MultiHeadSampling
     from fairseq_mhce.modules.multihead_output import MultiHeadEmbedding, MultiHeadProduct

@@ -25,9 +25,9 @@ from torch.utils._pytree import tree_flatten
 
 import fairseq_mhce  # noqa: F401  (registers the task and models)
 from fairseq_mhce.modules.codec import MixedRadixCodec
-from fairseq_mhce.modules.factorized_topk import mhe_topk, mhp_topk
 from fairseq_mhce.modules.multihead_output import MultiHeadEmbedding, MultiHeadProduct
-from fairseq_mhce.search import FactorizedSequenceGenerator
+from fairseq_mhce.search.beam import FactorizedSequenceGenerator
+from fairseq_mhce.search.topk import mhe_topk, mhp_topk
 
 from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, hypotheses, make_copy_data
 

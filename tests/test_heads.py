@@ -203,10 +203,10 @@ def test_code_table_option_reads_checks_and_defers_to_a_checkpoint(tmp_path):
 
     from fairseq.data import Dictionary
 
+    from fairseq_mhce.codes.table import save_code_table
     from fairseq_mhce.config import resolve_settings
     from fairseq_mhce.criterions.mhce_label_smoothed_cross_entropy import get_mhce_head
     from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_output_layer
-    from fairseq_mhce.modules.code_table import save_code_table
     from fairseq_mhce.training_start import settle_code_table
 
     def dictionary(n):

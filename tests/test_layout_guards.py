@@ -40,9 +40,9 @@ import fairseq_mhce  # noqa: F401
 from fairseq_mhce.cli import average_checkpoints as avg
 from fairseq_mhce.cli import build_codes as build_codes_cli
 from fairseq_mhce.cli import prepare_data
+from fairseq_mhce.codes import table as ct
 from fairseq_mhce.config import resolve_settings
 from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_output_layer
-from fairseq_mhce.modules import code_table as ct
 from fairseq_mhce.training_start import CACHE_NAME, settle_code_table
 
 from .utils import MICRO_ARCH, USER_DIR, cli, tree_hashes

@@ -17,8 +17,8 @@ import sys
 
 import pytest
 
-from fairseq_mhce.cli import word_split
 from fairseq_mhce.cli.prepare_data import DataError
+from fairseq_mhce.recipes import word_split
 
 from . import script_modules
 from .script_modules import SCRIPTS

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import fairseq_mhce  # noqa: F401
+from fairseq_mhce.codes.realloc import REALLOC_MAX_VOCAB, reallocate_codes
 from fairseq_mhce.config import parse_update_list
 from fairseq_mhce.models.transformer_mhce import build_output_layer
-from fairseq_mhce.modules.code_realloc import REALLOC_MAX_VOCAB, reallocate_codes
 from fairseq_mhce.modules.codec import MixedRadixCodec, auto_head_sizes
 from fairseq_mhce.modules.multihead_output import MultiHeadProduct
 

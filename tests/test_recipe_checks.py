@@ -1,4 +1,4 @@
-"""fairseq_mhce/cli/recipe_checks.py, the Python steps of scripts/recipes/train.sh
+"""fairseq_mhce/recipes/recipe_checks.py, the Python steps of scripts/recipes/train.sh
 (savedir-guard) and scripts/recipes/translate.sh (score), on hand-made checkpoints
 and fairseq-generate output: no training, no fairseq CLI.  The recipes
 themselves are run by tests/test_recipes.py and tests/test_recipe_guards.py."""
@@ -14,13 +14,13 @@ import pytest
 import sacrebleu
 import torch
 
-from fairseq_mhce.cli import recipe_checks as rc
-from fairseq_mhce.cli.word_split import tokenize
 from fairseq_mhce.modules.output_layer import output_layer_class
+from fairseq_mhce.recipes import recipe_checks as rc
+from fairseq_mhce.recipes.word_split import tokenize
 
 from .utils import REPO
 
-SCRIPT = REPO / "fairseq_mhce" / "cli" / "recipe_checks.py"
+SCRIPT = REPO / "fairseq_mhce" / "recipes" / "recipe_checks.py"
 V = 40
 
 
@@ -230,22 +230,17 @@ def test_score_refuses_a_missing_hypothesis(tmp_path):
 
 
 @pytest.mark.e2e
-def test_score_word_joiner_by_path_without_the_plugin(tmp_path):
-    """As translate.sh runs it: the file by its path, the word split undone,
-    nothing on stderr, and neither fairseq nor the plugin package imported
-    (python -X importtime lists every import)."""
+def test_score_word_joiner_as_translate_sh_runs_it(tmp_path):
+    """As translate.sh runs it: ``python -m fairseq_mhce.recipes.recipe_checks
+    score`` with this checkout on PYTHONPATH, from another directory, the word
+    split undone."""
     gen, glog, ref = generate_files(tmp_path, [" ".join(tokenize(r)) for r in REFS])
     hyp, out = tmp_path / "hyp.test.en", tmp_path / "score.test.json"
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    args = [SCRIPT, "score", "--word-joiner", gen, glog, ref, hyp, out, "mhe", "c.pt"]
-    p = subprocess.run(
-        [sys.executable, "-X", "importtime", *map(str, args)], capture_output=True, text=True, cwd=tmp_path, env=env
-    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    step = ["-m", "fairseq_mhce.recipes.recipe_checks", "score", "--word-joiner"]
+    args = [*step, gen, glog, ref, hyp, out, "mhe", "c.pt"]
+    p = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
-    imported = [line.split("|")[-1].strip() for line in p.stderr.splitlines() if line.startswith("import time:")]
-    assert "word_split" in imported and "sacrebleu" in imported
-    assert not [m for m in imported if m.startswith("fairseq")], [m for m in imported if m.startswith("fairseq")]
-    assert [line for line in p.stderr.splitlines() if not line.startswith("import time:")] == []
     assert hyp.read_text(encoding="utf-8") == "\n".join(REFS) + "\n"
     res = json.loads(out.read_text())
     assert res["bleu"] == 100.0 and res["search"] == "dense" and p.stdout.startswith("BLEU: ")
@@ -253,5 +248,5 @@ def test_score_word_joiner_by_path_without_the_plugin(tmp_path):
 
 def test_usage(capsys):
     assert rc.main(["score", "a", "b"]) == 2 and rc.main([]) == 2
-    assert capsys.readouterr().err.count("usage: recipe_checks.py") == 2
+    assert capsys.readouterr().err.count("usage: python -m fairseq_mhce.recipes.recipe_checks ") == 2
     assert Path(rc.__file__) == SCRIPT

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import fairseq_mhce  # noqa: F401
-from fairseq_mhce.search import FactorizedEnsembleModel, FactorizedSequenceGenerator
+from fairseq_mhce.search.beam import FactorizedEnsembleModel, FactorizedSequenceGenerator
 
 from .test_factorized_search import build_model
 from .utils import REPO, TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, make_copy_data

@@ -10,9 +10,9 @@ trusted (issue 30), and ``mhce-export``'s bad input (issue 30, defect 4).
   ``fairseq-generate``, ``fairseq-interactive``, ``fairseq-train
   --restore-file``, the hub API, ``mhce-average-checkpoints``,
   ``mhce-export``, ``mhce-build-codes --source checkpoint`` and the recipes'
-  save-dir check (``recipe_checks.py savedir-guard``, run by its path as
-  ``scripts/recipes/train.sh`` runs it): none runs the payload, each names
-  the type and the opt-in; with the opt-in, three of them (fairseq, a plugin
+  save-dir check (``python -m fairseq_mhce.recipes.recipe_checks
+  savedir-guard``, as ``scripts/recipes/train.sh`` runs it): none runs the
+  payload, each names the type and the opt-in; with the opt-in, three of them (fairseq, a plugin
   tool, the recipe check) load it and the payload runs.
 * Every kind of checkpoint the suite writes loads with the default: each
   method, decoder-tied and share-all layouts, ``--eval-bleu`` metrics (numpy
@@ -252,12 +252,12 @@ def mhs_train_args(data, save_dir):
 
 
 def guard(savedir, data):
-    """``recipe_checks.py savedir-guard`` run by its path, as the recipes run it."""
+    """``python -m fairseq_mhce.recipes.recipe_checks savedir-guard``, as the recipes run it."""
     V = len((data / "dict.tgt.txt").read_text().splitlines()) + 4
     e = {k: v for k, v in os.environ.items() if k != TRUST_ENV}
     e.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run(
-        [sys.executable, str(REPO / "fairseq_mhce" / "cli" / "recipe_checks.py"), "savedir-guard", "train.sh",
+        [sys.executable, "-m", "fairseq_mhce.recipes.recipe_checks", "savedir-guard", "train.sh",
          str(savedir), str(data), str(V), "--arch", "transformer_iwslt_de_en_mhce", "--mhce-method", "mhs"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e,
     )  # fmt: skip
@@ -325,9 +325,9 @@ def test_crafted_checkpoint_loads_with_the_opt_in(crafted, marker, copy_bin, tmp
     p = cli("mhce-export", ckpt, tmp_path / "plain.pt", check=False)
     assert p.returncode == 0 and (tmp_path / "plain.pt").is_file() and marker.exists(), p.stdout[-2000:]
     marker.unlink()
-    # the recipes' check (in this process: run by its path, trusting, it would import this
-    # test module, hence fairseq, to unpickle the payload; the refusal above ran it by its path)
-    from fairseq_mhce.cli import recipe_checks
+    # the recipes' check (in this process: run as a program, trusting, it would import this
+    # test module to unpickle the payload; the refusal above ran it as the recipes do)
+    from fairseq_mhce.recipes import recipe_checks
 
     V = len((copy_bin / "dict.tgt.txt").read_text().splitlines()) + 4
     problems = recipe_checks.foreign_checkpoints("train.sh", str(folder), str(copy_bin), V, ["--mhce-method", "mhs"])

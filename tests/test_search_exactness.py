@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from fairseq_mhce.modules.factorized_topk import mhe_topk, mhp_topk
+from fairseq_mhce.search.topk import mhe_topk, mhp_topk
 
 from .test_factorized_search import SPECIAL, assert_same, build_model, make_head, make_sample, run
 

@@ -15,8 +15,8 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 
 import fairseq_mhce  # noqa: F401
 from fairseq_mhce.cli import build_codes
+from fairseq_mhce.codes import table as ct
 from fairseq_mhce.models.transformer_mhce import build_output_layer
-from fairseq_mhce.modules import code_table as ct
 from fairseq_mhce.modules.codec import MixedRadixCodec, auto_head_sizes
 from fairseq_mhce.modules.multihead_output import MultiHeadProduct
 

@@ -30,8 +30,8 @@ import pytest
 import torch
 
 from fairseq_mhce.cli import build_codes as build_codes_cli
-from fairseq_mhce.modules import code_table as ct
-from fairseq_mhce.modules.checkpoint_vectors import checkpoint_vectors
+from fairseq_mhce.codes import table as ct
+from fairseq_mhce.codes.checkpoint_vectors import checkpoint_vectors
 
 from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, make_copy_data, tree_hashes
 

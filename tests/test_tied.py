@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fairseq_mhce  # noqa: F401
-from fairseq_mhce.modules import code_table as ct
+from fairseq_mhce.codes import table as ct
 from fairseq_mhce.modules.codec import MixedRadixCodec
 from fairseq_mhce.modules.multihead_output import MultiHeadEmbedding, MultiHeadProduct
 from fairseq_mhce.modules.tied_embedding import CodeOrderedEmbedding

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from fairseq_mhce.modules.codec import MixedRadixCodec
-from fairseq_mhce.modules.factorized_topk import mhe_topk, mhp_topk
 from fairseq_mhce.modules.multihead_output import MultiHeadEmbedding, MultiHeadProduct
+from fairseq_mhce.search.topk import mhe_topk, mhp_topk
 
 D = 16
 V = 1025

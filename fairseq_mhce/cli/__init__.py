@@ -10,8 +10,6 @@
     parallel text -> sentencepiece (or Moses words) -> fairseq data-bin.
 
 Each module's ``main(argv=None)`` returns the exit status; ``python -m
-fairseq_mhce.cli.NAME`` runs it as well.  :mod:`.recipe_checks` holds the
-Python steps of ``scripts/recipes/train.sh`` / ``scripts/recipes/translate.sh`` (run by its
-file path, see there); :mod:`.word_split` the reversible word split of
-word-level data-bins.
+fairseq_mhce.cli.NAME`` runs it as well.  The Python steps of the shell
+recipes are in :mod:`fairseq_mhce.recipes`.
 """

@@ -150,7 +150,7 @@ def detect_langs(databin, target_lang=None):
 
 def training_sequences(databin, src, tgt, dictionary):
     """The binarized training targets as a list of int arrays."""
-    from fairseq_mhce.modules.ppmi_codes import split_prefix, training_targets
+    from fairseq_mhce.codes.ppmi import split_prefix, training_targets
 
     prefix = split_prefix(databin, "train", src, tgt, tgt)  # as fairseq reads it
     why = None
@@ -210,9 +210,9 @@ def check_checkpoint_dictionary(ckpt, path, dictionary, dict_path, tgt):
     plugin's dictionary fingerprint when the checkpoint has one, else by the
     ``dict.TGT.txt`` of the data-bin its config names (``cfg.task.data``)
     when that exists; else a warning that it cannot be checked."""
+    from fairseq_mhce.codes import table as ct
+    from fairseq_mhce.codes.checkpoint_vectors import checkpoint_state
     from fairseq_mhce.models.transformer_mhce import FINGERPRINT_KEY, dictionary_fingerprint
-    from fairseq_mhce.modules import code_table as ct
-    from fairseq_mhce.modules.checkpoint_vectors import checkpoint_state
 
     state = checkpoint_state(ckpt, path)
     fp = state.get(f"decoder.{FINGERPRINT_KEY}")
@@ -281,12 +281,12 @@ def run(args, t0):
         if value < 1:
             raise UsageError(f"{flag} {value}: the {what} must be >= 1")
     # (fairseq is imported only after the cheap checks)
+    from fairseq_mhce.codes import ppmi as ppmi_codes
+    from fairseq_mhce.codes import table as ct
+    from fairseq_mhce.codes.checkpoint_vectors import checkpoint_vectors, read_checkpoint
+    from fairseq_mhce.codes.grouping import digit_coherence
     from fairseq_mhce.config import check_shortlist
     from fairseq_mhce.models.transformer_mhce import check_head_sizes
-    from fairseq_mhce.modules import code_table as ct
-    from fairseq_mhce.modules import ppmi_codes
-    from fairseq_mhce.modules.balanced_grouping import digit_coherence
-    from fairseq_mhce.modules.checkpoint_vectors import checkpoint_vectors, read_checkpoint
     from fairseq_mhce.modules.codec import auto_head_sizes, parse_head_sizes
 
     src, tgt = detect_langs(databin, args.target_lang)

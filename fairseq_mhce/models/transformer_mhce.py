@@ -18,8 +18,8 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY, register_model, register_model_architecture
 from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase, TransformerModel
 
+from ..codes.table import load_code_table, read_code_table, shortlist_code
 from ..config import MHCEConfig, MHCESettings, resolve_settings, store_resolved
-from ..modules.code_table import load_code_table, read_code_table, shortlist_code
 from ..modules.codec import MixedRadixCodec, auto_head_sizes, parse_head_sizes, used_digits
 from ..modules.output_layer import OutputLayer, output_layer_class
 from ..modules.tied_embedding import CodeOrderedEmbedding, checkpoint_tie_layout, model_tie_layout, tie_layout_error

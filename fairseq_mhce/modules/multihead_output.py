@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..codes.realloc import ReallocationCollector
 from ..config import LAST_HEAD_CHOICES, MHCEConfig, check_shortlist, parse_update_list
-from .code_realloc import ReallocationCollector
+from ..search.topk import mhe_topk, mhp_shortlist_topk, mhp_topk
 from .codec import MixedRadixCodec
 from .output_layer import NEG_INF, OutputLayer, _init_linear, register_output_layer, tie_error
 from .shortlist import Shortlist
@@ -64,7 +65,7 @@ class MultiHeadProduct(OutputLayer):
       vectors; the product then covers the tail ``[0, T)`` only (``Z_valid``
       becomes ``Z_T``, the same closed form).  Cost per token ``O((N + 1 +
       sum C_h) d)``.
-    * a :class:`~.code_realloc.ReallocationCollector`
+    * a :class:`~fairseq_mhce.codes.realloc.ReallocationCollector`
       (``--mhce-realloc-updates``, LightRNN): the code table re-allocated
       during training.
 
@@ -181,10 +182,8 @@ class MultiHeadProduct(OutputLayer):
         return out if short is None else self.short.log_probs(short, self.codec.code, out)
 
     def topk(self, x, k, min_token=0, extra=None):
-        """Product-key search (:func:`.factorized_topk.mhp_topk`); with a
+        """Product-key search (:func:`fairseq_mhce.search.topk.mhp_topk`); with a
         shortlist, merged with the shortlist's own top-k."""
-        from .factorized_topk import mhp_shortlist_topk, mhp_topk
-
         if self.shortlist:
             return mhp_shortlist_topk(self, x, k, min_token, extra)
         return mhp_topk(self, x, k, min_token, extra)
@@ -514,9 +513,7 @@ class MultiHeadEmbedding(OutputLayer):
         return lp.masked_fill(~valid, NEG_INF)
 
     def topk(self, x, k, min_token=0, extra=None):
-        """Best-first prefix expansion; see :func:`.factorized_topk.mhe_topk`."""
-        from .factorized_topk import mhe_topk
-
+        """Best-first prefix expansion; see :func:`fairseq_mhce.search.topk.mhe_topk`."""
         return mhe_topk(self, x, k, min_token, extra)
 
     def token_log_probs(self, x, tokens):

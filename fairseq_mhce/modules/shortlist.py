@@ -10,7 +10,7 @@ mass through the product of heads
 * ``log p(u|x) = s[code(u) - T]`` for a shortlist token ``u``
 * ``log p(v|x) = s[N] + sum_h lp_h[d_h(v)] - log Z_T(x)`` for the others
 
-The code table says which tokens are listed (:func:`.code_table.shortlist_code`).
+The code table says which tokens are listed (:func:`fairseq_mhce.codes.table.shortlist_code`).
 """
 
 from typing import Optional, Tuple

@@ -46,7 +46,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from .. import search as mhce_search
+from ..search import beam as mhce_search
 
 logger = logging.getLogger(__name__)
 

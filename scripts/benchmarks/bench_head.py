@@ -154,8 +154,8 @@ def build(method, V, d, device, dtype, heads):
     code = None
     kw = {"last_head": "per-token"} if method == "mhe_pt" else {}
     if method == "mhp_sl":  # the model's default (2048 for V >= 4096): the first ids on the shortlist
+        from fairseq_mhce.codes.table import shortlist_code
         from fairseq_mhce.config import resolve_shortlist
-        from fairseq_mhce.modules.code_table import shortlist_code
 
         kw = {"shortlist": resolve_shortlist(-1, V)}
         if not kw["shortlist"]:

@@ -35,7 +35,7 @@ Target vocabulary, ``--tokenizer``:
     Words and punctuation split as ``\\w+|[^\\w\\s]`` (issue 12's split); a
     punctuation mark written without a space to its neighbour carries the
     joiner ``\\uffed`` on that side (``him ￭,``; ``O ￭’￭ na``), so the split is
-    exactly reversible (``detokenize`` of ``fairseq_mhce/cli/word_split.py``,
+    exactly reversible (``detokenize`` of ``fairseq_mhce/recipes/word_split.py``,
     or ``--detokenize`` as a filter on decoded text) and word types are
     exactly those of the plain split.  The
     target dictionary keeps the types seen at least ``--min-count`` times in
@@ -113,7 +113,7 @@ import prepare_bible  # scripts/bible/prepare_bible.py (this directory is on sys
 
 from fairseq_mhce.cli import prepare_data
 from fairseq_mhce.cli.prepare_data import DataError
-from fairseq_mhce.cli.word_split import JOINER, detokenize, is_word, tokenize
+from fairseq_mhce.recipes.word_split import JOINER, detokenize, is_word, tokenize
 
 REPO = Path(__file__).resolve().parents[2]
 

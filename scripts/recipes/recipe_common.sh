@@ -50,9 +50,9 @@ recipe_setup() {
 # (it runs no code a checkpoint carries; FAIRSEQ_MHCE_TRUST_CHECKPOINTS=1 is the
 # opt-in for a trusted one it refuses), so even large ones take a moment.
 # REUSE_SAVEDIR=1 skips the check.  A save directory without checkpoints costs
-# nothing (no Python is started).  The check is fairseq_mhce/cli/recipe_checks.py
-# (savedir-guard), run by its path; it imports the plugin (from this checkout:
-# PYTHONPATH) only to work out default head sizes.
+# nothing (no Python is started).  The check is `python -m
+# fairseq_mhce.recipes.recipe_checks savedir-guard` (the plugin of this checkout:
+# PYTHONPATH).
 savedir_guard() {
   local me=$1 savedir=$2 databin=$3 vocab=$4 py=$BIN/python
   shift 5  # the four above and the '--'
@@ -60,5 +60,5 @@ savedir_guard() {
   compgen -G "$savedir/checkpoint*.pt" >/dev/null || return 0
   [ -x "$py" ] || py=$(command -v python3 || echo python)
   PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" \
-    "$py" "$REPO/fairseq_mhce/cli/recipe_checks.py" savedir-guard "$me" "$savedir" "$databin" "$vocab" "$@"
+    "$py" -m fairseq_mhce.recipes.recipe_checks savedir-guard "$me" "$savedir" "$databin" "$vocab" "$@"
 }

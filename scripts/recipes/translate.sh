@@ -36,7 +36,7 @@ WORD_JOINER=0
 if ls "$DATABIN"/spm*.model >/dev/null 2>&1; then
   DETOK=(--post-process sentencepiece)
 elif grep -q '"tokenizer": "word"' "$DATABIN/prepare_data.json" 2>/dev/null; then
-  DETOK=()  # prepare_bible_multi.py's word split (fairseq_mhce/cli/word_split.py): undone below (its joiners)
+  DETOK=()  # prepare_bible_multi.py's word split (fairseq_mhce/recipes/word_split.py): undone below (its joiners)
   WORD_JOINER=1
 else
   DETOK=(--tokenizer moses)  # its languages are --source-lang / --target-lang
@@ -63,7 +63,7 @@ wait  # for tee
 grep -E '^Generate' "$GEN" | sed 's/^/fairseq (tokenized; not the score below): /' >&2 || true
 
 # hypotheses in test order, sacreBLEU BLEU + chrF into score.SUBSET.json:
-# fairseq_mhce/cli/recipe_checks.py (score), run by its path (no plugin import)
-SCORE=("$REPO/fairseq_mhce/cli/recipe_checks.py" score)
+# python -m fairseq_mhce.recipes.recipe_checks score (the plugin of this checkout: PYTHONPATH)
+SCORE=(-m fairseq_mhce.recipes.recipe_checks score)
 if [ "$WORD_JOINER" = 1 ]; then SCORE+=(--word-joiner); fi
-"$PY" "${SCORE[@]}" "$GEN" "$GLOG" "$REF" "$SAVEDIR/hyp.$SUBSET$TAG.$TGT" "$SAVEDIR/score.$SUBSET$TAG.json" "$METHOD" "$CKPT"
+PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" "${SCORE[@]}" "$GEN" "$GLOG" "$REF" "$SAVEDIR/hyp.$SUBSET$TAG.$TGT" "$SAVEDIR/score.$SUBSET$TAG.json" "$METHOD" "$CKPT"

@@ -3,7 +3,7 @@
 :func:`reallocate_codes` moves every token to the code that minimizes the
 NLL of its collected training targets under the current heads (an exact
 assignment).  :class:`ReallocationCollector` is the schedule and the
-collected statistics of one :class:`~.multihead_output.MultiHeadProduct`
+collected statistics of one :class:`~fairseq_mhce.modules.multihead_output.MultiHeadProduct`
 (``--mhce-realloc-updates``); it refuses a vocabulary above
 :data:`REALLOC_MAX_VOCAB` when the model is built.
 """
@@ -15,8 +15,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from .code_table import check_code
-from .codec import MixedRadixCodec, radix_strides
+from ..modules.codec import MixedRadixCodec, radix_strides
+from .table import check_code
 
 logger = logging.getLogger(__name__)
 

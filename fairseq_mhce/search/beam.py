@@ -14,7 +14,7 @@ feeds it a *compact* row of width ``S + K`` (``K = 2*beam``):
   = -inf`` at max length, ``lprobs[:, eos] = -inf`` below min length) works
   unchanged;
 * columns ``S ..`` hold the hypothesis's exact top-``K`` ordinary tokens, found
-  through the heads (:mod:`fairseq_mhce.modules.factorized_topk`) with the same
+  through the heads (:mod:`fairseq_mhce.search.topk`) with the same
   operations as the dense row, so scores are the dense scores: bit for bit
   for MHP, up to float32 rounding for MHE (a few ulps: the dense row and the
   search score prefixes in matmuls of other shapes).
@@ -37,9 +37,10 @@ from fairseq import search
 from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
 from torch import Tensor
 
-from .modules.output_layer import OutputLayer
+from ..modules.output_layer import OutputLayer
 
-logger = logging.getLogger(__name__)
+# the search package's logger: its lines read "fairseq_mhce.search | ..." as before the package
+logger = logging.getLogger("fairseq_mhce.search")
 
 
 def num_special_columns(tgt_dict) -> int:

@@ -7,7 +7,7 @@ without a space to its neighbour carries the joiner ``\\uffed`` on that side
 and word types are exactly those of the plain split.  ``scripts/recipes/translate.sh``
 detokenizes the hypotheses of such a data-bin with :func:`detokenize`.
 
-Standard library only: :mod:`.recipe_checks` imports it without the plugin.
+Standard library only; :mod:`.recipe_checks` undoes the split (``score --word-joiner``).
 """
 
 from __future__ import annotations

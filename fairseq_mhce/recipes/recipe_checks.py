@@ -14,14 +14,13 @@
     ``--word-joiner``: the hypotheses are undone from the word split of
     :mod:`.word_split` first.
 
-The recipes run this file by its path (``python
-REPO/fairseq_mhce/cli/recipe_checks.py ...``), not with ``python -m
-fairseq_mhce.cli.recipe_checks``: importing the package imports fairseq,
-which costs seconds and logs a line, and neither step needs it.  So this
-module imports only the standard library at the top (and its sibling
-:mod:`.word_split`); torch, sacrebleu and the plugin (for the default head
-sizes, and the defaults of options not given) are imported where they are
-used.  Tests import it as a module.
+The recipes run it as ``python -m fairseq_mhce.recipes.recipe_checks STEP
+...``.  That imports the package, hence fairseq (about a third of torch's
+import time on top of torch, which the save-directory check needs anyway to
+read the checkpoints): the check runs only when SAVEDIR already holds
+checkpoints (``recipe_common.sh`` starts no Python otherwise), and the score
+runs once after fairseq-generate, which imports all of it itself.  Tests
+import it as a module.
 """
 
 import glob
@@ -29,6 +28,13 @@ import json
 import os
 import re
 import sys
+
+import sacrebleu
+
+from .. import safe_load
+from ..config import MHCEConfig
+from ..modules.output_layer import output_layer_class
+from .word_split import detokenize
 
 NEW_DIR = "a new SAVEDIR (a directory without checkpoint*.pt)"
 
@@ -51,8 +57,6 @@ def last(argv, flag, default=None):
 def option_default(name):
     """The plugin's default of the model option ``name`` (``mhce_method``,
     ``mhce_heads``, ...), from :class:`fairseq_mhce.config.MHCEConfig`."""
-    from fairseq_mhce.config import MHCEConfig  # heavy (imports fairseq): only for a value not given
-
     return getattr(MHCEConfig, name)
 
 
@@ -84,44 +88,19 @@ def parse_sizes(spec):
 
 def auto_sizes(method, heads, vocab):
     """The head sizes the plugin picks for ``--mhce-heads heads`` at V = vocab."""
-    import fairseq_mhce  # noqa: F401  (registers the heads)
-    from fairseq_mhce.modules.output_layer import output_layer_class
-
     return list(output_layer_class(method).default_head_sizes(vocab, int(heads)))
-
-
-def safe_load_module():
-    """:mod:`fairseq_mhce.safe_load` (the plugin's one checkpoint loader): the
-    package's module, or, when this file runs by its path, the same file
-    loaded on its own (it imports torch, numpy and omegaconf, not fairseq), so
-    that fairseq is not imported."""
-    if __package__:
-        from .. import safe_load  # torch: only when a checkpoint is read
-
-        return safe_load
-    import importlib.util  # by its path (see above)
-
-    name = "fairseq_mhce_safe_load"
-    if name not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "safe_load.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[name] = module
-    return sys.modules[name]
 
 
 def load(path):
     """The checkpoint at ``path``, read with the safe loader (no code it
     carries is run; one holding a type fairseq does not write raises
     ``UntrustedCheckpointError``, naming it and FAIRSEQ_MHCE_TRUST_CHECKPOINTS)."""
-    safe = safe_load_module()
     try:
-        return safe.load_checkpoint(path, map_location="cpu", mmap=True)
-    except safe.UntrustedCheckpointError:
+        return safe_load.load_checkpoint(path, map_location="cpu", mmap=True)
+    except safe_load.UntrustedCheckpointError:
         raise
     except Exception:  # not a zip-format file: mmap is not possible
-        return safe.load_checkpoint(path, map_location="cpu")
+        return safe_load.load_checkpoint(path, map_location="cpu")
 
 
 def get(ns, key, default=None):
@@ -303,16 +282,6 @@ def savedir_guard(me, savedir, databin, vocab, argv):
 SPEED_RE = re.compile(r"Translated ([\d,]+) sentences .* in ([\d.]+)s \(([\d.]+) sentences/s, ([\d.]+) tokens/s\)")
 
 
-def word_detokenizer():
-    """:func:`.word_split.detokenize`: a sibling module when this file runs by
-    its path (its directory is then sys.path[0]; the package is not imported)."""
-    if __package__:
-        from .word_split import detokenize
-    else:
-        from word_split import detokenize
-    return detokenize
-
-
 def read_hypotheses(gen, detok=lambda t: t):
     """{sentence id: the best detokenized hypothesis} of fairseq-generate's output."""
     hyps = {}
@@ -341,9 +310,7 @@ def read_speed(glog):
 def score(gen, glog, ref_path, hyp_path, json_path, method, ckpt, word_joiner=False):
     """Write the hypotheses in reference order and their scores; print them.
     A missing hypothesis exits (status 1) naming the count and the first gap."""
-    import sacrebleu
-
-    hyps = read_hypotheses(gen, word_detokenizer() if word_joiner else (lambda t: t))
+    hyps = read_hypotheses(gen, detokenize if word_joiner else (lambda t: t))
     speed = read_speed(glog)
     refs = [line.rstrip("\n") for line in open(ref_path, encoding="utf-8")]
     missing = [i for i in range(len(refs)) if i not in hyps]
@@ -390,8 +357,8 @@ def score(gen, glog, ref_path, hyp_path, json_path, method, ckpt, word_joiner=Fa
 # ---------------------------------------------------------------------------
 
 
-USAGE = """usage: recipe_checks.py savedir-guard ME SAVEDIR DATABIN V [FAIRSEQ_TRAIN_ARGS...]
-       recipe_checks.py score [--word-joiner] GEN GLOG REF HYP JSON METHOD CKPT"""
+USAGE = """usage: python -m fairseq_mhce.recipes.recipe_checks savedir-guard ME SAVEDIR DATABIN V [FAIRSEQ_TRAIN_ARGS...]
+       python -m fairseq_mhce.recipes.recipe_checks score [--word-joiner] GEN GLOG REF HYP JSON METHOD CKPT"""
 
 
 def main(argv=None):

@@ -1,10 +1,12 @@
 """Worker threads for the GIL-free numpy / scipy work of the offline code
-table build: the per-group assignments of :mod:`.balanced_grouping` and the
-sparse products of the PPMI-SVD vectors (:mod:`.ppmi_codes`).
+table build: the per-group assignments of :mod:`.grouping` and the
+sparse products of the PPMI-SVD vectors (:mod:`.ppmi`).
 
 The thread count is torch's intra-op count (``OMP_NUM_THREADS``), so one
 setting governs every library the build uses.
 """
+
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -24,8 +26,6 @@ def for_each(fn, items) -> None:
         for it in items:
             fn(it)
         return
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(n) as ex:
         for _ in ex.map(fn, items):
             pass

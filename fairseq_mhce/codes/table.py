@@ -10,9 +10,9 @@ This module is the file format and its checks, for every reader and writer:
 the model (``--mhce-code-table``, :mod:`fairseq_mhce.models.transformer_mhce`),
 the automatic table's cache (:mod:`fairseq_mhce.training_start`) and
 ``mhce-build-codes``.  The tables themselves come from elsewhere: token
-vectors (:mod:`.ppmi_codes`, :mod:`.checkpoint_vectors`) grouped by
-:mod:`.balanced_grouping`; an MHP table may be re-allocated during training
-(:mod:`.code_realloc`).
+vectors (:mod:`.ppmi`, :mod:`.checkpoint_vectors`) grouped by
+:mod:`.grouping`; an MHP table may be re-allocated during training
+(:mod:`.realloc`).
 
 File format (JSON, written by :func:`save_code_table`)::
 
@@ -53,7 +53,7 @@ def dictionary_symbols(d) -> List[str]:
     path = os.fspath(d)
     if not os.path.isfile(path):
         raise ValueError(f"no dictionary file {path}")
-    from fairseq.data import Dictionary
+    from fairseq.data import Dictionary  # heavy: fairseq, only when a dictionary file is read
 
     return [str(s) for s in Dictionary.load(path).symbols]
 

@@ -1,10 +1,10 @@
 """Balanced grouping: a code table from token vectors, offline.
 
 :func:`balanced_codes` turns (V, k) token vectors into a code table (see
-:mod:`.code_table`) in which similar tokens share prefixes and a digit of a
+:mod:`.table`) in which similar tokens share prefixes and a digit of a
 head below the first means one thing under every prefix;
 :func:`digit_coherence` scores a table on the same vectors.  Users: the PPMI
-code table (:mod:`.ppmi_codes`: the model's automatic table and
+code table (:mod:`.ppmi`: the model's automatic table and
 ``mhce-build-codes --source ppmi``) and ``mhce-build-codes --source
 checkpoint``.
 
@@ -36,9 +36,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .code_table import check_code
-from .codec import radix_strides
+from ..modules.codec import radix_strides
 from .parallel import for_each
+from .table import check_code
 
 # groups up to this many tokens are assigned exactly (Hungarian on an n x n
 # matrix); larger ones by the price-balanced greedy matching
@@ -87,7 +87,7 @@ def _group_sum(idx: np.ndarray, x: np.ndarray, n: int) -> np.ndarray:
     """(n, k) float64 sums of the rows of x (m, k) by group idx (m,): one
     sparse product (np.add.at is an order of magnitude slower), in x's
     float dtype (no float64 copy of a float32 x)."""
-    import scipy.sparse as sp
+    import scipy.sparse as sp  # heavy (scipy): only when a table is built
 
     idx = np.asarray(idx, dtype=np.int64)
     x = np.asarray(x)
@@ -306,7 +306,7 @@ def _assign_group(cost: np.ndarray, caps: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if n <= EXACT_MAX:
         try:
-            from scipy.optimize import linear_sum_assignment
+            from scipy.optimize import linear_sum_assignment  # optional, heavy (scipy): greedy without it
         except ImportError:  # pragma: no cover - scipy ships with sklearn
             return _greedy_capacitated(cost, caps)
         slots = np.repeat(np.arange(K), caps)
@@ -359,7 +359,7 @@ def _init_centroids(r: np.ndarray, k: int, seed: int):
     rng = np.random.default_rng(seed)
     if n >= k:
         try:
-            from sklearn.cluster import KMeans
+            from sklearn.cluster import KMeans  # optional, heavy (scikit-learn): a row sample without it
 
             # the balanced rounds refine the centroids on every row; k-means
             # on all of them costs a minute at V = 224k

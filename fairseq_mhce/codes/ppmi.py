@@ -6,7 +6,7 @@ the default for MHP / MHE, built when training starts).
 Steps: the binarized training targets (:func:`training_targets`) -> PPMI-SVD
 token vectors (:func:`ppmi_svd_vectors`: co-occurrence counts, positive PMI,
 a randomized truncated SVD) -> balanced grouping
-(:func:`~.balanced_grouping.balanced_codes`, through
+(:func:`~.grouping.balanced_codes`, through
 :func:`codes_from_vectors`, which ``mhce-build-codes --source checkpoint``
 shares).  Types that never occur in the training targets (source-only
 pieces of a joint dictionary) get the highest codes, so they fill groups of
@@ -23,7 +23,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .balanced_grouping import balanced_codes
+from .grouping import balanced_codes
 from .parallel import for_each, worker_threads
 
 PPMI_DIM, PPMI_WINDOW = 64, 2
@@ -58,7 +58,7 @@ def training_targets(databin: str, src: str, tgt: str, dictionary, split: str = 
     """The binarized ``split`` targets (:func:`split_prefix`:
     ``DATABIN/SPLIT.SRC-TGT.TGT`` or ``DATABIN/SPLIT.TGT-SRC.TGT``) as int
     arrays (``FileNotFoundError`` naming the files when absent)."""
-    from fairseq.data import data_utils
+    from fairseq.data import data_utils  # heavy (fairseq): only when a data-bin is read
 
     prefix = split_prefix(databin, split, src, tgt, tgt)
     if not os.path.isfile(prefix + ".idx"):
@@ -92,7 +92,7 @@ def _flat_tokens(ds, sizes: np.ndarray) -> np.ndarray:
 def _left_counts(toks: np.ndarray, lens: np.ndarray, V: int, window: int):
     """(V, V) csr: entry [b, a] = sum over the positions where token a stands
     o <= window places to the left of token b in the same sentence of 1/o."""
-    import scipy.sparse as sp
+    import scipy.sparse as sp  # heavy (scipy): only when a table is built
 
     pos = np.arange(toks.size) - np.repeat(np.cumsum(lens) - lens, lens)  # index within the sentence
     idx = np.int32 if V < 2**31 else np.int64
@@ -196,7 +196,7 @@ def ppmi_svd_vectors(
     context-distribution smoothing ``smoothing``, truncated SVD (``U S^0.5``;
     randomized, float32, seeded).
     Tokens never seen get small random (seeded) vectors."""
-    import scipy.sparse as sp
+    import scipy.sparse as sp  # heavy (scipy): only when a table is built
 
     V = int(vocab_size)
     window = max(1, int(window))
