@@ -49,7 +49,8 @@ at run time and cannot be pickled at all).
 
 fairseq's object broadcast between the ranks of one distributed job
 (``fairseq.distributed.utils``) is not a checkpoint read and does not come
-here: see ``fairseq_mhce/__init__.py``.
+here: see :mod:`fairseq_mhce.fairseq_patches`, which lists every change the
+plugin makes in fairseq.
 """
 
 import argparse
@@ -216,3 +217,16 @@ def load_checkpoint(f, map_location="cpu", **kwargs):
         with torch.serialization.safe_globals(ours):
             types = _unexpected_types(str(e), path)
         raise UntrustedCheckpointError(untrusted_message(path, types, reason), path, types) from None
+
+
+def load_checkpoint_mapped(path: str):
+    """:func:`load_checkpoint` of the file ``path`` on the CPU with its tensors
+    memory-mapped (``mmap=True``): for a large checkpoint read for its config
+    or a few tensors, the rest is never read from disk.  A file that cannot
+    be mapped (torch's legacy, non-zip format) is read whole."""
+    try:
+        return load_checkpoint(path, map_location="cpu", mmap=True)
+    except UntrustedCheckpointError:
+        raise
+    except Exception:  # not a zip-format file: mmap is not possible
+        return load_checkpoint(path, map_location="cpu")

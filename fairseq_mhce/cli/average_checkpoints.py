@@ -51,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from fairseq_mhce.cfg_access import cfg_get
 from fairseq_mhce.modules.tied_embedding import TIE_LAYOUT_FLAGS, checkpoint_tie_layout
 
 PROG = "mhce-average-checkpoints"
@@ -93,13 +94,18 @@ def checkpoint_paths(inputs, num, update_based, upper_bound=None):
     return [os.path.join(folder, name) for _, name in sorted(found, reverse=True)[:num]]
 
 
-def _load(path):
+def _load(path, mapped=False):
+    """The checkpoint ``path``, read with the plugin's safe loader; ``mapped``:
+    its tensors memory-mapped (an input after the first is only compared and
+    summed: its optimizer state is never read from disk)."""
     if not os.path.isfile(path):
         raise AverageError(f"no checkpoint file {path}")
-    from fairseq_mhce.safe_load import UntrustedCheckpointError, load_checkpoint  # torch, omegaconf: when reading
+    # torch, omegaconf: imported when a checkpoint is read, not for --help
+    from fairseq_mhce.safe_load import UntrustedCheckpointError, load_checkpoint, load_checkpoint_mapped
 
     try:
-        state = load_checkpoint(path, map_location="cpu")  # runs no code the file carries
+        # runs no code the file carries
+        state = load_checkpoint_mapped(path) if mapped else load_checkpoint(path, map_location="cpu")
     except Exception as e:
         if isinstance(e, UntrustedCheckpointError) and e.types:
             raise AverageError(str(e)) from None
@@ -109,17 +115,11 @@ def _load(path):
     return state
 
 
-def _get(ns, key):
-    if ns is None:
-        return None
-    return ns.get(key) if isinstance(ns, dict) else getattr(ns, key, None)
-
-
 def _model_identity(state):
     """(architecture, output-layer method) from a checkpoint's saved config."""
-    model = _get(state.get("cfg"), "model") or state.get("args")
-    arch = _get(model, "arch") or _get(model, "_name")
-    method = _get(model, "mhce_method") if str(arch).endswith("_mhce") else None
+    model = cfg_get(state.get("cfg"), "model") or state.get("args")
+    arch = cfg_get(model, "arch") or cfg_get(model, "_name")
+    method = cfg_get(model, "mhce_method") if str(arch).endswith("_mhce") else None
     return arch, method
 
 
@@ -131,12 +131,12 @@ def _dictionaries(state):
     of the data a plain fairseq checkpoint was trained on, from its saved
     config (``cfg.task`` or the legacy ``args``: ``data``, ``source_lang``,
     ``target_lang``); (None, {}) when the config names no data."""
-    task = _get(state.get("cfg"), "task") or state.get("args")
-    data = _get(task, "data")
+    task = cfg_get(state.get("cfg"), "task") or state.get("args")
+    data = cfg_get(task, "data")
     if not data:
         return None, {}
     data = str(data).split(os.pathsep)[0]  # sharded data: fairseq reads the dictionaries from the first
-    langs = [x for x in (_get(task, "source_lang"), _get(task, "target_lang")) if x]
+    langs = [x for x in (cfg_get(task, "source_lang"), cfg_get(task, "target_lang")) if x]
     names = (
         [f"dict.{x}.txt" for x in langs]
         if langs
@@ -208,7 +208,7 @@ def average_checkpoints(paths):
     first_path, new_state = paths[0], None
     sums, fixed, meta = collections.OrderedDict(), {}, {}
     for path in paths:
-        state = _load(path)
+        state = _load(path, mapped=new_state is not None)
         params = state["model"]
         if new_state is None:
             new_state = state

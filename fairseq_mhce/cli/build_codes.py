@@ -57,6 +57,8 @@ import time
 
 import numpy as np
 
+from fairseq_mhce.cfg_access import cfg_get
+
 PROG = "mhce-build-codes"
 
 
@@ -193,17 +195,6 @@ def training_sequences(databin, src, tgt, dictionary):
     return seqs
 
 
-def _cfg_get(cfg, name):
-    """``cfg[name]`` / ``cfg.name`` of a saved config (dict, DictConfig or
-    Namespace); None when absent."""
-    if cfg is None:
-        return None
-    try:
-        return cfg.get(name) if hasattr(cfg, "get") else getattr(cfg, name, None)
-    except Exception:
-        return None
-
-
 def check_checkpoint_dictionary(ckpt, path, dictionary, dict_path, tgt):
     """Refuse a checkpoint trained with another target dictionary than
     ``dict_path`` (its vectors would be the wrong words' vectors): by the
@@ -233,10 +224,10 @@ def check_checkpoint_dictionary(ckpt, path, dictionary, dict_path, tgt):
                 "(--databin), or a checkpoint trained on this one"
             )
         return
-    cfg = _cfg_get(ckpt, "cfg") if isinstance(ckpt, dict) else None
-    task = _cfg_get(cfg, "task") or (_cfg_get(ckpt, "args") if isinstance(ckpt, dict) else None)
-    data = _cfg_get(task, "data")
-    lang = _cfg_get(task, "target_lang") or tgt
+    cfg = cfg_get(ckpt, "cfg") if isinstance(ckpt, dict) else None
+    task = cfg_get(cfg, "task") or (cfg_get(ckpt, "args") if isinstance(ckpt, dict) else None)
+    data = cfg_get(task, "data")
+    lang = cfg_get(task, "target_lang") or tgt
     theirs = os.path.join(str(data).split(os.pathsep)[0], f"dict.{lang}.txt") if data else None
     if theirs is None or not os.path.isfile(theirs):
         print(

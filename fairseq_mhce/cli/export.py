@@ -44,6 +44,7 @@ import sys
 
 import torch
 
+from fairseq_mhce.cfg_access import cfg_delete, cfg_get, cfg_keys, cfg_set
 from fairseq_mhce.checkpoint_io import checkpoint_problem
 from fairseq_mhce.safe_load import UntrustedCheckpointError, load_checkpoint
 
@@ -54,34 +55,6 @@ HEAD_PREFIX = "decoder.mhce_head."
 LEGACY_CODEC_PREFIX = "decoder.mhs_codec."
 MHS_METHOD_ID = 3  # fairseq_mhce.modules.mhs.MultiHeadSampling.method_code
 PROG = "mhce-export"
-
-
-def _get(obj, key, default=None):
-    if obj is None:
-        return default
-    if isinstance(obj, dict):
-        return obj.get(key, default)
-    return getattr(obj, key, default)
-
-
-def _set(obj, key, value):
-    if isinstance(obj, dict):
-        obj[key] = value
-    else:
-        setattr(obj, key, value)
-
-
-def _keys(obj):
-    if obj is None:
-        return []
-    return list(obj.keys()) if isinstance(obj, dict) else list(vars(obj).keys())
-
-
-def _delete(obj, key):
-    if isinstance(obj, dict):
-        obj.pop(key, None)
-    elif hasattr(obj, key):
-        delattr(obj, key)
 
 
 def plain_arch(arch: str) -> str:
@@ -97,23 +70,23 @@ def _clean_model_cfg(model_cfg):
     if model_cfg is None:
         return
     for key in ("arch", "_name"):
-        if _get(model_cfg, key) is not None:
-            _set(model_cfg, key, plain_arch(str(_get(model_cfg, key))))
-    for key in _keys(model_cfg):
+        if cfg_get(model_cfg, key) is not None:
+            cfg_set(model_cfg, key, plain_arch(str(cfg_get(model_cfg, key))))
+    for key in cfg_keys(model_cfg):
         if key.startswith("mhce_"):
-            _delete(model_cfg, key)
+            cfg_delete(model_cfg, key)
     # a legacy (flat) namespace also carries the common/criterion settings
-    if _get(model_cfg, "user_dir") is not None:
-        _set(model_cfg, "user_dir", None)
-    crit = _get(model_cfg, "criterion")
+    if cfg_get(model_cfg, "user_dir") is not None:
+        cfg_set(model_cfg, "user_dir", None)
+    crit = cfg_get(model_cfg, "criterion")
     if isinstance(crit, str) and crit in PLUGIN_CRITERIA:
-        _set(model_cfg, "criterion", PLUGIN_CRITERIA[crit])
+        cfg_set(model_cfg, "criterion", PLUGIN_CRITERIA[crit])
 
 
 def _method_of(state) -> str:
     cfg = state.get("cfg")
-    for model_cfg in (_get(cfg, "model"), state.get("args")):
-        m = _get(model_cfg, "mhce_method")
+    for model_cfg in (cfg_get(cfg, "model"), state.get("args")):
+        m = cfg_get(model_cfg, "mhce_method")
         if m is not None:
             return str(m)
     return ""
@@ -143,16 +116,16 @@ def export(state: dict) -> dict:
 
     cfg = state.get("cfg")
     if cfg is not None:
-        _clean_model_cfg(_get(cfg, "model"))
-        common = _get(cfg, "common")
-        if common is not None and _get(common, "user_dir") is not None:
-            _set(common, "user_dir", None)
-        crit = _get(cfg, "criterion")
-        if crit is not None and str(_get(crit, "_name")) in PLUGIN_CRITERIA:
-            _set(crit, "_name", PLUGIN_CRITERIA[str(_get(crit, "_name"))])
-            for key in _keys(crit):
+        _clean_model_cfg(cfg_get(cfg, "model"))
+        common = cfg_get(cfg, "common")
+        if common is not None and cfg_get(common, "user_dir") is not None:
+            cfg_set(common, "user_dir", None)
+        crit = cfg_get(cfg, "criterion")
+        if crit is not None and str(cfg_get(crit, "_name")) in PLUGIN_CRITERIA:
+            cfg_set(crit, "_name", PLUGIN_CRITERIA[str(cfg_get(crit, "_name"))])
+            for key in cfg_keys(crit):
                 if key.startswith("mhce_"):
-                    _delete(crit, key)
+                    cfg_delete(crit, key)
     if state.get("args") is not None:
         _clean_model_cfg(state["args"])
 
@@ -256,7 +229,7 @@ def main(argv=None):
     except ExportError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    arch = _get(_get(state.get("cfg"), "model"), "arch") or _get(state.get("args"), "arch")
+    arch = cfg_get(cfg_get(state.get("cfg"), "model"), "arch") or cfg_get(state.get("args"), "arch")
     print(f"wrote {a.output}: plain fairseq '{arch}' (load with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 on torch >= 2.6)")
     return 0
 

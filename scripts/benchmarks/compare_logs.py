@@ -115,9 +115,10 @@ def extended_sources(workdir: Path, methods: list) -> dict:
 def output_layer_params(ckpt: Path) -> int:
     import torch
 
-    from fairseq_mhce.safe_load import load_checkpoint  # the plugin's one checkpoint loader: runs no code in the file
+    # the plugin's one checkpoint loader (runs no code in the file), memory-mapped: the optimizer state is not read
+    from fairseq_mhce.safe_load import load_checkpoint_mapped
 
-    state = load_checkpoint(str(ckpt), map_location="cpu")["model"]
+    state = load_checkpoint_mapped(str(ckpt))["model"]
     return sum(t.numel() for k, t in state.items() if k.startswith(OUTPUT_PREFIXES) and torch.is_floating_point(t))
 
 
