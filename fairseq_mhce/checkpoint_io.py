@@ -9,26 +9,24 @@ disk or a crash during that copy leaves an empty or truncated
 ``checkpoint_last.pt``, and the next ``fairseq-train`` in that ``--save-dir``
 dies on it with an ``EOFError`` / zip traceback.
 
-While the plugin is imported:
+While the plugin is imported (the patches themselves are in
+:mod:`fairseq_mhce.fairseq_patches`):
 
-* :func:`make_checkpoint_copies_atomic`: ``fairseq.checkpoint_utils`` (only
-  that module) sees a ``PathManager`` whose ``copy`` writes a temporary file
-  in the destination's folder, fsyncs it, and renames it over the
-  destination (``os.replace``): the destination holds either its old content
-  or the whole new one, never a part.  The temporary file
+* fairseq's copies between local checkpoint files are :func:`atomic_copy`:
+  the bytes go to a temporary file in the destination's folder, fsynced, then
+  renamed over the destination (``os.replace``): the destination holds either
+  its old content or the whole new one, never a part.  The temporary file
   (``checkpoint_last.pt.PID.XXXXXXXX.tmp``) is removed on an error, on
   SIGINT and on SIGTERM; one that a SIGKILL left is removed by the next
-  ``fairseq-train`` in that folder (:func:`clean_stale_copies_on_train_start`,
-  only names of that pattern whose process is gone).
-* :func:`explain_unreadable_checkpoints`: when fairseq cannot read a
-  checkpoint that is empty or truncated, the error says so and names the
-  newest intact checkpoint of the same folder to resume from
-  (``--restore-file``) or decode with (``--path``).  Nothing is written or
-  removed.
+  ``fairseq-train`` in that folder (:func:`clean_save_dir`, only names of
+  that pattern whose process is gone).
+* when fairseq cannot read a checkpoint that is empty or truncated, the
+  error (:func:`unreadable_error`) says so and names the newest intact
+  checkpoint of the same folder to resume from (``--restore-file``) or
+  decode with (``--path``).  Nothing is written or removed.
 """
 
 import contextlib
-import functools
 import logging
 import os
 import re
@@ -191,58 +189,13 @@ def remove_stale_copies(folder: str) -> List[str]:
     return removed
 
 
-def _cleaning_load_checkpoint(orig):
-    """``fairseq.checkpoint_utils.load_checkpoint`` (every fairseq-train calls
-    it once at start, with its --save-dir) that first removes the stale
-    temporary files of that folder."""
-
-    @functools.wraps(orig)
-    def load_checkpoint(cfg, *args, **kwargs):
-        save_dir = getattr(cfg, "save_dir", None)
-        if isinstance(save_dir, str) and save_dir and os.path.isdir(save_dir):
-            remove_stale_copies(save_dir)
-        return orig(cfg, *args, **kwargs)
-
-    load_checkpoint._mhce_cleans_stale_copies = True
-    return load_checkpoint
-
-
-def clean_stale_copies_on_train_start():
-    """Wrap ``fairseq.checkpoint_utils.load_checkpoint`` with
-    :func:`_cleaning_load_checkpoint` (idempotent)."""
-    from fairseq import checkpoint_utils  # heavy: imported when the plugin patches fairseq, not for the helpers above
-
-    if not getattr(checkpoint_utils.load_checkpoint, "_mhce_cleans_stale_copies", False):
-        checkpoint_utils.load_checkpoint = _cleaning_load_checkpoint(checkpoint_utils.load_checkpoint)
-
-
-class _AtomicCopyPathManager:
-    """fairseq's ``PathManager`` as seen by ``fairseq.checkpoint_utils``:
-    every attribute is fairseq's, except that ``copy`` between local paths is
-    :func:`atomic_copy` (remote paths, handled by iopath, are passed on)."""
-
-    fairseq_mhce_atomic_copy = True
-
-    def __init__(self, path_manager):
-        self._pm = path_manager
-
-    def __getattr__(self, name):
-        return getattr(self._pm, name)
-
-    def copy(self, src_path: str, dst_path: str, overwrite: bool = False):
-        if self._pm.path_requires_pathmanager(src_path) or self._pm.path_requires_pathmanager(dst_path):
-            return self._pm.copy(src_path, dst_path, overwrite=overwrite)
-        return atomic_copy(src_path, dst_path)
-
-
-def make_checkpoint_copies_atomic():
-    """Point ``fairseq.checkpoint_utils.PathManager`` at
-    :class:`_AtomicCopyPathManager` (idempotent)."""
-    from fairseq import checkpoint_utils  # heavy: imported when the plugin patches fairseq, not for the helpers above
-
-    current = checkpoint_utils.PathManager
-    if not getattr(current, "fairseq_mhce_atomic_copy", False):
-        checkpoint_utils.PathManager = _AtomicCopyPathManager(current)
+def clean_save_dir(save_dir) -> List[str]:
+    """At the start of a ``fairseq-train`` (``checkpoint_utils.load_checkpoint``,
+    with its ``--save-dir``): :func:`remove_stale_copies` of that folder when
+    it exists; returns what was removed."""
+    if isinstance(save_dir, str) and save_dir and os.path.isdir(save_dir):
+        return remove_stale_copies(save_dir)
+    return []
 
 
 # -- unreadable checkpoints ------------------------------------------------------
@@ -309,28 +262,12 @@ def unreadable_message(path: str, problem: str) -> str:
     return msg
 
 
-def explain_unreadable_checkpoints():
-    """Wrap ``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` (idempotent;
-    every checkpoint fairseq reads goes through it: resume, generate,
-    interactive, hub) so that an empty or truncated file raises
-    :class:`UnreadableCheckpointError` with :func:`unreadable_message`
-    instead of ``EOFError`` / a zip error.  Other errors pass unchanged."""
-    from fairseq import checkpoint_utils  # heavy: imported when the plugin patches fairseq, not for the helpers above
-
-    orig = checkpoint_utils.load_checkpoint_to_cpu
-    if getattr(orig, "_mhce_unreadable", False):
-        return
-
-    @functools.wraps(orig)
-    def load_checkpoint_to_cpu(path, *args, **kwargs):
-        try:
-            return orig(path, *args, **kwargs)
-        except Exception as e:
-            local = checkpoint_utils.PathManager.get_local_path(path)
-            problem = checkpoint_problem(local) if isinstance(local, str) and os.path.isfile(local) else None
-            if problem is None:
-                raise
-            raise UnreadableCheckpointError(unreadable_message(path, problem)) from e
-
-    load_checkpoint_to_cpu._mhce_unreadable = True
-    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+def unreadable_error(path, local_path) -> Optional[UnreadableCheckpointError]:
+    """When reading the checkpoint ``path`` (on disk at ``local_path``) failed:
+    the :class:`UnreadableCheckpointError` (:func:`unreadable_message`) to
+    raise instead when the file is empty or truncated, else None (the
+    original error stands)."""
+    if not (isinstance(local_path, str) and os.path.isfile(local_path)):
+        return None
+    problem = checkpoint_problem(local_path)
+    return None if problem is None else UnreadableCheckpointError(unreadable_message(path, problem))

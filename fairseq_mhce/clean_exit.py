@@ -14,14 +14,14 @@ Whether it happens depends on where the thread is at that instant, so it comes
 and goes with the machine's load and the model's step time.
 
 :func:`stop_background_consumers`, registered with :mod:`atexit` when the
-plugin is imported (so it runs before torch's and multiprocessing's own exit
-handlers, with the interpreter still whole), asks every live consumer to stop
+plugin is imported (by :mod:`fairseq_mhce.fairseq_patches`, so it runs
+before torch's and multiprocessing's own exit handlers, with the interpreter
+still whole), asks every live consumer to stop
 after the batch it is fetching, empties its queue so it is not blocked, and
 joins it: the thread ends, its DataLoader iterator shuts its workers down
 normally, and no thread is left inside torch at finalization.
 """
 
-import atexit
 import logging
 import queue
 import threading
@@ -35,6 +35,7 @@ STOP_TIMEOUT_S = 30.0
 
 def _live_consumers() -> list:
     try:
+        # optional: this runs at exit, where fairseq may be gone or never imported
         from fairseq.data.iterators import BackgroundConsumer
     except ImportError:  # fairseq not importable: nothing of it to stop
         return []
@@ -70,14 +71,3 @@ def stop_background_consumers(timeout: float = STOP_TIMEOUT_S) -> int:
             f"the process may end with 'terminate called without an active exception'"
         )
     return len(live) - len(stuck)
-
-
-_registered = False
-
-
-def register():
-    """Run :func:`stop_background_consumers` at interpreter exit (idempotent)."""
-    global _registered
-    if not _registered:
-        atexit.register(stop_background_consumers)
-        _registered = True

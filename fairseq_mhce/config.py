@@ -18,13 +18,13 @@ config names the resolved value.  A checkpoint saved with the unresolved
 value resolves it the same way when it is loaded.
 """
 
-import functools
 import math
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from omegaconf import open_dict
+
+from .cfg_access import cfg_get, cfg_set
 
 METHODS = ["mhp", "mhe", "mhs"]
 CODE_ORDERS = ["auto", "ppmi", "identity", "random"]
@@ -134,24 +134,6 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _get(cfg, name):
-    """``cfg.name`` for a Namespace, a dataclass or a (struct) DictConfig;
-    None when absent."""
-    try:
-        return getattr(cfg, name, None)
-    except Exception:  # omegaconf struct mode raises on a missing key
-        return None
-
-
-def _set(cfg, name, value) -> None:
-    """``cfg.name = value`` for a Namespace, a dataclass or a (struct) DictConfig."""
-    try:
-        setattr(cfg, name, value)
-    except Exception:  # a struct DictConfig without the key
-        with open_dict(cfg):
-            setattr(cfg, name, value)
-
-
 def _choice(name, value, choices):
     value = str(value)
     if value not in choices:
@@ -255,7 +237,7 @@ def resolve_settings(cfg, vocab_size: Optional[int] = None) -> MHCESettings:
     defaults = MHCEConfig()
     v = {}
     for name in OPTION_NAMES:
-        value = _get(cfg, name)
+        value = cfg_get(cfg, name)
         v[name] = getattr(defaults, name) if value is None else value
     v["mhce_method"] = _choice("mhce_method", v["mhce_method"], METHODS)
     v["mhce_code_order"] = _choice("mhce_code_order", v["mhce_code_order"], CODE_ORDERS)
@@ -300,7 +282,7 @@ def resolve_settings(cfg, vocab_size: Optional[int] = None) -> MHCESettings:
             f"--mhce-realloc-updates re-allocates the code table of --mhce-method mhp (whose heads have no "
             f"per-token parameters); this model is --mhce-method {method}. Drop it."
         )
-    share = bool(_get(cfg, "share_decoder_input_output_embed") or _get(cfg, "share_all_embeddings"))
+    share = bool(cfg_get(cfg, "share_decoder_input_output_embed") or cfg_get(cfg, "share_all_embeddings"))
     if method != "mhp":
         v["mhce_shortlist"] = 0  # -1 (automatic) is no shortlist outside MHP; > 0 is refused above
     elif vocab_size is not None:
@@ -315,7 +297,7 @@ def resolve_settings(cfg, vocab_size: Optional[int] = None) -> MHCESettings:
                 f"(1 <= N <= {vocab_size - 2}) to tie the vectors of N tokens, use --mhce-method mhe (per-token last "
                 f"head), or drop the flag."
             )
-    seed = _get(cfg, "seed")
+    seed = cfg_get(cfg, "seed")
     return MHCESettings(**v, share_output=share, seed=None if seed is None else int(seed))
 
 
@@ -325,44 +307,28 @@ def fill_legacy_defaults(model_cfg) -> None:
     if model_cfg is None:
         return
     for name, value in LEGACY_DEFAULTS.items():
-        if _get(model_cfg, name) is None:
-            _set(model_cfg, name, value)
+        if cfg_get(model_cfg, name) is None:
+            cfg_set(model_cfg, name, value)
 
 
 def store_resolved(model_cfg, settings: MHCESettings) -> None:
     """Write the values that :func:`resolve_settings` resolved for the
     dictionary back into the model's config (``--mhce-shortlist -1`` -> its
     size), so that the config saved in the checkpoint names them."""
-    _set(model_cfg, "mhce_shortlist", settings.mhce_shortlist)
+    cfg_set(model_cfg, "mhce_shortlist", settings.mhce_shortlist)
 
 
-def _is_mhce_model_cfg(model_cfg) -> bool:
-    name = str(_get(model_cfg, "_name") or _get(model_cfg, "arch") or "")
+def is_mhce_model_cfg(model_cfg) -> bool:
+    """Whether a (saved) model config is of a multi-head architecture."""
+    name = str(cfg_get(model_cfg, "_name") or cfg_get(model_cfg, "arch") or "")
     return name == "transformer_mhce" or name.endswith("_mhce")
 
 
-def wrap_checkpoint_config_loading() -> None:
-    """Patch ``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` (idempotent;
-    every checkpoint read of fairseq goes through it) so that the saved model
-    config of a multi-head checkpoint gets :data:`LEGACY_DEFAULTS` for the
-    options it predates."""
-    from fairseq import checkpoint_utils
-
-    orig = checkpoint_utils.load_checkpoint_to_cpu
-    if getattr(orig, "_mhce_legacy_defaults", False):
-        return
-
-    @functools.wraps(orig)
-    def load_checkpoint_to_cpu(*args, **kwargs):
-        state = orig(*args, **kwargs)
-        model_cfg = None
-        try:
-            model_cfg = state["cfg"]["model"]
-        except (KeyError, TypeError):
-            pass
-        if model_cfg is not None and _is_mhce_model_cfg(model_cfg):
-            fill_legacy_defaults(model_cfg)
-        return state
-
-    load_checkpoint_to_cpu._mhce_legacy_defaults = True
-    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+def fill_checkpoint_legacy_defaults(state) -> None:
+    """A checkpoint state just read (``load_checkpoint_to_cpu``): the saved
+    model config of a multi-head model gets :data:`LEGACY_DEFAULTS` for the
+    options it predates (:func:`fill_legacy_defaults`); any other state is
+    left alone."""
+    model_cfg = cfg_get(cfg_get(state, "cfg"), "model") if isinstance(state, dict) else None
+    if model_cfg is not None and is_mhce_model_cfg(model_cfg):
+        fill_legacy_defaults(model_cfg)

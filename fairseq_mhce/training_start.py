@@ -24,7 +24,7 @@ the file it would restore):
 """
 
 import contextlib
-import functools
+import contextvars
 import logging
 import os
 import time
@@ -32,25 +32,19 @@ from typing import Optional
 
 import numpy as np
 import torch
+from fairseq.distributed import utils as dist_utils
+from fairseq.file_io import PathManager
+
+from .cfg_access import cfg_get, cfg_set
+from .models.transformer_mhce import layout_code, pending_table_error
+from .codes import table as ct
+from .codes.ppmi import missing_split, ppmi_code_table, split_prefix, training_targets
+from .modules.tied_embedding import checkpoint_tie_layout, model_tie_layout, tie_layout_error
+from .safe_load import load_checkpoint_mapped
 
 logger = logging.getLogger(__name__)
 
 CACHE_NAME = "mhce_code_table.json"
-
-
-def pending_table_error(pending) -> str:
-    kind, path = pending
-    if kind == "table":
-        return (
-            f"--mhce-code-table {path}: no such file, and no checkpoint to resume brings a table. Write it "
-            f"with mhce-build-codes, fix the path, or drop the option (the default --mhce-code-order "
-            f"auto builds a PPMI table from the training data)"
-        )
-    return (
-        "the model's code table (--mhce-code-order ppmi) is built when fairseq-train starts "
-        "(Trainer.load_checkpoint) and was not: train with fairseq-train / fairseq-hydra-train, call "
-        "fairseq_mhce.training_start.settle_code_table(...) yourself, or pass --mhce-code-order identity"
-    )
 
 
 def _head_and_settings(model):
@@ -92,9 +86,6 @@ def build_auto_table(
     ``DATABIN/SPLIT.SRC-TGT.TGT`` (or ``SPLIT.TGT-SRC.TGT``, as fairseq
     reads a data-bin of the other direction) and cached (atomically; a failure to write
     the cache is logged, not fatal).  Logs one line with the cost."""
-    from .codes import table as ct
-    from .codes.ppmi import missing_split, ppmi_code_table, split_prefix, training_targets
-
     t0 = time.time()
     symbols = ct.dictionary_symbols(dictionary)
     prefix = split_prefix(databin, split, src, tgt, tgt)  # the file fairseq reads (either direction)
@@ -171,8 +162,6 @@ def settle_code_table(
     kind, _ = head.codec.pending_table
     if kind == "table":
         raise FileNotFoundError(pending_table_error(head.codec.pending_table))
-    from .models.transformer_mhce import layout_code
-
     code = None
     if rank == 0:
         data = str(task.cfg.data).split(os.pathsep)[0]
@@ -187,8 +176,6 @@ def settle_code_table(
             save_dir,
         )
     if world_size > 1:
-        from fairseq.distributed import utils as dist_utils
-
         code = dist_utils.broadcast_object(code, src_rank=0, group=group)
     code = layout_code(
         settings,
@@ -226,23 +213,14 @@ def _started_with(checkpoint: str) -> Optional[str]:
     (``--mhce-code-table PATH`` or ``--mhce-code-order ORDER``); None when
     it cannot be read.  Only called to word a refusal."""
     try:
-        from fairseq.file_io import PathManager
-
-        from .safe_load import load_checkpoint  # only when a refusal is worded
-
-        with PathManager.open(checkpoint, "rb") as f:
-            state = load_checkpoint(f, map_location="cpu")
-        cfg = state.get("cfg") or {}
-        model = cfg.get("model") if hasattr(cfg, "get") else None
-        if model is None:
-            model = state.get("args")
+        state = load_checkpoint_mapped(PathManager.get_local_path(checkpoint))  # its config: tensors not read
+        model = _saved_model_config(state)
         if model is None:
             return None
-        get = model.get if hasattr(model, "get") else (lambda k, d=None: getattr(model, k, d))
-        table = get("mhce_code_table", None)
+        table = cfg_get(model, "mhce_code_table")
         if table not in (None, "", "None"):
             return f"--mhce-code-table {table}"
-        order = get("mhce_code_order", None)
+        order = cfg_get(model, "mhce_code_order")
         return f"--mhce-code-order {order}" if order not in (None, "") else None
     except Exception:  # a best effort: the refusal stands without it
         return None
@@ -251,51 +229,36 @@ def _started_with(checkpoint: str) -> Optional[str]:
 CODE_SETTINGS = ("mhce_code_order", "mhce_code_seed")
 
 
-def _cfg_value(cfg, name):
-    try:
-        return cfg.get(name) if isinstance(cfg, dict) or hasattr(cfg, "get") else getattr(cfg, name, None)
-    except Exception:  # a struct DictConfig without the key
-        return None
-
-
 def _saved_model_config(state):
     """The saved model config of a checkpoint's state (``cfg.model``, or
     the legacy ``args``); None when it has none."""
     cfg = state.get("cfg") if isinstance(state, dict) else None
-    model = _cfg_value(cfg, "model") if cfg is not None else None
+    model = cfg_get(cfg, "model") if cfg is not None else None
     return model if model is not None else (state.get("args") if isinstance(state, dict) else None)
 
 
-@contextlib.contextmanager
-def _reading_checkpoint(model):
-    """While ``Trainer.load_checkpoint`` reads the checkpoint it resumes:
-    one of another tie layout is refused as soon as it is read (fairseq's
-    own load would replace the reason by "Cannot load model parameters"),
-    and its saved model config is kept (the yielded dict, key
-    ``model_cfg``; absent on a rank that receives the state by broadcast)."""
-    from fairseq import checkpoint_utils
+# the model whose Trainer.load_checkpoint is reading the checkpoint it resumes,
+# and what check_resumed_state saw of it (see code_table_settled)
+_RESUMING = contextvars.ContextVar("fairseq_mhce_resuming", default=None)
 
-    from .modules.tied_embedding import checkpoint_tie_layout, model_tie_layout, tie_layout_error
 
-    seen = {}
-    inner = checkpoint_utils.load_checkpoint_to_cpu
-
-    @functools.wraps(inner)
-    def load_checkpoint_to_cpu(*args, **kwargs):
-        state = inner(*args, **kwargs)
-        params = state.get("model") if isinstance(state, dict) else None
-        theirs = checkpoint_tie_layout(params) if isinstance(params, dict) else None
-        mine = model_tie_layout(model)
-        if theirs is not None and theirs != mine:
-            raise RuntimeError(tie_layout_error(theirs, mine))
-        seen["model_cfg"] = _saved_model_config(state)
-        return state
-
-    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
-    try:
-        yield seen
-    finally:
-        checkpoint_utils.load_checkpoint_to_cpu = inner
+def check_resumed_state(state) -> None:
+    """A checkpoint state that fairseq just read (``load_checkpoint_to_cpu``):
+    while ``Trainer.load_checkpoint`` resumes a multi-head model
+    (:func:`code_table_settled`), one of another tie layout is refused as
+    soon as it is read (fairseq's own load would replace the reason by
+    "Cannot load model parameters"), and its saved model config is kept for
+    :func:`keep_started_code_settings`; a no-op otherwise."""
+    resuming = _RESUMING.get()
+    if resuming is None:
+        return
+    model, seen = resuming
+    params = state.get("model") if isinstance(state, dict) else None
+    theirs = checkpoint_tie_layout(params) if isinstance(params, dict) else None
+    mine = model_tie_layout(model)
+    if theirs is not None and theirs != mine:
+        raise RuntimeError(tie_layout_error(theirs, mine))
+    seen["model_cfg"] = _saved_model_config(state)
 
 
 def keep_started_code_settings(model_cfg, saved_cfg, checkpoint: str) -> None:
@@ -305,19 +268,13 @@ def keep_started_code_settings(model_cfg, saved_cfg, checkpoint: str) -> None:
     its next checkpoints) and say so in one line."""
     if model_cfg is None or saved_cfg is None:
         return
-    old = {k: _cfg_value(saved_cfg, k) for k in CODE_SETTINGS}
-    new = {k: _cfg_value(model_cfg, k) for k in CODE_SETTINGS}
+    old = {k: cfg_get(saved_cfg, k) for k in CODE_SETTINGS}
+    new = {k: cfg_get(model_cfg, k) for k in CODE_SETTINGS}
     changed = [k for k in CODE_SETTINGS if old[k] is not None and new[k] is not None and str(old[k]) != str(new[k])]
     if not changed:
         return
     for k in changed:
-        try:
-            setattr(model_cfg, k, old[k])
-        except Exception:  # a struct DictConfig
-            from omegaconf import open_dict
-
-            with open_dict(model_cfg):
-                setattr(model_cfg, k, old[k])
+        cfg_set(model_cfg, k, old[k])
 
     def flags(values):
         return " ".join(f"--{k.replace('_', '-')} {values[k]}" for k in CODE_SETTINGS if values[k] is not None)
@@ -329,38 +286,37 @@ def keep_started_code_settings(model_cfg, saved_cfg, checkpoint: str) -> None:
     )
 
 
-def wrap_trainer_load_checkpoint() -> None:
-    """Patch ``fairseq.trainer.Trainer.load_checkpoint`` (idempotent) to
-    settle the code table of a multi-head model before its first update."""
-    from fairseq.file_io import PathManager
-    from fairseq.trainer import Trainer
-
-    orig = Trainer.load_checkpoint
-    if getattr(orig, "_mhce_wrapped", False):
+@contextlib.contextmanager
+def code_table_settled(trainer, filename: str):
+    """Around ``Trainer.load_checkpoint(filename)`` (fairseq's own load runs
+    in the block): a multi-head model that resumes ``filename`` has its
+    checkpoint checked as it is read (:func:`check_resumed_state`) and its
+    code settings kept (:func:`check_resumed_table`,
+    :func:`keep_started_code_settings`); one that starts from scratch gets
+    its pending code table first (:func:`settle_code_table`).  Any other
+    model: nothing."""
+    head, settings = _head_and_settings(trainer._model)
+    if head is None:
+        yield
         return
-
-    @functools.wraps(orig)
-    def load_checkpoint(self, filename, *args, **kwargs):
-        head, settings = _head_and_settings(self._model)
-        if head is None:
-            return orig(self, filename, *args, **kwargs)
-        if PathManager.isfile(filename):
-            before = None if head.codec.pending_table else head.codec.code.detach().cpu().clone()
-            with _reading_checkpoint(self._model) as saved:
-                out = orig(self, filename, *args, **kwargs)
-            check_resumed_table(head, settings, before, filename)
-            keep_started_code_settings(getattr(self.cfg, "model", None), saved.get("model_cfg"), filename)
-            return out
-        settle_code_table(
-            self._model,
-            self.task,
-            self.cfg.checkpoint.save_dir if not self.cfg.checkpoint.no_save else None,
-            self.cfg.dataset.train_subset,
-            self.data_parallel_rank,
-            self.data_parallel_world_size,
-            self.data_parallel_process_group if self.data_parallel_world_size > 1 else None,
-        )
-        return orig(self, filename, *args, **kwargs)
-
-    load_checkpoint._mhce_wrapped = True
-    Trainer.load_checkpoint = load_checkpoint
+    if PathManager.isfile(filename):
+        before = None if head.codec.pending_table else head.codec.code.detach().cpu().clone()
+        seen = {}
+        token = _RESUMING.set((trainer._model, seen))
+        try:
+            yield
+        finally:
+            _RESUMING.reset(token)
+        check_resumed_table(head, settings, before, filename)
+        keep_started_code_settings(getattr(trainer.cfg, "model", None), seen.get("model_cfg"), filename)
+        return
+    settle_code_table(
+        trainer._model,
+        trainer.task,
+        trainer.cfg.checkpoint.save_dir if not trainer.cfg.checkpoint.no_save else None,
+        trainer.cfg.dataset.train_subset,
+        trainer.data_parallel_rank,
+        trainer.data_parallel_world_size,
+        trainer.data_parallel_process_group if trainer.data_parallel_world_size > 1 else None,
+    )
+    yield

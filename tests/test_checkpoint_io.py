@@ -19,7 +19,7 @@ from fairseq import checkpoint_utils
 from fairseq.file_io import PathManager as FairseqPathManager
 
 import fairseq_mhce  # noqa: F401  (patches fairseq.checkpoint_utils)
-from fairseq_mhce import checkpoint_io
+from fairseq_mhce import checkpoint_io, fairseq_patches
 
 from .utils import MICRO_ARCH, USER_DIR, cli, make_copy_data, tree_hashes
 
@@ -42,8 +42,8 @@ def partial_copy(fsrc, fdst):
 
 
 def test_only_checkpoint_utils_sees_the_atomic_copy():
-    assert getattr(checkpoint_utils.PathManager, "fairseq_mhce_atomic_copy", False)
-    assert not getattr(FairseqPathManager, "fairseq_mhce_atomic_copy", False)  # fairseq.file_io itself unchanged
+    assert getattr(checkpoint_utils.PathManager, "fairseq_mhce_patch", None) == "atomic checkpoint copies"
+    assert not hasattr(FairseqPathManager, "fairseq_mhce_patch")  # fairseq.file_io itself unchanged
     assert checkpoint_utils.PathManager.exists is FairseqPathManager.exists  # everything else is fairseq's
 
 
@@ -132,9 +132,9 @@ def test_stale_temporary_files_removed_at_the_next_train_start(tmp_path):
     for name in stale + kept:
         (tmp_path / name).write_bytes(b"x")
     assert all(checkpoint_io.TEMP_NAME.match(n) for n in stale)
-    assert getattr(checkpoint_utils.load_checkpoint, "_mhce_cleans_stale_copies", False)  # wired into fairseq-train
+    assert "fairseq.checkpoint_utils.load_checkpoint" in fairseq_patches.patched()  # wired into fairseq-train
     calls = []
-    load = checkpoint_io._cleaning_load_checkpoint(lambda cfg, trainer: calls.append(cfg) or "loaded")
+    load = fairseq_patches.wrap_load_checkpoint(lambda cfg, trainer: calls.append(cfg) or "loaded")
     assert load(types.SimpleNamespace(save_dir=str(tmp_path)), None) == "loaded" and len(calls) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
     assert load(types.SimpleNamespace(save_dir=str(tmp_path / "missing")), None) == "loaded"

@@ -14,6 +14,7 @@ import math
 import os
 
 import torch
+from fairseq.criterions import CRITERION_REGISTRY
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY, register_model, register_model_architecture
 from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase, TransformerModel
@@ -59,6 +60,23 @@ def check_head_sizes(sizes, vocab_size: int, explicit: bool):
                 + f". The smallest balanced sizes for {len(sizes)} heads are {auto_head_sizes(vocab_size, len(sizes))} "
                 f"(product {math.prod(auto_head_sizes(vocab_size, len(sizes)))})."
             )
+
+
+def pending_table_error(pending) -> str:
+    """Why a model whose code table is still pending (``codec.pending_table``:
+    ``("table", PATH)`` or ``("ppmi", ...)``) cannot train: what to do."""
+    kind, path = pending
+    if kind == "table":
+        return (
+            f"--mhce-code-table {path}: no such file, and no checkpoint to resume brings a table. Write it "
+            f"with mhce-build-codes, fix the path, or drop the option (the default --mhce-code-order "
+            f"auto builds a PPMI table from the training data)"
+        )
+    return (
+        "the model's code table (--mhce-code-order ppmi) is built when fairseq-train starts "
+        "(Trainer.load_checkpoint) and was not: train with fairseq-train / fairseq-hydra-train, call "
+        "fairseq_mhce.training_start.settle_code_table(...) yourself, or pass --mhce-code-order identity"
+    )
 
 
 def layout_code(settings: MHCESettings, vocab_size: int, code, table_shortlist: int = 0):
@@ -159,8 +177,6 @@ class TransformerMHCEDecoder(TransformerDecoderBase):
 
     def forward(self, prev_output_tokens, *args, **kwargs):
         if self.training and self.mhce_head.codec.pending_table is not None:
-            from ..training_start import pending_table_error
-
             raise RuntimeError(pending_table_error(self.mhce_head.codec.pending_table))
         return super().forward(prev_output_tokens, *args, **kwargs)
 
@@ -235,8 +251,6 @@ def check_criterion(name, method: str):
     d-dimensional states as if they were logits); refuse it by name."""
     if name is None or str(name) == PLUGIN_CRITERION:
         return
-    from fairseq.criterions import CRITERION_REGISTRY
-
     name = str(name)
     if name in DENSE_CRITERIA:
         logger.info(

@@ -46,7 +46,10 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from ..search import beam as mhce_search
+from ..cfg_access import cfg_get, cfg_set
+from ..config import is_mhce_model_cfg
+from ..search.beam import build_generator as build_factorized_generator
+from ..search.beam import check_sampling_options
 
 logger = logging.getLogger(__name__)
 
@@ -226,11 +229,11 @@ class TranslationMHCETask(TranslationTask):
     # generator
     # ------------------------------------------------------------------
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, prefix_allowed_tokens_fn=None):
-        mhce_search.check_sampling_options(args)
+        check_sampling_options(args)
         dense = super().build_generator
         if self.search_mode(args) == "dense":
             return dense(models, args, seq_gen_cls, extra_gen_cls_kwargs, prefix_allowed_tokens_fn)
-        return mhce_search.build_generator(
+        return build_factorized_generator(
             self, models, args, seq_gen_cls, extra_gen_cls_kwargs, prefix_allowed_tokens_fn, dense_builder=dense
         )
 
@@ -238,18 +241,6 @@ class TranslationMHCETask(TranslationTask):
 # ----------------------------------------------------------------------
 # checkpoints of a multi-head model trained with --task translation
 # ----------------------------------------------------------------------
-def _cfg_get(cfg, key):
-    """``cfg[key]`` of a DictConfig / dict, ``cfg.key`` of a Namespace; None when absent."""
-    if cfg is None:
-        return None
-    if isinstance(cfg, dict) or hasattr(cfg, "keys"):
-        try:
-            return cfg.get(key)
-        except Exception:  # omegaconf struct mode on a missing key
-            return None
-    return getattr(cfg, key, None)
-
-
 def adopt_translation_checkpoint(state: dict, arg_overrides=None) -> bool:
     """Make a loaded checkpoint ``state`` of a multi-head model whose saved
     task is fairseq's ``translation`` name ``translation_mhce`` instead (its
@@ -265,54 +256,35 @@ def adopt_translation_checkpoint(state: dict, arg_overrides=None) -> bool:
     that pass their own task (``fairseq-generate``, ``fairseq-interactive``,
     a resumed ``fairseq-train``) never use the saved task.  Returns whether
     the state was changed."""
-    from omegaconf import open_dict
-
-    from ..config import _is_mhce_model_cfg
-
     overrides = arg_overrides or {}
     if "task" in overrides:
         return False
     cfg, args = state.get("cfg"), state.get("args")
     if args is not None:  # a pre-hydra checkpoint: the Namespace is the config
-        if getattr(args, "task", None) != "translation" or not _is_mhce_model_cfg(args):
+        if getattr(args, "task", None) != "translation" or not is_mhce_model_cfg(args):
             return False
         args.task = "translation_mhce"
         if "mhce_search" in overrides:
             args.mhce_search = overrides["mhce_search"]
         return True
-    task_cfg = _cfg_get(cfg, "task")
-    if task_cfg is None or _cfg_get(task_cfg, "_name") != "translation":
+    task_cfg = cfg_get(cfg, "task")
+    if task_cfg is None or cfg_get(task_cfg, "_name") != "translation":
         return False
-    if not _is_mhce_model_cfg(_cfg_get(cfg, "model")):
+    if not is_mhce_model_cfg(cfg_get(cfg, "model")):
         return False
-    with open_dict(task_cfg):
-        task_cfg["_name"] = "translation_mhce"
-        if "mhce_search" in overrides:
-            task_cfg["mhce_search"] = overrides["mhce_search"]
+    cfg_set(task_cfg, "_name", "translation_mhce")
+    if "mhce_search" in overrides:
+        cfg_set(task_cfg, "mhce_search", overrides["mhce_search"])
     return True
 
 
-def adopt_translation_checkpoints_on_load():
-    """Wrap ``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` (idempotent)
-    with :func:`adopt_translation_checkpoint`."""
-    import functools
-
-    from fairseq import checkpoint_utils
-
-    orig = checkpoint_utils.load_checkpoint_to_cpu
-    if getattr(orig, "_mhce_adopt_task", False):
-        return
-
-    @functools.wraps(orig)
-    def load_checkpoint_to_cpu(path, arg_overrides=None, *args, **kwargs):
-        state = orig(path, arg_overrides, *args, **kwargs)
-        if adopt_translation_checkpoint(state, arg_overrides):
-            logger.info(
-                f"{path}: a multi-head model trained with --task translation is loaded with its task as "
-                f"translation_mhce (fairseq's translation plus the plugin's input repairs and --mhce-search); "
-                f"pass task={{'_name': 'translation'}} to from_pretrained to keep fairseq's own"
-            )
-        return state
-
-    load_checkpoint_to_cpu._mhce_adopt_task = True
-    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+def adopt_translation_checkpoint_on_load(path, state: dict, arg_overrides=None) -> None:
+    """:func:`adopt_translation_checkpoint` for the checkpoint ``path`` that
+    fairseq just read (``load_checkpoint_to_cpu``), with a log line when it
+    adopts it."""
+    if adopt_translation_checkpoint(state, arg_overrides):
+        logger.info(
+            f"{path}: a multi-head model trained with --task translation is loaded with its task as "
+            f"translation_mhce (fairseq's translation plus the plugin's input repairs and --mhce-search); "
+            f"pass task={{'_name': 'translation'}} to from_pretrained to keep fairseq's own"
+        )
