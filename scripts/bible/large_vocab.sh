@@ -30,9 +30,8 @@
 #            its dense row on test_en) and scored per language
 #   softmax  the tied softmax for SOFTMAX_MIN (15) minutes, alone, one thread: the short
 #            reference row of what a softmax affords in that time
-#   tables   all finished runs: the interleaved step timing (with the softmax body as the
-#            ceiling, when the softmax row exists), the table, the valid-ppl-against-wall-clock
-#            plot, and sacreBLEU's paired bootstrap per language against adaptive softmax
+#   tables   all finished runs: the table, the valid-ppl-against-wall-clock plot, and
+#            sacreBLEU's paired bootstrap per language against adaptive softmax
 #            -> scripts/bible/results/compare_large_vocab_SETTING*.{md,csv,json,png},
 #               large_vocab_SETTING_paired_bs.md
 # Adaptive softmax: fairseq's documented cutoffs for its largest vocabulary (the
@@ -111,12 +110,18 @@ if want softmax; then
 fi
 
 if want tables; then
+  # the runs as they are (--tables-only: nothing trained, decoded or timed again; a run without
+  # a decode, such as a softmax row stopped before its decode finished, is shown without BLEU);
+  # the step speed and memory goals are the probe's table
   methods=""
-  for m in "$LANE_A" "$LANE_B" softmax; do [ -f "$WORK/$m/score.test.json" ] && methods+="${methods:+,}$m"; done
-  # every method reused as it is; then the step timing of all of them in one process, and the table
-  "$PY" "$REPO/scripts/benchmarks/compare.py" "${COMMON[@]}" --methods "$methods" --speed-batches 4 --out "$RESULTS" \
+  for m in "$LANE_A" "$LANE_B" softmax; do
+    grep -qs "done training" "$WORK/$m/train.log" && methods+="${methods:+,}$m"
+  done
+  "$PY" "$REPO/scripts/benchmarks/compare.py" "${COMMON[@]}" --methods "$methods" --tables-only --out "$RESULTS" \
     --note "$SETTING: ${LANE_A} and ${LANE_B} trained $MINUTES min each side by side (one thread each); the tied softmax $SOFTMAX_MIN min (one thread); every model $TIE; adaptive softmax cutoffs $ADAPTIVE_CUTOFF (fairseq's wikitext-103 cutoffs), its output untied (fairseq cannot tie it in a translation model)" \
     --note "${TABLE_NOTE:-}"
+  scored=""
+  for m in "$LANE_A" "$LANE_B" softmax; do [ -f "$WORK/$m/score.test.json" ] && scored+="${scored:+,}$m"; done
   "$PY" "$REPO/scripts/benchmarks/paired_bootstrap.py" --databin "$DATA" --workdir "$WORK" \
-    --baseline "$LANE_B" --systems "$methods" --out "$RESULTS/${NAME}_paired_bs.md"
+    --baseline "$LANE_B" --systems "$scored" --out "$RESULTS/${NAME}_paired_bs.md"
 fi
