@@ -32,6 +32,7 @@ import sys
 import sacrebleu
 
 from .. import safe_load
+from ..cfg_access import cfg_get
 from ..config import MHCEConfig
 from ..modules.output_layer import output_layer_class
 from .word_split import detokenize
@@ -92,23 +93,11 @@ def auto_sizes(method, heads, vocab):
 
 
 def load(path):
-    """The checkpoint at ``path``, read with the safe loader (no code it
-    carries is run; one holding a type fairseq does not write raises
+    """The checkpoint at ``path``, read with the safe loader, its tensors
+    memory-mapped (only its config is read here; no code it carries is run;
+    one holding a type fairseq does not write raises
     ``UntrustedCheckpointError``, naming it and FAIRSEQ_MHCE_TRUST_CHECKPOINTS)."""
-    try:
-        return safe_load.load_checkpoint(path, map_location="cpu", mmap=True)
-    except safe_load.UntrustedCheckpointError:
-        raise
-    except Exception:  # not a zip-format file: mmap is not possible
-        return safe_load.load_checkpoint(path, map_location="cpu")
-
-
-def get(ns, key, default=None):
-    if ns is None:
-        return default
-    if isinstance(ns, dict):
-        return ns.get(key, default)
-    return getattr(ns, key, default)
+    return safe_load.load_checkpoint_mapped(path)
 
 
 def same_path(a, b):
@@ -150,7 +139,7 @@ def foreign_checkpoints(me, savedir, databin, vocab, argv):
         try:
             state = load(path)
             cfg = state.get("cfg") or {}
-            model = get(cfg, "model") or state.get("args")
+            model = cfg_get(cfg, "model") or state.get("args")
             if model is None:
                 raise ValueError("no saved config (cfg / args)")
         except Exception as e:  # truncated, not a checkpoint, a type fairseq does not write, ...
@@ -159,10 +148,10 @@ def foreign_checkpoints(me, savedir, databin, vocab, argv):
             else:
                 unreadable.append((name, f"{type(e).__name__}: {str(e)[:200]}"))
             continue
-        arch = get(model, "arch") or get(model, "_name")  # argparse config / hydra config
-        cutoff = get(model, "adaptive_softmax_cutoff")
-        ck_method = method_of(arch, get(model, "mhce_method"), cutoff)
-        ck_data = get(get(cfg, "task"), "data") or get(model, "data")
+        arch = cfg_get(model, "arch") or cfg_get(model, "_name")  # argparse config / hydra config
+        cutoff = cfg_get(model, "adaptive_softmax_cutoff")
+        ck_method = method_of(arch, cfg_get(model, "mhce_method"), cutoff)
+        ck_data = cfg_get(cfg_get(cfg, "task"), "data") or cfg_get(model, "data")
         if ck_method != run["method"]:
             refuse(
                 name,
@@ -181,8 +170,8 @@ def foreign_checkpoints(me, savedir, databin, vocab, argv):
             )
             continue
         if ck_method in ("mhp", "mhe", "mhs") and run["heads"] != "?":
-            ck_spec = parse_sizes(get(model, "mhce_head_sizes"))
-            ck_heads = int(get(model, "mhce_heads") or option_default("mhce_heads"))
+            ck_spec = parse_sizes(cfg_get(model, "mhce_head_sizes"))
+            ck_heads = int(cfg_get(model, "mhce_heads") or option_default("mhce_heads"))
             ck_sizes = next(
                 (t.tolist() for k, t in state["model"].items() if k.endswith("mhce_head.codec.head_sizes")), ck_spec
             )
