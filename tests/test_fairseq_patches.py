@@ -151,7 +151,8 @@ def test_a_stock_transformer_is_unchanged_by_the_plugin(copy_bin, tmp_path):
     args = ["--path", ckpt, "--beam", "2", "--batch-size", "32"]
     stock = cli("fairseq-generate", copy_bin, *args, env=NO_PLUGIN).stdout
     plugin = cli("fairseq-generate", copy_bin, *args, "--user-dir", USER_DIR).stdout
-    assert len(decoded(stock)) >= 100 * 5 and decoded(plugin) == decoded(stock)
+    assert sum(line.startswith("H-") for line in decoded(stock)) >= 90  # the test set, decoded
+    assert decoded(plugin) == decoded(stock)
 
 
 def test_the_adaptive_softmax_patch_is_applied_once():
