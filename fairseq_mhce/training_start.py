@@ -36,9 +36,9 @@ from fairseq.distributed import utils as dist_utils
 from fairseq.file_io import PathManager
 
 from .cfg_access import cfg_get, cfg_set
-from .models.transformer_mhce import layout_code, pending_table_error
 from .codes import table as ct
 from .codes.ppmi import missing_split, ppmi_code_table, split_prefix, training_targets
+from .models.transformer_mhce import layout_code, pending_table_error
 from .modules.tied_embedding import checkpoint_tie_layout, model_tie_layout, tie_layout_error
 from .safe_load import load_checkpoint_mapped
 
