@@ -56,8 +56,17 @@ import sys
 import time
 
 import numpy as np
+from fairseq.data import Dictionary
 
 from fairseq_mhce.cfg_access import cfg_get
+from fairseq_mhce.codes import ppmi as ppmi_codes
+from fairseq_mhce.codes import table as ct
+from fairseq_mhce.codes.checkpoint_vectors import checkpoint_state, checkpoint_vectors, read_checkpoint
+from fairseq_mhce.codes.grouping import digit_coherence
+from fairseq_mhce.codes.ppmi import split_prefix, training_targets
+from fairseq_mhce.config import check_shortlist
+from fairseq_mhce.models.transformer_mhce import FINGERPRINT_KEY, check_head_sizes, dictionary_fingerprint
+from fairseq_mhce.modules.codec import auto_head_sizes, parse_head_sizes
 
 PROG = "mhce-build-codes"
 
@@ -152,8 +161,6 @@ def detect_langs(databin, target_lang=None):
 
 def training_sequences(databin, src, tgt, dictionary):
     """The binarized training targets as a list of int arrays."""
-    from fairseq_mhce.codes.ppmi import split_prefix, training_targets
-
     prefix = split_prefix(databin, "train", src, tgt, tgt)  # as fairseq reads it
     why = None
     # fairseq's half-built dataset objects complain from their destructors
@@ -201,10 +208,6 @@ def check_checkpoint_dictionary(ckpt, path, dictionary, dict_path, tgt):
     plugin's dictionary fingerprint when the checkpoint has one, else by the
     ``dict.TGT.txt`` of the data-bin its config names (``cfg.task.data``)
     when that exists; else a warning that it cannot be checked."""
-    from fairseq_mhce.codes import table as ct
-    from fairseq_mhce.codes.checkpoint_vectors import checkpoint_state
-    from fairseq_mhce.models.transformer_mhce import FINGERPRINT_KEY, dictionary_fingerprint
-
     state = checkpoint_state(ckpt, path)
     fp = state.get(f"decoder.{FINGERPRINT_KEY}")
     if fp is not None:
@@ -271,21 +274,10 @@ def run(args, t0):
     for flag, value, what in (("--dim", args.dim, "SVD dimensions"), ("--window", args.window, "co-occurrence window")):
         if value < 1:
             raise UsageError(f"{flag} {value}: the {what} must be >= 1")
-    # (fairseq is imported only after the cheap checks)
-    from fairseq_mhce.codes import ppmi as ppmi_codes
-    from fairseq_mhce.codes import table as ct
-    from fairseq_mhce.codes.checkpoint_vectors import checkpoint_vectors, read_checkpoint
-    from fairseq_mhce.codes.grouping import digit_coherence
-    from fairseq_mhce.config import check_shortlist
-    from fairseq_mhce.models.transformer_mhce import check_head_sizes
-    from fairseq_mhce.modules.codec import auto_head_sizes, parse_head_sizes
-
     src, tgt = detect_langs(databin, args.target_lang)
     dict_path = os.path.join(databin, f"dict.{tgt}.txt")
     if not os.path.isfile(dict_path):
         raise UsageError(f"no target dictionary {dict_path}")
-    from fairseq.data import Dictionary
-
     try:
         dictionary = Dictionary.load(dict_path)
     except Exception as e:  # a damaged dict.txt

@@ -307,7 +307,7 @@ def write_lines(path: Path, lines) -> None:
 
 
 def train_spm(inputs: list[Path], model_prefix: Path, args) -> Path:
-    import sentencepiece as spm
+    import sentencepiece as spm  # only the sentencepiece tokenizer needs it
 
     # Without a fixed seed spm samples its training sentences differently
     # each run, and the vocabulary (hence every id) changes.
@@ -333,7 +333,7 @@ def train_spm(inputs: list[Path], model_prefix: Path, args) -> Path:
 
 def spm_encode(model: Path, src: Path, dst: Path, workers: int) -> collections.Counter:
     """Encode one file to space-separated pieces; return piece counts."""
-    import sentencepiece as spm
+    import sentencepiece as spm  # only the sentencepiece tokenizer needs it
 
     sp = spm.SentencePieceProcessor(model_file=str(model))
     pieces = sp.encode(read_lines(src), out_type=str, num_threads=workers)
@@ -359,7 +359,7 @@ def write_fairseq_dict(vocab_file: Path, counts: collections.Counter, dst: Path)
 
 
 def _moses_tokenize_chunk(job):
-    from sacremoses import MosesTokenizer
+    from sacremoses import MosesTokenizer  # only the moses-word tokenizer needs it (in a worker)
 
     lang, lines = job
     tok = MosesTokenizer(lang=lang)
@@ -372,7 +372,7 @@ def moses_tokenize(src: Path, dst: Path, lang: str, workers: int) -> None:
     chunk = 2000
     jobs = [(lang, lines[i : i + chunk]) for i in range(0, len(lines), chunk)]
     if workers > 1 and len(jobs) > 1:
-        import multiprocessing
+        import multiprocessing  # only for more than one worker
 
         with multiprocessing.Pool(min(workers, len(jobs))) as pool:
             out = pool.map(_moses_tokenize_chunk, jobs)
