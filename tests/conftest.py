@@ -9,6 +9,9 @@
   file lock in the run's shared temporary folder), and read by the others.
 * Before each test: whether it is marked ``e2e`` (:mod:`tests.utils` refuses
   to run a command-line tool for a test that is not).
+* ``one_thread``: torch on one thread in this process for a module's tests.
+
+The helpers that test files share are in :mod:`tests.utils`.
 """
 
 import os
@@ -19,6 +22,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+
+pytest.register_assert_rewrite("tests.utils")  # its helpers' asserts explain themselves like a test's
+
+import torch  # noqa: E402
 from filelock import FileLock  # noqa: E402
 
 from . import utils  # noqa: E402
@@ -28,6 +35,18 @@ from .utils import SHARED_MODELS, make_copy_data, train_tiny  # noqa: E402
 def pytest_runtest_setup(item):
     """Before the test's fixtures: whether it may run command-line tools."""
     utils.CURRENT_TEST_IS_E2E = item.get_closest_marker("e2e") is not None
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """In-process work of a module on one thread (``pytestmark =
+    pytest.mark.usefixtures("one_thread")``): on a shared 2-core machine,
+    two OpenMP threads next to another busy process run several times slower;
+    the count is restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ grouping runs on synthetic vectors of a few dozen tokens.
 """
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -20,24 +19,7 @@ from fairseq_mhce.codes.grouping import balanced_codes, digit_coherence
 from fairseq_mhce.codes.ppmi import ppmi_svd_vectors
 from fairseq_mhce.modules.codec import MixedRadixCodec, auto_head_sizes
 
-from .utils import cli, make_copy_data
-
-
-def strides(sizes):
-    return [math.prod(sizes[h + 1 :]) for h in range(len(sizes))]
-
-
-def check_balanced(code, V, sizes, nfix=4):
-    code = np.asarray(code)
-    assert code.shape == (V,)
-    assert sorted(code.tolist()) == list(range(V)), "used codes must be exactly range(V)"
-    assert code[:nfix].tolist() == list(range(nfix)), "specials keep codes 0..3"
-    for s in strides(sizes):
-        n_groups = -(-V // s)
-        fill = np.bincount(code // s, minlength=n_groups)
-        assert fill.size == n_groups
-        assert (fill[:-1] == s).all(), f"stride {s}: groups {fill.tolist()}"
-        assert 1 <= fill[-1] <= s
+from .utils import check_balanced, cli, make_copy_data
 
 
 def symbols_of(V):

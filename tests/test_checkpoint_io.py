@@ -21,7 +21,7 @@ from fairseq.file_io import PathManager as FairseqPathManager
 import fairseq_mhce  # noqa: F401  (patches fairseq.checkpoint_utils)
 from fairseq_mhce import checkpoint_io, fairseq_patches
 
-from .utils import MICRO_ARCH, USER_DIR, cli, make_copy_data, tree_hashes
+from .utils import make_copy_data, train_micro, tree_hashes
 
 OLD = b"old checkpoint " * 1000
 NEW = os.urandom(3 << 20)  # 3 MiB: several chunks of the copy
@@ -156,38 +156,7 @@ def test_checkpoint_problem_tells_empty_truncated_and_whole(tmp_path):
 
 
 def train(data, save_dir, *extra, updates=3):
-    return cli(
-        "fairseq-train",
-        data,
-        "--user-dir",
-        USER_DIR,
-        "--arch",
-        "transformer_iwslt_de_en_mhce",
-        "--mhce-method",
-        "mhp",
-        "--mhce-code-order",
-        "identity",
-        *MICRO_ARCH,
-        "--optimizer",
-        "adam",
-        "--lr",
-        "1e-3",
-        "--max-tokens",
-        "500",
-        "--max-update",
-        updates,
-        "--criterion",
-        "mhce_label_smoothed_cross_entropy",
-        "--label-smoothing",
-        "0.1",
-        "--no-progress-bar",
-        "--num-workers",
-        "0",
-        "--save-dir",
-        save_dir,
-        *extra,
-        check=False,
-    )
+    return train_micro(data, save_dir, "mhp", "--num-workers", "0", *extra, updates=updates, check=False)
 
 
 @pytest.fixture(scope="module")

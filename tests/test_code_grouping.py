@@ -5,29 +5,12 @@ determinism for a seed, and grouping quality well above identity codes.
 A few seconds: V = 5000, 16-dim clustered vectors.
 """
 
-import math
-
 import numpy as np
 import pytest
 
 from fairseq_mhce.codes import grouping as bg
 
-
-def strides(sizes):
-    return [math.prod(sizes[h + 1 :]) for h in range(len(sizes))]
-
-
-def check_guarantees(code, V, sizes, nfix=4, last=()):
-    code = np.asarray(code)
-    assert code.shape == (V,)
-    assert np.array_equal(np.sort(code), np.arange(V)), "used codes must be exactly [0, V)"
-    assert code[:nfix].tolist() == list(range(nfix)), "the specials keep their codes"
-    last = np.sort(np.asarray(last, dtype=np.int64))
-    assert code[last].tolist() == list(range(V - last.size, V)), "`last` ids get the highest codes, in id order"
-    for s in strides(sizes):
-        fill = np.bincount(code // s)
-        assert (fill[:-1] == s).all(), f"stride {s}: a group other than the last is not full"
-        assert 1 <= fill[-1] <= s
+from .utils import check_balanced
 
 
 def clustered(V, k=16, n_clusters=60, seed=0):
@@ -48,10 +31,10 @@ def test_guarantees_and_determinism(sizes, greedy_last_level, monkeypatch):
     x = clustered(V)
     last = np.random.default_rng(1).choice(np.arange(4, V), 37, replace=False)
     a = bg.balanced_codes(x, sizes, seed=3, last=last)
-    check_guarantees(a, V, sizes, last=last)
+    check_balanced(a, V, sizes, last=last)
     assert np.array_equal(a, bg.balanced_codes(x, sizes, seed=3, last=last)), "not deterministic for a seed"
     b = bg.balanced_codes(x, sizes, seed=4, last=last)
-    check_guarantees(b, V, sizes, last=last)
+    check_balanced(b, V, sizes, last=last)
     assert not np.array_equal(a, b)  # another seed, another start
     learned = bg.digit_coherence(x, a, sizes, skip=last)
     ident = bg.digit_coherence(x, np.arange(V), sizes, skip=last)
@@ -64,7 +47,7 @@ def test_no_specials_and_a_partial_last_group():
     V, sizes = 4321, [71, 71]
     x = clustered(V, seed=2)
     code = bg.balanced_codes(x, sizes, seed=1, fixed_first=0)
-    check_guarantees(code, V, sizes, nfix=0)
+    check_balanced(code, V, sizes, nfix=0)
 
 
 def test_greedy_capacitated_fills_every_column_exactly():

@@ -2,8 +2,8 @@
 a one-to-many test set and the peak-RSS measurement of a child process.
 
 compare.py is a program in scripts/benchmarks/, loaded from its file by
-tests/script_modules.py (with its siblings machine_info.py, compare_logs.py
-and compare_report.py)."""
+tests/utils.py's load_script (with its siblings machine_info.py,
+compare_logs.py and compare_report.py)."""
 
 import statistics
 import subprocess
@@ -12,11 +12,11 @@ import sys
 import pytest
 import sacrebleu
 
-from . import script_modules
+from .utils import load_script
 
-compare = script_modules.load("compare")
-compare_logs = script_modules.load("compare_logs")
-compare_report = script_modules.load("compare_report")
+compare = load_script("compare")
+compare_logs = load_script("compare_logs")
+compare_report = load_script("compare_report")
 
 
 def _databin(tmp_path, tags, refs, hyps):

@@ -12,6 +12,8 @@ from fairseq.tasks.translation import TranslationTask
 import fairseq_mhce  # noqa: F401  (registers the plugin)
 from fairseq_mhce.criterions.mhce_label_smoothed_cross_entropy import MHCELabelSmoothedCrossEntropyCriterion
 
+from .utils import arch_sizes, digit_conditionals, smoothed_per_head
+
 
 def tiny_dict(n_words=37):
     d = Dictionary()
@@ -36,22 +38,7 @@ def build(method, heads=2, extra=()):
             method,
             "--mhce-heads",
             str(heads),
-            "--encoder-layers",
-            "1",
-            "--decoder-layers",
-            "1",
-            "--encoder-embed-dim",
-            "16",
-            "--decoder-embed-dim",
-            "16",
-            "--encoder-ffn-embed-dim",
-            "32",
-            "--decoder-ffn-embed-dim",
-            "32",
-            "--encoder-attention-heads",
-            "2",
-            "--decoder-attention-heads",
-            "2",
+            *arch_sizes(1, 16, heads=2),
             "--dropout",
             "0",
             "--user-dir",
@@ -119,21 +106,9 @@ def test_mhe_nll_equals_minus_log_p_of_target(heads):
     torch.testing.assert_close(log["nll_loss"], nll)
     # the smoothed loss: fairseq's label_smoothed_nll_loss on each head's
     # conditional, marginalized from the dense row get_normalized_probs gives
-    from .test_heads import smoothed_per_head
-
     codec = model.decoder.mhce_head.codec
     lp, tt = lprobs[mask].double(), t[mask]
-    digits = codec.encode(torch.arange(len(d)))
-    tgt = codec.encode(tt)
-    conds = []
-    for h, c in enumerate(codec.sizes):
-        rows = []
-        for n in range(tt.numel()):
-            same = (digits[:, :h] == tgt[n, :h]).all(-1)
-            mass = torch.stack([torch.logsumexp(lp[n, same & (digits[:, h] == j)], 0) for j in range(c)])
-            rows.append(mass - torch.logsumexp(mass, 0))
-        conds.append(torch.stack(rows))
-    ref = smoothed_per_head(conds, tgt, eps).sum()
+    ref = smoothed_per_head(digit_conditionals(lp, codec, tt), codec.encode(tt), eps).sum()
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-4)
 
 

@@ -18,35 +18,15 @@ import pytest
 from fairseq_mhce.cli import prepare_data
 from fairseq_mhce.cli.prepare_data import DataError
 
-from . import script_modules
-from .utils import cli
+from .utils import SPLITS, bible_slice, cli, load_script, read_lines, words_argv
 
-prepare_bible = script_modules.load("prepare_bible")
+prepare_bible = load_script("prepare_bible")
 
 LIMIT, VALID, TEST, VOCAB = 300, 40, 40, 200
-SPLITS = ("train", "valid", "test")
 
 
 def bible_argv(outdir, seed=1, *extra):
-    return [
-        "--outdir",
-        str(outdir),
-        "--limit",
-        str(LIMIT),
-        "--valid-size",
-        str(VALID),
-        "--test-size",
-        str(TEST),
-        "--seed",
-        str(seed),
-        "--text-only",
-        *extra,
-    ]
-
-
-def read_lines(path):
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
+    return ["--outdir", str(outdir), *bible_slice(LIMIT, VALID, TEST, seed), "--text-only", *extra]
 
 
 def read_splits(textdir):
@@ -252,27 +232,7 @@ def test_spm_training_is_deterministic(text, tmp_path):
 
 def test_moses_word_vocabulary(text, tmp_path):
     dest = tmp_path / "words"
-    info = prepare_data.prepare(
-        [
-            "-s",
-            "de",
-            "-t",
-            "en",
-            "--trainpref",
-            str(text / "train"),
-            "--testpref",
-            str(text / "test"),
-            "--destdir",
-            str(dest),
-            "--tokenizer",
-            "moses-word",
-            "--vocab-size",
-            "0",
-            "--workers",
-            "1",
-            "--quiet",
-        ]
-    )
+    info = prepare_data.prepare(words_argv(text / "train", dest, "--testpref", text / "test"))
     tokenized = read_lines(tmp_path / "words-tok" / "train.en")
     types = {w for line in tokenized for w in line.split()}
     # vocab-size 0 keeps every type (+ fairseq's 4 specials, padded to a multiple of 8).

@@ -23,7 +23,7 @@ import sys
 
 import pytest
 
-from .utils import REPO, cli, tree_hashes
+from .utils import REPO, cli, tree_hashes, words_argv
 
 pytestmark = pytest.mark.e2e  # compare.py, the recipes and the mhce-* tools on real files
 SCRIPTS = REPO / "scripts" / "benchmarks"
@@ -186,28 +186,6 @@ def test_compare_shows_train_sh_refusal_not_a_traceback(tmp_path):
 def write(path, data: bytes):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-
-
-def words_argv(prefix, dest, *extra):
-    """mhce-prepare-data with the word-level tokenizer (no sentencepiece training)."""
-    return [
-        "-s",
-        "de",
-        "-t",
-        "en",
-        "--trainpref",
-        prefix,
-        "--destdir",
-        dest,
-        "--tokenizer",
-        "moses-word",
-        "--vocab-size",
-        "0",
-        "--workers",
-        "1",
-        "--quiet",
-        *extra,
-    ]
 
 
 def corpus(n=30):

@@ -9,11 +9,11 @@ import pytest
 
 from .utils import (
     SHARED_MODELS,
-    TINY_ARCH,
-    TRAIN_COMMON,
     USER_DIR,
     bleu_of,
     cli,
+    fairseq_train,
+    generate,
     hypotheses,
     make_copy_data,
     train_tiny,
@@ -34,20 +34,9 @@ def trained(trained_mhp, trained_mhe):
     return {"mhp": trained_mhp, "mhe": trained_mhe}
 
 
-def generate(data, ckpt, *extra):
-    return cli(
-        "fairseq-generate",
-        data,
-        "--user-dir",
-        USER_DIR,
-        "--path",
-        ckpt,
-        "--batch-size",
-        "64",
-        "--beam",
-        "5",
-        *extra,
-    ).stdout
+def beam5(data, ckpt, *extra):
+    """fairseq-generate's output: beam 5, batches of 64 sentences."""
+    return generate(data, ckpt, "--batch-size", "64", "--beam", "5", *extra).stdout
 
 
 @pytest.mark.parametrize("method", ["mhp", "mhe"])
@@ -62,7 +51,7 @@ def test_copy_task_learned_and_logged_like_fairseq(trained, data, method):
     assert last_loss < first_loss / 2
     if method == "mhe":
         assert re.search(r"\| bleu [0-9.]+", valid[-1]), valid[-1]  # --eval-bleu ran
-    out = generate(data, save_dir / "checkpoint_best.pt", "--scoring", "sacrebleu")
+    out = beam5(data, save_dir / "checkpoint_best.pt", "--scoring", "sacrebleu")
     assert bleu_of(out) > 90, out[-500:]
 
 
@@ -71,8 +60,8 @@ def test_reload_reproduces_hypotheses_and_interactive_agrees(trained, data, meth
     ckpt = trained[method][0] / "checkpoint_best.pt"
     # the reloaded checkpoint through two independent decoders: fairseq's dense
     # row and the factorized search must give the same n-best lists
-    a = hypotheses(generate(data, ckpt, "--nbest", "2"))
-    b = hypotheses(generate(data, ckpt, "--nbest", "2", "--task", "translation_mhce", "--mhce-search", "factorized"))
+    a = hypotheses(beam5(data, ckpt, "--nbest", "2"))
+    b = hypotheses(beam5(data, ckpt, "--nbest", "2", "--task", "translation_mhce", "--mhce-search", "factorized"))
     assert len(a) > 50 and all(len(v) == 2 for v in a.values())
     assert a.keys() == b.keys()
     for sid in a:
@@ -102,7 +91,7 @@ def test_reload_reproduces_hypotheses_and_interactive_agrees(trained, data, meth
 def test_generation_features(trained, data, method):
     ckpt = trained[method][0] / "checkpoint_best.pt"
     # prefix tokens: every hypothesis starts with the reference's first token
-    out = generate(data, ckpt, "--prefix-size", "1")
+    out = beam5(data, ckpt, "--prefix-size", "1")
     refs = {int(ln.split("\t")[0][2:]): ln.split("\t")[1] for ln in out.splitlines() if ln.startswith("T-")}
     for sid, hyps in hypotheses(out).items():
         assert hyps[0][0].split()[0] == refs[sid].split()[0]
@@ -112,19 +101,19 @@ def test_generation_features(trained, data, method):
         ["--no-repeat-ngram-size", "2", "--lenpen", "0.5", "--unkpen", "1.0"],
         ["--max-len-b", "3", "--max-len-a", "0", "--min-len", "2"],
     ):
-        out = generate(data, ckpt, *flags)
+        out = beam5(data, ckpt, *flags)
         hyps = hypotheses(out)
         assert len(hyps) > 50, flags
         if "--sampling" in flags:  # it samples: another seed draws other hypotheses somewhere
-            other = hypotheses(generate(data, ckpt, *flags[:-1], "4"))
+            other = hypotheses(beam5(data, ckpt, *flags[:-1], "4"))
             assert any(other[i][0][0] != hyps[i][0][0] for i in hyps if i in other)
         words = [h[0][0].split() for h in hyps.values()]
         if "--min-len" in flags:  # between --min-len and --max-len-b tokens (eos not counted)
             assert all(2 <= len(w) <= 3 for w in words), [len(w) for w in words][:20]
-    out = generate(data, ckpt, "--max-len-b", "3", "--max-len-a", "0")
+    out = beam5(data, ckpt, "--max-len-b", "3", "--max-len-a", "0")
     assert all(len(h[0][0].split()) <= 3 for h in hypotheses(out).values())
     # --score-reference: scores the references through get_normalized_probs
-    out = generate(data, ckpt, "--score-reference")
+    out = beam5(data, ckpt, "--score-reference")
     scores = [s for hyps in hypotheses(out).values() for _, s in hyps]
     # finite log-probabilities of the references; a learned copy task scores them well on average
     # (single references of the H = 3 MHE with its automatic code table can fall below -1 at 200 updates)
@@ -154,117 +143,45 @@ def test_resume_from_checkpoint_last(trained, data, tmp_path):
     assert f"num_updates={updates + 20}" in second or f"num_updates {updates + 20}" in second
 
 
-def test_bad_configurations_fail_clearly(trained, data, tmp_path):
-    # head sizes whose product is below the vocabulary
-    r = cli(
-        "fairseq-train",
-        data,
-        "--user-dir",
-        USER_DIR,
-        "--arch",
-        "transformer_mhce",
-        "--mhce-method",
-        "mhp",
-        "--mhce-head-sizes",
-        "3,3",
-        *TINY_ARCH,
-        "--criterion",
-        "mhce_label_smoothed_cross_entropy",
-        *TRAIN_COMMON,
-        "--max-update",
-        "1",
-        "--save-dir",
-        tmp_path / "a",
-        check=False,
-    )
-    assert r.returncode != 0 and "below the vocabulary size" in r.stdout
-    # unknown method: argparse names the choices
-    r = cli(
-        "fairseq-train",
-        data,
-        "--user-dir",
-        USER_DIR,
-        "--arch",
-        "transformer_mhce",
-        "--mhce-method",
-        "mhx",
-        check=False,
-    )
-    assert r.returncode != 0 and "invalid choice" in r.stdout and "mhe" in r.stdout
-    # the criterion with a softmax model
-    r = cli(
-        "fairseq-train",
-        data,
-        "--user-dir",
-        USER_DIR,
-        "--arch",
-        "transformer",
-        *TINY_ARCH,
-        "--criterion",
-        "mhce_label_smoothed_cross_entropy",
-        *TRAIN_COMMON,
-        "--max-update",
-        "1",
-        "--save-dir",
-        tmp_path / "b",
-        check=False,
-    )
-    assert r.returncode != 0 and "needs a model with a multi-head output layer" in r.stdout
-    # the shared-last-head MHE has no per-token vectors to tie to
-    r = cli(
-        "fairseq-train",
-        data,
-        "--user-dir",
-        USER_DIR,
-        "--arch",
-        "transformer_mhce",
-        "--mhce-method",
-        "mhe",
-        "--mhce-last-head",
-        "shared",
-        "--share-decoder-input-output-embed",
-        *TINY_ARCH,
-        "--criterion",
-        "mhce_label_smoothed_cross_entropy",
-        *TRAIN_COMMON,
-        "--max-update",
-        "1",
-        "--save-dir",
-        tmp_path / "c",
-        check=False,
-    )
-    assert r.returncode != 0 and "last-head shared has none" in r.stdout
-    # a checkpoint loaded into a model with other head sizes / another method
-    ckpt = trained["mhp"][0] / "checkpoint_best.pt"
-    before = ckpt.read_bytes()
-    for override, msg in (
+@pytest.mark.parametrize(
+    "arch,flags,needles",
+    [
+        ("transformer_mhce", ["--mhce-method", "mhp", "--mhce-head-sizes", "3,3"], ["below the vocabulary size"]),
+        # unknown method: argparse names the choices
+        ("transformer_mhce", ["--mhce-method", "mhx"], ["invalid choice", "mhe"]),
+        # the criterion with a softmax model
+        ("transformer", [], ["needs a model with a multi-head output layer"]),
+        # the shared-last-head MHE has no per-token vectors to tie to
+        (
+            "transformer_mhce",
+            ["--mhce-method", "mhe", "--mhce-last-head", "shared", "--share-decoder-input-output-embed"],
+            ["last-head shared has none"],
+        ),
+    ],
+    ids=["sizes-below-V", "unknown-method", "softmax-model", "tied-shared-last-head"],
+)
+def test_bad_configurations_fail_clearly(data, tmp_path, arch, flags, needles):
+    r = fairseq_train(data, tmp_path / "save", *flags, arch=arch, updates=1, check=False)
+    assert r.returncode != 0 and all(n in r.stdout for n in needles), r.stdout[-2000:]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
         ("{'mhce_head_sizes': '8,8'}", "trained with --mhce-head-sizes"),
         ("{'mhce_method': 'mhe'}", "trained with --mhce-method mhp"),
-    ):
-        r = cli(
-            "fairseq-generate",
-            data,
-            "--user-dir",
-            USER_DIR,
-            "--path",
-            ckpt,
-            "--model-overrides",
-            override,
-            check=False,
-        )
-        assert r.returncode != 0 and msg in r.stdout, r.stdout[-2000:]
+    ],
+)
+def test_checkpoint_into_another_head_fails_clearly(trained, data, override, message):
+    """A checkpoint loaded into a model with other head sizes / another method."""
+    ckpt = trained["mhp"][0] / "checkpoint_best.pt"
+    before = ckpt.read_bytes()
+    r = generate(data, ckpt, "--model-overrides", override, check=False)
+    assert r.returncode != 0 and message in r.stdout, r.stdout[-2000:]
     assert ckpt.read_bytes() == before  # a failed load never touches the checkpoint
 
 
 def test_dictionary_mismatch_is_explained(trained, tmp_path):
     other = make_copy_data(tmp_path, n_train=200, n_valid=20, n_test=20, n_words=80, seed=5)
-    r = cli(
-        "fairseq-generate",
-        other,
-        "--user-dir",
-        USER_DIR,
-        "--path",
-        trained["mhe"][0] / "checkpoint_best.pt",
-        check=False,
-    )
+    r = generate(other, trained["mhe"][0] / "checkpoint_best.pt", check=False)
     assert r.returncode != 0 and "dictionary mismatch" in r.stdout, r.stdout[-2000:]

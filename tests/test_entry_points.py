@@ -8,8 +8,7 @@ import torch
 
 import fairseq_mhce  # noqa: F401
 
-from .test_recipes import script
-from .utils import REPO, TRAIN_COMMON, USER_DIR, cli, make_copy_data
+from .utils import REPO, USER_DIR, cli, fairseq_train, make_copy_data, recipe
 
 pytestmark = pytest.mark.e2e
 
@@ -49,24 +48,8 @@ def ckpt_signature(save_dir):
 
 
 def train_cli(data, save, method, extra):
-    cli(
-        "fairseq-train",
-        data,
-        "--user-dir",
-        USER_DIR,
-        "--arch",
-        "transformer_iwslt_de_en_mhce",
-        "--criterion",
-        "mhce_label_smoothed_cross_entropy",
-        *(["--mhce-method", method] if method != "mhe" else []),
-        *extra,
-        *SIZES,
-        *TRAIN_COMMON,
-        "--max-update",
-        "1",
-        "--save-dir",
-        save,
-    )
+    method_flag = ["--mhce-method", method] if method != "mhe" else []  # mhe: the default
+    fairseq_train(data, save, *method_flag, *extra, updates=1, arch="transformer_iwslt_de_en_mhce", sizes=SIZES)
 
 
 def train_hydra(data, save, method, overrides, check=True):
@@ -102,7 +85,7 @@ def test_every_entry_point_builds_the_same_head(data, tmp_path, method):
         assert "token_vectors" not in want["shapes"] and "token_bias" in want["shapes"]  # per-token, tied
     else:
         assert want["shapes"]["proj.weight"][0] == sum(want["sizes"]) + 8 + 1  # shortlist 8 + the tail
-    script("train.sh", method, data, tmp_path / "recipe", *flags, *SIZES, "--max-update", "1", "--max-tokens", "2000")
+    recipe("train.sh", method, data, tmp_path / "recipe", *flags, *SIZES, "--max-update", "1", "--max-tokens", "2000")
     assert ckpt_signature(tmp_path / "recipe") == want
     from fairseq.models.transformer import TransformerModel
 

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from .utils import MICRO_ARCH, REPO, USER_DIR, cli, make_copy_data
+from .utils import REPO, make_copy_data, train_micro
 
 pytestmark = pytest.mark.e2e
 
@@ -76,36 +76,8 @@ def test_tiny_training_exits_zero_every_time(tmp_path):
     data = make_copy_data(tmp_path / "data", n_train=600, n_valid=20, n_test=20, n_words=300)
     statuses = []
     for i in range(4):
-        p = cli(
-            "fairseq-train",
-            data,
-            "--user-dir",
-            USER_DIR,
-            "--arch",
-            "transformer_iwslt_de_en_mhce",
-            "--mhce-method",
-            "mhp" if i % 2 == 0 else "mhe",
-            "--mhce-code-order",
-            "identity",
-            *MICRO_ARCH,
-            "--optimizer",
-            "adam",
-            "--lr",
-            "1e-3",
-            "--max-tokens",
-            "500",
-            "--max-update",
-            "3",
-            "--criterion",
-            "mhce_label_smoothed_cross_entropy",
-            "--label-smoothing",
-            "0.1",
-            "--disable-validation",
-            "--no-progress-bar",
-            "--save-dir",
-            tmp_path / f"ck{i}",
-            check=False,
-        )
+        method = "mhp" if i % 2 == 0 else "mhe"
+        p = train_micro(data, tmp_path / f"ck{i}", method, "--disable-validation", updates=3, check=False)
         assert "done training" in p.stdout, p.stdout[-3000:]
         statuses.append((p.returncode, "terminate called" in p.stdout))
     assert statuses == [(0, False)] * 4, statuses

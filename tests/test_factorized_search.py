@@ -18,59 +18,45 @@ import math
 
 import pytest
 import torch
-from fairseq import options, tasks
 from fairseq.sequence_generator import SequenceGenerator
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import fairseq_mhce  # noqa: F401  (registers the task and models)
-from fairseq_mhce.modules.codec import MixedRadixCodec
-from fairseq_mhce.modules.multihead_output import MultiHeadEmbedding, MultiHeadProduct
 from fairseq_mhce.search.beam import FactorizedSequenceGenerator
 from fairseq_mhce.search.topk import mhe_topk, mhp_topk
 
-from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, hypotheses, make_copy_data
+from .utils import (
+    ONE_THREAD,
+    SPECIAL,
+    USER_DIR,
+    assert_same_hypotheses,
+    build_model,
+    cli,
+    fairseq_train,
+    hypotheses,
+    in_both_search_modes,
+    make_copy_data,
+    make_head,
+    search,
+    source_sample,
+)
 
-SPECIAL = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """In-process decoding on one thread: on a shared 2-core machine, two
-    OpenMP threads next to another busy process run several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# in-process decoding on one thread (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------
 # top-k routines
 # --------------------------------------------------------------------------
-def make_head(kind, V, sizes, scale, seed, random_code):
-    """An MHP, MHE (shared last head) or ``mhe-pt`` (per-token) head of width
-    16, its initial weights times ``scale`` (< 1: nearly uniform; > 1: peaky);
-    ``random_code``: a random code table."""
-    torch.manual_seed(seed)
-    codec = MixedRadixCodec(V, sizes, torch.randperm(V) if random_code else None)
-    if kind == "mhp":
-        head = MultiHeadProduct(16, codec)
-    else:
-        head = MultiHeadEmbedding(16, codec, last_head="per-token" if kind == "mhe-pt" else "shared")
-    with torch.no_grad():
-        for p in head.parameters():
-            p.mul_(scale)
-    return head
-
-
 @pytest.mark.parametrize("method", ["mhp", "mhe"])
 @pytest.mark.parametrize(
     "V,sizes", [(100, [10, 10]), (93, [10, 10]), (230, [7, 6, 6]), (500, [8, 8, 8]), (281, [3, 4, 5, 5])]
 )
 def test_topk_matches_dense_topk(method, V, sizes):
     routine = mhp_topk if method == "mhp" else mhe_topk
-    for seed, (scale, random_code) in enumerate([(0.1, False), (1.0, True), (6.0, True)]):
-        head = make_head(method, V, sizes, scale, seed, random_code)
+    for seed, (scale, code) in enumerate([(0.1, "identity"), (1.0, "random"), (6.0, "random")]):
+        head = make_head(method, V, sizes, dim=16, seed=seed, code=code, weights="init", scale=scale)
         x = torch.randn(29, 16)
         dense = head.log_probs(x)
         ref = dense.clone()
@@ -90,7 +76,7 @@ def test_topk_matches_dense_topk(method, V, sizes):
 
 def test_head_topk_methods_delegate():
     for method in ("mhp", "mhe"):
-        head = make_head(method, 50, [8, 8], 1.0, 0, False)
+        head = make_head(method, 50, [8, 8], dim=16, weights="init")
         x = torch.randn(3, 16)
         v, t, _ = head.topk(x, 5)
         assert torch.equal(v, head.log_probs(x).topk(5).values)
@@ -99,84 +85,6 @@ def test_head_topk_methods_delegate():
 # --------------------------------------------------------------------------
 # generator equivalence on tiny random models built in-process
 # --------------------------------------------------------------------------
-def build_model(root, V, method, heads, seed, scale=1.0, code="identity", d=32, arch="transformer_mhce", extra=()):
-    root.mkdir(parents=True, exist_ok=True)
-    for lang, n in (("src", 40), ("tgt", V - SPECIAL)):
-        (root / f"dict.{lang}.txt").write_text("".join(f"w{i} {10**7 - i}\n" for i in range(n)))
-    mhce = ["--mhce-method", method, "--mhce-heads", str(heads), "--mhce-code-order", code] if method else []
-    args = options.parse_args_and_arch(
-        options.get_training_parser(),
-        [
-            str(root),
-            "--task",
-            "translation_mhce",
-            "--arch",
-            arch,
-            "--source-lang",
-            "src",
-            "--target-lang",
-            "tgt",
-            *mhce,
-            "--encoder-layers",
-            "1",
-            "--decoder-layers",
-            "2",
-            "--encoder-embed-dim",
-            str(d),
-            "--decoder-embed-dim",
-            str(d),
-            "--encoder-ffn-embed-dim",
-            str(2 * d),
-            "--decoder-ffn-embed-dim",
-            str(2 * d),
-            "--encoder-attention-heads",
-            "2",
-            "--decoder-attention-heads",
-            "2",
-            "--dropout",
-            "0",
-            *extra,
-        ],
-    )
-    torch.manual_seed(seed)
-    task = tasks.setup_task(args)
-    model = task.build_model(args)
-    head = getattr(model.decoder, "mhce_head", None)
-    if head is not None:
-        with torch.no_grad():
-            for p in head.parameters():
-                p.mul_(scale)
-    return task, model.eval()
-
-
-def make_sample(bsz, src_len, seed):
-    g = torch.Generator().manual_seed(seed)
-    src = torch.randint(SPECIAL, 40, (bsz, src_len), generator=g)
-    src[:, -1] = 2
-    lengths = torch.full((bsz,), src_len)
-    return {"id": torch.arange(bsz), "net_input": {"src_tokens": src, "src_lengths": lengths}}
-
-
-def run(task, model, sample, mode, **gen):
-    generator = task.build_generator([model], argparse.Namespace(mhce_search=mode, **gen))
-    return generator, generator.generate([model], sample)
-
-
-def assert_same(dense, fact, exact):
-    assert len(dense) == len(fact)
-    for hd, hf in zip(dense, fact):
-        assert len(hd) == len(hf)
-        for a, b in zip(hd, hf):
-            assert torch.equal(a["tokens"], b["tokens"]), (a["tokens"], b["tokens"])
-            if exact:
-                assert torch.equal(a["positional_scores"], b["positional_scores"])
-                assert torch.equal(a["score"], b["score"])
-            else:
-                # float32 rounding of a per-group vs a V-wide matmul: relative, not absolute
-                assert torch.allclose(a["positional_scores"], b["positional_scores"], atol=1e-5, rtol=1e-5)
-                assert torch.allclose(a["score"], b["score"], atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("method", ["mhp", "mhe"])
 @pytest.mark.parametrize("heads", [2, 3])
 def test_generator_matches_dense(tmp_path, method, heads):
@@ -184,23 +92,25 @@ def test_generator_matches_dense(tmp_path, method, heads):
     # random init (flat) / sharpened heads (trained-like), identity / random codes
     for seed, scale, code in ((1, 1.0, "identity"), (2, 4.0, "random"), (3, 2.0, "identity")):
         task, model = build_model(tmp_path / f"{seed}", V, method, heads, seed, scale, code)
-        sample = make_sample(5, 6, seed)
+        sample = source_sample(5, 6, seed)
         for beam, extra in ((1, {}), (4, {"lenpen": 0.6, "unkpen": 0.7}), (8, {"lenpen": 1.5, "unkpen": -0.5})):
             gen = dict(beam=beam, max_len_a=0, max_len_b=10, min_len=3, **extra)
-            _, dense = run(task, model, sample, "dense", **gen)
-            g, fact = run(task, model, sample, "factorized", **gen)
+            _, dense = search(task, model, sample, "dense", **gen)
+            g, fact = search(task, model, sample, "factorized", **gen)
             assert isinstance(g, FactorizedSequenceGenerator) and g.vocab_size == SPECIAL + 2 * beam
             assert all(len(h) == beam for h in fact)  # all beam hypotheses compared (n-best lists)
-            assert_same(dense, fact, exact=(method == "mhp"))
+            assert_same_hypotheses(dense, fact, exact=(method == "mhp"))
             for h in fact:  # min / max length held
                 assert all(3 <= len(x["tokens"]) - 1 <= 10 for x in h)
 
 
 def test_generator_temperature_and_unnormalized(tmp_path):
     task, model = build_model(tmp_path, 200, "mhp", 2, 3, 2.0)
-    sample = make_sample(4, 5, 3)
+    sample = source_sample(4, 5, 3)
     for gen in (dict(beam=4, temperature=0.7), dict(beam=3, unnormalized=True, max_len_b=6, max_len_a=0)):
-        assert_same(run(task, model, sample, "dense", **gen)[1], run(task, model, sample, "factorized", **gen)[1], True)
+        assert_same_hypotheses(
+            search(task, model, sample, "dense", **gen)[1], search(task, model, sample, "factorized", **gen)[1], True
+        )
 
 
 def test_fallbacks_are_logged(tmp_path, caplog):
@@ -233,14 +143,14 @@ def test_fallbacks_are_logged(tmp_path, caplog):
 
 def test_runtime_prefix_tokens_decode_dense(tmp_path, caplog):
     task, model = build_model(tmp_path, 120, "mhe", 2, 4, 3.0)
-    sample = make_sample(3, 5, 4)
+    sample = source_sample(3, 5, 4)
     prefix = torch.tensor([[5], [6], [7]])
     g = task.build_generator([model], argparse.Namespace(mhce_search="factorized", beam=4))
     d = task.build_generator([model], argparse.Namespace(beam=4))
     with caplog.at_level(logging.WARNING, logger="fairseq_mhce"):
         out = g.generate([model], sample, prefix_tokens=prefix)
     assert "decoded with the dense row" in caplog.text
-    assert_same(d.generate([model], sample, prefix_tokens=prefix), out, True)
+    assert_same_hypotheses(d.generate([model], sample, prefix_tokens=prefix), out, True)
     assert [h[0]["tokens"][0].item() for h in out] == [5, 6, 7]
     # and the generator is factorized again afterwards: same hypotheses; MHE's
     # scores only to float rounding (per-group vs V-wide matmul), as in test above
@@ -250,7 +160,7 @@ def test_runtime_prefix_tokens_decode_dense(tmp_path, caplog):
     fact = g.generate([model], sample)
     del head.topk
     assert calls, "the generator stayed on the dense row after a prefix_tokens call"
-    assert_same(d.generate([model], sample), fact, False)
+    assert_same_hypotheses(d.generate([model], sample), fact, False)
 
 
 class _Shapes(TorchDispatchMode):
@@ -290,7 +200,7 @@ def test_step_memory_does_not_grow_with_vocabulary(tmp_path, method):
     g = task.build_generator([model], gen)
     rec = _Shapes()
     with rec:
-        out = g.generate([model], make_sample(5, 6, 1))
+        out = g.generate([model], source_sample(5, 6, 1))
     assert len(out) == 5 and all(len(h) == 8 for h in out)  # nbest is applied by the CLI
     assert g.vocab_size == SPECIAL + 16
     # the dense path holds V floats per hypothesis (a dimension of size V); here
@@ -305,105 +215,62 @@ def test_step_memory_does_not_grow_with_vocabulary(tmp_path, method):
 # --------------------------------------------------------------------------
 # the real CLIs and the hub API
 # --------------------------------------------------------------------------
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """A tiny MHP model trained 30 updates with ``--task translation_mhce``,
+    ``--eval-bleu`` decoding factorized: (data, checkpoint_last.pt, train output)."""
+    root = tmp_path_factory.mktemp("factorized_cli")
+    data = make_copy_data(root / "copy", n_train=500, n_valid=20, n_test=40, n_words=60)
+    save = root / "mhp"
+    log = fairseq_train(
+        data, save, "--task", "translation_mhce", "--mhce-method", "mhp", "--no-save-optimizer-state",
+        "--eval-bleu", "--eval-bleu-args", '{"beam": 2, "mhce_search": "factorized"}', "--eval-bleu-detok", "space",
+        updates=30, env=ONE_THREAD,
+    ).stdout  # fmt: skip
+    return data, save / "checkpoint_last.pt", log
 
 
 @pytest.mark.e2e
-def test_cli_generate_and_hub_match_dense(tmp_path):
-    data = make_copy_data(tmp_path / "copy", n_train=500, n_valid=20, n_test=40, n_words=60)
-    save = tmp_path / "mhp"
-    log = cli(
-        "fairseq-train",
-        data,
-        "--user-dir",
-        USER_DIR,
-        "--task",
-        "translation_mhce",
-        "--arch",
-        "transformer_mhce",
-        "--mhce-method",
-        "mhp",
-        *TINY_ARCH,
-        "--criterion",
-        "mhce_label_smoothed_cross_entropy",
-        *TRAIN_COMMON,
-        "--max-update",
-        "30",
-        "--save-dir",
-        save,
-        "--no-save-optimizer-state",
-        "--eval-bleu",
-        "--eval-bleu-args",
-        '{"beam": 2, "mhce_search": "factorized"}',
-        "--eval-bleu-detok",
-        "space",
-        env=ONE_THREAD,
-    ).stdout
+def test_cli_eval_bleu_decodes_factorized(cli_run):
+    _, _, log = cli_run
     assert "fairseq_mhce.search | --mhce-search factorized: MHP head" in log  # --eval-bleu decoded factorized
     assert "| bleu " in log
-    ckpt = save / "checkpoint_last.pt"
-    lines = {}
-    for mode in ("dense", "factorized"):
-        out = cli(
-            "fairseq-generate",
-            data,
-            "--user-dir",
-            USER_DIR,
-            "--task",
-            "translation_mhce",
-            "--mhce-search",
-            mode,
-            "--path",
-            ckpt,
-            "--beam",
-            "5",
-            "--nbest",
-            "3",
-            "--lenpen",
-            "0.6",
-            "--unkpen",
-            "1",
-            "--batch-size",
-            "16",
-            env=ONE_THREAD,
-        ).stdout
-        lines[mode] = [ln for ln in out.splitlines() if ln[:2] in ("H-", "P-")]
+
+
+@pytest.mark.e2e
+def test_cli_generate_matches_dense(cli_run):
+    data, ckpt, _ = cli_run
+    runs = in_both_search_modes(
+        "fairseq-generate", data, ckpt, "--beam", "5", "--nbest", "3", "--lenpen", "0.6", "--unkpen", "1",
+        "--batch-size", "16", env=ONE_THREAD,
+    )  # fmt: skip
+    for mode, (_, out) in runs.items():
         assert ("per-step row of 14 columns" in out) == (mode == "factorized")
+    lines = {mode: hp for mode, (hp, _) in runs.items()}
     assert len(lines["dense"]) == 2 * 3 * 40 and lines["dense"] == lines["factorized"]
     assert len(hypotheses("\n".join(lines["dense"]))) == 40
-    # fairseq-interactive
-    inter = {}
-    for mode in ("dense", "factorized"):
-        out = cli(
-            "fairseq-interactive",
-            data,
-            "--user-dir",
-            USER_DIR,
-            "--task",
-            "translation_mhce",
-            "--mhce-search",
-            mode,
-            "--path",
-            ckpt,
-            "--beam",
-            "4",
-            "--nbest",
-            "2",
-            "--source-lang",
-            "src",
-            "--target-lang",
-            "tgt",
-            stdin="w1 w2 w3 w4\nw5 w5 w6\n",
-            env=ONE_THREAD,
-        ).stdout
-        inter[mode] = [ln for ln in out.splitlines() if ln[:2] in ("H-", "P-")]
-        assert ("per-step row of 12 columns" in out) == (mode == "factorized")
-    assert len(inter["dense"]) == 2 * 2 * 2 and inter["dense"] == inter["factorized"]
 
+
+@pytest.mark.e2e
+def test_cli_interactive_matches_dense(cli_run):
+    data, ckpt, _ = cli_run
+    runs = in_both_search_modes(
+        "fairseq-interactive", data, ckpt, "--beam", "4", "--nbest", "2", "--source-lang", "src",
+        "--target-lang", "tgt", stdin="w1 w2 w3 w4\nw5 w5 w6\n", env=ONE_THREAD,
+    )  # fmt: skip
+    for mode, (_, out) in runs.items():
+        assert ("per-step row of 12 columns" in out) == (mode == "factorized")
+    lines = {mode: hp for mode, (hp, _) in runs.items()}
+    assert len(lines["dense"]) == 2 * 2 * 2 and lines["dense"] == lines["factorized"]
+
+
+@pytest.mark.e2e
+def test_hub_matches_dense(cli_run):
     from fairseq.models.transformer import TransformerModel
 
+    data, ckpt, _ = cli_run
     hub = TransformerModel.from_pretrained(
-        str(save),
+        str(ckpt.parent),
         checkpoint_file=ckpt.name,
         data_name_or_path=str(data),
         user_dir=USER_DIR,
@@ -416,7 +283,7 @@ def test_cli_generate_and_hub_match_dense(tmp_path):
     assert isinstance(hub.task.build_generator(hub.models, hub.cfg.generation), FactorizedSequenceGenerator)
     # a checkpoint of any task: switch it to translation_mhce through the overrides
     hub2 = TransformerModel.from_pretrained(
-        str(save),
+        str(ckpt.parent),
         checkpoint_file=ckpt.name,
         data_name_or_path=str(data),
         user_dir=USER_DIR,
@@ -426,21 +293,14 @@ def test_cli_generate_and_hub_match_dense(tmp_path):
     # an empty input is not translated: a warning naming it and an empty hypothesis, and the
     # session goes on (tests/test_runtime_guards.py covers this in detail)
     assert hub.translate(["  ", src], beam=5) == ["", best]
+
+
+@pytest.mark.e2e
+def test_cli_interactive_empty_line_is_not_translated(cli_run):
+    data, ckpt, _ = cli_run
     r = cli(
-        "fairseq-interactive",
-        data,
-        "--user-dir",
-        USER_DIR,
-        "--task",
-        "translation_mhce",
-        "--path",
-        ckpt,
-        "--source-lang",
-        "src",
-        "--target-lang",
-        "tgt",
-        stdin="w1 w2\n\nw3\n",
-        env=ONE_THREAD,
-    )
+        "fairseq-interactive", data, "--user-dir", USER_DIR, "--task", "translation_mhce", "--path", ckpt,
+        "--source-lang", "src", "--target-lang", "tgt", stdin="w1 w2\n\nw3\n", env=ONE_THREAD,
+    )  # fmt: skip
     assert "input line 2 (S-1/H-1) is empty: not translated" in r.stdout, r.stdout[-2000:]
     assert r.stdout.count("\nH-") == 3 and "\nH-1\t-inf\t\n" in r.stdout

@@ -9,25 +9,13 @@ import torch.nn.functional as F
 from fairseq_mhce.modules.codec import MixedRadixCodec
 from fairseq_mhce.modules.multihead_output import MultiHeadEmbedding, MultiHeadProduct
 
+from .utils import digit_conditionals, make_dictionary, make_head, model_cfg, smoothed_per_head
+
 D = 8
 CASES = [(16, [4, 4]), (13, [4, 4]), (17, [5, 4]), (29, [2, 3, 5]), (27, [3, 3, 3]), (20, [3, 3, 3])]
 
 
 METHODS = ["mhp", "mhe", "mhe-pt"]  # mhe-pt: MHE with --mhce-last-head per-token
-
-
-def make_head(method, V, sizes, seed=0, order="identity"):
-    torch.manual_seed(seed)
-    code = torch.randperm(V) if order == "random" else None
-    codec = MixedRadixCodec(V, sizes, code)
-    if method == "mhp":
-        head = MultiHeadProduct(D, codec)
-    else:
-        head = MultiHeadEmbedding(D, codec, last_head="per-token" if method == "mhe-pt" else "shared")
-    with torch.no_grad():  # larger weights than the init, so distributions are far from uniform
-        for p in head.parameters():
-            p.normal_(0, 1.0)
-    return head.double()
 
 
 def all_digit_tuples(sizes):
@@ -80,7 +68,7 @@ def reference_log_probs(head, x):
 @pytest.mark.parametrize("V,sizes", CASES)
 @pytest.mark.parametrize("order", ["identity", "random"])
 def test_log_probs_match_brute_force(method, V, sizes, order):
-    head = make_head(method, V, sizes, order=order)
+    head = make_head(method, V, sizes, dim=D, code=order, double=True)
     x = torch.randn(5, D, dtype=torch.float64)
     with torch.no_grad():
         lp = head.log_probs(x)
@@ -95,56 +83,13 @@ def test_log_probs_match_brute_force(method, V, sizes, order):
     )
 
 
-def reference_conditionals(head, x, target):
-    """For each head h, the (N, C_h) conditional log-distribution of digit h
-    given the target's prefix, marginalized from the brute-force joint
-    (-inf where no valid code continues the prefix)."""
-    codec = head.codec
-    joint = reference_log_probs(head, x)  # (N, V), token order
-    digits = codec.encode(torch.arange(codec.vocab_size))  # (V, H)
-    tgt = codec.encode(target)
-    out = []
-    for h, c in enumerate(codec.sizes):
-        rows = []
-        for n in range(x.size(0)):
-            same = (digits[:, :h] == tgt[n, :h]).all(-1)  # tokens sharing the target's prefix
-            mass = torch.full((c,), float("-inf"), dtype=torch.float64)
-            for j in range(c):
-                sel = same & (digits[:, h] == j)
-                if bool(sel.any()):
-                    mass[j] = torch.logsumexp(joint[n, sel], 0)
-            rows.append(mass - torch.logsumexp(mass, 0))
-        out.append(torch.stack(rows))
-    return out
-
-
-def smoothed_per_head(conds, target_digits, eps):
-    """fairseq's label_smoothed_nll_loss applied to each head's own
-    conditional distribution (over its valid digits), summed over heads."""
-    from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
-
-    total = 0
-    for h, lp in enumerate(conds):
-        per = []
-        for n in range(lp.size(0)):
-            valid = torch.isfinite(lp[n])
-            col = int(valid[: target_digits[n, h]].sum())  # the target's column among the valid digits
-            if int(valid.sum()) < 2:  # one class: nothing to smooth over
-                per.append(-lp[n, target_digits[n, h]])
-                continue
-            loss, _ = label_smoothed_nll_loss(lp[n][valid][None], torch.tensor([col]), eps, reduce=False)
-            per.append(loss.reshape(()))
-        total = total + torch.stack(per)
-    return total
-
-
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("V,sizes", CASES)
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_loss_nll_and_smoothing_match_materialized(method, V, sizes, eps):
     from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
-    head = make_head(method, V, sizes, seed=1)
+    head = make_head(method, V, sizes, dim=D, seed=1, double=True)
     x = torch.randn(6, D, dtype=torch.float64)
     target = torch.randint(0, V, (6,))
     ref = reference_log_probs(head, x)
@@ -188,7 +133,7 @@ def test_loss_nll_and_smoothing_match_materialized(method, V, sizes, eps):
         torch.testing.assert_close(loss_ph.double(), ph, rtol=1e-5, atol=1e-5)
     else:
         # per-head smoothing on the conditionals of the brute-force joint
-        conds = reference_conditionals(head, x, target)
+        conds = digit_conditionals(reference_log_probs(head, x), head.codec, target)
         ref_loss = smoothed_per_head(conds, head.codec.encode(target), eps)
         torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
     assert correct.shape == (6, len(sizes))
@@ -201,27 +146,18 @@ def test_code_table_option_reads_checks_and_defers_to_a_checkpoint(tmp_path):
     error (naming the file) when training starts without it."""
     from argparse import Namespace
 
-    from fairseq.data import Dictionary
-
     from fairseq_mhce.codes.table import save_code_table
     from fairseq_mhce.config import resolve_settings
     from fairseq_mhce.criterions.mhce_label_smoothed_cross_entropy import get_mhce_head
-    from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_output_layer
+    from fairseq_mhce.models.transformer_mhce import build_output_layer
     from fairseq_mhce.training_start import settle_code_table
 
-    def dictionary(n):
-        d = Dictionary()
-        for i in range(n):
-            d.add_symbol(f"w{i}")
-        return d
-
-    d = dictionary(12)
+    d = make_dictionary(16)
     V = len(d)  # 16 with fairseq's 4 specials
     code = torch.randperm(V, generator=torch.Generator().manual_seed(3))
     path = tmp_path / "codes.json"
     save_code_table(path, code.tolist(), [4, 4], list(d.symbols), {})
-    cfg = Namespace(**{k: f.default for k, f in MHCEConfig.__dataclass_fields__.items()})
-    cfg.mhce_method, cfg.mhce_head_sizes, cfg.mhce_code_table = "mhe", "4,4", str(path)
+    cfg = model_cfg(mhce_method="mhe", mhce_head_sizes="4,4", mhce_code_table=str(path))
     head = build_output_layer(cfg, D, d)
     assert torch.equal(head.codec.code, code) and head.codec.pending_table is None
     cfg.mhce_head_sizes = "8,2"
@@ -229,7 +165,7 @@ def test_code_table_option_reads_checks_and_defers_to_a_checkpoint(tmp_path):
         build_output_layer(cfg, D, d)
     cfg.mhce_head_sizes = "5,4"
     with pytest.raises(ValueError, match="16.*17"):
-        build_output_layer(cfg, D, dictionary(13))
+        build_output_layer(cfg, D, make_dictionary(17))
     # missing file: a placeholder table until a checkpoint's state dict arrives
     cfg.mhce_head_sizes = "4,4"
     cfg.mhce_code_table = str(tmp_path / "gone.json")
@@ -237,14 +173,15 @@ def test_code_table_option_reads_checks_and_defers_to_a_checkpoint(tmp_path):
     model = Namespace(decoder=Namespace(mhce_head=head, _mhce_settings=resolve_settings(cfg)))
     with pytest.raises(FileNotFoundError, match="gone.json: no such file"):
         settle_code_table(model, None, None)  # training from scratch
-    state = {f"h.{k}": v for k, v in make_head("mhe-pt", 16, [4, 4], order="random").state_dict().items()}
+    trained = make_head("mhe-pt", 16, [4, 4], dim=D, code="random", double=True)
+    state = {f"h.{k}": v for k, v in trained.state_dict().items()}
     head.upgrade_state_dict_named(state, "h")
     assert head.codec.pending_table is None and get_mhce_head(model) is head
 
 
 def test_last_head_mismatch_is_a_clear_error():
-    shared = make_head("mhe", 16, [4, 4])
-    per_token = make_head("mhe-pt", 16, [4, 4])
+    shared = make_head("mhe", 16, [4, 4], dim=D, double=True)
+    per_token = make_head("mhe-pt", 16, [4, 4], dim=D, double=True)
     state = {f"h.{k}": v for k, v in shared.state_dict().items()}
     with pytest.raises(RuntimeError, match="--mhce-last-head shared"):
         per_token.upgrade_state_dict_named(state, "h")
@@ -252,7 +189,7 @@ def test_last_head_mismatch_is_a_clear_error():
 
 @pytest.mark.parametrize("method", ["mhe", "mhe-pt"])
 def test_gradients_flow_to_every_mhe_head(method):
-    head = make_head(method, 29, [2, 3, 5]).float()
+    head = make_head(method, 29, [2, 3, 5], dim=D, double=True).float()
     x = torch.randn(10, D, requires_grad=True)
     loss, _, _ = head.loss(x, torch.randint(0, 29, (10,)), 0.1)
     loss.sum().backward()
@@ -273,7 +210,7 @@ def test_parameters_far_below_softmax():
 
 
 def test_mhe_uniform_smoothing_is_refused():
-    head = make_head("mhe", 16, [4, 4])
+    head = make_head("mhe", 16, [4, 4], dim=D, double=True)
     with pytest.raises(ValueError, match="per-head"):
         head.loss(torch.randn(2, D, dtype=torch.float64), torch.tensor([1, 2]), 0.1, smoothing="uniform")
 

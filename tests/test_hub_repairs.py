@@ -15,7 +15,7 @@ import pytest
 
 from fairseq_mhce.tasks.translation_mhce import TranslationMHCETask
 
-from .utils import MICRO_ARCH, USER_DIR, cli, make_copy_data
+from .utils import USER_DIR, make_copy_data, train_micro
 
 pytestmark = pytest.mark.e2e
 
@@ -26,36 +26,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     data = make_copy_data(root / "data", n_train=600, n_valid=20, n_test=20, n_words=30)
     save = root / "save"
-    p = cli(
-        "fairseq-train",
-        data,
-        "--user-dir",
-        USER_DIR,
-        "--arch",
-        "transformer_iwslt_de_en_mhce",
-        "--mhce-method",
-        "mhe",
-        "--mhce-code-order",
-        "identity",
-        *MICRO_ARCH,
-        "--optimizer",
-        "adam",
-        "--lr",
-        "3e-3",
-        "--max-tokens",
-        "1000",
-        "--max-update",
-        "20",
-        "--criterion",
-        "mhce_label_smoothed_cross_entropy",
-        "--label-smoothing",
-        "0.1",
-        "--no-progress-bar",
-        "--num-workers",
-        "0",
-        "--save-dir",
-        save,
-    )
+    p = train_micro(data, save, "mhe", "--num-workers", "0", updates=20, lr="3e-3", max_tokens=1000)
     assert "'_name': 'translation'" in p.stdout  # trained with fairseq's own task
     return data, save
 

@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
-from fairseq.data import Dictionary
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -34,8 +33,10 @@ import fairseq_mhce  # noqa: F401  (registers the plugin)
 from fairseq_mhce.criterions.mhce_label_smoothed_cross_entropy import (
     MHCELabelSmoothedCrossEntropyCriterion,
 )
-from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_output_layer
+from fairseq_mhce.models.transformer_mhce import build_output_layer
 from fairseq_mhce.modules.tied_embedding import CodeOrderedEmbedding
+
+from .utils import make_dictionary, model_cfg
 
 V = 256_000  # fairseq's 4 specials + 255,996 words; 506 x 506 heads, with invalid codes
 N = 512  # target tokens (non-padding) in the batch
@@ -44,20 +45,13 @@ B, T, PAD_TAIL = 8, 72, 8  # 8 sentences of 64 tokens, each padded by 8: N = 512
 EPS = 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: the machine is shared, and sizes do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one thread (tests/conftest.py): the machine is shared, and sizes do not depend on it
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def dictionary():
-    d = Dictionary()
-    for i in range(V - d.nspecial):
-        d.add_symbol(f"w{i}")
+    d = make_dictionary(V)
     assert len(d) == V
     return d
 
@@ -104,16 +98,6 @@ class _StatesModel(nn.Module):
         return sample["target"]
 
 
-def make_head(dictionary, method, last_head="per-token", tied=False):
-    """The model's head; ``tied``: sharing a decoder input embedding
-    (``--share-decoder-input-output-embed``), returned as well."""
-    cfg = Namespace(**{k: f.default for k, f in MHCEConfig.__dataclass_fields__.items()})
-    cfg.mhce_method, cfg.mhce_last_head = method, last_head
-    torch.manual_seed(0)
-    emb = CodeOrderedEmbedding(len(dictionary), D, padding_idx=dictionary.pad()) if tied else None
-    return build_output_layer(cfg, D, dictionary, emb), emb
-
-
 def make_sample(dictionary):
     g = torch.Generator().manual_seed(1)
     target = torch.randint(dictionary.nspecial, V, (B, T), generator=g)
@@ -136,7 +120,10 @@ def make_sample(dictionary):
     ids=["mhp", "mhe-per-token", "mhe-shared", "mhp-tied", "mhe-per-token-tied"],
 )
 def test_criterion_step_builds_no_n_by_v_tensor(dictionary, method, last_head, tied):
-    head, emb = make_head(dictionary, method, last_head, tied)
+    torch.manual_seed(0)
+    # the model's head; ``tied``: sharing a decoder input embedding (--share-decoder-input-output-embed)
+    emb = CodeOrderedEmbedding(len(dictionary), D, padding_idx=dictionary.pad()) if tied else None
+    head = build_output_layer(model_cfg(mhce_method=method, mhce_last_head=last_head), D, dictionary, emb)
     assert head.codec.sizes == [506, 506] and head._has_invalid  # 506^2 = 256,036 codes > V
     if method == "mhe":
         assert head.per_token == (last_head == "per-token")

@@ -17,21 +17,17 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 from fairseq_mhce.modules.codec import MixedRadixCodec
 from fairseq_mhce.modules.mhs import MultiHeadSampling, draw_groups, group_budget, num_groups
 
-from .utils import USER_DIR, bleu_of, cli, hypotheses, make_copy_data
+from .utils import ONE_THREAD, USER_DIR, bleu_of, cli, hypotheses, make_copy_data, make_head
 
 D = 8
-# (V, head sizes, random code order): exact products, invalid codes (a
-# short last group), H = 3, a permuted code table
-CASES = [(16, [4, 4], False), (29, [6, 5], True), (29, [10, 3], False), (29, [2, 3, 5], True)]
+# (V, head sizes, code order): exact products, invalid codes (a short last
+# group), H = 3, a permuted code table
+CASES = [(16, [4, 4], "identity"), (29, [6, 5], "random"), (29, [10, 3], "identity"), (29, [2, 3, 5], "random")]
 
 
-def make_head(V, sizes, random_order=False, sample_groups=1.0, seed=0):
-    torch.manual_seed(seed)
-    codec = MixedRadixCodec(V, sizes, torch.randperm(V) if random_order else None)
-    head = MultiHeadSampling(D, codec, sample_groups=sample_groups, seed=1).double()
-    with torch.no_grad():
-        head.proj.weight.normal_(0, 1.0)
-    return head
+def mhs_head(V, sizes, code="identity", sample_groups=1.0):
+    """A float64 MHS layer of width D, its projection drawn from N(0, 1)."""
+    return make_head("mhs", V, sizes, dim=D, code=code, sample_groups=sample_groups, double=True)
 
 
 def reference(head, x, target, eps, tokens=None):
@@ -55,11 +51,11 @@ def batch(V, n=40, seed=1):
     return torch.randn(n, D, dtype=torch.double, generator=g).requires_grad_(), torch.randint(V, (n,), generator=g)
 
 
-@pytest.mark.parametrize("V,sizes,random_order", CASES)
+@pytest.mark.parametrize("V,sizes,code", CASES)
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("budget", ["fraction", "count"])
-def test_full_budget_equals_full_softmax_loss_and_gradients(V, sizes, random_order, eps, budget):
-    dec = make_head(V, sizes, random_order)
+def test_full_budget_equals_full_softmax_loss_and_gradients(V, sizes, code, eps, budget):
+    dec = mhs_head(V, sizes, code)
     dec.sample_groups = 1.0 if budget == "fraction" else float(sizes[0] + 3)
     assert group_budget(dec.sample_groups, dec.codec) == num_groups(dec.codec)
     x, t = batch(V)
@@ -81,10 +77,10 @@ def test_full_budget_equals_full_softmax_loss_and_gradients(V, sizes, random_ord
     assert torch.equal(correct.all(-1), pred == t) and correct.shape == (len(t), len(sizes))
 
 
-@pytest.mark.parametrize("V,sizes,random_order", CASES + [(1000, [250, 4], True)])
+@pytest.mark.parametrize("V,sizes,code", CASES + [(1000, [250, 4], "random")])
 @pytest.mark.parametrize("sample_groups", [0.01, 0.3, 2.0])
-def test_small_budget_always_holds_every_target_group(V, sizes, random_order, sample_groups):
-    dec = make_head(V, sizes, random_order, sample_groups=sample_groups)
+def test_small_budget_always_holds_every_target_group(V, sizes, code, sample_groups):
+    dec = mhs_head(V, sizes, code, sample_groups=sample_groups)
     codec, p1 = dec.codec, int(dec.codec.strides[0])
     budget = group_budget(sample_groups, codec)
     for step in range(12):
@@ -114,7 +110,7 @@ def test_small_budget_always_holds_every_target_group(V, sizes, random_order, sa
 
 
 def test_negatives_reproducible_and_shared_by_ranks():
-    dec = make_head(1000, [250, 4], sample_groups=0.2)
+    dec = mhs_head(1000, [250, 4], sample_groups=0.2)
     codec = dec.codec
     a = torch.tensor([0, 1, 2, 3])  # group 0
     b = torch.tensor([996, 997])  # group 249
@@ -134,7 +130,7 @@ def test_negatives_reproducible_and_shared_by_ranks():
 
 
 def test_eval_mode_is_the_exact_full_softmax():
-    dec = make_head(29, [10, 3], random_order=True, sample_groups=0.01)
+    dec = mhs_head(29, [10, 3], "random", sample_groups=0.01)
     x, t = batch(29)
     loss, nll, _ = dec.eval().loss(x, t, 0.1)
     ref_loss, ref_nll = reference(dec, x, t, 0.1)
@@ -152,13 +148,13 @@ def test_budget_parsing_and_errors():
     for bad in (0, -1, float("nan")):
         with pytest.raises(ValueError, match="--mhce-sample-groups"):
             group_budget(bad, codec)
-    dec = make_head(16, [4, 4])
+    dec = mhs_head(16, [4, 4])
     with pytest.raises(ValueError, match="per-head"):
         dec.loss(*batch(16), 0.1, smoothing="per-head")
     with pytest.raises(ValueError, match="--mhce-sample-groups"):
         MultiHeadSampling(D, MixedRadixCodec(16, [4, 4]), sample_groups=0)
     # with every group sampled: fairseq's full label-smoothed loss
-    head = make_head(1000, [250, 4], sample_groups=1.0)
+    head = mhs_head(1000, [250, 4])
     x, t = batch(1000)
     ref_loss, ref_nll = reference(head, x, t, 0.1)
     loss, nll, _ = head.loss(x, t, 0.1)
@@ -170,7 +166,6 @@ def test_budget_parsing_and_errors():
 
 # ---------------------------------------------------------------- real CLIs
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # steadier on a shared 2-core machine
 PLAIN = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}  # stock fairseq on torch >= 2.6
 
 

@@ -17,54 +17,36 @@ Every failing case leaves the user's checkpoint and data-bin byte-identical.
 import logging
 import random
 import shutil
-from argparse import Namespace
 
 import pytest
 import torch
-from fairseq.data import Dictionary
 
 import fairseq_mhce  # noqa: F401
-from fairseq_mhce.models.transformer_mhce import MHCEConfig, TransformerMHCEModel, build_output_layer
+from fairseq_mhce.models.transformer_mhce import TransformerMHCEModel, build_output_layer
 
-from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, tree_hashes
-
-
-def dictionary(n):
-    d = Dictionary()
-    for i in range(n - len(d)):
-        d.add_symbol(f"w{i}")
-    return d
-
-
-def cfg(**kw):
-    """A model config with the defaults, identity codes unless asked (the
-    automatic PPMI table needs training data; tests/test_auto_codes.py)."""
-    c = Namespace(**{k: f.default for k, f in MHCEConfig.__dataclass_fields__.items()})
-    c.mhce_code_order = "identity"
-    for k, v in kw.items():
-        setattr(c, k, v)
-    return c
+from .utils import USER_DIR, cli, fairseq_train, make_dictionary, model_cfg, tree_hashes
 
 
 # ---------------------------------------------------------------- head counts
 def test_too_many_heads_for_the_vocabulary_is_refused():
-    d = dictionary(208)
+    d = make_dictionary(208)
     for method in ("mhp", "mhe"):
         with pytest.raises(ValueError, match=r"--mhce-heads 20 .*208.*always predict digit 0.*At most 8 heads"):
-            build_output_layer(cfg(mhce_method=method, mhce_heads=20), 16, d)
-        head = build_output_layer(cfg(mhce_method=method, mhce_heads=8), 16, d)  # 2^8 >= 208 > 2^7: every head used
+            build_output_layer(model_cfg(mhce_method=method, mhce_heads=20), 16, d)
+        # 2^8 >= 208 > 2^7: every head used
+        head = build_output_layer(model_cfg(mhce_method=method, mhce_heads=8), 16, d)
         assert len(head.codec.sizes) == 8 and min(head.codec.used_digits()) >= 2
 
 
 def test_spare_head_in_explicit_sizes_is_warned(caplog):
-    d = dictionary(300)
+    d = make_dictionary(300)
     caplog.set_level(logging.WARNING, logger="fairseq_mhce")
-    head = build_output_layer(cfg(mhce_method="mhe", mhce_head_sizes="20,20,20"), 16, d)
+    head = build_output_layer(model_cfg(mhce_method="mhe", mhce_head_sizes="20,20,20"), 16, d)
     assert head.codec.sizes == [20, 20, 20]
     assert "without head(s) [1, 2, 3], and head(s) [1] always predict digit 0" in caplog.text, caplog.text
     assert "[7, 7, 7] (product 343)" in caplog.text
     caplog.clear()
-    build_output_layer(cfg(mhce_method="mhe", mhce_head_sizes="20,16"), 16, d)  # both needed: no warning
+    build_output_layer(model_cfg(mhce_method="mhe", mhce_head_sizes="20,16"), 16, d)  # both needed: no warning
     assert "without head" not in caplog.text
 
 
@@ -84,7 +66,7 @@ def test_mhs_seed_follows_fairseq_seed_without_a_config_seed():
                 **extra,
             }
         )
-        d = dictionary(100)
+        d = make_dictionary(100)
         emb = torch.nn.Embedding(len(d), 16, padding_idx=d.pad())
         return TransformerMHCEModel.build_decoder(args, d, emb).mhce_head.seed
 
@@ -100,26 +82,7 @@ def data(copy_bin):
 
 
 def train(data, save, method, *extra, criterion="mhce_label_smoothed_cross_entropy", check=True):
-    return cli(
-        "fairseq-train",
-        data,
-        "--user-dir",
-        USER_DIR,
-        "--arch",
-        "transformer_mhce",
-        "--mhce-method",
-        method,
-        *TINY_ARCH,
-        "--criterion",
-        criterion,
-        *TRAIN_COMMON,
-        "--max-update",
-        "6",
-        "--save-dir",
-        save,
-        *extra,
-        check=check,
-    )
+    return fairseq_train(data, save, "--mhce-method", method, *extra, updates=6, criterion=criterion, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -20,42 +20,19 @@ import pytest
 from fairseq_mhce.cli.prepare_data import DataError
 from fairseq_mhce.recipes import word_split
 
-from . import script_modules
-from .script_modules import SCRIPTS
-from .utils import tree_hashes
+from .utils import SCRIPTS, SPLITS, bible_slice, load_script, read_lines, tree_hashes
 
-prepare_bible = script_modules.load("prepare_bible")
-multi = script_modules.load("prepare_bible_multi")
+prepare_bible = load_script("prepare_bible")
+multi = load_script("prepare_bible_multi")
 
 LIMIT, VALID, TEST = 300, 30, 30
 SMALL_TARGETS = "it,en,ru,tr"  # Latin and Cyrillic, with and without cleaning rules
 DEFAULT_14 = ["it", "en", "fr", "id", "vi", "uk", "es", "pt", "tl", "sw", "ru", "tr", "ro", "pl"]
-SPLITS = ("train", "valid", "test")
 SPM_VOCAB = 400
 
 
 def argv(dest, *extra, seed=1):
-    return [
-        "--destdir",
-        str(dest),
-        "--limit",
-        str(LIMIT),
-        "--valid-size",
-        str(VALID),
-        "--test-size",
-        str(TEST),
-        "--seed",
-        str(seed),
-        "--workers",
-        "1",
-        "--quiet",
-        *extra,
-    ]
-
-
-def read_lines(path):
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
+    return ["--destdir", str(dest), *bible_slice(LIMIT, VALID, TEST, seed), "--workers", "1", "--quiet", *extra]
 
 
 def read_splits(dest):

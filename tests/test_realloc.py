@@ -4,7 +4,6 @@ collection window and in-place table swap, the refusals, and a real
 fairseq-train run whose checkpoint carries the new table."""
 
 import itertools
-import math
 
 import numpy as np
 import pytest
@@ -17,13 +16,12 @@ from fairseq_mhce.models.transformer_mhce import build_output_layer
 from fairseq_mhce.modules.codec import MixedRadixCodec, auto_head_sizes
 from fairseq_mhce.modules.multihead_output import MultiHeadProduct
 
-from .test_model_guards import cfg, dictionary
-from .utils import USER_DIR, cli, hypotheses, make_copy_data, train_tiny
+from .utils import generate, hypotheses, make_copy_data, make_dictionary, model_cfg, strides, train_tiny
 
 
 def placement_cost(costs, code, sizes):
-    strides = [math.prod(sizes[h + 1 :]) for h in range(len(sizes))]
-    return sum(costs[h][v, (code[v] // strides[h]) % sizes[h]] for h in range(len(sizes)) for v in range(len(code)))
+    s = strides(sizes)
+    return sum(costs[h][v, (code[v] // s[h]) % sizes[h]] for h in range(len(sizes)) for v in range(len(code)))
 
 
 @pytest.mark.parametrize("sizes,V,seed", [([3, 3], 8, 0), ([3, 3], 9, 1), ([2, 2, 2], 8, 2)])
@@ -66,15 +64,15 @@ def test_refusals():
     with pytest.raises(ValueError, match="comma-separated update numbers"):
         parse_update_list("300,x")
     assert parse_update_list("600, 300") == [300, 600] and parse_update_list(None) == []
-    d = dictionary(40)
+    d = make_dictionary(40)
     with pytest.raises(ValueError, match="re-allocates the code table of --mhce-method mhp"):
-        build_output_layer(cfg(mhce_method="mhe", mhce_realloc_updates="10"), 16, d)
+        build_output_layer(model_cfg(mhce_method="mhe", mhce_realloc_updates="10"), 16, d)
     big = MixedRadixCodec(REALLOC_MAX_VOCAB + 8, auto_head_sizes(REALLOC_MAX_VOCAB + 8, 2))
     with pytest.raises(ValueError, match="dense V x V assignment"):
         MultiHeadProduct(16, big, realloc_updates=[5])
-    head = build_output_layer(cfg(mhce_method="mhp", mhce_realloc_updates="7,3", mhce_realloc_window=2), 16, d)
+    head = build_output_layer(model_cfg(mhce_method="mhp", mhce_realloc_updates="7,3", mhce_realloc_window=2), 16, d)
     assert head.realloc.updates == [3, 7] and head.realloc.window == 2
-    assert build_output_layer(cfg(mhce_method="mhp"), 16, d).realloc is None  # no schedule, no state
+    assert build_output_layer(model_cfg(mhce_method="mhp"), 16, d).realloc is None  # no schedule, no state
 
 
 def test_head_collects_its_window_and_swaps_the_table_in_place(caplog):
@@ -147,18 +145,7 @@ def test_fairseq_train_reallocates_and_the_checkpoint_decodes(tmp_path):
     code = state["decoder.mhce_head.codec.code"]
     assert not torch.equal(code, torch.arange(code.numel()))  # identity before, moved after
     assert torch.equal(code[:4], torch.arange(4))
-    gen = cli(
-        "fairseq-generate",
-        data,
-        "--user-dir",
-        USER_DIR,
-        "--path",
-        save / "checkpoint_last.pt",
-        "--batch-size",
-        "20",
-        "--beam",
-        "3",
-        "--required-batch-size-multiple",
-        "1",
+    gen = generate(
+        data, save / "checkpoint_last.pt", "--batch-size", "20", "--beam", "3", "--required-batch-size-multiple", "1"
     ).stdout
     assert sorted(hypotheses(gen)) == list(range(20))

@@ -19,34 +19,16 @@ import subprocess
 import pytest
 import torch
 
-from .utils import BIN, REPO, USER_DIR, cli, hypotheses, make_copy_data, tree_hashes
+from .utils import BIN, arch_sizes, generate, hypotheses, make_copy_data, recipe, tree_hashes
 
 pytestmark = pytest.mark.e2e
 
 # tiny model (train.sh's extra arguments come last and override its sizes)
-TINY = [
-    "--encoder-layers", "1", "--decoder-layers", "1",
-    "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
-    "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
-    "--log-interval", "4", "--max-tokens", "300",
-]  # fmt: skip
+TINY = [*arch_sizes(1, 32), "--log-interval", "4", "--max-tokens", "300"]
 # 12 updates, a checkpoint_E_U.pt every 4 (kept); an epoch is ~18 updates, so
 # none of them falls on an epoch's end (where fairseq writes no checkpoint_E_U.pt)
 SAVES = ["--save-interval-updates", "4", "--keep-interval-updates", "10"]
 START = "===== train.sh start "
-
-
-def script(name, *args, env=None):
-    e = dict(os.environ, OMP_NUM_THREADS="1", WARMUP="10", LR="3e-3")
-    e.pop("REUSE_SAVEDIR", None)
-    e.update(env or {})
-    return subprocess.run(
-        [str(REPO / "scripts" / "recipes" / name), *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=e,
-    )
 
 
 def average(*args):
@@ -73,7 +55,7 @@ def mhe_run(data, tmp_path_factory):
     """One tiny MHE run through train.sh (its default PPMI code table), 12
     updates, checkpoints at 4, 8, 12.  Tests copy from it, never write into it."""
     save = tmp_path_factory.mktemp("mhe_run") / "mhe"
-    p = script("train.sh", "mhe", data, save, "--max-update", "12", *SAVES, *TINY)
+    p = recipe("train.sh", "mhe", data, save, "--max-update", "12", *SAVES, *TINY, check=False)
     assert p.returncode == 0, p.stdout[-4000:]
     for u in (4, 8, 12):
         assert list(save.glob(f"checkpoint_*_{u}.pt")), sorted(os.listdir(save))
@@ -97,7 +79,7 @@ def test_train_log_is_appended_on_resume(mhe_run, data, tmp_path):
     shutil.copytree(mhe_run, save)
     first = (save / "train.log").read_text()
     assert first.startswith(START) and "done training in" in first
-    p = script("train.sh", "mhe", data, save, "--max-update", "14", *SAVES, *TINY)
+    p = recipe("train.sh", "mhe", data, save, "--max-update", "14", *SAVES, *TINY, check=False)
     assert p.returncode == 0, p.stdout[-4000:]
     log = (save / "train.log").read_text()
     assert log.startswith(first), "the first start's log was not kept"
@@ -121,7 +103,7 @@ def test_refuses_another_methods_checkpoint_best(mhe_run, data, tmp_path):
     scratch and overwrite it.  train.sh refuses before anything is written."""
     save = other_runs_dir(mhe_run, tmp_path / "other", "checkpoint_best.pt")
     before = tree_hashes(save)
-    p = script("train.sh", "mhp", data, save, "--max-update", "2", *TINY)
+    p = recipe("train.sh", "mhp", data, save, "--max-update", "2", *TINY, check=False)
     assert p.returncode == 2, p.stdout[-4000:]
     assert "holds checkpoints that are not this run's" in p.stdout
     assert "checkpoint_best.pt: trained with METHOD mhe" in p.stdout and "this run is METHOD mhp" in p.stdout
@@ -132,7 +114,7 @@ def test_refuses_another_methods_checkpoint_best(mhe_run, data, tmp_path):
 def test_another_methods_checkpoint_last_names_both_ways_out(mhe_run, data, tmp_path):
     save = other_runs_dir(mhe_run, tmp_path / "other", "checkpoint_last.pt", "checkpoint_best.pt")
     before = tree_hashes(save)
-    p = script("train.sh", "mhp", data, save, "--max-update", "2", *TINY)
+    p = recipe("train.sh", "mhp", data, save, "--max-update", "2", *TINY, check=False)
     assert p.returncode == 2, p.stdout[-4000:]
     out = p.stdout
     assert "checkpoint_best.pt, checkpoint_last.pt: trained with METHOD mhe" in out, out
@@ -162,7 +144,7 @@ def test_refuses_other_sizes_data_bin_or_unreadable(mhe_run, data, tmp_path, cas
         (save / "checkpoint_best.pt").write_bytes(b"not a checkpoint\n" * 100)
         expect = "checkpoint_best.pt: cannot be read"
     before = tree_hashes(save)
-    p = script("train.sh", "mhe", data, save, *args, env=env)
+    p = recipe("train.sh", "mhe", data, save, *args, env=env, check=False)
     assert p.returncode == 2, p.stdout[-4000:]
     assert expect in p.stdout, p.stdout
     assert "new SAVEDIR" in p.stdout and "fairseq_cli.train" not in p.stdout
@@ -177,13 +159,14 @@ def test_empty_checkpoint_last_names_the_intact_checkpoint(mhe_run, data, tmp_pa
     save = other_runs_dir(mhe_run, tmp_path / "cut", "checkpoint_best.pt")
     (save / "checkpoint_last.pt").write_bytes(b"")
     before = tree_hashes(save)
-    p = script("train.sh", "mhe", data, save, "--max-update", "14", *TINY)
+    p = recipe("train.sh", "mhe", data, save, "--max-update", "14", *TINY, check=False)
     assert p.returncode == 2 and tree_hashes(save) == before, p.stdout[-3000:]
     assert "checkpoint_last.pt: cannot be read" in p.stdout and "checkpoint_best.pt beside it is this run's" in p.stdout
     assert f"--restore-file {save / 'checkpoint_best.pt'}" in p.stdout and "move it out" not in p.stdout
-    p = script(
-        "train.sh", "mhe", data, save, "--max-update", "14", *TINY, "--restore-file", save / "checkpoint_best.pt"
-    )
+    p = recipe(
+        "train.sh", "mhe", data, save, "--max-update", "14", *TINY, "--restore-file", save / "checkpoint_best.pt",
+        check=False,
+    )  # fmt: skip
     assert p.returncode == 0 and "num_updates 14" in p.stdout.replace("num_updates=", "num_updates "), p.stdout[-3000:]
 
 
@@ -192,7 +175,7 @@ def test_reuse_savedir_lets_it_train(mhe_run, data, tmp_path):
     scratch: no checkpoint_last.pt) and the old train.log is kept."""
     save = other_runs_dir(mhe_run, tmp_path / "other", "checkpoint_best.pt")
     old_log = (save / "train.log").read_text()
-    p = script("train.sh", "mhp", data, save, "--max-update", "2", *TINY, env={"REUSE_SAVEDIR": "1"})
+    p = recipe("train.sh", "mhp", data, save, "--max-update", "2", *TINY, env={"REUSE_SAVEDIR": "1"}, check=False)
     assert p.returncode == 0, p.stdout[-4000:]
     assert "not this run's" not in p.stdout
     assert load(save / "checkpoint_best.pt")["cfg"]["model"].mhce_method == "mhp"
@@ -228,24 +211,10 @@ def test_average_last_three_update_checkpoints_decodes(mhe_run, data, tmp_path):
     assert n_float > 10 and not torch.equal(
         avg["decoder.embed_tokens.weight"], states[0]["decoder.embed_tokens.weight"]
     )
-    gen = cli(
-        "fairseq-generate",
-        data,
-        "--user-dir",
-        USER_DIR,
-        "--path",
-        out,
-        "--beam",
-        "2",
-        "--batch-size",
-        "16",
-        "--required-batch-size-multiple",
-        "1",
-        "--max-len-a",
-        "0",
-        "--max-len-b",
-        "12",
-    ).stdout
+    gen = generate(
+        data, out, "--beam", "2", "--batch-size", "16", "--required-batch-size-multiple", "1",
+        "--max-len-a", "0", "--max-len-b", "12",
+    ).stdout  # fmt: skip
     assert len(hypotheses(gen)) == 20, gen[-3000:]
 
 

@@ -13,38 +13,28 @@ import sys
 import pytest
 import sacrebleu
 
-from . import script_modules
-from .utils import BIN, REPO, USER_DIR, cli, make_copy_data
+from .utils import BIN, REPO, USER_DIR, arch_sizes, cli, load_script, make_copy_data, recipe, tree_hashes
 
 pytestmark = pytest.mark.e2e
 
 # tiny model (the extra args of train.sh come last and override its sizes)
-TINY = [
-    "--encoder-layers", "1", "--decoder-layers", "1",
-    "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
-    "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128",
-    "--log-interval", "10", "--max-tokens", "2000",
-]  # fmt: skip
+TINY = [*arch_sizes(1, 64), "--log-interval", "10", "--max-tokens", "2000"]
 UPDATES = 40
 
 
 METHODS = ["softmax", "adaptive", "mhp", "mhe", "mhs"]
 
 
-def script(name, *args, env=None, check=True):
-    e = dict(os.environ, OMP_NUM_THREADS="1", WARMUP="10", LR="3e-3", ADAPTIVE_CUTOFF="10,30")
-    e.update(env or {})
-    p = subprocess.run(
-        [str(REPO / "scripts" / "recipes" / name), *map(str, args)],
+def compare(*args, env=None):
+    """scripts/benchmarks/compare.py in a process of its own (one thread), its
+    stdout and stderr merged."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmarks" / "compare.py"), *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=e,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
-    if not check:
-        return p
-    assert p.returncode == 0, f"{name} failed ({p.returncode}):\n{p.stdout[-4000:]}"
-    return p.stdout
 
 
 @pytest.fixture(scope="module")
@@ -63,29 +53,30 @@ def runs(data, tmp_path_factory):
     work = tmp_path_factory.mktemp("compare")
     out = {}
     for m in METHODS:
-        train_out = script("train.sh", m, data, work / m, "--max-update", UPDATES, *TINY)
+        train_out = recipe("train.sh", m, data, work / m, "--max-update", UPDATES, *TINY).stdout
         # copy sentences have <= 8 words: cap the length so that a barely
         # trained model does not decode 200 tokens per sentence
-        out[m] = (train_out, script("translate.sh", m, data, work / m, "--max-len-a", "0", "--max-len-b", "20"))
+        translate = recipe("translate.sh", m, data, work / m, "--max-len-a", "0", "--max-len-b", "20")
+        out[m] = (train_out, translate.stdout)
     return work, out
 
 
 def test_recipes_explain_bad_input(data, tmp_path):
     """Missing tools, data-bins and checkpoints: exit status 2 and what to do."""
     for name in ("train.sh", "translate.sh"):  # too few arguments: the usage from the header
-        p = script(name, "mhe", check=False)
+        p = recipe(name, "mhe", check=False)
         assert p.returncode == 2 and f"scripts/recipes/{name} METHOD DATABIN SAVEDIR" in p.stdout, p.stdout
-    p = script("train.sh", "mhe", tmp_path / "nope", tmp_path / "save", check=False)
+    p = recipe("train.sh", "mhe", tmp_path / "nope", tmp_path / "save", check=False)
     assert p.returncode == 2 and "no data-bin at" in p.stdout
     (tmp_path / "text").mkdir()
-    p = script("train.sh", "mhe", tmp_path / "text", tmp_path / "save", check=False)
+    p = recipe("train.sh", "mhe", tmp_path / "text", tmp_path / "save", check=False)
     assert p.returncode == 2 and "is it a fairseq-preprocess data-bin" in p.stdout
-    p = script("train.sh", "mhx", data, tmp_path / "save", check=False)
+    p = recipe("train.sh", "mhx", data, tmp_path / "save", check=False)
     assert p.returncode == 2 and "METHOD must be softmax, adaptive, mhp, mhe or mhs" in p.stdout
-    p = script("translate.sh", "mhe", data, tmp_path / "save", check=False)
+    p = recipe("translate.sh", "mhe", data, tmp_path / "save", check=False)
     assert p.returncode == 2 and "no checkpoint" in p.stdout
     # no fairseq in VENV nor on PATH
-    p = script(
+    p = recipe(
         "train.sh",
         "mhe",
         data,
@@ -140,31 +131,10 @@ def test_compare_tables_from_real_runs(runs, data, tmp_path):
     the interleaved step timing (and the ceiling) and writes the markdown and
     CSV tables."""
     work, _ = runs
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "benchmarks" / "compare.py"),
-            "--databin",
-            str(data),
-            "--name",
-            "tiny",
-            "--workdir",
-            str(work),
-            "--out",
-            str(tmp_path),
-            "--reuse",
-            "--max-update",
-            str(UPDATES),
-            "--speed-batches",
-            "2",
-            "--train-args",
-            " ".join(TINY),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
+    out = compare(
+        "--databin", data, "--name", "tiny", "--workdir", work, "--out", tmp_path, "--reuse",
+        "--max-update", UPDATES, "--speed-batches", "2", "--train-args", " ".join(TINY),
+    )  # fmt: skip
     assert out.returncode == 0, out.stdout[-4000:]
     assert "train (" not in out.stdout  # nothing was retrained
     md = (tmp_path / "compare_tiny.md").read_text()
@@ -204,41 +174,15 @@ def test_compare_extend_from_continues_a_finished_run(runs, data, tmp_path):
     checkpoint, whose cutoff fairseq saved as an int list); the old workdir is
     byte-identical afterwards, and the rows count both starts.  A resume with
     another cutoff is refused, naming the checkpoint's."""
-    from .utils import tree_hashes
-
     work, _ = runs
     before = {m: tree_hashes(work / m) for m in ("mhp", "adaptive")}
     new = tmp_path / "ext"
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "benchmarks" / "compare.py"),
-            "--databin",
-            str(data),
-            "--name",
-            "tiny_ext",
-            "--workdir",
-            str(new),
-            "--out",
-            str(tmp_path),
-            "--methods",
-            "mhp,adaptive",
-            "--max-update",
-            str(UPDATES + 20),
-            "--speed-batches",
-            "0",
-            "--extend-from",
-            str(work),
-            "--train-args",
-            " ".join(TINY),
-            "--generate-args",
-            "--max-len-a 0 --max-len-b 20",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1", WARMUP="10", LR="3e-3", ADAPTIVE_CUTOFF="10,30"),
-    )
+    out = compare(
+        "--databin", data, "--name", "tiny_ext", "--workdir", new, "--out", tmp_path, "--methods", "mhp,adaptive",
+        "--max-update", UPDATES + 20, "--speed-batches", "0", "--extend-from", work, "--train-args", " ".join(TINY),
+        "--generate-args", "--max-len-a 0 --max-len-b 20",
+        env={"WARMUP": "10", "LR": "3e-3", "ADAPTIVE_CUTOFF": "10,30"},
+    )  # fmt: skip
     assert out.returncode == 0, out.stdout[-4000:]
     assert out.stdout.count("continued from") == 2
     rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "compare_tiny_ext.csv"))}
@@ -256,7 +200,7 @@ def test_compare_extend_from_continues_a_finished_run(runs, data, tmp_path):
         assert max(u for _, u, _ in curve) == UPDATES + 20 and min(u for _, u, _ in curve) < UPDATES
         assert all(b[0] >= a[0] and b[1] > a[1] for a, b in zip(curve, curve[1:]))
     assert "continued runs (mhp, adaptive)" in (tmp_path / "compare_tiny_ext.md").read_text()
-    p = script(
+    p = recipe(
         "train.sh",
         "adaptive",
         data,
@@ -271,7 +215,7 @@ def test_compare_extend_from_continues_a_finished_run(runs, data, tmp_path):
 
 
 def compare_row(work, method):
-    compare_logs = script_modules.load("compare_logs")  # scripts/benchmarks/compare_logs.py, loaded from its file
+    compare_logs = load_script("compare_logs")  # scripts/benchmarks/compare_logs.py, loaded from its file
     return compare_logs.collect(method, work / method)
 
 

@@ -25,15 +25,23 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import fairseq_mhce  # noqa: F401
 from fairseq_mhce.search.beam import FactorizedEnsembleModel, FactorizedSequenceGenerator
 
-from .test_factorized_search import build_model
-from .utils import REPO, TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, make_copy_data
+from .utils import (
+    ONE_THREAD,
+    REPO,
+    TINY_ARCH,
+    TRAIN_COMMON,
+    USER_DIR,
+    build_model,
+    cli,
+    fairseq_train,
+    generate,
+    make_copy_data,
+)
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 LANGS = ["--source-lang", "src", "--target-lang", "tgt"]
 UPDATES = 150
 LONG = " ".join(["w3"] * 1100)  # the model's source positions: 1024
@@ -69,27 +77,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("guards")
     data = make_copy_data(root / "copy", n_train=300, n_valid=20, n_test=20, n_words=30)
     save = root / "mhe"
-    cli(
-        "fairseq-train",
-        data,
-        "--user-dir",
-        USER_DIR,
-        "--task",
-        "translation_mhce",
-        "--arch",
-        "transformer_mhce",
-        "--mhce-method",
-        "mhe",
-        *TINY_ARCH,
-        "--criterion",
-        "mhce_label_smoothed_cross_entropy",
-        *TRAIN_COMMON,
-        "--max-update",
-        UPDATES,
-        "--save-dir",
-        save,
-        env=ONE_THREAD,
-    )
+    fairseq_train(data, save, "--task", "translation_mhce", "--mhce-method", "mhe", updates=UPDATES, env=ONE_THREAD)
     return data, save
 
 
@@ -159,14 +147,13 @@ def test_interactive_bad_lines_get_empty_hypotheses(trained):
 
 
 @pytest.mark.e2e
-def test_hub_bad_inputs_get_empty_strings(trained, caplog):
+def test_hub_bad_inputs_get_empty_strings(trained, caplog, one_thread):
     from fairseq.models.transformer import TransformerModel
 
     data, save = trained
     hub = TransformerModel.from_pretrained(
         str(save), checkpoint_file="checkpoint_last.pt", data_name_or_path=str(data), user_dir=USER_DIR
     )
-    torch.set_num_threads(1)
     alone = hub.translate(["w1 w2 w3", "w4 w5"], beam=4)
     with caplog.at_level(logging.WARNING, logger="fairseq_mhce"):
         got = hub.translate(["w1 w2 w3", "  ", LONG, "w4 w5"], beam=4)
@@ -301,22 +288,14 @@ print("RESULT " + json.dumps({"hyps": hyps, "env": os.environ.get("TORCH_FORCE_N
 def test_sampling_options_without_sampling_refused_like_stock(trained):
     data, save = trained
     ckpt = save / "checkpoint_last.pt"
-    base = ["fairseq-generate", data, "--user-dir", USER_DIR, "--path", ckpt, "--beam", "2"]
     # stock fairseq refuses (with an assert)
-    r = cli(*base, "--sampling-topk", "5", check=False, env=ONE_THREAD)
+    r = generate(data, ckpt, "--beam", "2", "--sampling-topk", "5", check=False, env=ONE_THREAD)
     assert r.returncode != 0 and "--sampling-topk requires --sampling" in r.stdout, r.stdout[-2000:]
     # the plugin's task: the same refusal, a ValueError (both search modes: _assert_guards)
-    r = cli(
-        *base,
-        "--task",
-        "translation_mhce",
-        "--mhce-search",
-        "factorized",
-        "--sampling-topk",
-        "5",
-        check=False,
-        env=ONE_THREAD,
-    )
+    r = generate(
+        data, ckpt, "--beam", "2", "--task", "translation_mhce", "--mhce-search", "factorized",
+        "--sampling-topk", "5", check=False, env=ONE_THREAD,
+    )  # fmt: skip
     assert (
         r.returncode != 0
         and "ValueError: --sampling-topk requires --sampling (got --sampling-topk 5 without it)" in r.stdout
@@ -389,7 +368,7 @@ def test_search_guards_are_errors(tmp_path):
 
 def test_search_guards_survive_python_O(tmp_path):
     code = (
-        "import sys, pathlib; from tests.test_runtime_guards import _assert_guards, build_model\n"
+        "import sys, pathlib; from tests.test_runtime_guards import _assert_guards; from tests.utils import build_model\n"
         "_assert_guards(*build_model(pathlib.Path(sys.argv[1]), 100, 'mhe', 2, 1))\n"
         "print('GUARDS OK, optimize =', sys.flags.optimize)\n"
     )

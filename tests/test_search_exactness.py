@@ -18,7 +18,7 @@ import torch
 
 from fairseq_mhce.search.topk import mhe_topk, mhp_topk
 
-from .test_factorized_search import SPECIAL, assert_same, build_model, make_head, make_sample, run
+from .utils import SPECIAL, assert_same_hypotheses, build_model, make_head, search, source_sample
 
 D = 16
 
@@ -54,8 +54,9 @@ CONFIGS = [(40, [8, 8]), (13, [4, 4]), (1025, [64, 32]), (300, [20, 20, 20]), (3
 def test_topk_exact_above_minimum_sizes(kind, V, sizes):
     routine = mhp_topk if kind == "mhp" else mhe_topk
     ks = sorted({1, 2, 4, 8, 16, 50, V // 2, V - SPECIAL} & set(range(1, V - SPECIAL + 1)))
-    for seed, (scale, random_code) in enumerate([(0.05, False), (0.05, True), (1.0, True), (8.0, False), (8.0, True)]):
-        head = make_head(kind, V, sizes, scale, seed, random_code)
+    flat_and_peaky = [(0.05, "identity"), (0.05, "random"), (1.0, "random"), (8.0, "identity"), (8.0, "random")]
+    for seed, (scale, code) in enumerate(flat_and_peaky):
+        head = make_head(kind, V, sizes, dim=D, seed=seed, code=code, weights="init", scale=scale)
         x = torch.randn(7, D)
         x[2] = float("nan")  # a NaN decoder state (fp16 overflow)
         x[5, 3] = float("nan")
@@ -82,7 +83,7 @@ def test_extra_tokens_share_first_digits_with_the_best(kind):
     """The extra tokens' first digits are the ones the model likes most: the
     search must not expand those digits a second time for the ranked part."""
     V, sizes = 40, [8, 8]
-    head = make_head(kind, V, sizes, 6.0, 3, True)
+    head = make_head(kind, V, sizes, dim=D, seed=3, code="random", weights="init", scale=6.0)
     x = torch.randn(11, D)
     dense, ref = reference(head, x)
     best = ref.topk(3).indices  # (n, 3): extra = those tokens (and their digit mates)
@@ -97,11 +98,11 @@ def test_extra_tokens_share_first_digits_with_the_best(kind):
 
 
 def test_k_above_candidates_is_an_error():
-    head = make_head("mhe", 13, [4, 4], 1.0, 0, False)
+    head = make_head("mhe", 13, [4, 4], dim=D, weights="init")
     with pytest.raises(ValueError, match="smaller beam"):
         mhe_topk(head, torch.randn(2, D), 10, min_token=SPECIAL)
     with pytest.raises(ValueError, match="smaller beam"):
-        mhp_topk(make_head("mhp", 13, [4, 4], 1.0, 0, False), torch.randn(2, D), 10, min_token=SPECIAL)
+        mhp_topk(make_head("mhp", 13, [4, 4], dim=D, weights="init"), torch.randn(2, D), 10, min_token=SPECIAL)
 
 
 @pytest.mark.parametrize("last_head", ["shared", "per-token"])
@@ -112,12 +113,12 @@ def test_whole_beam_above_minimum_sizes(tmp_path, last_head):
     extra = ["--mhce-head-sizes", "8,8", "--mhce-last-head", last_head]
     task, model = build_model(tmp_path, 40, "mhe", 2, 5, 1.0, "random", extra=extra)
     assert model.decoder.mhce_head.codec.sizes == [8, 8]
-    sample = make_sample(4, 6, 5)
+    sample = source_sample(4, 6, 5)
     gen = dict(beam=8, max_len_a=0, max_len_b=8, min_len=2)
     with deadline(120):
-        _, dense = run(task, model, sample, "dense", **gen)
-        _, fact = run(task, model, sample, "factorized", **gen)
-    assert_same(dense, fact, exact=False)
+        _, dense = search(task, model, sample, "dense", **gen)
+        _, fact = search(task, model, sample, "factorized", **gen)
+    assert_same_hypotheses(dense, fact, exact=False)
     for h in fact:
         assert len({tuple(x["tokens"].tolist()) for x in h}) == len(h) == 8
 
@@ -125,10 +126,10 @@ def test_whole_beam_above_minimum_sizes(tmp_path, last_head):
 def test_whole_beam_three_heads_above_minimum(tmp_path):
     """The hang: MHE with sizes 20,20,20 for V = 300 (and beam 2)."""
     task, model = build_model(tmp_path, 300, "mhe", 3, 6, 2.0, "random", extra=["--mhce-head-sizes", "20,20,20"])
-    sample = make_sample(3, 5, 6)
+    sample = source_sample(3, 5, 6)
     for beam in (2, 6):
         gen = dict(beam=beam, max_len_a=0, max_len_b=8)
         with deadline(120):
-            _, dense = run(task, model, sample, "dense", **gen)
-            _, fact = run(task, model, sample, "factorized", **gen)
-        assert_same(dense, fact, exact=False)
+            _, dense = search(task, model, sample, "dense", **gen)
+            _, fact = search(task, model, sample, "factorized", **gen)
+        assert_same_hypotheses(dense, fact, exact=False)

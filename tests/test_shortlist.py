@@ -17,27 +17,31 @@ import fairseq_mhce  # noqa: F401
 from fairseq_mhce.cli import build_codes
 from fairseq_mhce.codes import table as ct
 from fairseq_mhce.models.transformer_mhce import build_output_layer
-from fairseq_mhce.modules.codec import MixedRadixCodec, auto_head_sizes
-from fairseq_mhce.modules.multihead_output import MultiHeadProduct
+from fairseq_mhce.modules.codec import auto_head_sizes
 
-from .test_model_guards import cfg, dictionary
-from .utils import USER_DIR, cli, hypotheses, make_copy_data, train_tiny
+from .utils import (
+    check_balanced,
+    hypotheses,
+    in_both_search_modes,
+    make_copy_data,
+    make_dictionary,
+    make_head,
+    model_cfg,
+    train_tiny,
+)
 
 D = 8
 # (V, head sizes, shortlist size)
 CASES = [(16, [4, 4], 5), (13, [4, 4], 3), (29, [2, 3, 5], 7), (20, [3, 3, 3], 1), (17, [5, 4], 15)]
 
 
-def make_head(V, sizes, n, seed=0, listed="first"):
+def shortlist_head(V, sizes, n, seed=0, listed="first"):
+    """An MHP head of width D with a shortlist of ``n`` tokens on a random code
+    table: the first ``n`` tokens listed, or ``n`` random ones."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randperm(V, generator=g)
     ids = None if listed == "first" else torch.randperm(V, generator=g)[:n]
-    codec = MixedRadixCodec(V, sizes, ct.shortlist_code(base, n, ids))
-    head = MultiHeadProduct(D, codec, shortlist=n)
-    with torch.no_grad():  # far from uniform
-        for p in head.parameters():
-            p.normal_(0, 1.0, generator=g)
-    return head
+    return make_head("mhp", V, sizes, dim=D, seed=seed, code=ct.shortlist_code(base, n, ids), shortlist=n)
 
 
 def reference_log_probs(head, x):
@@ -69,7 +73,7 @@ def reference_log_probs(head, x):
 @pytest.mark.parametrize("V,sizes,n", CASES)
 @pytest.mark.parametrize("listed", ["first", "random"])
 def test_log_probs_match_brute_force(V, sizes, n, listed):
-    head = make_head(V, sizes, n, listed=listed)
+    head = shortlist_head(V, sizes, n, listed=listed)
     x = torch.randn(6, D)
     ref = reference_log_probs(head, x)
     dense = head.log_probs(x)
@@ -82,7 +86,7 @@ def test_log_probs_match_brute_force(V, sizes, n, listed):
 @pytest.mark.parametrize("V,sizes,n", CASES)
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_loss_is_fairseqs_label_smoothed_nll_of_the_dense_row(V, sizes, n, eps):
-    head = make_head(V, sizes, n, seed=3, listed="random")
+    head = shortlist_head(V, sizes, n, seed=3, listed="random")
     x = torch.randn(40, D, requires_grad=True)
     target = torch.randint(0, V, (40,))
     loss, nll, correct = head.loss(x, target, eps)
@@ -109,7 +113,7 @@ def test_loss_is_fairseqs_label_smoothed_nll_of_the_dense_row(V, sizes, n, eps):
 @pytest.mark.parametrize("V,sizes,n", CASES)
 @pytest.mark.parametrize("listed", ["first", "random"])
 def test_factorized_topk_equals_the_dense_row(V, sizes, n, listed):
-    head = make_head(V, sizes, n, seed=5, listed=listed)
+    head = shortlist_head(V, sizes, n, seed=5, listed=listed)
     x = torch.randn(12, D) * 3
     x[3] = float("nan")  # a NaN state: -inf scores, distinct padding tokens
     dense = head.log_probs(x)
@@ -140,30 +144,30 @@ def test_shortlist_code_layout():
 
 
 def test_refusals_and_the_models_default_table():
-    d = dictionary(40)
+    d = make_dictionary(40)
     with pytest.raises(ValueError, match="this model is --mhce-method mhe.*Drop --mhce-shortlist"):
-        build_output_layer(cfg(mhce_method="mhe", mhce_shortlist=8), 16, d)
+        build_output_layer(model_cfg(mhce_method="mhe", mhce_shortlist=8), 16, d)
     for bad in (39, 40):
         with pytest.raises(ValueError, match="between 1 and V - 2 = 38"):
-            build_output_layer(cfg(mhce_method="mhp", mhce_shortlist=bad), 16, d)
+            build_output_layer(model_cfg(mhce_method="mhp", mhce_shortlist=bad), 16, d)
     with pytest.raises(ValueError, match="cannot be combined with --mhce-shortlist"):
-        build_output_layer(cfg(mhce_method="mhp", mhce_shortlist=8, mhce_realloc_updates="5"), 16, d)
-    head = build_output_layer(cfg(mhce_method="mhp", mhce_shortlist=8), 16, d)
+        build_output_layer(model_cfg(mhce_method="mhp", mhce_shortlist=8, mhce_realloc_updates="5"), 16, d)
+    head = build_output_layer(model_cfg(mhce_method="mhp", mhce_shortlist=8), 16, d)
     assert torch.equal(head.codec.code[:8], torch.arange(32, 40))  # the first ids: the most frequent
     assert torch.equal(head.codec.code[8:], torch.arange(32))  # identity on the tail
     assert head.proj.out_features == sum(head.sizes) + 9
     with pytest.raises(ValueError, match="per-head is not defined with --mhce-shortlist"):
         head.loss(torch.randn(3, 16), torch.tensor([1, 9, 20]), 0.1, smoothing="per-head")
-    rnd = build_output_layer(cfg(mhce_method="mhp", mhce_shortlist=8, mhce_code_order="random"), 16, d)
+    rnd = build_output_layer(model_cfg(mhce_method="mhp", mhce_shortlist=8, mhce_code_order="random"), 16, d)
     assert torch.equal(rnd.codec.code[:8], torch.arange(32, 40)) and not torch.equal(
         rnd.codec.code[8:], torch.arange(32)
     )
     # a checkpoint of another shortlist size is named, not a size mismatch
     state = {f"decoder.mhce_head.{k}": v for k, v in head.state_dict().items()}
-    other = build_output_layer(cfg(mhce_method="mhp", mhce_shortlist=4), 16, d)
+    other = build_output_layer(model_cfg(mhce_method="mhp", mhce_shortlist=4), 16, d)
     with pytest.raises(RuntimeError, match="trained with --mhce-shortlist 8, this model has --mhce-shortlist 4"):
         other.upgrade_state_dict_named(state, "decoder.mhce_head")
-    plain = build_output_layer(cfg(mhce_method="mhp"), 16, d)  # the default, -1: no shortlist below 4096 types
+    plain = build_output_layer(model_cfg(mhce_method="mhp"), 16, d)  # the default, -1: no shortlist below 4096 types
     assert plain.shortlist == 0 and plain.proj.out_features == sum(plain.sizes)
     with pytest.raises(RuntimeError, match="trained with --mhce-shortlist 8, this model has --mhce-shortlist 0"):
         plain.upgrade_state_dict_named(state, "decoder.mhce_head")
@@ -176,14 +180,15 @@ def test_default_shortlist_follows_the_vocabulary_and_old_configs_keep_none():
 
     assert resolve_shortlist(-1, 4095) == 0 and resolve_shortlist(-1, 4096) == 2048
     assert resolve_shortlist(None, 10**6) == 0 and resolve_shortlist(7, 50) == 7
-    big = build_output_layer(cfg(mhce_method="mhp"), 16, dictionary(5000))
+    big = build_output_layer(model_cfg(mhce_method="mhp"), 16, make_dictionary(5000))
     assert big.shortlist == 2048 and torch.equal(big.codec.code[:2048], torch.arange(5000 - 2048, 5000))
-    assert build_output_layer(cfg(mhce_method="mhe"), 16, dictionary(5000)).codec.num_codes >= 5000  # mhe: no shortlist
-    old = cfg(mhce_method="mhp")
+    mhe = build_output_layer(model_cfg(mhce_method="mhe"), 16, make_dictionary(5000))
+    assert mhe.codec.num_codes >= 5000  # mhe: no shortlist
+    old = model_cfg(mhce_method="mhp")
     del old.mhce_shortlist  # a config saved before the option existed: the plain product it was trained with
     fill_legacy_defaults(old)
     assert old.mhce_shortlist == 0
-    fresh = cfg(mhce_method="mhp")
+    fresh = model_cfg(mhce_method="mhp")
     del fresh.mhce_shortlist  # a new (hydra) config without the key: today's default
     assert resolve_settings(fresh).mhce_shortlist == -1  # unresolved without the dictionary
     assert resolve_settings(fresh, 5000).mhce_shortlist == 2048 and resolve_settings(fresh, 4095).mhce_shortlist == 0
@@ -203,7 +208,7 @@ def test_the_model_build_resolves_the_shortlist_once_and_the_saved_config_names_
 
     from fairseq_mhce.models.transformer_mhce import TransformerMHCEModel
 
-    d = dictionary(5000)
+    d = make_dictionary(5000)
     task = Namespace(source_dictionary=d, target_dictionary=d)
     small = ["--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "16", "--decoder-embed-dim", "16"]
     small += ["--encoder-attention-heads", "2", "--decoder-attention-heads", "2"]
@@ -247,18 +252,16 @@ def test_build_codes_shortlist_lists_the_most_frequent_targets(databin, tmp_path
     assert set(range(4)) <= set(listed)  # the specials
     assert counts[listed[listed >= 4]].min() >= counts[np.setdiff1d(np.arange(4, V), listed)].max()
     # the tail is grouped balanced on [0, V - S): every group full but the last
-    from .test_build_codes import check_balanced
-
     rest = np.setdiff1d(np.arange(V), listed)
     check_balanced(code[rest], V - S, sizes, nfix=0)
     # the model uses the table as it is (no re-layout, no warning)
     caplog.clear()
-    head = build_output_layer(cfg(mhce_method="mhp", mhce_shortlist=S, mhce_code_table=str(out)), 16, d)
+    head = build_output_layer(model_cfg(mhce_method="mhp", mhce_shortlist=S, mhce_code_table=str(out)), 16, d)
     assert np.array_equal(head.codec.code.numpy(), code) and "not built for --mhce-shortlist" not in caplog.text
     # a table built without --shortlist is laid out for it, with a warning
     plain = tmp_path / "plain.json"
     assert build_codes.main(["--databin", str(databin), "--heads", "2", "--dim", "8", "--out", str(plain)]) == 0
-    head = build_output_layer(cfg(mhce_method="mhp", mhce_shortlist=S, mhce_code_table=str(plain)), 16, d)
+    head = build_output_layer(model_cfg(mhce_method="mhp", mhce_shortlist=S, mhce_code_table=str(plain)), 16, d)
     assert "not built for --mhce-shortlist 12" in caplog.text
     assert torch.equal(head.codec.code[:S], torch.arange(V - S, V))
     rc = build_codes.main(argv[:-1] + [str(V - 1), "--out", str(tmp_path / "bad.json")])
@@ -275,29 +278,11 @@ def test_fairseq_train_and_generate_with_a_shortlist(tmp_path):
     assert state["cfg"]["model"].mhce_shortlist == 12
     V = state["model"]["decoder.mhce_head.codec.code"].numel()
     assert torch.equal(state["model"]["decoder.mhce_head.codec.code"][:12], torch.arange(V - 12, V))
-    lines = {}
-    for mode in ("dense", "factorized"):
-        out = cli(
-            "fairseq-generate",
-            data,
-            "--user-dir",
-            USER_DIR,
-            "--task",
-            "translation_mhce",
-            "--mhce-search",
-            mode,
-            "--path",
-            save / "checkpoint_last.pt",
-            "--beam",
-            "4",
-            "--nbest",
-            "2",
-            "--batch-size",
-            "20",
-            "--required-batch-size-multiple",
-            "1",
-        ).stdout
-        lines[mode] = [line for line in out.splitlines() if line[:2] in ("H-", "P-")]
+    runs = in_both_search_modes(
+        "fairseq-generate", data, save / "checkpoint_last.pt", "--beam", "4", "--nbest", "2", "--batch-size", "20",
+        "--required-batch-size-multiple", "1",
+    )  # fmt: skip
+    lines = {mode: hp for mode, (hp, _) in runs.items()}
     assert len(hypotheses("\n".join(lines["dense"]))) == 20
     assert lines["dense"] == lines["factorized"]
     # (a checkpoint of another shortlist size: test_refusals_and_the_models_default_table)

@@ -18,7 +18,6 @@ Every failing case leaves the user's files (data-bin, tables, save dir,
 checkpoints) byte-identical.  Tiny data, a few updates per run.
 """
 
-import argparse
 import contextlib
 import io
 import json
@@ -33,7 +32,7 @@ from fairseq_mhce.cli import build_codes as build_codes_cli
 from fairseq_mhce.codes import table as ct
 from fairseq_mhce.codes.checkpoint_vectors import checkpoint_vectors
 
-from .utils import TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, make_copy_data, tree_hashes
+from .utils import cli, fairseq_train, last_line, make_copy_data, make_dictionary, model_cfg, tree_hashes
 
 pytestmark = pytest.mark.e2e
 
@@ -53,25 +52,19 @@ def build_codes(*args, script=True):
     return p.returncode, p.stdout
 
 
+def codes_from_checkpoint(databin, ckpt, out, *extra, script=True):
+    """mhce-build-codes --source checkpoint (see :func:`build_codes`)."""
+    return build_codes(
+        "--databin", databin, "--source", "checkpoint", "--checkpoint", ckpt, "--out", out, *extra, script=script
+    )
+
+
 def train(data, save, *extra, updates=2, criterion="mhce_label_smoothed_cross_entropy", arch="transformer_mhce"):
-    """fairseq-train on tiny data; returns the CompletedProcess (never checked)."""
-    user = ["--user-dir", USER_DIR] if arch.endswith("mhce") else []
-    return cli(
-        "fairseq-train",
-        data,
-        *user,
-        "--arch",
-        arch,
-        *TINY_ARCH,
-        "--criterion",
-        criterion,
-        *TRAIN_COMMON,
-        "--max-update",
-        updates,
-        "--save-dir",
-        save,
-        *extra,
-        check=False,
+    """fairseq-train on tiny data (the plugin's --user-dir for its own archs);
+    returns the CompletedProcess (never checked)."""
+    plugin = arch.endswith("mhce")
+    return fairseq_train(
+        data, save, *extra, updates=updates, arch=arch, criterion=criterion, plugin=plugin, check=False
     )
 
 
@@ -82,10 +75,6 @@ def refused(p, *needles):
     for n in needles:
         assert n in p.stdout, (n, p.stdout[-3000:])
     return p.stdout
-
-
-def last_line(text):
-    return [line for line in text.strip().splitlines() if line.strip()][-1]
 
 
 @pytest.fixture(scope="module")
@@ -198,38 +187,14 @@ def test_checkpoint_of_another_dictionary_is_refused(databin, other_databin, mhe
     before = {"ckpt": tree_hashes(ckpt), "data": tree_hashes(other_databin)}
     out = tmp_path / "c.json"
     for vectors in ("input", "output"):
-        rc, text = build_codes(
-            "--databin",
-            other_databin,
-            "--source",
-            "checkpoint",
-            "--checkpoint",
-            ckpt,
-            "--vectors",
-            vectors,
-            "--out",
-            out,
-            script=vectors == "input",
-        )
+        rc, text = codes_from_checkpoint(other_databin, ckpt, out, "--vectors", vectors, script=vectors == "input")
         assert rc == 2, text
         line = last_line(text)
         assert "another target dictionary" in line and "same size" in line and str(ckpt) in line, text
         assert "Traceback" not in text and not out.exists()
     assert {"ckpt": tree_hashes(ckpt), "data": tree_hashes(other_databin)} == before
     # the data-bin it was trained on: accepted
-    rc, text = build_codes(
-        "--databin",
-        databin,
-        "--source",
-        "checkpoint",
-        "--checkpoint",
-        ckpt,
-        "--vectors",
-        "input",
-        "--out",
-        out,
-        script=False,
-    )
+    rc, text = codes_from_checkpoint(databin, ckpt, out, "--vectors", "input", script=False)
     assert rc == 0 and "warning" not in text, text
 
 
@@ -242,7 +207,7 @@ def test_plain_checkpoint_of_another_dictionary_is_refused(databin, other_databi
     ckpt = save / "checkpoint_last.pt"
     before = {"ckpt": tree_hashes(ckpt), "data": tree_hashes(other_databin)}
     out = tmp_path / "c.json"
-    rc, text = build_codes("--databin", other_databin, "--source", "checkpoint", "--checkpoint", ckpt, "--out", out)
+    rc, text = codes_from_checkpoint(other_databin, ckpt, out)
     assert rc == 2 and "Traceback" not in text, text
     line = last_line(text)
     assert str(databin) in line and str(other_databin / "dict.tgt.txt") in line and "is not" in line, line
@@ -257,19 +222,7 @@ def test_plain_checkpoint_of_another_dictionary_is_refused(databin, other_databi
         },
         gone,
     )
-    rc, text = build_codes(
-        "--databin",
-        other_databin,
-        "--source",
-        "checkpoint",
-        "--checkpoint",
-        gone,
-        "--vectors",
-        "input",
-        "--out",
-        out,
-        script=False,
-    )
+    rc, text = codes_from_checkpoint(other_databin, gone, out, "--vectors", "input", script=False)
     assert rc == 0, text
     assert "warning: cannot check" in text and str(tmp_path / "moved") in text, text
 
@@ -298,9 +251,7 @@ def test_build_codes_unreadable_checkpoint(databin, mhe_run, tmp_path):
     before = {"dir": tree_hashes(tmp_path), "data": tree_hashes(databin)}
     for bad in (cut, text_file, empty, table):
         out = tmp_path / "c.json"
-        rc, text = build_codes(
-            "--databin", databin, "--source", "checkpoint", "--checkpoint", bad, "--out", out, script=bad is cut
-        )
+        rc, text = codes_from_checkpoint(databin, bad, out, script=bad is cut)
         one_line_refusal(rc, text, str(bad))
         assert not out.exists()
     assert {"dir": tree_hashes(tmp_path), "data": tree_hashes(databin)} == before
@@ -339,18 +290,11 @@ def test_build_codes_names_its_own_head_flags(databin, tmp_path, args, needle):
 def test_build_codes_heads_like_the_model(databin, V, tmp_path):
     """--heads refuses the head count the model's --mhce-heads refuses (one
     more than max_useful_heads)."""
-    from fairseq.data import Dictionary
-
-    from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_output_layer, max_useful_heads
+    from fairseq_mhce.models.transformer_mhce import build_output_layer, max_useful_heads
 
     too_many = max_useful_heads(V) + 1
-    d = Dictionary()
-    for i in range(V - len(d)):
-        d.add_symbol(f"w{i}")
-    cfg = argparse.Namespace(**{k: f.default for k, f in MHCEConfig.__dataclass_fields__.items()})
-    cfg.mhce_code_order, cfg.mhce_heads = "identity", too_many
     with pytest.raises(ValueError, match="always predict digit 0"):
-        build_output_layer(cfg, 8, d)
+        build_output_layer(model_cfg(mhce_heads=too_many), 8, make_dictionary(V))
     out = tmp_path / "c.json"
     rc, text = build_codes("--databin", databin, "--heads", too_many, "--out", out)
     line = one_line_refusal(rc, text, f"--heads {too_many} for a target dictionary of {V}", "always predict digit 0")
@@ -371,19 +315,7 @@ def test_per_token_mhe_checkpoint_vectors(databin, V, mhe_run, tmp_path):
     emb = state["decoder.embed_tokens.weight"]
     assert np.allclose(checkpoint_vectors(ckpt, "input", vocab_size=V), emb.numpy())  # untied: token order
     out = tmp_path / "from_mhe.json"
-    rc, text = build_codes(
-        "--databin",
-        databin,
-        "--source",
-        "checkpoint",
-        "--checkpoint",
-        ckpt,
-        "--vectors",
-        "output",
-        "--out",
-        out,
-        script=False,
-    )
+    rc, text = codes_from_checkpoint(databin, ckpt, out, "--vectors", "output", script=False)
     assert rc == 0, text
     assert json.loads(out.read_text())["meta"]["vectors"] == "output"
 
@@ -448,15 +380,14 @@ def test_null_meta_is_no_metadata(databin, tables, V, tmp_path):
     with a shortlist lays the table out itself instead of failing."""
     from fairseq.data import Dictionary
 
-    from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_output_layer
+    from fairseq_mhce.models.transformer_mhce import build_output_layer
 
     obj = json.loads(tables[1].read_text())
     path = tmp_path / "null_meta.json"
     path.write_text(json.dumps(dict(obj, meta=None)))
     assert ct.read_code_table(path)["meta"] == {}
     assert ct.load_code_table(path, V, obj["head_sizes"]).tolist() == obj["code"]
-    cfg = argparse.Namespace(**{k: f.default for k, f in MHCEConfig.__dataclass_fields__.items()})
-    cfg.mhce_method, cfg.mhce_code_table, cfg.mhce_shortlist = "mhp", str(path), 8
+    cfg = model_cfg(mhce_method="mhp", mhce_code_table=str(path), mhce_shortlist=8)
     head = build_output_layer(cfg, 8, Dictionary.load(str(databin / "dict.tgt.txt")))
     assert head.codec.code[:8].tolist() == list(range(V - 8, V))  # the shortlist on the top codes
 

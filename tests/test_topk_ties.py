@@ -18,13 +18,13 @@ prefixes in matmuls of other shapes), about 1e-5 of the defect's size.
 import pytest
 import torch
 
-from fairseq_mhce.modules.codec import MixedRadixCodec
-from fairseq_mhce.modules.multihead_output import MultiHeadEmbedding, MultiHeadProduct
+from fairseq_mhce.modules.multihead_output import MultiHeadProduct
 from fairseq_mhce.search.topk import mhe_topk, mhp_topk
+
+from .utils import SPECIAL, make_head
 
 D = 16
 V = 1025
-SPECIAL = 4  # fairseq's bos, pad, eos, unk: scored apart by the beam search
 SIZES = {2: [64, 32], 3: [16, 8, 9], 4: [8, 4, 4, 9]}
 
 
@@ -39,14 +39,11 @@ def tie_rows(weight: torch.Tensor, bias: torch.Tensor):
 def make_tied_head(kind: str, sizes, seed: int) -> torch.nn.Module:
     """A head with random parameters whose digits tie in pairs at every level
     that has a shared output matrix (MHP: the first head)."""
-    torch.manual_seed(seed)
-    codec = MixedRadixCodec(V, sizes)
+    head = make_head(kind, V, sizes, dim=D, seed=seed, weights="init")
     if kind == "mhp":
-        head = MultiHeadProduct(D, codec)
         c1 = sizes[0]
         tie_rows(head.proj.weight[:c1], head.proj.bias[:c1])
         return head
-    head = MultiHeadEmbedding(D, codec, last_head="per-token" if kind == "mhe-pt" else "shared")
     for lin in head.out:
         tie_rows(lin.weight, lin.bias)
     return head
@@ -135,13 +132,7 @@ def test_tied_digits_bf16(kind, heads, inputs):
     mantissa bits also make first digits tie by chance."""
     natural = 0
     for seed in range(4):
-        torch.manual_seed(seed)
-        codec = MixedRadixCodec(V, SIZES[heads])
-        if kind == "mhp":
-            plain = MultiHeadProduct(D, codec).to(torch.bfloat16)
-        else:
-            plain = MultiHeadEmbedding(D, codec, last_head="per-token" if kind == "mhe-pt" else "shared")
-            plain = plain.to(torch.bfloat16)
+        plain = make_head(kind, V, SIZES[heads], dim=D, seed=seed, weights="init").to(torch.bfloat16)
         natural += count_first_ties(plain, torch.randn(8, D).to(torch.bfloat16))
         head = make_tied_head(kind, SIZES[heads], seed).to(torch.bfloat16)
         if inputs == "bf16":

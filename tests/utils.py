@@ -1,14 +1,24 @@
-"""Helpers for end-to-end tests: tiny data and the real fairseq CLIs.
+"""The one home of the test suite's helpers: whatever more than one test
+file uses (no test file imports another).
+
+* the real fairseq CLIs and the plugin's console scripts (:func:`cli`, run in
+  this process where it can), tiny data and training runs, the recipes;
+* the programs in ``scripts/`` loaded as modules (:func:`load_script`);
+* in-process models and output layers, and brute-force references.
 
 fairseq's own ``tests/`` helpers are not in its wheel, so the plugin keeps
-these.
+these.  tests/conftest.py imports this module before any test runs, so the
+plugin (whose import changes fairseq) and fairseq are imported inside the
+helpers that use them, not here.
 """
 
 import contextlib
 import hashlib
 import importlib
+import importlib.util
 import io
 import logging
+import math
 import multiprocessing
 import os
 import random
@@ -18,24 +28,37 @@ import sys
 import traceback
 from pathlib import Path
 
+import numpy as np
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = str(REPO / "fairseq_mhce")
 BIN = Path(sys.executable).parent
+SCRIPTS = REPO / "scripts"
 
-TINY_ARCH = [
-    "--encoder-layers", "2", "--decoder-layers", "2",
-    "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
-    "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128",
-    "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
-]  # fmt: skip
+# a command's thread counts: one, steadier on a shared 2-core machine
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+PLUGIN_CRITERION = "mhce_label_smoothed_cross_entropy"
 
+
+def arch_sizes(layers, dim, heads=None, decoder_layers=None):
+    """fairseq-train's size flags of a transformer: ``layers`` encoder layers
+    (and decoder layers unless ``decoder_layers``), embeddings of ``dim``,
+    feed-forward layers of ``2 * dim``, ``heads`` attention heads (None: the
+    arch's own)."""
+    flags = [
+        "--encoder-layers", layers, "--decoder-layers", decoder_layers or layers,
+        "--encoder-embed-dim", dim, "--decoder-embed-dim", dim,
+        "--encoder-ffn-embed-dim", 2 * dim, "--decoder-ffn-embed-dim", 2 * dim,
+    ]  # fmt: skip
+    if heads is not None:
+        flags += ["--encoder-attention-heads", heads, "--decoder-attention-heads", heads]
+    return [str(f) for f in flags]
+
+
+TINY_ARCH = arch_sizes(2, 64, heads=4)
 # 1+1 layers, d 32: the smallest model the issues' repros train (a few updates)
-MICRO_ARCH = [
-    "--encoder-layers", "1", "--decoder-layers", "1",
-    "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
-    "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
-    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
-]  # fmt: skip
+MICRO_ARCH = arch_sizes(1, 32, heads=2)
 
 TRAIN_COMMON = [
     "--optimizer", "adam", "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt",
@@ -227,14 +250,88 @@ SHARED_MODELS = {
 }  # fmt: skip
 
 
-def train_tiny(data, save_dir, method, *extra, updates=300):
-    """fairseq-train of the tiny transformer_mhce (2+2 layers, d 64) with the
-    plugin's criterion; returns the command's output."""
+def fairseq_train(
+    data,
+    save_dir,
+    *extra,
+    updates,
+    arch="transformer_mhce",
+    sizes=TINY_ARCH,
+    common=TRAIN_COMMON,
+    criterion=PLUGIN_CRITERION,
+    plugin=True,
+    **kw,
+):
+    """fairseq-train ``updates`` updates of ``arch`` (``sizes``, ``common``
+    flags; ``extra`` last, so it overrides them) on ``data`` into
+    ``save_dir``, with the plugin (``--user-dir``) unless ``plugin`` is
+    false; returns :func:`cli`'s CompletedProcess (``kw``: ``check``, ``env``)."""
     return cli(
-        "fairseq-train", data, "--user-dir", USER_DIR, "--arch", "transformer_mhce", "--mhce-method", method,
-        *TINY_ARCH, "--criterion", "mhce_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-        "--report-accuracy", *TRAIN_COMMON, "--max-update", updates, "--save-dir", save_dir, *extra,
+        "fairseq-train", data, *(["--user-dir", USER_DIR] if plugin else []), "--arch", arch, *sizes,
+        "--criterion", criterion, *common, "--max-update", updates, "--save-dir", save_dir, *extra, **kw,
+    )  # fmt: skip
+
+
+def train_tiny(data, save_dir, method, *extra, updates=300, **kw):
+    """fairseq-train of the tiny transformer_mhce (2+2 layers, d 64) with the
+    plugin's criterion (label smoothing 0.1); returns the command's output."""
+    return fairseq_train(
+        data, save_dir, "--mhce-method", method, "--label-smoothing", "0.1", "--report-accuracy", *extra,
+        updates=updates, **kw,
     ).stdout  # fmt: skip
+
+
+def train_micro(data, save_dir, method, *extra, updates=3, lr="1e-3", max_tokens=500, **kw):
+    """fairseq-train in the issues' repro shape: an ``_mhce`` arch of
+    fairseq's (iwslt) cut to 1+1 layers of d 32, identity codes, adam, the
+    plugin's criterion (label smoothing 0.1) and fairseq's defaults otherwise
+    (``--num-workers`` among them); returns the CompletedProcess."""
+    return fairseq_train(
+        data, save_dir, "--mhce-method", method, "--mhce-code-order", "identity", "--optimizer", "adam",
+        "--lr", lr, "--max-tokens", max_tokens, "--label-smoothing", "0.1", "--no-progress-bar", *extra,
+        updates=updates, arch="transformer_iwslt_de_en_mhce", sizes=MICRO_ARCH, common=(), **kw,
+    )  # fmt: skip
+
+
+def generate(data, ckpt, *extra, **kw):
+    """fairseq-generate with the plugin: the checkpoint ``ckpt`` on
+    ``data``'s test set; returns the CompletedProcess."""
+    return cli("fairseq-generate", data, "--user-dir", USER_DIR, "--path", ckpt, *extra, **kw)
+
+
+def in_both_search_modes(command, data, ckpt, *extra, **kw):
+    """``command`` (fairseq-generate or fairseq-interactive) with ``--task
+    translation_mhce``, once per ``--mhce-search`` mode: {mode: (its H- and P-
+    lines, its whole output)}."""
+    out = {}
+    for mode in ("dense", "factorized"):
+        text = cli(
+            command, data, "--user-dir", USER_DIR, "--task", "translation_mhce", "--mhce-search", mode,
+            "--path", ckpt, *extra, **kw,
+        ).stdout  # fmt: skip
+        out[mode] = ([ln for ln in text.splitlines() if ln[:2] in ("H-", "P-")], text)
+    return out
+
+
+def recipe(name, *args, env=None, check=True):
+    """``scripts/recipes/NAME`` in a process of its own, with short-run
+    settings (one thread, warm-up 10, lr 3e-3, the adaptive softmax's cutoffs
+    for tiny data) and without a REUSE_SAVEDIR of the caller's; ``check``:
+    fail unless it exits 0.  Returns the CompletedProcess (stdout and stderr
+    merged)."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", WARMUP="10", LR="3e-3", ADAPTIVE_CUTOFF="10,30")
+    e.pop("REUSE_SAVEDIR", None)
+    e.update(env or {})
+    p = subprocess.run(
+        [str(SCRIPTS / "recipes" / name), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=e,
+    )
+    if check:
+        assert p.returncode == 0, f"{name} failed ({p.returncode}):\n{p.stdout[-4000:]}"
+    return p
 
 
 def make_copy_data(root: Path, n_train=2000, n_valid=100, n_test=100, n_words=40, seed=0, langs=("src", "tgt")):
@@ -309,3 +406,279 @@ def tree_hashes(path) -> dict:
         for p in sorted(path.rglob("*"))
         if p.is_file()
     }
+
+
+SPLITS = ("train", "valid", "test")
+
+
+def read_lines(path):
+    """The lines of a UTF-8 text file, without their newlines."""
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def last_line(text):
+    """The last line of a command's output that is not blank."""
+    return [line for line in text.strip().splitlines() if line.strip()][-1]
+
+
+def words_argv(prefix, dest, *extra):
+    """mhce-prepare-data's arguments for the word-level tokenizer (no
+    sentencepiece training, every type kept): training text ``prefix``.{de,en}."""
+    args = [
+        "-s", "de", "-t", "en", "--trainpref", prefix, "--destdir", dest,
+        "--tokenizer", "moses-word", "--vocab-size", "0", "--workers", "1", "--quiet", *extra,
+    ]  # fmt: skip
+    return [str(a) for a in args]
+
+
+def bible_slice(limit, valid, test, seed):
+    """The options of scripts/bible/prepare_bible.py and
+    prepare_bible_multi.py that choose the verses: ``limit`` of them,
+    ``valid`` and ``test`` held out, drawn with ``seed``."""
+    return ["--limit", str(limit), "--valid-size", str(valid), "--test-size", str(test), "--seed", str(seed)]
+
+
+# --------------------------------------------------------------------------
+# the programs in scripts/ROLE/ that tests call into, loaded as modules
+# --------------------------------------------------------------------------
+# ``scripts/`` is no package: its programs import a sibling in their folder by
+# its bare name (``import prepare_bible``, ``from machine_info import ...``),
+# which works when one runs as a program (its directory is then
+# ``sys.path[0]``).  Here each is loaded once from its file by importlib and
+# entered in ``sys.modules`` under that bare name, its siblings first, so those
+# imports find them; nothing is added to ``sys.path``.  The package's own tools
+# are imported from :mod:`fairseq_mhce.cli` instead.
+
+# the folder of each program under scripts/
+SCRIPT_FOLDERS = {
+    "compare": "benchmarks",
+    "compare_logs": "benchmarks",
+    "compare_report": "benchmarks",
+    "machine_info": "benchmarks",
+    "prepare_bible": "bible",
+    "prepare_bible_multi": "bible",
+}
+# the siblings each program imports by name
+SCRIPT_SIBLINGS = {
+    "compare": ("machine_info", "compare_logs", "compare_report"),
+    "compare_report": ("machine_info",),
+    "prepare_bible_multi": ("prepare_bible",),
+}
+
+
+def load_script(name: str):
+    """``scripts/FOLDER/NAME.py`` as the module ``NAME`` (loaded once per process)."""
+    path = SCRIPTS / SCRIPT_FOLDERS[name] / f"{name}.py"
+    module = sys.modules.get(name)
+    if module is not None and getattr(module, "__file__", None) == str(path):
+        return module
+    for sibling in SCRIPT_SIBLINGS.get(name, ()):
+        load_script(sibling)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+# --------------------------------------------------------------------------
+# in-process models, output layers and brute-force references
+# --------------------------------------------------------------------------
+SPECIAL = 4  # fairseq's special symbols: ids 0..3
+
+
+def make_dictionary(n):
+    """A fairseq Dictionary of ``n`` symbols: the specials and w0, w1, ..."""
+    from fairseq.data import Dictionary
+
+    d = Dictionary()
+    for i in range(n - len(d)):
+        d.add_symbol(f"w{i}")
+    return d
+
+
+def model_cfg(**kw):
+    """A model config with the plugin's defaults, identity codes unless asked
+    (the automatic PPMI table needs training data; tests/test_auto_codes.py)."""
+    from argparse import Namespace
+
+    from fairseq_mhce.models.transformer_mhce import MHCEConfig
+
+    c = Namespace(**{k: f.default for k, f in MHCEConfig.__dataclass_fields__.items()})
+    c.mhce_code_order = "identity"
+    for k, v in kw.items():
+        setattr(c, k, v)
+    return c
+
+
+def make_head(method, V, sizes, *, dim=8, seed=0, code="identity", weights="normal", scale=1.0, double=False, **layer):
+    """An output layer on its own (no model around it): ``method`` mhp, mhe
+    (shared last head), mhe-pt (per-token last head) or mhs, over ``V``
+    tokens with head sizes ``sizes`` and inputs of width ``dim``.
+
+    ``code``: "identity", "random" (a permutation drawn after
+    ``torch.manual_seed(seed)``) or the code table itself.  ``weights``:
+    "normal", every parameter drawn from N(0, 1) (distributions far from
+    uniform); "init", the layer's own initialization times ``scale`` (< 1:
+    nearly uniform, > 1: peaky).  ``double``: float64 parameters (drawn so).
+    ``layer``: passed on to the layer (``shortlist=``, ``sample_groups=``)."""
+    from fairseq_mhce.modules.codec import MixedRadixCodec
+    from fairseq_mhce.modules.mhs import MultiHeadSampling
+    from fairseq_mhce.modules.multihead_output import MultiHeadEmbedding, MultiHeadProduct
+
+    torch.manual_seed(seed)
+    if isinstance(code, str):
+        code = torch.randperm(V) if code == "random" else None
+    codec = MixedRadixCodec(V, sizes, code)
+    if method == "mhp":
+        head = MultiHeadProduct(dim, codec, **layer)
+    elif method == "mhs":
+        head = MultiHeadSampling(dim, codec, seed=1, **layer)
+    else:
+        head = MultiHeadEmbedding(dim, codec, last_head="per-token" if method == "mhe-pt" else "shared", **layer)
+    if double:
+        head = head.double()
+    with torch.no_grad():
+        for p in head.parameters():
+            if weights == "normal":
+                p.normal_(0, 1.0)
+            else:
+                p.mul_(scale)
+    return head
+
+
+def build_model(root, V, method, heads, seed, scale=1.0, code="identity", d=32, arch="transformer_mhce", extra=()):
+    """A random ``arch`` model (1+2 layers, d ``d``) of ``--task
+    translation_mhce`` built in-process: dictionaries of 40 source and ``V``
+    target symbols written to ``root``; the multi-head output's weights
+    times ``scale``.  Returns (task, model in eval mode)."""
+    from fairseq import options, tasks
+
+    import fairseq_mhce  # noqa: F401  (registers the task and models)
+
+    root.mkdir(parents=True, exist_ok=True)
+    for lang, n in (("src", 40), ("tgt", V - SPECIAL)):
+        (root / f"dict.{lang}.txt").write_text("".join(f"w{i} {10**7 - i}\n" for i in range(n)))
+    mhce = ["--mhce-method", method, "--mhce-heads", str(heads), "--mhce-code-order", code] if method else []
+    args = options.parse_args_and_arch(
+        options.get_training_parser(),
+        [
+            str(root), "--task", "translation_mhce", "--arch", arch, "--source-lang", "src", "--target-lang", "tgt",
+            *mhce, *arch_sizes(1, d, heads=2, decoder_layers=2), "--dropout", "0", *extra,
+        ],
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    task = tasks.setup_task(args)
+    model = task.build_model(args)
+    head = getattr(model.decoder, "mhce_head", None)
+    if head is not None:
+        with torch.no_grad():
+            for p in head.parameters():
+                p.mul_(scale)
+    return task, model.eval()
+
+
+def source_sample(bsz, src_len, seed):
+    """A batch of ``bsz`` random source sentences of ``src_len`` tokens (the
+    last one eos) over build_model's source dictionary."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(SPECIAL, 40, (bsz, src_len), generator=g)
+    src[:, -1] = 2
+    lengths = torch.full((bsz,), src_len)
+    return {"id": torch.arange(bsz), "net_input": {"src_tokens": src, "src_lengths": lengths}}
+
+
+def search(task, model, sample, mode, **gen):
+    """(generator, its hypotheses) of ``--mhce-search mode`` with the
+    generation options ``gen``."""
+    from argparse import Namespace
+
+    generator = task.build_generator([model], Namespace(mhce_search=mode, **gen))
+    return generator, generator.generate([model], sample)
+
+
+def assert_same_hypotheses(dense, fact, exact):
+    """The same n-best lists: tokens equal; scores equal (``exact``) or to
+    float32 rounding."""
+    assert len(dense) == len(fact)
+    for hd, hf in zip(dense, fact):
+        assert len(hd) == len(hf)
+        for a, b in zip(hd, hf):
+            assert torch.equal(a["tokens"], b["tokens"]), (a["tokens"], b["tokens"])
+            if exact:
+                assert torch.equal(a["positional_scores"], b["positional_scores"])
+                assert torch.equal(a["score"], b["score"])
+            else:
+                # float32 rounding of a per-group vs a V-wide matmul: relative, not absolute
+                assert torch.allclose(a["positional_scores"], b["positional_scores"], atol=1e-5, rtol=1e-5)
+                assert torch.allclose(a["score"], b["score"], atol=1e-5, rtol=1e-5)
+
+
+def digit_conditionals(joint, codec, target):
+    """For each head h, the (N, C_h) conditional log-distribution of digit h
+    given the target's first h digits, marginalized from the joint ``(N, V)``
+    log-probabilities (token order); -inf where no token continues the prefix."""
+    digits = codec.encode(torch.arange(codec.vocab_size))  # (V, H)
+    tgt = codec.encode(target)
+    out = []
+    for h, c in enumerate(codec.sizes):
+        rows = []
+        for n in range(joint.size(0)):
+            same = (digits[:, :h] == tgt[n, :h]).all(-1)  # tokens sharing the target's prefix
+            mass = torch.full((c,), float("-inf"), dtype=joint.dtype)
+            for j in range(c):
+                sel = same & (digits[:, h] == j)
+                if bool(sel.any()):
+                    mass[j] = torch.logsumexp(joint[n, sel], 0)
+            rows.append(mass - torch.logsumexp(mass, 0))
+        out.append(torch.stack(rows))
+    return out
+
+
+def smoothed_per_head(conds, target_digits, eps):
+    """fairseq's label_smoothed_nll_loss applied to each head's own
+    conditional distribution (over its valid digits), summed over heads."""
+    from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+    total = 0
+    for h, lp in enumerate(conds):
+        per = []
+        for n in range(lp.size(0)):
+            valid = torch.isfinite(lp[n])
+            col = int(valid[: target_digits[n, h]].sum())  # the target's column among the valid digits
+            if int(valid.sum()) < 2:  # one class: nothing to smooth over
+                per.append(-lp[n, target_digits[n, h]])
+                continue
+            loss, _ = label_smoothed_nll_loss(lp[n][valid][None], torch.tensor([col]), eps, reduce=False)
+            per.append(loss.reshape(()))
+        total = total + torch.stack(per)
+    return total
+
+
+def strides(sizes):
+    """The code's stride of each head: the product of the later heads' sizes."""
+    return [math.prod(sizes[h + 1 :]) for h in range(len(sizes))]
+
+
+def check_balanced(code, V, sizes, nfix=4, last=()):
+    """``code`` is a permutation of range(V) that keeps the first ``nfix``
+    tokens (the specials) on codes 0.., gives the ids ``last`` the highest
+    codes in id order, and at every head's stride fills each group but the
+    last."""
+    code = np.asarray(code)
+    assert code.shape == (V,)
+    assert sorted(code.tolist()) == list(range(V)), "used codes must be exactly range(V)"
+    assert code[:nfix].tolist() == list(range(nfix)), "specials keep codes 0..3"
+    last = np.sort(np.asarray(last, dtype=np.int64))
+    assert code[last].tolist() == list(range(V - last.size, V)), "`last` ids get the highest codes, in id order"
+    for s in strides(sizes):
+        n_groups = -(-V // s)
+        fill = np.bincount(code // s, minlength=n_groups)
+        assert fill.size == n_groups
+        assert (fill[:-1] == s).all(), f"stride {s}: groups {fill.tolist()}"
+        assert 1 <= fill[-1] <= s
