@@ -149,8 +149,8 @@ def main(argv=None):
         if not done.exists():
             log = work / f"{name}.out"
             first = train(name, databin, savedir, 1, flags, env, log)
-            table = savedir / "mhce_code_table.json"
-            extra = ["--no-save"] + (["--mhce-code-table", str(table)] if table.exists() else [])
+            cached = savedir / "mhce_code_table.json"
+            extra = ["--no-save"] + (["--mhce-code-table", str(cached)] if cached.exists() else [])
             steps = train(name, databin, work / f"{name}.mem", args.steps, flags + extra, env, log)
             done.write_text(json.dumps({"first_start": first, "train": steps}) + "\n")
         rss = json.loads(done.read_text())
