@@ -89,7 +89,7 @@ export OMP_NUM_THREADS=1
 mkdir -p "$(dirname "$WORK")"
 
 if want probe; then
-  "$PY" "$REPO/scripts/benchmarks/probe_step.py" --databin "$DATA" --work "$REPO/work/probe/$SETTING-shareall" \
+  "$PY" "$REPO/scripts/benchmarks/probe_step.py" --databin "$DATA" --work "$REPO/work/probe/$SETTING" \
     --out "$RESULTS/${NAME}_probe" --adaptive-cutoff "$ADAPTIVE_CUTOFF" --tie="$TIE"
 fi
 
