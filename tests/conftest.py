@@ -9,6 +9,7 @@
   file lock in the run's shared temporary folder), and read by the others.
 * Before each test: whether it is marked ``e2e`` (:mod:`tests.utils` refuses
   to run a command-line tool for a test that is not).
+* The order of the files: the slowest first (:data:`SLOW_FILES`).
 * ``one_thread``: torch on one thread in this process for a module's tests.
 
 The helpers that test files share are in :mod:`tests.utils`.
@@ -35,6 +36,39 @@ from .utils import SHARED_MODELS, make_copy_data, train_tiny  # noqa: E402
 def pytest_runtest_setup(item):
     """Before the test's fixtures: whether it may run command-line tools."""
     utils.CURRENT_TEST_IS_E2E = item.get_closest_marker("e2e") is not None
+
+
+# The slowest test files, slowest first (CPU seconds in `make test`).  Under
+# --dist loadfile a worker takes one whole file at a time; handed out first,
+# the long files overlap the short ones, which fill in at the end, instead of
+# one long file running alone after the rest (longest-processing-time first).
+# pytest-xdist 3 hands out the files with the most tests first.
+SLOW_FILES = [
+    "test_recipes.py", "test_recipe_guards.py", "test_end_to_end.py", "test_entry_points.py", "test_mhs.py",
+    "test_runtime_guards.py", "test_distributed.py", "test_factorized_search.py", "test_prepare_multi.py",
+    "test_fairseq_patches.py", "test_data_scripts.py",
+]  # fmt: skip
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` handing out the files of :data:`SLOW_FILES` first,
+    in that order, then the others in pytest-xdist's order."""
+    from xdist.scheduler import LoadFileScheduling  # here: the hook runs only under pytest-xdist
+
+    if config.getvalue("dist") != "loadfile" or not hasattr(LoadFileScheduling, "_assign_work_unit"):
+        return None  # pytest-xdist's own scheduler
+
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+
+    class SlowFilesFirst(LoadFileScheduling):
+        def _assign_work_unit(self, node):
+            # the queue of files not yet handed out ({file: its tests}), reordered (a stable sort)
+            queue = sorted(self.workqueue.items(), key=lambda kv: rank.get(Path(kv[0]).name, len(rank)))
+            self.workqueue.clear()
+            self.workqueue.update(queue)
+            super()._assign_work_unit(node)
+
+    return SlowFilesFirst(config, log)
 
 
 @pytest.fixture(scope="module")

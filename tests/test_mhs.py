@@ -1,13 +1,9 @@
 """MHS (full softmax trained on sampled head-1 groups): the loss against
 fairseq's label-smoothed full softmax, the sampling rules, and the real CLIs
-(copy task, export to a plain Transformer, two-process DDP on CPU)."""
+(copy task, export to a plain Transformer; two-process DDP: tests/test_distributed.py)."""
 
 import argparse
-import os
 import re
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +13,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 from fairseq_mhce.modules.codec import MixedRadixCodec
 from fairseq_mhce.modules.mhs import MultiHeadSampling, draw_groups, group_budget, num_groups
 
-from .utils import ONE_THREAD, USER_DIR, bleu_of, cli, hypotheses, make_copy_data, make_head
+from .utils import ONE_THREAD, USER_DIR, bleu_of, cli, hypotheses, make_head
 
 D = 8
 # (V, head sizes, code order): exact products, invalid codes (a short last
@@ -280,110 +276,3 @@ def test_export_refuses_multi_head_checkpoints(tmp_path):
     torch.save(state, src)
     p = cli("mhce-export", src, tmp_path / "out.pt", check=False)
     assert p.returncode != 0 and "Only --mhce-method mhs" in p.stdout and not (tmp_path / "out.pt").exists()
-
-
-# fairseq's c10d wrapper passes device_ids=[device_id] to torch's
-# DistributedDataParallel even with --cpu, which torch rejects for a CPU
-# module ("DistributedDataParallel device_ids and output_device arguments only
-# work with single-device/multiple-device GPU modules or CPU modules, but got
-# device_ids [0] ..."). This launcher drops those two arguments for CPU
-# modules -- nothing else: the reducer, buckets and gloo all-reduce are
-# torch's c10d DDP as fairseq uses it on GPUs -- and runs fairseq-train.
-CPU_DDP_LAUNCHER = """
-import sys
-import fairseq.models.distributed_fairseq_model as dfm
-class CpuDDP(dfm.DistributedDataParallel):
-    def __init__(self, module, device_ids=None, output_device=None, **kw):
-        if next(module.parameters()).device.type == "cpu":
-            device_ids = output_device = None
-        super().__init__(module, device_ids=device_ids, output_device=output_device, **kw)
-dfm.DistributedDataParallel = CpuDDP
-from fairseq_cli.train import cli_main
-sys.argv = ["fairseq-train"] + sys.argv[1:]
-cli_main()
-"""
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _inner_losses(log):
-    """[(num_updates, loss, nll_loss)] of fairseq's train_inner lines."""
-    out = []
-    for line in log.splitlines():
-        if "train_inner" in line:
-            f = dict(re.findall(r"(\w+)=([0-9.]+)", line))
-            out.append((int(f["num_updates"]), float(f["loss"]), float(f["nll_loss"])))
-    return out
-
-
-@pytest.mark.e2e
-def test_ddp_two_processes_match_single_process(tmp_path_factory):
-    """2 ranks (gloo, CPU, c10d DDP) vs 1 process with --update-freq 2: the
-    same global batches, the same sampled groups, the same losses."""
-    data = make_copy_data(tmp_path_factory.mktemp("ddp_data"), n_train=600, n_valid=20, n_test=20, n_words=1000)
-    common = [
-        str(data), "--user-dir", USER_DIR, "--arch", "transformer_mhce", "--mhce-method", "mhs",
-        "--mhce-head-sizes", "240,4", "--mhce-sample-groups", "0.6",
-        "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "32",
-        "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
-        "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
-        "--criterion", "mhce_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-        "--optimizer", "adam", "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "10",
-        "--max-tokens", "200", "--dropout", "0.0", "--seed", "1", "--no-progress-bar", "--log-interval", "1",
-        "--num-workers", "0", "--max-update", "8", "--cpu", "--no-save", "--disable-validation",
-    ]  # fmt: skip
-    env = {**os.environ, **ONE_THREAD}
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                CPU_DDP_LAUNCHER,
-                *common,
-                "--distributed-world-size",
-                "2",
-                "--distributed-backend",
-                "gloo",
-                "--distributed-init-method",
-                f"tcp://localhost:{port}",
-                "--distributed-no-spawn",
-                "--distributed-rank",
-                str(rank),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        for rank in (0, 1)
-    ]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
-    assert "distributed init (rank 0)" in logs[0]
-    single = subprocess.run(
-        [sys.executable, "-c", CPU_DDP_LAUNCHER, *common, "--update-freq", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    assert single.returncode == 0, single.stdout[-3000:]
-    ddp, one = _inner_losses(logs[0]), _inner_losses(single.stdout)
-    print("2-process:", ddp, "\n1-process:", one)
-    assert [u for u, _, _ in ddp] == [u for u, _, _ in one] == list(range(1, 9))
-    for (_, l2, n2), (_, l1, n1) in zip(ddp, one):
-        assert abs(l2 - l1) <= 2e-3 and abs(n2 - n1) <= 2e-3
-    assert ddp[-1][1] < ddp[0][1]  # and it trains

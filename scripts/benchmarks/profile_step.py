@@ -18,10 +18,8 @@ import sys
 from pathlib import Path
 
 import torch
-from fairseq import checkpoint_utils, utils
+from step_speed import load_for_training, train_batches  # a sibling in this folder (sys.path[0])
 from torch.profiler import ProfilerActivity, profile, record_function
-
-import fairseq_mhce  # noqa: F401  (registers the plugin)
 
 
 def main(argv=None):
@@ -33,22 +31,8 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", help="also write the table here")
     args = p.parse_args(argv)
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
-        [args.checkpoint], arg_overrides={"data": args.databin}
-    )
-    model = models[0]
-    model.train()
-    criterion = task.build_criterion(cfg.criterion)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-9)
-    task.load_dataset("train")
-    itr = task.get_batch_iterator(
-        dataset=task.dataset("train"),
-        max_tokens=args.max_tokens,
-        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
-        ignore_invalid_inputs=True,
-        seed=1,
-    ).next_epoch_itr(shuffle=True)
-    batches = [next(itr) for _ in range(args.steps + 1)]
+    model, criterion, opt, task = load_for_training(args.checkpoint, args.databin)
+    batches = train_batches(task, model, args.max_tokens, args.steps + 1)
 
     def step(sample):
         with record_function("forward+loss"):

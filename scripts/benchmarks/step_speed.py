@@ -31,33 +31,48 @@ import sys
 import time
 
 
+def load_for_training(ckpt: str, databin: str):
+    """``(model, criterion, optimizer, task)`` of a checkpoint with its task on
+    ``databin``: the model in training mode, its own criterion, and an Adam
+    with a negligible learning rate (a full optimizer step, the weights
+    barely moving)."""
+    import torch
+    from fairseq import checkpoint_utils
+
+    import fairseq_mhce  # noqa: F401  (registers the plugin)
+
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([ckpt], arg_overrides={"data": databin})
+    model = models[0]
+    model.train()
+    return model, task.build_criterion(cfg.criterion), torch.optim.Adam(model.parameters(), lr=1e-9), task
+
+
+def train_batches(task, model, max_tokens: int, n: int) -> list:
+    """The first ``n`` real training batches of ``max_tokens`` tokens of an
+    epoch shuffled with seed 1: the same batches for every model of a task."""
+    from fairseq import utils
+
+    task.load_dataset("train")
+    itr = task.get_batch_iterator(
+        dataset=task.dataset("train"),
+        max_tokens=max_tokens,
+        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+        ignore_invalid_inputs=True,
+        seed=1,
+    ).next_epoch_itr(shuffle=True)
+    return [next(itr) for _ in range(n)]
+
+
 def measure_speed(ckpts: dict, databin: str, n_batches: int, max_tokens: int) -> dict:
     """Training-step throughput of every method's checkpoint on the *same*
     real batches, interleaved (batch by batch, rotating the order of the
     methods), plus the softmax model's body-only step: relative speeds that
     load drift on a shared machine cannot skew."""
     import torch
-    from fairseq import checkpoint_utils, utils
 
-    import fairseq_mhce  # noqa: F401
-
-    runs = {}
-    for m, ckpt in ckpts.items():
-        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([ckpt], arg_overrides={"data": databin})
-        model = models[0]
-        model.train()
-        runs[m] = (model, task.build_criterion(cfg.criterion), torch.optim.Adam(model.parameters(), lr=1e-9), task)
+    runs = {m: load_for_training(ckpt, databin) for m, ckpt in ckpts.items()}
     first = next(iter(runs.values()))
-    task = first[3]
-    task.load_dataset("train")
-    itr = task.get_batch_iterator(
-        dataset=task.dataset("train"),
-        max_tokens=max_tokens,
-        max_positions=utils.resolve_max_positions(task.max_positions(), first[0].max_positions()),
-        ignore_invalid_inputs=True,
-        seed=1,
-    ).next_epoch_itr(shuffle=True)
-    batches = [next(itr) for _ in range(n_batches + 1)]
+    batches = train_batches(first[3], first[0], max_tokens, n_batches + 1)
 
     def step(name, sample):
         key = "softmax" if name == "softmax_body" else name
