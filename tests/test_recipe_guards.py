@@ -14,12 +14,11 @@ scripts on tiny copy data:
 import os
 import re
 import shutil
-import subprocess
 
 import pytest
 import torch
 
-from .utils import BIN, arch_sizes, generate, hypotheses, make_copy_data, recipe, tree_hashes
+from .utils import arch_sizes, cli, generate, hypotheses, make_copy_data, recipe, tree_hashes
 
 pytestmark = pytest.mark.e2e
 
@@ -32,13 +31,8 @@ START = "===== train.sh start "
 
 
 def average(*args):
-    return subprocess.run(
-        [str(BIN / "mhce-average-checkpoints"), *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
+    """mhce-average-checkpoints (in this process, :func:`tests.utils.cli`), its output merged."""
+    return cli("mhce-average-checkpoints", *args, check=False)
 
 
 def load(path):
