@@ -24,6 +24,8 @@
 #   probe    scripts/benchmarks/probe_step.py: short runs of the tied softmax, tied MHE,
 #            tied MHP (automatic shortlist) and adaptive softmax; step tok/s against the
 #            softmax body's ceiling and peak training RSS -> results/large_vocab_SETTING_probe.md
+#            (PROBE_MAX_TOKENS=8192: softmax, MHE and MHP at that batch, 2 timed batches
+#            -> results/large_vocab_SETTING_probe_8192.md)
 #   lanes    LANE_A (default mhe: tied per-token MHE, automatic code table) and LANE_B
 #            (default adaptive) trained MINUTES (110) each side by side, one thread each
 #            (compare.py, --stop-time-hours), then decoded (beam 5; MHE factorized, and on
@@ -89,8 +91,14 @@ export OMP_NUM_THREADS=1
 mkdir -p "$(dirname "$WORK")"
 
 if want probe; then
-  "$PY" "$REPO/scripts/benchmarks/probe_step.py" --databin "$DATA" --work "$REPO/work/probe/$SETTING" \
-    --out "$RESULTS/${NAME}_probe" --adaptive-cutoff "$ADAPTIVE_CUTOFF" --tie="$TIE"
+  if [ -z "${PROBE_MAX_TOKENS:-}" ]; then  # the recipe's batch (max-tokens 4096), every configuration
+    "$PY" "$REPO/scripts/benchmarks/probe_step.py" --databin "$DATA" --work "$REPO/work/probe/$SETTING" \
+      --out "$RESULTS/${NAME}_probe" --adaptive-cutoff "$ADAPTIVE_CUTOFF" --tie="$TIE"
+  else  # another batch: the softmax and the two heads (the memory ratio grows with the batch)
+    "$PY" "$REPO/scripts/benchmarks/probe_step.py" --databin "$DATA" --work "$REPO/work/probe/$SETTING-mt$PROBE_MAX_TOKENS" \
+      --out "$RESULTS/${NAME}_probe_$PROBE_MAX_TOKENS" --configs softmax,mhe,mhp --batches 2 \
+      --max-tokens "$PROBE_MAX_TOKENS" --adaptive-cutoff "$ADAPTIVE_CUTOFF" --tie="$TIE"
+  fi
 fi
 
 if want lanes; then
