@@ -50,6 +50,7 @@ SLOW_FILES = [
 ]  # fmt: skip
 
 
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: no error where xdist is absent
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadfile`` handing out the files of :data:`SLOW_FILES` first,
     in that order, then the others in pytest-xdist's order."""
