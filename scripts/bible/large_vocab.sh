@@ -128,7 +128,7 @@ if want tables; then
   softmax_note="the tied softmax $SOFTMAX_MIN min (one thread)"
   [[ ",$methods," == *",softmax,"* ]] || softmax_note="no tied softmax run (its step speed and memory: the probe's table)"
   "$PY" "$REPO/scripts/benchmarks/compare.py" "${COMMON[@]}" --methods "$methods" --tables-only --out "$RESULTS" \
-    --note "$SETTING: ${LANE_A} and ${LANE_B} trained $MINUTES min each side by side (one thread each); $softmax_note; every model $TIE; adaptive softmax cutoffs $ADAPTIVE_CUTOFF (fairseq's wikitext-103 cutoffs), its output untied (fairseq cannot tie it in a translation model)" \
+    --note "$SETTING: ${LANE_A} and ${LANE_B} trained $MINUTES min each side by side (one thread each); $softmax_note; ${LANE_A} $TIE; adaptive softmax cutoffs $ADAPTIVE_CUTOFF (fairseq's wikitext-103 cutoffs), ${ADAPTIVE_TIE:-nothing shared}, its output untied (fairseq cannot tie it in a translation model)" \
     --note "${TABLE_NOTE:-}"
   scored=""
   for m in "$LANE_A" "$LANE_B" softmax; do [ -f "$WORK/$m/score.test.json" ] && scored+="${scored:+,}$m"; done
