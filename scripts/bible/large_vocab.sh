@@ -91,14 +91,13 @@ export OMP_NUM_THREADS=1
 mkdir -p "$(dirname "$WORK")"
 
 if want probe; then
-  if [ -z "${PROBE_MAX_TOKENS:-}" ]; then  # the recipe's batch (max-tokens 4096), every configuration
-    "$PY" "$REPO/scripts/benchmarks/probe_step.py" --databin "$DATA" --work "$REPO/work/probe/$SETTING" \
-      --out "$RESULTS/${NAME}_probe" --adaptive-cutoff "$ADAPTIVE_CUTOFF" --tie="$TIE"
-  else  # another batch: the softmax and the two heads (the memory ratio grows with the batch)
-    "$PY" "$REPO/scripts/benchmarks/probe_step.py" --databin "$DATA" --work "$REPO/work/probe/$SETTING-mt$PROBE_MAX_TOKENS" \
-      --out "$RESULTS/${NAME}_probe_$PROBE_MAX_TOKENS" --configs softmax,mhe,mhp --batches 2 \
-      --max-tokens "$PROBE_MAX_TOKENS" --adaptive-cutoff "$ADAPTIVE_CUTOFF" --tie="$TIE"
-  fi
+  # the recipe's batch (max-tokens 4096), every configuration; PROBE_MAX_TOKENS: another batch,
+  # the softmax and the two heads (the memory ratio grows with the batch)
+  probe=(--work "$REPO/work/probe/$SETTING" --out "$RESULTS/${NAME}_probe")
+  [ -n "${PROBE_MAX_TOKENS:-}" ] && probe=(--work "$REPO/work/probe/$SETTING-mt$PROBE_MAX_TOKENS"
+    --out "$RESULTS/${NAME}_probe_$PROBE_MAX_TOKENS" --configs softmax,mhe,mhp --batches 2 --max-tokens "$PROBE_MAX_TOKENS")
+  "$PY" "$REPO/scripts/benchmarks/probe_step.py" --databin "$DATA" "${probe[@]}" \
+    --adaptive-cutoff "$ADAPTIVE_CUTOFF" --tie="$TIE"
 fi
 
 if want lanes; then
