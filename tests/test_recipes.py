@@ -180,7 +180,7 @@ def test_compare_extend_from_continues_a_finished_run(runs, data, tmp_path):
     before = tree_hashes(work / m)
     new = tmp_path / "ext"
     out = compare(
-        "--databin", data, "--name", "tiny_ext", "--workdir", new, "--out", tmp_path, "--methods", "adaptive",
+        "--databin", data, "--name", "tiny_ext", "--workdir", new, "--out", tmp_path, "--methods", m,
         "--max-update", UPDATES + 20, "--speed-batches", "0", "--extend-from", work, "--train-args", " ".join(TINY),
         "--generate-args", "--max-len-a 0 --max-len-b 20",
         env={"WARMUP": "10", "LR": "3e-3", "ADAPTIVE_CUTOFF": "10,30"},
@@ -203,9 +203,9 @@ def test_compare_extend_from_continues_a_finished_run(runs, data, tmp_path):
     assert "continued runs (adaptive)" in (tmp_path / "compare_tiny_ext.md").read_text()
     p = recipe(
         "train.sh",
-        "adaptive",
+        m,
         data,
-        new / "adaptive",
+        new / m,
         "--max-update",
         UPDATES + 30,
         *TINY,
