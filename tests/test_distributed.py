@@ -32,7 +32,7 @@ import time
 import pytest
 import torch
 
-from .utils import MICRO_ARCH, USER_DIR, cli, hypotheses
+from .utils import MICRO_ARCH, USER_DIR, cli, hypotheses, read_checkpoint
 
 # Started as `python -c LAUNCHER RUNS_JSON` once per rank: runs fairseq-train's
 # cli_main for each argv in RUNS_JSON in turn (one interpreter and one gloo
@@ -172,7 +172,7 @@ def decode(data, checkpoint):
 
 
 def model_state(checkpoint):
-    return torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+    return read_checkpoint(checkpoint)["model"]
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +271,7 @@ def test_bf16_trains_and_decodes(copy_bin, tmp_path, bf16_trainer, method):
     assert [u for u, _, _ in stats] == [5, 10, 15, 20], log[-3000:]
     assert all(math.isfinite(v) for _, lo, nl in stats for v in (lo, nl))
     assert stats[-1][1] < stats[0][1] - 0.5, stats
-    state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    state = read_checkpoint(save / "checkpoint_last.pt")
     assert state["cfg"]["common"]["bf16"] and not state["cfg"]["common"]["tpu"]
     assert state["optimizer_history"][-1]["optimizer_name"] == "FP16Optimizer"
     hyps = decode(copy_bin, save / "checkpoint_last.pt")

@@ -4,11 +4,10 @@ overrides), ``scripts/recipes/train.sh`` and the hub; bad values are refused on 
 hydra path as on the command line."""
 
 import pytest
-import torch
 
 import fairseq_mhce  # noqa: F401
 
-from .utils import REPO, USER_DIR, cli, fairseq_train, make_copy_data, recipe
+from .utils import REPO, USER_DIR, cli, fairseq_train, make_copy_data, read_checkpoint, recipe
 
 pytestmark = pytest.mark.e2e
 
@@ -44,7 +43,7 @@ def signature(state: dict) -> dict:
 
 
 def ckpt_signature(save_dir):
-    return signature(torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=False)["model"])
+    return signature(read_checkpoint(save_dir / "checkpoint_last.pt")["model"])
 
 
 def train_cli(data, save, method, extra):

@@ -45,7 +45,7 @@ from fairseq_mhce.config import resolve_settings
 from fairseq_mhce.models.transformer_mhce import MHCEConfig, build_output_layer
 from fairseq_mhce.training_start import CACHE_NAME, settle_code_table
 
-from .utils import MICRO_ARCH, USER_DIR, cli, tree_hashes
+from .utils import MICRO_ARCH, USER_DIR, cli, read_checkpoint, tree_hashes
 
 LAYOUT_FLAGS = {
     "all": ["--share-all-embeddings"],
@@ -261,7 +261,7 @@ def test_resume_with_another_code_order_keeps_table_and_saved_config(copy_bin, t
     train(copy_bin, save, "--mhce-method", "mhe", "--mhce-code-order", "random", "--mhce-code-seed", "3")
 
     def saved():
-        state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+        state = read_checkpoint(save / "checkpoint_last.pt")
         model = state["cfg"]["model"]
         return model.mhce_code_order, model.mhce_code_seed, state["model"]["decoder.mhce_head.codec.code"]
 

@@ -13,7 +13,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 from fairseq_mhce.modules.codec import MixedRadixCodec
 from fairseq_mhce.modules.mhs import MultiHeadSampling, draw_groups, group_budget, num_groups
 
-from .utils import ONE_THREAD, USER_DIR, bleu_of, cli, hypotheses, make_head
+from .utils import ONE_THREAD, USER_DIR, bleu_of, cli, hypotheses, make_head, read_checkpoint
 
 D = 8
 # (V, head sizes, code order): exact products, invalid codes (a short last
@@ -238,7 +238,7 @@ def test_cli_copy_task_bleu_and_plain_transformer_export(mhs_run, copy_data, tmp
     cli("mhce-export", ckpt, plain)
     again = cli("mhce-export", ckpt, plain, check=False)
     assert again.returncode != 0 and "refusing to overwrite" in again.stdout
-    state = torch.load(plain, map_location="cpu", weights_only=False)
+    state = read_checkpoint(plain)
     assert state["cfg"]["model"].arch == state["cfg"]["model"]._name == "transformer"
     assert (
         not any("mhce_head" in k or "mhs_codec" in k for k in state["model"])

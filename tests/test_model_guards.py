@@ -24,7 +24,7 @@ import torch
 import fairseq_mhce  # noqa: F401
 from fairseq_mhce.models.transformer_mhce import TransformerMHCEModel, build_output_layer
 
-from .utils import USER_DIR, cli, fairseq_train, make_dictionary, model_cfg, tree_hashes
+from .utils import USER_DIR, cli, fairseq_train, make_dictionary, model_cfg, read_checkpoint, tree_hashes
 
 
 # ---------------------------------------------------------------- head counts
@@ -110,7 +110,7 @@ def test_same_size_other_dictionary_is_refused(data, mhp_ckpt, tmp_path):
 
 @pytest.mark.e2e
 def test_checkpoint_without_fingerprint_loads_with_a_warning(data, mhp_ckpt, tmp_path):
-    state = torch.load(mhp_ckpt, map_location="cpu", weights_only=False)
+    state = read_checkpoint(mhp_ckpt)
     assert state["model"]["decoder.mhce_dict_fingerprint"].shape == (2, 2)
     del state["model"]["decoder.mhce_dict_fingerprint"]
     old = tmp_path / "old.pt"

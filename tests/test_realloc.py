@@ -16,7 +16,16 @@ from fairseq_mhce.models.transformer_mhce import build_output_layer
 from fairseq_mhce.modules.codec import MixedRadixCodec, auto_head_sizes
 from fairseq_mhce.modules.multihead_output import MultiHeadProduct
 
-from .utils import generate, hypotheses, make_copy_data, make_dictionary, model_cfg, strides, train_tiny
+from .utils import (
+    generate,
+    hypotheses,
+    make_copy_data,
+    make_dictionary,
+    model_cfg,
+    read_checkpoint,
+    strides,
+    train_tiny,
+)
 
 
 def placement_cost(costs, code, sizes):
@@ -132,14 +141,11 @@ def test_head_collects_its_window_and_swaps_the_table_in_place(caplog):
 
 @pytest.mark.e2e
 def test_fairseq_train_reallocates_and_the_checkpoint_decodes(tmp_path):
-    import os
-
     data = make_copy_data(tmp_path / "copy", n_train=600, n_valid=40, n_test=20)
     save = tmp_path / "ckpt"
     out = train_tiny(data, save, "mhp", "--mhce-realloc-updates", "20", "--mhce-realloc-window", "10", updates=30)
     assert "re-allocated the code table at update 20" in out
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    ckpt = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(save / "checkpoint_last.pt")
     assert ckpt["cfg"]["model"].mhce_shortlist == 0  # the default -1, resolved at model build (V < 4096)
     state = ckpt["model"]
     code = state["decoder.mhce_head.codec.code"]

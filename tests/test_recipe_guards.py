@@ -18,7 +18,7 @@ import shutil
 import pytest
 import torch
 
-from .utils import arch_sizes, cli, generate, hypotheses, make_copy_data, recipe, tree_hashes
+from .utils import arch_sizes, cli, generate, hypotheses, make_copy_data, read_checkpoint, recipe, tree_hashes
 
 pytestmark = pytest.mark.e2e
 
@@ -33,10 +33,6 @@ START = "===== train.sh start "
 def average(*args):
     """mhce-average-checkpoints (in this process, :func:`tests.utils.cli`), its output merged."""
     return cli("mhce-average-checkpoints", *args, check=False)
-
-
-def load(path):
-    return torch.load(str(path), map_location="cpu", weights_only=False)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +168,7 @@ def test_reuse_savedir_lets_it_train(mhe_run, data, tmp_path):
     p = recipe("train.sh", "mhp", data, save, "--max-update", "2", *TINY, env={"REUSE_SAVEDIR": "1"}, check=False)
     assert p.returncode == 0, p.stdout[-4000:]
     assert "not this run's" not in p.stdout
-    assert load(save / "checkpoint_best.pt")["cfg"]["model"].mhce_method == "mhp"
+    assert read_checkpoint(save / "checkpoint_best.pt")["cfg"]["model"].mhce_method == "mhp"
     assert (save / "train.log").read_text().startswith(old_log)
 
 
@@ -185,8 +181,8 @@ def test_average_last_three_update_checkpoints_decodes(mhe_run, data, tmp_path):
     inputs = [next(mhe_run.glob(f"checkpoint_*_{u}.pt")) for u in (12, 8, 4)]
     assert f"averaging 3 checkpoints: {' '.join(map(str, inputs))}" in p.stdout
     assert tree_hashes(mhe_run) == before  # inputs untouched
-    avg = load(out)["model"]
-    states = [load(f)["model"] for f in inputs]
+    avg = read_checkpoint(out)["model"]
+    states = [read_checkpoint(f)["model"] for f in inputs]
     assert list(avg) == list(states[0])
     codec = [k for k in avg if ".mhce_head.codec." in k]
     assert {k.rsplit(".", 1)[1] for k in codec} >= {"code", "token", "head_sizes"}
@@ -217,7 +213,7 @@ def test_average_refuses_mismatched_code_tables(mhe_run, tmp_path):
     error naming the key and both files; nothing written, inputs unchanged."""
     a = next(mhe_run.glob("checkpoint_*_8.pt"))
     b = tmp_path / "checkpoint_swapped.pt"
-    state = load(next(mhe_run.glob("checkpoint_*_12.pt")))
+    state = read_checkpoint(next(mhe_run.glob("checkpoint_*_12.pt")))
     code = state["model"]["decoder.mhce_head.codec.code"]
     token = state["model"]["decoder.mhce_head.codec.token"]
     code[[4, 5]] = code[[5, 4]].clone()

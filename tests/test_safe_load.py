@@ -36,7 +36,17 @@ from fairseq_mhce.checkpoint_io import TEMP_NAME
 from fairseq_mhce.cli import export as export_cli
 from fairseq_mhce.safe_load import TRUST_ENV, UntrustedCheckpointError, load_checkpoint
 
-from .utils import MICRO_ARCH, REPO, SHARED_MODELS, TINY_ARCH, TRAIN_COMMON, USER_DIR, cli, run_in_process
+from .utils import (
+    MICRO_ARCH,
+    REPO,
+    SHARED_MODELS,
+    TINY_ARCH,
+    TRAIN_COMMON,
+    USER_DIR,
+    cli,
+    read_checkpoint,
+    run_in_process,
+)
 
 PAYLOAD = "tests.test_safe_load._leave_marker"  # the type the refusals must name
 
@@ -60,7 +70,7 @@ class Payload:
 
 def craft(src, dst, marker):
     """``src`` (a real checkpoint) plus the payload in its extra state."""
-    state = torch.load(src, map_location="cpu", weights_only=False)
+    state = read_checkpoint(src)
     state["extra_state"]["mhce_payload"] = Payload(marker)
     torch.save(state, dst)
     return dst

@@ -6,7 +6,6 @@ real fairseq-train / fairseq-generate runs."""
 
 import itertools
 import json
-import os
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ from .utils import (
     make_dictionary,
     make_head,
     model_cfg,
+    read_checkpoint,
     train_tiny,
 )
 
@@ -273,8 +273,7 @@ def test_fairseq_train_and_generate_with_a_shortlist(tmp_path):
     data = make_copy_data(tmp_path / "copy", n_train=400, n_valid=40, n_test=20)
     save = tmp_path / "ckpt"
     train_tiny(data, save, "mhp", "--mhce-shortlist", "12", updates=30)
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    state = read_checkpoint(save / "checkpoint_last.pt")
     assert state["cfg"]["model"].mhce_shortlist == 12
     V = state["model"]["decoder.mhce_head.codec.code"].numel()
     assert torch.equal(state["model"]["decoder.mhce_head.codec.code"][:12], torch.arange(V - 12, V))

@@ -32,7 +32,16 @@ from fairseq_mhce.cli import build_codes as build_codes_cli
 from fairseq_mhce.codes import table as ct
 from fairseq_mhce.codes.checkpoint_vectors import checkpoint_vectors
 
-from .utils import cli, fairseq_train, last_line, make_copy_data, make_dictionary, model_cfg, tree_hashes
+from .utils import (
+    cli,
+    fairseq_train,
+    last_line,
+    make_copy_data,
+    make_dictionary,
+    model_cfg,
+    read_checkpoint,
+    tree_hashes,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -130,7 +139,7 @@ def test_resume_with_another_table_is_refused(databin, tables, mhe_run):
         "t2": tree_hashes(tables[2]),
     }
     assert after == before, "the refused run wrote a file"
-    saved = torch.load(mhe_run / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    saved = read_checkpoint(mhe_run / "checkpoint_last.pt")
     assert saved["cfg"]["model"].mhce_code_table == str(tables[1])  # the saved config names the run's table
     assert saved["optimizer_history"][-1]["num_updates"] == 2
 
@@ -305,7 +314,7 @@ def test_per_token_mhe_checkpoint_vectors(databin, V, mhe_run, tmp_path):
     """--vectors output of a per-token MHE checkpoint: its last head's
     vectors (rows in code order in the checkpoint), in token order."""
     ckpt = mhe_run / "checkpoint_last.pt"
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
+    state = read_checkpoint(ckpt)["model"]
     code = state["decoder.mhce_head.codec.code"]
     rows = state["decoder.mhce_head.token_vectors"]
     assert rows.shape[0] > V and not torch.equal(code, torch.arange(V))  # padding rows, a learned table
@@ -336,7 +345,7 @@ def test_tied_checkpoint_vectors_in_token_order(databin, V, tables, tmp_path):
     )
     assert p.returncode == 0, p.stdout[-3000:]
     ckpt = save / "checkpoint_last.pt"
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
+    state = read_checkpoint(ckpt)["model"]
     assert "decoder.mhce_head.tied_output" in state and "decoder.mhce_head.token_vectors" not in state
     code = state["decoder.mhce_head.codec.code"]
     emb = state["decoder.embed_tokens.weight"]

@@ -384,6 +384,13 @@ def bleu_of(generate_output: str) -> float:
     return float(m.group(1))
 
 
+def read_checkpoint(path) -> dict:
+    """A checkpoint file as saved, read with ``torch.load(weights_only=False)``
+    on CPU: independent of the plugin's own loader (:mod:`fairseq_mhce.safe_load`),
+    so a test of what was written does not rest on the code that reads it."""
+    return torch.load(str(path), map_location="cpu", weights_only=False)
+
+
 def hypotheses(generate_output: str):
     """{sentence id: [hypothesis strings]} from fairseq-generate's H- lines."""
     out = {}
